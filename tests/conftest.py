@@ -1,0 +1,25 @@
+"""Shared fixtures. Tests that need ../shared skip on a user's clone; CI (RELIFT_REQUIRE_SHARED=1)
+turns that skip into a failure so they always run there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_BENCHMARKS = Path(os.environ.get("RELIFT_SHARED_DIR", REPO.parent / "shared")) / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def shared_benchmarks() -> Path:
+    if not (SHARED_BENCHMARKS / "math_valid.parquet").exists():
+        reason = (
+            f"needs the evaluation sets in {SHARED_BENCHMARKS} (../shared/benchmarks beside the "
+            "repo); a user's clone has none"
+        )
+        if os.environ.get("RELIFT_REQUIRE_SHARED"):
+            pytest.fail(reason + ", and RELIFT_REQUIRE_SHARED is set (CI)")
+        pytest.skip(reason)
+    return SHARED_BENCHMARKS

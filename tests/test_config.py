@@ -1,0 +1,57 @@
+import pytest
+
+from relift_core.config import ConfigError, ExperimentConfig, list_presets, load_config
+
+
+def test_every_preset_validates():
+    assert {"toy", "smollm2-135m", "qwen2.5-math-1.5b", "qwen2.5-math-7b"} <= set(list_presets())
+    for name in list_presets():
+        assert isinstance(load_config(name), ExperimentConfig)
+
+
+def test_paper_settings_in_gpu_presets():
+    cfg = load_config("qwen2.5-math-7b")
+    assert cfg.rollout.n == 8 and cfg.rollout.temperature == 1.0
+    assert cfg.algorithm.norm_adv_by_std is False
+    assert cfg.algorithm.loss_agg == "seq_sum_div_max_len"
+    assert cfg.algorithm.clip_ratio is None and cfg.algorithm.kl_coef == 0
+    assert cfg.algorithm.entropy_coef == 0.001 and cfg.rl.grad_clip == 0.7
+    assert cfg.rl.lr == cfg.sft.lr == 1e-6
+    assert cfg.rl.prompts_per_step == 128 and cfg.rl.mini_batch_size == 64
+    assert cfg.algorithm.sft_buffer_threshold == 128 and cfg.sft.mini_batch_size == 128
+    assert cfg.eval.temperature == 0.6 and cfg.eval.every == 10
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("toy", ["rl.lr=1e-5", "algorithm.name=rl", "run.iterations=3",
+                              "eval.benchmarks=[math500,gpqa_diamond]", "algorithm.clip_ratio=0.2"])
+    assert cfg.rl.lr == 1e-5 and cfg.algorithm.name == "rl" and cfg.run.iterations == 3
+    assert cfg.eval.benchmarks == ["math500", "gpqa_diamond"] and cfg.algorithm.clip_ratio == 0.2
+
+
+def test_unknown_key_names_key_and_file():
+    with pytest.raises(ConfigError) as e:
+        load_config("toy", ["rl.learning_rate=1e-5"])
+    assert "rl.learning_rate" in str(e.value) and "toy.yaml" in str(e.value)
+
+
+def test_wrong_type_names_key_and_file():
+    with pytest.raises(ConfigError) as e:
+        load_config("toy", ["rollout.n=many"])
+    assert "rollout.n" in str(e.value) and "toy.yaml" in str(e.value)
+
+
+def test_bad_preset_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("run:\n  iterations: -3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "run.iterations" in str(e.value) and str(p) in str(e.value)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("no-such-preset")
+
+
+def test_fingerprint_changes_with_config():
+    a, b = load_config("toy"), load_config("toy", ["run.seed=1"])
+    assert a.fingerprint() == load_config("toy").fingerprint() != b.fingerprint()
+    assert a.flat_params()["rl.lr"] == a.rl.lr
