@@ -1,0 +1,139 @@
+"""Question difficulty from the current policy's accuracy over its n rollouts, and its history.
+
+The paper's bands: hardest acc = 0 (the questions whose demonstrations ReLIFT fine-tunes on),
+hard 0 < acc <= 0.25, medium 0.25 < acc < 0.75, easy acc >= 0.75. The ledger keeps every
+(iteration, accuracy, level) a question was seen at, so the analysis can show how questions move
+between levels as training goes on, and a resumed run continues the same history.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from enum import Enum
+from typing import Any
+
+import pandas as pd
+
+
+class Level(str, Enum):
+    HARDEST = "hardest"
+    HARD = "hard"
+    MEDIUM = "medium"
+    EASY = "easy"
+
+
+LEVELS: tuple[Level, ...] = (Level.HARDEST, Level.HARD, Level.MEDIUM, Level.EASY)  # hardest first
+
+
+def classify(accuracy: float) -> Level:
+    if not 0.0 <= accuracy <= 1.0:  # also rejects nan
+        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+    if accuracy == 0.0:
+        return Level.HARDEST
+    if accuracy <= 0.25:
+        return Level.HARD
+    if accuracy < 0.75:
+        return Level.MEDIUM
+    return Level.EASY
+
+
+Record = tuple[int, float, Level]  # (iteration, accuracy, level)
+
+
+class DifficultyLedger:
+    """Per question, every (iteration, accuracy, level) it was classified at, by iteration."""
+
+    def __init__(self) -> None:
+        self._history: dict[str, list[Record]] = {}
+
+    def record(self, iteration: int, uid: str, accuracy: float) -> Level:
+        """Classify and remember. Recording the same (uid, iteration) again replaces the earlier
+        record: a run resumed from a checkpoint may replay the iteration it crashed in."""
+        level = classify(accuracy)
+        history = self._history.setdefault(uid, [])
+        entry = (iteration, float(accuracy), level)
+        at = bisect.bisect_left(history, iteration, key=lambda r: r[0])
+        if at < len(history) and history[at][0] == iteration:
+            history[at] = entry
+        else:
+            history.insert(at, entry)
+        return level
+
+    def level_at(self, uid: str, iteration: int) -> Level | None:
+        """The latest level recorded at or before `iteration`; None if not seen by then."""
+        history = self._history.get(uid, [])
+        at = bisect.bisect_right(history, iteration, key=lambda r: r[0])
+        return history[at - 1][2] if at else None
+
+    def levels_at(self, iteration: int) -> dict[str, Level]:
+        """`level_at` for every question seen by `iteration` (the input of `transition_table`)."""
+        levels = {uid: self.level_at(uid, iteration) for uid in self._history}
+        return {uid: level for uid, level in levels.items() if level is not None}
+
+    def first_level(self, uid: str) -> Level | None:
+        history = self._history.get(uid)
+        return history[0][2] if history else None
+
+    def history(self, uid: str) -> list[Record]:
+        return list(self._history.get(uid, []))
+
+    def level_counts(self, iteration: int) -> dict[Level, int]:
+        """How many questions were classified into each level at exactly `iteration`."""
+        counts = dict.fromkeys(LEVELS, 0)
+        for history in self._history.values():
+            at = bisect.bisect_left(history, iteration, key=lambda r: r[0])
+            if at < len(history) and history[at][0] == iteration:
+                counts[history[at][2]] += 1
+        return counts
+
+    def __len__(self) -> int:
+        return len(self._history)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._history
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; floats survive JSON exactly (shortest round-trip repr)."""
+        return {
+            "version": 1,
+            "history": {
+                uid: [[it, acc, level.value] for it, acc, level in history]
+                for uid, history in self._history.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported DifficultyLedger state version {state.get('version')!r}")
+        history: dict[str, list[Record]] = {}
+        for uid, records in state["history"].items():
+            parsed = [(int(it), float(acc), Level(level)) for it, acc, level in records]
+            history[uid] = sorted(parsed, key=lambda r: r[0])
+        self._history = history
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> DifficultyLedger:
+        ledger = cls()
+        ledger.load_state_dict(state)
+        return ledger
+
+
+def transition_table(before: dict[str, Level], after: dict[str, Level]) -> pd.DataFrame:
+    """Counts of questions by level before (rows) and after (columns), over the uids in both.
+
+    All four levels are always present, hardest first, so tables of different runs line up.
+    """
+    pairs = Counter(
+        (Level(level_before), Level(after[uid]))
+        for uid, level_before in before.items()
+        if uid in after
+    )
+    labels = [level.value for level in LEVELS]
+    counts = [[pairs[(row, col)] for col in LEVELS] for row in LEVELS]
+    return pd.DataFrame(
+        counts,
+        index=pd.Index(labels, name="before"),
+        columns=pd.Index(labels, name="after"),
+        dtype="int64",
+    )
