@@ -1,0 +1,59 @@
+"""The `difficulty_dynamics` flow (the paper's Section 3 analysis): classify every training
+question with the base model and with a trained checkpoint, and tabulate how questions moved
+between difficulty levels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.prepare_data import prepare_data
+from relift_core import iteration as it
+from relift_core.config import ExperimentConfig, load_config
+from relift_core.difficulty import DifficultyLedger, Level, transition_table
+from relift_core.grader import BatchGrader
+from relift_core.models import load_policy, resolve_device
+from relift_core.runtime import build_engine, seed_everything
+from tasks.tracking import close_run, open_run
+
+
+@task(name="classify-all-questions", cache_policy=NO_CACHE, retries=1)
+def classify_all(cfg: ExperimentConfig, questions, init_from: str | None) -> dict[str, Level]:
+    model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg.run.device)
+    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed)
+    engine = build_engine(cfg, model, tokenizer, device)
+    ledger = DifficultyLedger()
+    with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
+        for start in range(0, len(questions), cfg.rollout.batch_size):
+            chunk = questions[start : start + cfg.rollout.batch_size]
+            rollouts = it.rollout(engine, tokenizer, chunk, cfg, seed=cfg.run.seed + start)
+            it.classify(ledger, 0, it.grade(rollouts, grader, require_think=cfg.algorithm.require_think))
+    return {q.uid: ledger.level_at(q.uid, 0) for q in questions}
+
+
+@flow(name="difficulty_dynamics", log_prints=True)
+def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | None = None,
+                        overrides: list[str] | None = None) -> dict[str, Any]:
+    """`checkpoint`: a trained policy directory; `base`: the starting policy (default: the
+    preset's model). Returns the transition table as {level_before: {level_after: count}}."""
+    cfg = load_config(preset, overrides or [])
+    data = prepare_data(cfg.model_dump(mode="json"))
+    questions = data.train_examples()
+    before = classify_all(cfg, questions, base)
+    after = classify_all(cfg, questions, str(Path(checkpoint).resolve()))
+    table = transition_table(before, after)
+    tracker = open_run(cfg, run_key=f"dynamics:{checkpoint}", run_name=f"dynamics-{Path(checkpoint).name}",
+                       tags={"relift.kind": "difficulty_dynamics"})
+    tracker.log_text(table.to_csv(), "difficulty_transitions.csv")
+    markdown = table.to_markdown() if hasattr(table, "to_markdown") else table.to_string()
+    tracker.log_text(markdown, "difficulty_transitions.md")
+    close_run(tracker)
+    create_markdown_artifact(markdown=f"### Difficulty transitions (rows: base, columns: trained)\n\n```\n{table.to_string()}\n```",
+                             key="difficulty-transitions")
+    return {"table": table.to_dict(), "mlflow_run_id": tracker.run_id}

@@ -1,0 +1,53 @@
+"""The `evaluate` flow: a base model or a checkpoint on chosen benchmarks, logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from relift_core.config import load_config
+from relift_core.grader import BatchGrader
+from relift_core.models import load_policy, resolve_device
+from relift_core.runtime import build_engine, seed_everything
+from tasks.eval_tasks import evaluate_all
+from tasks.tracking import close_run, open_run
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
+             checkpoint: str | None = None, benchmarks: list[str] | None = None,
+             limit: int | None = None) -> dict[str, Any]:
+    """Evaluate the preset's model (or `checkpoint`, a saved policy directory) on `benchmarks`."""
+    extra = list(overrides or [])
+    if benchmarks:
+        extra.append(f"eval.benchmarks=[{','.join(benchmarks)}]")
+    if limit:
+        extra.append(f"eval.limit={limit}")
+    if checkpoint:
+        extra.append(f"model.init_from={Path(checkpoint).resolve()}")
+    cfg = load_config(preset, extra)
+    logger = get_run_logger()
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg.run.device)
+    model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed)
+    engine = build_engine(cfg, model, tokenizer, device)
+    label = f"eval-{Path(checkpoint).name if checkpoint else preset}"
+    tracker = open_run(cfg, run_key=f"evaluate:{label}:{cfg.fingerprint()}", run_name=label,
+                       tags={"relift.kind": "evaluate"})
+    tracker.log_params({"preset": preset, "checkpoint": checkpoint or "",
+                        **{k: v for k, v in cfg.flat_params().items() if k.startswith(("eval.", "model."))}})
+    out_dir = Path(cfg.run.workdir) / "evaluations" / label
+    try:
+        with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
+            summaries = evaluate_all(engine, tokenizer, grader, names=cfg.eval.benchmarks,
+                                     eval_cfg=cfg.eval, out_dir=out_dir, tracker=tracker, step=0,
+                                     require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
+                                     label=label)
+        close_run(tracker)
+    except BaseException:
+        close_run(tracker, "FAILED")
+        raise
+    logger.info(f"evaluation logged to MLflow run {tracker.run_id}")
+    return {"mlflow_run_id": tracker.run_id, "summaries": summaries}

@@ -1,0 +1,34 @@
+"""Terminal progress for CLI runs: a rich progress bar per training run. Flows report to it;
+under a Prefect worker (no CLI) nothing is shown here and the Prefect UI's progress artifact
+and task states carry the same information."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+_progress: Progress | None = None
+
+
+@contextmanager
+def terminal_progress():
+    global _progress
+    _progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    try:
+        with _progress:
+            yield _progress
+    finally:
+        _progress = None
+
+
+def start(description: str, total: int, completed: int = 0):
+    if _progress is None:
+        return None
+    return _progress.add_task(description, total=total, completed=completed, info="")
+
+
+def advance(task_id, info: str = "") -> None:
+    if _progress is not None and task_id is not None:
+        _progress.update(task_id, advance=1, info=info)

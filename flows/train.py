@@ -1,0 +1,144 @@
+"""The `train` flow: ReLIFT (and its baselines) as the paper writes the algorithm.
+
+    for each iteration:
+        questions  <- the next prompts_per_step training questions
+        rollouts   <- n samples per question from the current policy
+        grades     <- math-verify reward per sample
+        levels     <- difficulty per question (hardest: 0 of n solved)
+        buffer     += demonstrations of the questions the strategy collects (ReLIFT: hardest)
+        RL update  on the group advantages                    (unless the strategy is SFT)
+        SFT update on the buffer once it holds enough          (ReLIFT, SFT)
+        every k iterations: evaluate; every iteration: checkpoint (atomic)
+
+Re-running with the same run name resumes from the last checkpoint: weights, optimizer, buffer,
+difficulty ledger, data position and RNG are restored together.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import get_run_context
+
+from flows import progress as terminal
+from flows.prepare_data import prepare_data
+from relift_core import iteration as it
+from relift_core.config import ExperimentConfig, load_config
+from relift_core.runtime import build_session
+from tasks import train_tasks as t
+from tasks.eval_tasks import evaluate_policy
+from tasks.tracking import MlflowTracker, close_run, open_run
+
+
+@flow(name="train", log_prints=True)
+def train(preset: str = "toy", overrides: list[str] | None = None,
+          parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Train one run. `preset` names a file in configs/; overrides are dotted key=value pairs."""
+    cfg = load_config(preset, overrides or [])
+    return run_training(cfg, parent_mlflow_run_id=parent_mlflow_run_id)
+
+
+def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
+    logger = get_run_logger()
+    data = prepare_data.with_options(name=f"prepare-data-{cfg.run.name}")(cfg.model_dump(mode="json"))
+    tracker = open_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
+                       parent_run_id=parent_mlflow_run_id,
+                       tags={"relift.algorithm": cfg.algorithm.name, "relift.preset_fingerprint": cfg.fingerprint()})
+    link_prefect_and_mlflow(tracker, cfg)
+    log_config_and_data(tracker, cfg, data)
+
+    session = build_session(cfg, data.train_examples())
+    if session.resumed_from:
+        logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
+    progress_id = create_progress_artifact(
+        progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
+        description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
+    bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
+                         completed=session.state.iteration)
+    try:
+        for i in range(session.state.iteration, cfg.run.iterations):
+            metrics = run_iteration(session, tracker, i, data)
+            logger.info(_summary_line(i, metrics))
+            terminal.advance(bar, f"acc {metrics['accuracy']:.2f} demos {metrics['demos_used']:.0f}")
+            update_progress_artifact(progress_id, 100.0 * (i + 1) / max(cfg.run.iterations, 1))
+        final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
+        close_run(tracker, "FINISHED")
+    except BaseException:
+        close_run(tracker, "FAILED")
+        raise
+    finally:
+        session.close()
+    return {"run_name": cfg.run.name, "mlflow_run_id": tracker.run_id,
+            "demos_used": session.state.demos_used, "eval": final}
+
+
+def run_iteration(session, tracker: MlflowTracker, i: int, data) -> dict[str, float]:
+    cfg, state, strategy = session.cfg, session.state, session.strategy
+    phase: dict[str, float] = {}
+    start = time.perf_counter()
+
+    questions = t.draw_questions(session)
+    rollouts = t.rollout(session, questions, i)
+    phase["rollout"] = rollouts.seconds
+    rollouts = t.grade(session, rollouts)
+    phase["grade"] = rollouts.seconds - phase["rollout"]
+    levels = t.classify(session, i, rollouts)
+    metrics = it.rollout_metrics(rollouts, levels)
+
+    metrics["demos_collected"] = float(t.collect_demonstrations(session, i, rollouts, levels))
+    if strategy.runs_rl(i):
+        rl_stats = t.rl_update(session, rollouts)
+        phase["rl_update"] = rl_stats.pop("seconds")
+        metrics.update({f"rl/{k}": v for k, v in rl_stats.items()})
+    # Fine-tune while the buffer holds a full batch, so it never grows without bound.
+    while k := strategy.sft_batch_size(i, len(state.buffer)):
+        sft_stats = t.sft_update(session, k)
+        phase["sft_update"] = phase.get("sft_update", 0.0) + sft_stats.pop("seconds")
+        metrics.update({f"sft/{k_}": v for k_, v in sft_stats.items()})
+    metrics.update(buffer_size=float(len(state.buffer)), demos_used=float(state.demos_used),
+                   sft_steps=float(state.sft_steps))
+
+    if (i + 1) % cfg.eval.every == 0 and (i + 1) < cfg.run.iterations:
+        eval_start = time.perf_counter()
+        evaluate_policy(session, tracker, i + 1, data)
+        phase["evaluate"] = time.perf_counter() - eval_start
+
+    state.iteration = i + 1  # the checkpoint records the next iteration to run
+    if (i + 1) % cfg.run.checkpoint_every == 0 or (i + 1) == cfg.run.iterations:
+        ckpt_start = time.perf_counter()
+        t.checkpoint(session)
+        phase["checkpoint"] = time.perf_counter() - ckpt_start
+
+    phase["iteration"] = time.perf_counter() - start
+    metrics.update({f"time/{k}": v for k, v in phase.items()})
+    tracker.log_metrics(metrics, step=i)
+    return metrics
+
+
+def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> None:
+    """Tags on the MLflow run name the Prefect flow run; a Prefect artifact links back."""
+    ctx = get_run_context()
+    flow_run = ctx.flow_run
+    tracker.set_tags({"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name})
+    create_markdown_artifact(
+        key="mlflow-run",
+        markdown=f"MLflow run `{tracker.run_id}` ({cfg.run.name}): {tracker.url()}",
+        description="Link to this training's MLflow run",
+    )
+
+
+def log_config_and_data(tracker: MlflowTracker, cfg: ExperimentConfig, data) -> None:
+    tracker.log_params(cfg.flat_params())
+    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    for name, (df, source, digest) in data.mlflow_datasets().items():
+        tracker.log_dataset(df, name=name, source=source, digest=digest,
+                            context="training" if name == "train" else "evaluation")
+
+
+def _summary_line(i: int, m: dict[str, float]) -> str:
+    return (f"iter {i}: acc {m['accuracy']:.3f} reward {m['reward_mean']:.3f} "
+            f"hardest {m['frac_hardest']:.2f} buffer {m['buffer_size']:.0f} "
+            f"demos_used {m['demos_used']:.0f} ({m['time/iteration']:.1f}s)")

@@ -1,0 +1,50 @@
+"""Where a hardest question's demonstration comes from (the DemonstrationSource seam).
+
+- `DatasetDemonstrations`: the dataset's `target` column (OpenR1's R1 solutions in the paper).
+- `TeacherDemonstrations`: a stronger model's answer, generated on demand through any
+  RolloutEngine; it enters the buffer only if the Grader verifies it, so a wrong teacher answer
+  never becomes training data.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from relift_core.data import Example, render_prompt
+from relift_core.grader import BatchGrader, answer_type_for
+from relift_core.rollout import RolloutEngine
+
+
+class DemonstrationSource(Protocol):
+    def demonstrations(self, examples: list[Example]) -> list[str | None]:
+        """One demonstration per example, or None where there is no good one."""
+        ...
+
+
+class DatasetDemonstrations:
+    def demonstrations(self, examples: list[Example]) -> list[str | None]:
+        return [ex.target or None for ex in examples]
+
+
+class TeacherDemonstrations:
+    def __init__(self, engine: RolloutEngine, tokenizer, grader: BatchGrader, *,
+                 attempts: int = 4, temperature: float = 0.6, max_new_tokens: int = 8192,
+                 require_think: bool = True):
+        self.engine, self.tokenizer, self.grader = engine, tokenizer, grader
+        self.attempts, self.temperature = attempts, temperature
+        self.max_new_tokens, self.require_think = max_new_tokens, require_think
+
+    def demonstrations(self, examples: list[Example]) -> list[str | None]:
+        if not examples:
+            return []
+        prompts = [render_prompt(self.tokenizer, list(ex.prompt)) for ex in examples]
+        groups = self.engine.generate(prompts, n=self.attempts, temperature=self.temperature,
+                                      max_new_tokens=self.max_new_tokens)
+        out: list[str | None] = []
+        for ex, group in zip(examples, groups, strict=True):
+            texts = [s.text for s in group]
+            grades = self.grader.grade(texts, [ex.ground_truth] * len(texts),
+                                       answer_type_for(ex.data_source), self.require_think)
+            # The first verified answer; a question the teacher cannot solve gets none.
+            out.append(next((t for t, g in zip(texts, grades) if g.correct), None))
+        return out

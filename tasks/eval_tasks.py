@@ -1,0 +1,92 @@
+"""Prefect tasks for benchmark evaluation: run, record, log to MLflow, publish a markdown table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from relift_core.benchmarks import Benchmark, file_benchmark_spec, load_benchmark
+from relift_core.evaluation import evaluate_benchmark, markdown_table, records_to_parquet
+from relift_core.metrics import paper_averages
+from relift_core.tracker import Tracker
+
+SCALAR_KEYS = ("avg@k", "pass@1", "pass@k", "maj@k", "format_failure_rate",
+               "response_length_mean", "response_length_max")
+
+
+def resolve_benchmark(name: str, *, local_sets: dict[str, str], benchmarks_dir: str | None,
+                      limit: int | None) -> Benchmark:
+    """A set made with the training data (e.g. the proof-world's held-out split), else the registry."""
+    if name in local_sets:
+        bench = load_benchmark(local_sets[name], limit=limit)
+        bench.name = name
+        bench.spec = file_benchmark_spec(local_sets[name], name=name)
+        return bench
+    return load_benchmark(name, benchmarks_dir=benchmarks_dir, limit=limit)
+
+
+@task(name="evaluate-benchmark", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def evaluate_one(engine, tokenizer, grader, bench: Benchmark, *, eval_cfg, out_dir: Path,
+                 require_think: bool, seed: int) -> tuple[list, dict[str, Any]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return evaluate_benchmark(
+        engine, tokenizer, bench, grader,
+        samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
+        max_new_tokens=eval_cfg.max_new_tokens, seed=seed, require_think=require_think,
+        records_path=out_dir / f"{bench.name}.records.jsonl",
+    )
+
+
+def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_dir: Path,
+                 tracker: Tracker | None, step: int, local_sets: dict[str, str] | None = None,
+                 require_think: bool, seed: int, label: str) -> dict[str, dict[str, Any]]:
+    """Evaluates every benchmark in `names`; logs metrics, records and tables. Returns summaries."""
+    summaries: dict[str, dict[str, Any]] = {}
+    for name in names:
+        bench = resolve_benchmark(name, local_sets=local_sets or {},
+                                  benchmarks_dir=eval_cfg.benchmarks_dir, limit=eval_cfg.limit)
+        records, summary = evaluate_one(engine, tokenizer, grader, bench, eval_cfg=eval_cfg,
+                                        out_dir=out_dir, require_think=require_think, seed=seed)
+        summaries[name] = summary
+        parquet = out_dir / f"{name}.records.parquet"
+        records_to_parquet(records, parquet)
+        if tracker is not None:
+            tracker.log_metrics({f"eval/{name}/{k}": float(summary[k]) for k in SCALAR_KEYS
+                                 if isinstance(summary.get(k), (int, float))}, step=step)
+            tracker.log_artifact(parquet, f"eval/step_{step:06d}")
+            for source, sub in summary.get("by_data_source", {}).items():
+                tracker.log_metrics({f"eval/{name}/{source}/avg@k": float(sub["avg@k"])}, step=step)
+    averages = paper_averages(summaries)
+    if tracker is not None and averages:
+        tracker.log_metrics({f"eval/{k}": float(v) for k, v in averages.items()}, step=step)
+    table = markdown_table(summaries)
+    create_markdown_artifact(markdown=f"### Evaluation: {label}, step {step}\n\n{table}",
+                             key=_artifact_key(label), description=f"evaluation at step {step}")
+    create_table_artifact(
+        table=[{"benchmark": n, **{k: s.get(k) for k in SCALAR_KEYS}} for n, s in summaries.items()],
+        key=_artifact_key(label) + "-table")
+    if tracker is not None:
+        tracker.log_text(table, f"eval/step_{step:06d}/summary.md")
+    return summaries
+
+
+def _artifact_key(label: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes.
+    return "eval-" + "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+
+
+def evaluate_policy(session, tracker: Tracker, step: int, data, *, final: bool = False):
+    """Evaluation from inside `train`: the session's engine and grader, the config's benchmarks."""
+    cfg = session.cfg
+    if not cfg.eval.benchmarks:
+        return {}
+    out_dir = cfg.run_dir() / "eval" / f"step_{step:06d}"
+    return evaluate_all(session.engine, session.tokenizer, session.grader,
+                        names=cfg.eval.benchmarks, eval_cfg=cfg.eval, out_dir=out_dir,
+                        tracker=tracker, step=step, local_sets=data.eval_paths,
+                        require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
+                        label=f"{cfg.run.name}{'-final' if final else ''}")

@@ -1,0 +1,127 @@
+"""MLflow behind the core's Tracker protocol, plus the embedded-default store.
+
+With nothing set, runs go to `sqlite:///<workdir>/mlflow.db` with artifacts in
+`<workdir>/mlartifacts` (open with `relift ui`). `MLFLOW_TRACKING_URI` (or
+`tracking.mlflow_uri`) points everything at a real server instead.
+
+The client API with explicit run ids is used throughout (not the fluent "active run"), because
+Prefect may run tasks in other threads and sweeps keep several runs open at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+
+from relift_core.config import ExperimentConfig
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(cfg: ExperimentConfig) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if cfg.tracking.mlflow_uri:
+        return cfg.tracking.mlflow_uri
+    return f"sqlite:///{Path(cfg.run.workdir).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(cfg: ExperimentConfig) -> str | None:
+    """Local artifacts beside the embedded store; a real server decides its own."""
+    if tracking_uri(cfg).startswith("sqlite:///"):
+        return (Path(cfg.run.workdir).resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def get_client(cfg: ExperimentConfig) -> MlflowClient:
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg))
+    except mlflow.exceptions.MlflowException:
+        # Another run of a sweep created it first.
+        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+
+
+class MlflowTracker:
+    """Implements relift_core.tracker.Tracker for one MLflow run."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(fresh), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=fresh[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, df: pd.DataFrame, *, name: str, source: str, digest: str,
+                    context: str) -> None:
+        """A dataset input with its fingerprint as the digest (the lineage MLflow shows)."""
+        dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
+        entity = dataset._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
+    def url(self) -> str:
+        run = self.client.get_run(self.run_id)
+        return f"{mlflow.get_tracking_uri()}#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+
+
+def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
+             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> MlflowTracker:
+    """The MLflow run for `run_key`: the one a crashed attempt left behind, or a new one.
+
+    Resuming a run by name continues its MLflow run too, so one training has one MLflow run
+    however many times it was restarted.
+    """
+    client = get_client(cfg)
+    exp_id = experiment_id(client, cfg)
+    found = client.search_runs([exp_id], filter_string=f"tags.`relift.run_key` = '{run_key}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    else:
+        all_tags = {"relift.run_key": run_key, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+    return MlflowTracker(client, run_id)
+
+
+def close_run(tracker: MlflowTracker, status: str = "FINISHED") -> None:
+    tracker.client.set_terminated(tracker.run_id, status=status)
