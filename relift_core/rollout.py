@@ -1,0 +1,256 @@
+"""Rollout engines: sample n completions per prompt from the current policy.
+
+One interface (`RolloutEngine`), two implementations: `HFRolloutEngine` here (transformers
+`generate`, CPU or GPU, shares the trainer's model object) and `VLLMRolloutEngine` in
+`relift_core.vllm_engine` (GPU, optional extra). Both return token ids exactly as the policy
+produced them, so the trainer can score them without re-tokenising text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from relift_core.models import resolve_device
+
+FinishReason = Literal["eos", "length"]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt."""
+
+    prompt_index: int  # index into the prompts list given to generate
+    prompt_ids: list[int]  # the prompt's tokens, without padding
+    response_ids: list[int]  # generated tokens, including the stop token if it stopped on one
+    text: str  # decoded response, special tokens skipped
+    length: int  # len(response_ids)
+    finish_reason: FinishReason
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        seed: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> list[list[Sample]]:
+        """For each (already chat-rendered) prompt, its n samples, in prompt order."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights (in memory, no disk)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release accelerator memory between rollouts (so the trainer can use it)."""
+        ...
+
+    def wake(self) -> None:
+        """Reacquire what `sleep` released."""
+        ...
+
+
+def default_stop_token_ids(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None
+) -> list[int]:
+    """Tokens that end a response: the tokenizer's eos, the model's eos ids, and ChatML's end."""
+    candidates: list[int | None] = [tokenizer.eos_token_id]
+    if model is not None:
+        eos = model.generation_config.eos_token_id
+        candidates.extend(eos if isinstance(eos, list) else [eos])
+    # A chat model's turn ends at <|im_end|> even where its eos token is <|endoftext|>.
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        candidates.append(im_end)
+    return list(dict.fromkeys(i for i in candidates if i is not None))
+
+
+def split_response(
+    generated: Sequence[int], stop_ids: Iterable[int]
+) -> tuple[list[int], FinishReason]:
+    """Cut a generated row after its first stop token; without one the row hit the length cap.
+
+    Rows that stopped early are padded by `generate` up to the batch's longest row; the cut
+    removes that padding even when the pad token is the eos token.
+    """
+    stops = set(stop_ids)
+    for i, token in enumerate(generated):
+        if token in stops:
+            return list(generated[: i + 1]), "eos"
+    return list(generated), "length"
+
+
+class HFRolloutEngine:
+    """Sampling with transformers `generate`: left padding, KV cache, batches of rows.
+
+    A row is one (prompt, sample) pair; prompts × n rows are generated `batch_size` at a time.
+    Sampling is plain: temperature and top_p only (top_k and repetition penalties that a
+    checkpoint's generation_config may carry are switched off), because RL needs samples from
+    the policy's own distribution.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        stop_token_ids: list[int] | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        # None: wherever the model lives (it may be the trainer's model, moved by the trainer).
+        self.device = resolve_device(device) if device is not None else None
+        self.stop_token_ids = stop_token_ids or default_stop_token_ids(tokenizer, model)
+        if not self.stop_token_ids:
+            raise ValueError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.stop_token_ids[0]
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        seed: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> list[list[Sample]]:
+        if n <= 0 or max_new_tokens <= 0:
+            raise ValueError(f"n and max_new_tokens must be positive, got {n}, {max_new_tokens}")
+        prompt_ids: list[list[int]] = [
+            self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
+        ]
+        rows = [i for i in range(len(prompts)) for _ in range(n)]  # prompt index of each row
+        config = self._generation_config(temperature, top_p, max_new_tokens)
+        samples: list[list[Sample]] = [[] for _ in prompts]
+        if progress is not None:
+            progress(0, len(rows))
+
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling; gradient checkpointing off, cache on
+        try:
+            with _seeded(seed, self._device()), torch.no_grad():
+                for start in range(0, len(rows), self.batch_size):
+                    chunk = rows[start : start + self.batch_size]
+                    generated = self._generate_rows([prompt_ids[i] for i in chunk], config)
+                    for prompt_index, row in zip(chunk, generated, strict=True):
+                        samples[prompt_index].append(self._sample(prompt_index, prompt_ids, row))
+                    if progress is not None:
+                        progress(start + len(chunk), len(rows))
+        finally:
+            self.model.train(was_training)
+        return samples
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is self.model:
+            return  # shared with the trainer: already current
+        self.model.load_state_dict(model.state_dict())
+
+    def sleep(self) -> None:
+        """Nothing to release: the HF engine holds no memory beyond the model itself."""
+
+    def wake(self) -> None:
+        """Nothing to reacquire (see `sleep`)."""
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
+        return next(self.model.parameters()).device
+
+    def _generation_config(
+        self, temperature: float, top_p: float, max_new_tokens: int
+    ) -> GenerationConfig:
+        # Every knob is set explicitly: generate() fills unset (None) values from the
+        # checkpoint's generation_config, e.g. Qwen's top_k=20 and repetition_penalty=1.05.
+        settings: dict[str, object] = {  # processors that act on greedy decoding too
+            "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "min_new_tokens": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+        }
+        if temperature > 0:
+            # Warpers that act only when sampling (set for greedy, generate warns they are unused).
+            settings.update(
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                typical_p=1.0,
+                epsilon_cutoff=0.0,
+                eta_cutoff=0.0,
+            )
+            if self.model.generation_config.min_p is not None:
+                settings["min_p"] = 0.0  # only then: a min_p of 0 still costs a softmax per token
+        else:
+            settings.update(do_sample=False)  # temperature 0: greedy
+        return GenerationConfig(
+            **settings,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+
+    def _generate_rows(self, rows: list[list[int]], config: GenerationConfig) -> list[list[int]]:
+        """Generate for a batch of unpadded prompts; return each row's generated tokens."""
+        width = max(len(r) for r in rows)
+        device = self._device()
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):  # left padding: every prompt ends at column `width`
+            if ids:
+                input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[i, width - len(ids) :] = 1
+        output = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+        )
+        return output[:, width:].tolist()
+
+    def _sample(self, prompt_index: int, prompt_ids: list[list[int]], row: list[int]) -> Sample:
+        response, finish_reason = split_response(row, self.stop_token_ids)
+        return Sample(
+            prompt_index=prompt_index,
+            prompt_ids=list(prompt_ids[prompt_index]),
+            response_ids=response,
+            text=self.tokenizer.decode(response, skip_special_tokens=True),
+            length=len(response),
+            finish_reason=finish_reason,
+        )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG for a block and restore it afterwards (no seed: leave it alone).
+
+    `generate` draws from the global RNG and takes no generator, so determinism needs the global
+    seed; forking keeps the trainer's own random stream untouched by rollouts.
+    """
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,280 @@
+"""HF rollout engine: on a tiny random model (fast) and on SmolLM2-135M-Instruct (slow).
+
+A tiny model's samples are gibberish, so exact stopping behaviour is checked with a forward hook
+that forces the eos logit at chosen steps; everything else checks invariants that hold for any
+model (finish reason "eos" exactly when the last token is a stop token, no padding inside a
+response, determinism, padding invariance).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from relift_core.config import ModelConfig, TinyModelConfig
+from relift_core.models import build_tiny_model, load_policy, smollm2_dir
+from relift_core.rollout import (
+    HFRolloutEngine,
+    RolloutEngine,
+    Sample,
+    default_stop_token_ids,
+    split_response,
+)
+
+QUESTIONS = ["1+1=?", "What is 23*7?", "Say hi, then stop."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    # Tiny matmuls gain nothing from threads, and on a small shared machine two OpenMP threads
+    # contending with other processes made generate ~20x slower than one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _scramble(model: torch.nn.Module, seed: int) -> None:
+    """Large random matrices, so greedy output depends on the whole context.
+
+    At the default init scale a tied-embedding model mostly echoes its last input token (its
+    embedding dotted with itself wins), which would make greedy comparisons pass vacuously.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_policy(ModelConfig(source="tiny"), seed=0)
+    _scramble(model, seed=0)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny) -> list[str]:
+    return _chat_prompts(tiny[1], QUESTIONS)
+
+
+def _chat_prompts(tokenizer, questions: list[str]) -> list[str]:
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+
+
+def _check_invariants(groups: list[list[Sample]], prompts, tokenizer, n, max_new_tokens, stops):
+    assert len(groups) == len(prompts)
+    for index, (group, prompt) in enumerate(zip(groups, prompts, strict=True)):
+        assert len(group) == n
+        expected_prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for s in group:
+            assert s.prompt_index == index
+            assert s.prompt_ids == expected_prompt
+            assert s.length == len(s.response_ids) and 1 <= s.length <= max_new_tokens
+            assert s.text == tokenizer.decode(s.response_ids, skip_special_tokens=True)
+            # No stop token (hence no eos-padding) anywhere but possibly the last position.
+            assert not set(s.response_ids[:-1]) & set(stops)
+            if s.finish_reason == "eos":
+                assert s.response_ids[-1] in stops
+            else:
+                assert s.finish_reason == "length" and s.length == max_new_tokens
+                assert s.response_ids[-1] not in stops
+
+
+def _ids(groups: list[list[Sample]]) -> list[list[list[int]]]:
+    return [[s.response_ids for s in group] for group in groups]
+
+
+class _ForceEos:
+    """Forward hook on lm_head: row r emits eos as its (r+1)-th token; eos is banned otherwise.
+
+    So in one batch the rows stop at different steps, and `generate` pads the early finishers.
+    """
+
+    def __init__(self, eos_id: int) -> None:
+        self.eos_id = eos_id
+        self.step = 0
+
+    def __call__(self, module, inputs, logits: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros_like(logits[:, -1])
+        bias[:, self.eos_id] = -1e4
+        rows = torch.arange(logits.shape[0])
+        bias[rows == self.step, self.eos_id] = 1e4
+        self.step += 1
+        logits = logits.clone()
+        logits[:, -1] += bias
+        return logits
+
+
+# ----------------------------------------------------------------------------- tiny (fast)
+
+
+def test_engine_satisfies_the_protocol(tiny):
+    assert isinstance(HFRolloutEngine(*tiny), RolloutEngine)
+
+
+def test_shapes_prompt_ids_and_finish_reasons(tiny, prompts):
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok, batch_size=5)  # 3 prompts x 4 = 12 rows: 3 chunks
+    groups = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=12, seed=0)
+    _check_invariants(groups, prompts, tok, 4, 12, engine.stop_token_ids)
+
+
+def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts):
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    hook = model.lm_head.register_forward_hook(_ForceEos(tok.eos_token_id))
+    try:
+        (group,) = engine.generate(prompts[:1], n=3, temperature=1.0, max_new_tokens=6, seed=0)
+    finally:
+        hook.remove()
+    assert [s.length for s in group] == [1, 2, 3]
+    assert all(s.finish_reason == "eos" and s.response_ids[-1] == tok.eos_token_id for s in group)
+    assert group[0].text == ""  # the eos itself is a special token
+    assert tok.pad_token_id not in {t for s in group for t in s.response_ids}
+
+
+def test_length_when_max_new_tokens_is_hit(tiny, prompts):
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    hook = model.lm_head.register_forward_hook(_ForceEos(tok.eos_token_id))
+    try:
+        # Rows 0..2 would stop at steps 1..3, but only 2 tokens are allowed.
+        (group,) = engine.generate(prompts[:1], n=3, temperature=1.0, max_new_tokens=2, seed=0)
+    finally:
+        hook.remove()
+    assert [(s.length, s.finish_reason) for s in group] == [(1, "eos"), (2, "eos"), (2, "length")]
+
+
+def test_same_seed_same_samples_and_global_rng_untouched(tiny, prompts):
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok, batch_size=4)
+    rng = torch.get_rng_state()
+    a = engine.generate(prompts, n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
+    b = engine.generate(prompts, n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
+    c = engine.generate(prompts, n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=8)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert _ids(a) == _ids(b)
+    assert _ids(a) != _ids(c)
+    assert a[0][0].response_ids != a[0][1].response_ids  # the n samples of a prompt differ
+
+
+def test_greedy_is_deterministic_and_independent_of_padding_and_chunking(tiny, prompts):
+    model, tok = tiny
+    batched = HFRolloutEngine(model, tok, batch_size=64)
+    greedy = {"temperature": 0.0, "max_new_tokens": 12}
+    together = batched.generate(prompts, n=2, **greedy)
+    # The prompts differ in length, so together they are left-padded; alone they are not.
+    alone = [batched.generate([p], n=1, **greedy)[0][0] for p in prompts]
+    assert len({s.text for s in alone}) == len(prompts)  # a model that reads its prompt
+    for group, single in zip(together, alone, strict=True):
+        assert [s.response_ids for s in group] == [single.response_ids] * 2
+    one_row_chunks = HFRolloutEngine(model, tok, batch_size=1).generate(prompts, n=2, **greedy)
+    assert _ids(one_row_chunks) == _ids(together)
+
+
+def test_progress_reports_rows_done(tiny, prompts):
+    model, tok = tiny
+    calls: list[tuple[int, int]] = []
+    engine = HFRolloutEngine(model, tok, batch_size=4)
+    engine.generate(
+        prompts,
+        n=3,
+        temperature=1.0,
+        max_new_tokens=2,
+        seed=0,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(0, 9), (4, 9), (8, 9), (9, 9)]
+
+
+def test_generation_restores_training_mode(tiny, prompts):
+    model, tok = tiny
+    model.train()
+    try:
+        HFRolloutEngine(model, tok).generate(prompts[:1], n=1, temperature=0, max_new_tokens=2)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_sync_weights_copies_into_a_separate_model(tiny, prompts):
+    model, tok = tiny
+    other = build_tiny_model(TinyModelConfig(), tok, seed=123)
+    _scramble(other, seed=123)
+    engine = HFRolloutEngine(other, tok)
+    greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": 8}
+    reference = HFRolloutEngine(model, tok).generate(prompts, **greedy)
+    assert _ids(engine.generate(prompts, **greedy)) != _ids(reference)
+    engine.sync_weights(model)
+    assert engine.model is other  # weights copied, model object kept
+    assert _ids(engine.generate(prompts, **greedy)) == _ids(reference)
+
+
+def test_sync_weights_with_the_shared_model_is_a_no_op(tiny, monkeypatch):
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    monkeypatch.setattr(model, "load_state_dict", lambda *a, **k: pytest.fail("copied"))
+    engine.sync_weights(model)
+    engine.sleep()
+    engine.wake()
+
+
+def test_split_response_when_pad_is_eos():
+    # SmolLM2's pad token is its eos: padding after a finished row looks like more eos tokens.
+    assert split_response([5, 6, 2, 2, 2], [2]) == ([5, 6, 2], "eos")
+    assert split_response([5, 6, 7], [2]) == ([5, 6, 7], "length")
+    assert split_response([9, 5], [2, 9]) == ([9], "eos")
+
+
+def test_default_stop_ids_include_chatml_end(tiny):
+    model, tok = tiny
+    assert default_stop_token_ids(tok, model) == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+# --------------------------------------------------------------------------- SmolLM2 (slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        model_dir = smollm2_dir()  # converted once, then cached on disk
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load_policy(ModelConfig(source="hf", name_or_path=str(model_dir)))
+
+
+@pytest.mark.slow
+def test_smollm2_sampling(smollm2):
+    model, tok = smollm2
+    prompts = _chat_prompts(tok, ["What is 2+3?", "Name a colour."])
+    engine = HFRolloutEngine(model, tok, batch_size=4)
+    groups = engine.generate(prompts, n=2, temperature=1.0, max_new_tokens=16, seed=0)
+    _check_invariants(groups, prompts, tok, 2, 16, engine.stop_token_ids)
+    assert groups[0][0].response_ids != groups[0][1].response_ids
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_answers_and_stops_on_im_end(smollm2):
+    model, tok = smollm2
+    prompts = _chat_prompts(tok, ["What is 2+3?", "Name one primary colour, in one word."])
+    engine = HFRolloutEngine(model, tok)
+    together = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=24)
+    first = together[0][0]
+    assert first.finish_reason == "eos" and first.response_ids[-1] == tok.eos_token_id
+    assert "5" in first.text and "<|im_end|>" not in first.text
+    # Left padding (the prompts differ in length) leaves each greedy answer unchanged.
+    alone = engine.generate(prompts[1:], n=1, temperature=0.0, max_new_tokens=24)
+    assert alone[0][0].response_ids == together[1][0].response_ids
