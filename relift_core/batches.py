@@ -1,0 +1,179 @@
+"""Padded tensors for training: RL samples and SFT demonstrations become one `TokenBatch`.
+
+The label shift, stated once for the whole platform
+---------------------------------------------------
+A causal LM's logits at position t predict the token at position t + 1. So for a row of T tokens
+there are T - 1 predictions, and every per-token training tensor (`loss_mask`, `old_logp`, the
+trainer's log-probs and entropies) has width T - 1, where column j scores `input_ids[:, j + 1]`
+from `logits[:, j]`:
+
+    input_ids   x0  x1  x2  x3  x4        (prompt x0 x1, response x2 x3 x4)
+    logits[:j]  l0  l1  l2  l3  (l4 unused)
+    predicts    x1  x2  x3  x4
+    loss_mask    0   1   1   1            (column j is 1 iff input_ids[j + 1] is a target)
+
+`shift_targets` is the only function that applies the shift; everything else works in the
+shifted (T - 1) frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # rollout.py is written in parallel; only its Sample shape is needed here
+    from transformers import PreTrainedTokenizerBase
+
+    from relift_core.rollout import Sample
+
+
+def shift_targets(input_ids: Tensor) -> Tensor:
+    """The tokens predicted by logits[:, :-1]: `input_ids[:, 1:]` ([B, T] -> [B, T - 1])."""
+    return input_ids[:, 1:]
+
+
+@dataclass
+class TokenBatch:
+    """Rows of prompt + target tokens, padded to one width T.
+
+    `loss_mask`, `old_logp` live in the shifted frame (width T - 1, see the module docstring).
+    Rows are right-padded by the builders here; the trainer also accepts left padding because it
+    derives position ids from `attention_mask`.
+    """
+
+    input_ids: Tensor  # [B, T] long
+    attention_mask: Tensor  # [B, T] long, 1 = real token
+    loss_mask: Tensor  # [B, T - 1] float, 1 = this column's predicted token is trained on
+    advantages: Tensor | None = None  # [B] float, one per row (GRPO: per sequence)
+    old_logp: Tensor | None = None  # [B, T - 1] float, log-probs under the rollout policy
+
+    def __post_init__(self) -> None:
+        b, t = self.input_ids.shape
+        if self.attention_mask.shape != (b, t):
+            raise ValueError(f"attention_mask {tuple(self.attention_mask.shape)} != {(b, t)}")
+        if self.loss_mask.shape != (b, t - 1):
+            raise ValueError(f"loss_mask {tuple(self.loss_mask.shape)} != {(b, t - 1)} (shifted)")
+        if self.advantages is not None and self.advantages.shape != (b,):
+            raise ValueError(f"advantages {tuple(self.advantages.shape)} != {(b,)}")
+        if self.old_logp is not None and self.old_logp.shape != (b, t - 1):
+            raise ValueError(f"old_logp {tuple(self.old_logp.shape)} != {(b, t - 1)} (shifted)")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-padding tokens (prompt + target): what a forward pass actually processes."""
+        return int(self.attention_mask.sum().item())
+
+    def _map(self, fn) -> TokenBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TokenBatch(**{k: None if v is None else fn(v) for k, v in values.items()})
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return self._map(lambda t: t.to(device))
+
+    def select(self, rows: slice | Tensor) -> TokenBatch:
+        return self._map(lambda t: t[rows])
+
+    def split(self, micro_batch_size: int) -> list[TokenBatch]:
+        """Consecutive chunks of `micro_batch_size` rows (the last may be smaller)."""
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        return [
+            self.select(slice(i, i + micro_batch_size))
+            for i in range(0, len(self), micro_batch_size)
+        ]
+
+    def trimmed(self) -> TokenBatch:
+        """Drop trailing columns that are padding in every row (saves compute on right padding).
+
+        Left-padded rows have no all-padding tail, so they come back unchanged.
+        """
+        real_columns = self.attention_mask.any(dim=0).nonzero()
+        width = int(real_columns.max().item()) + 1 if len(real_columns) else 1
+        width = max(width, 2)  # at least one prediction column
+        if width == self.input_ids.shape[1]:
+            return self
+        return replace(
+            self,
+            input_ids=self.input_ids[:, :width],
+            attention_mask=self.attention_mask[:, :width],
+            loss_mask=self.loss_mask[:, : width - 1],
+            old_logp=None if self.old_logp is None else self.old_logp[:, : width - 1],
+        )
+
+
+def pack_rows(
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    pad_id: int,
+    advantages: Tensor | None = None,
+) -> TokenBatch:
+    """Right-pad `prompt + target` rows; the loss mask covers exactly the target tokens.
+
+    In the shifted frame, target token i of a row with prompt length P sits at input position
+    P + i and is predicted by column P + i - 1.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise ValueError("cannot build a batch from zero rows")
+    lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+    width = max(max(lengths), 2)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
+    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+        if not prompt:
+            # Nothing would predict the first target token; every row needs a context.
+            raise ValueError(f"row {row} has an empty prompt")
+        p, n = len(prompt), len(target)
+        input_ids[row, : p + n] = torch.tensor(list(prompt) + list(target), dtype=torch.long)
+        attention_mask[row, : p + n] = 1
+        loss_mask[row, p - 1 : p - 1 + n] = 1.0
+    if advantages is not None:
+        advantages = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
+    return TokenBatch(input_ids, attention_mask, loss_mask, advantages=advantages)
+
+
+def rl_batch(samples: Sequence[Sample], advantages: Tensor, pad_id: int) -> TokenBatch:
+    """One row per rollout sample: its prompt ids then its response ids, scored on the response."""
+    advantages = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
+    if len(advantages) != len(samples):
+        raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
+    return pack_rows(
+        [s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id, advantages
+    )
+
+
+def sft_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    demonstrations: Sequence[str],
+    max_target_tokens: int,
+) -> TokenBatch:
+    """Rows of chat-rendered prompt + demonstration + EOS; the NLL is taken on the latter only.
+
+    Prompts are already rendered by the chat template (special tokens included as text), so
+    neither side gets the tokenizer's own special tokens. The target is `demo + [eos]` cut to
+    `max_target_tokens`: a truncated demonstration loses its EOS rather than teaching the model
+    to stop mid-solution.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; SFT targets end with EOS")
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    demo_ids = tokenizer(list(demonstrations), add_special_tokens=False)["input_ids"]
+    targets = [(list(d) + [tokenizer.eos_token_id])[:max_target_tokens] for d in demo_ids]
+    return pack_rows(prompt_ids, targets, pad_id)

@@ -1,0 +1,315 @@
+"""Atomic, verified checkpoints of everything a run needs to resume.
+
+Layout of one checkpoint, `<directory>/step_000042/`:
+
+    model/              save_pretrained: config.json, *.safetensors (+ tokenizer files), so the
+                        directory also loads with `from_pretrained` (evaluation, vLLM)
+    trainer_state.pt    optimizer states and step counters (TorchTrainer.state_dict)
+    rng_state.pt        python, numpy, torch CPU (and CUDA) generator states
+    state.json          {"step": ..., "extra_state": ...}: buffer, ledger, data position (JSON)
+    manifest.json       sha256 and size of every file above; written last
+
+Crash safety: everything is written into a temporary directory beside the final one, fsynced,
+then moved into place with one `os.replace`. A directory named `step_*` therefore appears only
+complete; a crash leaves at most a `.tmp-*` directory, which readers ignore. The manifest is
+the proof of completeness: loading checks every hash before it touches the model, so a
+truncated or edited file is refused and the model stays as it was. One writer per directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+MODEL_DIR = "model"
+TRAINER_STATE = "trainer_state.pt"
+RNG_STATE = "rng_state.pt"
+STATE_JSON = "state.json"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupt, or does not fit the model."""
+
+
+# ------------------------------------------------------------------------------------ RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every generator a run draws from, as plain tensors/tuples (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------- file helpers
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_dirs(directory: Path) -> list[Path]:
+    """`step_*` directories under `directory`, oldest step first (complete or not)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=lambda p: _step_of(p) or 0)
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    trainer_state: dict,
+    step: int,
+    extra_state: dict | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `<directory>/step_<step:06d>/` atomically (see the module docstring); afterwards keep
+    only the newest `keep` complete checkpoints. Returns the checkpoint's path."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    try:
+        state_json = json.dumps({"step": step, "extra_state": extra_state}, indent=1)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"extra_state for step {step} is not JSON-serialisable: {e}") from e
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:06d}"
+    tmp = directory / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp / MODEL_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / MODEL_DIR)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        torch.save(capture_rng_state(), tmp / RNG_STATE)
+        (tmp / STATE_JSON).write_text(state_json)
+        files = _files_under(tmp)
+        for path in files:
+            _fsync(path)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "files": {
+                p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                for p in files
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST)
+        for sub in {p.parent for p in files} | {tmp}:
+            _fsync(sub)
+        _move_into_place(tmp, final)
+        _fsync(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(directory, keep)
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # Re-saving a step: os.replace cannot overwrite a non-empty directory, so set the old one
+    # aside first; older steps stay loadable throughout.
+    trash = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(final, trash)
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _prune(directory: Path, keep: int) -> None:
+    complete = [p for p in checkpoint_dirs(directory) if _manifest_problem(p, hashes=False) is None]
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    # Debris of crashed writes (single writer per directory, so none is in progress).
+    for debris in directory.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(debris, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- verify/load
+
+
+def _manifest_problem(path: Path, *, hashes: bool) -> str | None:
+    """Why `path` is not a complete checkpoint, or None. Sizes always, sha256 when `hashes`."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing: the checkpoint is incomplete"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT_VERSION or not isinstance(files, dict):
+            return f"{manifest_path}: unknown manifest format {manifest.get('format')!r}"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{manifest_path} is not a valid manifest: {e}"
+    for required in (TRAINER_STATE, RNG_STATE, STATE_JSON):
+        if required not in files:
+            return f"{manifest_path} does not list {required}"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is listed in the manifest but missing"
+        if file.stat().st_size != entry["bytes"]:
+            return (
+                f"{file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']} "
+                "(truncated or modified)"
+            )
+        if hashes and _sha256(file) != entry["sha256"]:
+            return f"{file} does not match its sha256 in the manifest (corrupt or modified)"
+    return None
+
+
+def verify_checkpoint(path: Path, *, hashes: bool = True) -> None:
+    """Raise CheckpointError naming the first bad file; return quietly if complete and intact."""
+    problem = _manifest_problem(Path(path), hashes=hashes)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint whose manifest is present and whose files all exist at the listed
+    sizes (the cheap check; `load_checkpoint` verifies hashes). Temp dirs are never considered."""
+    for path in reversed(checkpoint_dirs(Path(directory))):
+        if _manifest_problem(path, hashes=False) is None:
+            return path
+    return None
+
+
+def _read_model_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The saved tensors, checked against the model's names and shapes before any copy.
+
+    save_pretrained writes a tied weight once (e.g. lm_head tied to embed_tokens); a model key
+    may be absent from the files when it aliases a saved one.
+    """
+    files = sorted((path / MODEL_DIR).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path / MODEL_DIR} holds no *.safetensors weights")
+    saved: dict[str, torch.Tensor] = {}
+    for file in files:
+        saved.update(load_file(file))
+    expected = model.state_dict()
+    unexpected = sorted(set(saved) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: weights {unexpected[:5]} are not in the model (a different architecture?)"
+        )
+    saved_storage = {expected[k].data_ptr() for k in saved}
+    missing = [
+        k for k in expected if k not in saved and expected[k].data_ptr() not in saved_storage
+    ]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint lacks weights {missing[:5]}")
+    for key, tensor in saved.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
+                f"{tuple(expected[key].shape)} in the model"
+            )
+    return saved
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    trainer: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Verify every file's hash, then load weights (and trainer state, RNG states).
+
+    Everything is read and checked before the model is touched: a bad checkpoint raises
+    CheckpointError naming the file and leaves model and trainer as they were.
+    Returns {"step", "extra_state", "path"}.
+    """
+    path = Path(path)
+    verify_checkpoint(path, hashes=True)
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+        trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        rng_state = torch.load(path / RNG_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # hashes matched, so this is a writer bug or a version change
+        raise CheckpointError(f"{path}: cannot read its state files: {e}") from e
+    weights = _read_model_weights(path, model)
+    with torch.no_grad():
+        # strict=False only for tied aliases, which _read_model_weights has already accounted for.
+        model.load_state_dict(weights, strict=False)
+    if trainer is not None:
+        trainer.load_state_dict(trainer_state)
+    if restore_rng:
+        restore_rng_state(rng_state)
+    return {"step": int(state["step"]), "extra_state": state["extra_state"], "path": path}
