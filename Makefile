@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/relift demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .

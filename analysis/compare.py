@@ -28,7 +28,7 @@ def runs_table(tracking_uri: str, experiment: str = "relift", *,
                "seed": p.get("run.seed"), "status": run.info.status,
                "iterations": p.get("run.iterations")}
         row.update({k: m.get(k) for k in SUMMARY_METRICS})
-        row.update({k: v for k, v in m.items() if k.startswith("eval/") and k.endswith("avg@k")})
+        row.update({k: v for k, v in m.items() if k.startswith("eval/") and k.endswith("avg_at_k")})
         rows.append(row)
     return pd.DataFrame(rows)
 

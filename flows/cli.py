@@ -54,6 +54,43 @@ def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
 
 
 @app.command()
+def demo(
+    preset: PresetOpt = "toy",
+    algorithms: Annotated[str, typer.Option(help="comma-separated")] = "rl,sft,relift",
+    overrides: Overrides = None,
+) -> None:
+    """The proof-world: pretrain a base model, train RL, SFT and ReLIFT from it, compare."""
+    import time
+
+    from flows.demo import demo as demo_flow
+    from flows.progress import terminal_progress
+
+    start = time.perf_counter()
+    with terminal_progress():
+        result = demo_flow(preset=preset, overrides=overrides or [], algorithms=_csv(algorithms))
+    console.print(result["markdown"])
+    console.print(f"\nfigure: {result['figure']}  MLflow parent run: {result['mlflow_run_id']}  "
+                  f"total {time.perf_counter() - start:.0f}s")
+
+
+@app.command()
+def dynamics(
+    checkpoint: Annotated[str, typer.Option(help="a trained policy directory")],
+    preset: PresetOpt = "toy",
+    base: Annotated[str | None, typer.Option(help="starting policy dir (default: the preset's)")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Difficulty transitions of every training question: base model vs a checkpoint."""
+    from flows.difficulty_dynamics import difficulty_dynamics
+
+    result = difficulty_dynamics(preset=preset, checkpoint=checkpoint, base=base,
+                                 overrides=overrides or [])
+    import pandas as pd
+
+    console.print(pd.DataFrame(result["table"]).to_string())
+
+
+@app.command()
 def evaluate(
     model: Annotated[str, typer.Option(help="a preset whose model to evaluate")] = "smollm2-135m",
     checkpoint: Annotated[str | None, typer.Option(help="a saved policy directory instead")] = None,

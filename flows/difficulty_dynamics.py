@@ -51,8 +51,7 @@ def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | N
     tracker = open_run(cfg, run_key=f"dynamics:{checkpoint}", run_name=f"dynamics-{Path(checkpoint).name}",
                        tags={"relift.kind": "difficulty_dynamics"})
     tracker.log_text(table.to_csv(), "difficulty_transitions.csv")
-    markdown = table.to_markdown() if hasattr(table, "to_markdown") else table.to_string()
-    tracker.log_text(markdown, "difficulty_transitions.md")
+    tracker.log_text(table.to_string(), "difficulty_transitions.txt")
     close_run(tracker)
     create_markdown_artifact(markdown=f"### Difficulty transitions (rows: base, columns: trained)\n\n```\n{table.to_string()}\n```",
                              key="difficulty-transitions")

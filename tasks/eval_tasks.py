@@ -11,11 +11,11 @@ from prefect.cache_policies import NO_CACHE
 
 from relift_core.benchmarks import Benchmark, file_benchmark_spec, load_benchmark
 from relift_core.evaluation import evaluate_benchmark, markdown_table, records_to_parquet
-from relift_core.metrics import paper_averages
+from relift_core.metrics import paper_averages, summarize_by
 from relift_core.tracker import Tracker
 
-SCALAR_KEYS = ("avg@k", "pass@1", "pass@k", "maj@k", "format_failure_rate",
-               "response_length_mean", "response_length_max")
+SCALAR_KEYS = ("avg_at_k", "pass_at_1", "pass_at_k", "maj_at_k", "format_failure_rate",
+               "truncation_rate", "response_length_mean", "response_length_max")
 
 
 def resolve_benchmark(name: str, *, local_sets: dict[str, str], benchmarks_dir: str | None,
@@ -58,8 +58,10 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
             tracker.log_metrics({f"eval/{name}/{k}": float(summary[k]) for k in SCALAR_KEYS
                                  if isinstance(summary.get(k), (int, float))}, step=step)
             tracker.log_artifact(parquet, f"eval/step_{step:06d}")
-            for source, sub in summary.get("by_data_source", {}).items():
-                tracker.log_metrics({f"eval/{name}/{source}/avg@k": float(sub["avg@k"])}, step=step)
+            by_source = summarize_by(records, "data_source")
+            if len(by_source) > 1:  # a mixed set (the proof-world): one figure per family
+                tracker.log_metrics({f"eval/{name}/{src}/avg_at_k": float(sub["avg_at_k"])
+                                     for src, sub in by_source.items()}, step=step)
     averages = paper_averages(summaries)
     if tracker is not None and averages:
         tracker.log_metrics({f"eval/{k}": float(v) for k, v in averages.items()}, step=step)

@@ -41,9 +41,9 @@ def artifact_root(cfg: ExperimentConfig) -> str | None:
 
 
 def get_client(cfg: ExperimentConfig) -> MlflowClient:
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    # Not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which would then pin every
+    # later run in this process (a sweep's children, a test's next run) to this store.
+    return MlflowClient(tracking_uri=tracking_uri(cfg))
 
 
 def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
@@ -97,7 +97,12 @@ class MlflowTracker:
 
     def url(self) -> str:
         run = self.client.get_run(self.run_id)
-        return f"{mlflow.get_tracking_uri()}#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+        path = f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+        uri = self.client.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            return f"{uri.rstrip('/')}/{path}"
+        # The embedded store: the MLflow UI that `relift ui` starts shows it here.
+        return f"http://127.0.0.1:5000/{path} (store {uri}; start the UI with `relift ui`)"
 
 
 def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
