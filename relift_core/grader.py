@@ -1,0 +1,532 @@
+"""The Grader: turns a model's response into a reward.
+
+Maths answers are judged by math-verify (symbolic/numeric equivalence of the last `\\boxed{}`
+against the gold); multiple-choice answers (GPQA, ARC-C, MMLU-Pro) by comparing one letter.
+
+Decisions (each one deliberate, so records stay comparable across runs):
+
+* `</think>`: the answer is always read after the LAST `</think>` when there is one, so a box
+  written while thinking never counts. `require_think=True` additionally makes a missing tag a
+  format failure (`format_ok=False`), counted apart from a wrong answer.
+* Maths needs a `\\boxed{}` (the paper's verl reward does too). There is no fall-back to
+  math-verify's own free-text extraction: it would reward unformatted answers and hide format
+  failures. The LAST `\\boxed{` counts; if its braces never close (a truncated response), that
+  is a format failure, not a search for an earlier box.
+* The gold is parsed as `$gold$` and the prediction as `\\boxed{pred}`, then `verify(gold, pred)`.
+* Multiple choice accepts `\\boxed{C}` (also `\\boxed{\\text{C}}`, `\\boxed{(C)}`) and answer
+  lines (`ANSWER: C`, `Answer: (C)`, `the answer is C`); whichever comes last in the text wins.
+  Choices are A-J or 1-9 (ARC-C has some questions numbered 1-4).
+* Cheap pre-filters reject pathological answers before sympy sees them (longer than
+  `MAX_ANSWER_CHARS`, braces nested deeper than `MAX_BRACE_DEPTH`): incorrect, format still ok.
+
+Why processes: math-verify's own timeouts use SIGALRM, which only works in a main thread, and
+sympy can sit in C code where no signal is ever handled. So every maths answer is verified in a
+worker process, in that process's main thread. The worker stops itself at `timeout_s` with
+SIGALRM (cheap: the process survives); if that does not work, the parent kills it at
+`timeout_s + KILL_GRACE_S`, starts a replacement and grades the answer incorrect with
+`timed_out=True`. The rest of the batch is unaffected. Even with `workers=1` a worker process is
+used: grading maths in-process could never be stopped. Multiple-choice answers, format failures
+and pre-filtered answers need no sympy and are graded in the calling process. `grade_answer`
+keeps one single-worker pool for the life of the process.
+
+Workers come from the `forkserver` start method (never plain `fork`: the caller may hold torch
+threads) with math_verify preloaded, so replacing a killed worker costs a fork, not an import.
+As with any non-fork start method, a script that grades must keep its work under
+`if __name__ == "__main__":`, because the fork server imports the main module.
+
+Throughput is almost all math-verify's LaTeX parsing (ANTLR), whose caches warm up per process:
+in a fresh process, parsing the 1,153 distinct maths golds took twice as long as parsing them a
+second time. So each worker pays its own warm-up, and 2 workers do more work in all than 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal, Self
+
+AnswerType = Literal["math", "choice"]
+
+THINK_CLOSE = "</think>"
+# Five times the longest gold in the evaluation sets (210 chars); anything longer is noise.
+MAX_ANSWER_CHARS = 1000
+# Gold answers nest braces at most 3 deep; 10k nested braces would only exhaust the parser.
+MAX_BRACE_DEPTH = 32
+# How long past its deadline a worker may take to stop itself before the parent kills it.
+KILL_GRACE_S = 0.5
+# A worker that is not ready this long after starting means the pool itself is broken.
+WORKER_START_TIMEOUT_S = 120.0
+# Address-space cap per worker, so one adversarial expression cannot eat the machine's memory.
+WORKER_MEMORY_LIMIT_BYTES = 4 * 1024**3
+# Extracted answers are kept for records; pathological ones are cut to this length.
+RECORD_CHARS = 200
+
+_CHOICE_SOURCE_PREFIXES = ("gpqa", "arc_c", "mmlu_pro")
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+@dataclass(frozen=True)
+class Grade:
+    correct: bool
+    format_ok: bool  # False when require_think and no </think>, or no extractable answer
+    extracted: str | None  # the answer string we extracted (boxed content / letter)
+    timed_out: bool = False
+
+    @property
+    def reward(self) -> float:
+        return 1.0 if self.correct else 0.0
+
+
+def answer_type_for(data_source: str) -> AnswerType:
+    """gpqa*, arc_c*, mmlu_pro* are multiple choice; everything else is maths.
+
+    Only the last path component counts, so hub-style names ("Idavidrein/gpqa") work too."""
+    name = data_source.lower().rsplit("/", 1)[-1]
+    return "choice" if name.startswith(_CHOICE_SOURCE_PREFIXES) else "math"
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction (pure Python, runs in the caller; linear in the response length)
+# --------------------------------------------------------------------------------------------
+
+
+def answer_part(response: str) -> str | None:
+    """The text after the last `</think>`, or None when there is no such tag."""
+    cut = response.rfind(THINK_CLOSE)
+    return None if cut < 0 else response[cut + len(THINK_CLOSE) :]
+
+
+_BRACE = re.compile(r"\\[{}]|[{}]")
+
+
+@dataclass(frozen=True)
+class Boxed:
+    content: str
+    position: int  # where the box command starts, to order it against answer lines
+    depth: int  # deepest brace nesting inside the box
+
+
+def last_boxed(text: str) -> Boxed | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced.
+
+    Escaped braces (`\\{`, `\\}`) are content, not structure. Returns None when there is no box
+    or when the last box never closes."""
+    start = max(text.rfind(command) for command in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    command = next(command for command in _BOX_COMMANDS if text.startswith(command, start))
+    open_brace = text.find("{", start + len(command))
+    if open_brace < 0 or text[start + len(command) : open_brace].strip():
+        return None  # `\boxed 5`, or a box that never opens
+    depth = max_depth = 0
+    for match in _BRACE.finditer(text, open_brace):
+        token = match.group()
+        if token == "{":
+            depth += 1
+            max_depth = max(max_depth, depth)
+        elif token == "}":
+            depth -= 1
+            if depth == 0:
+                return Boxed(text[open_brace + 1 : match.start()], start, max_depth - 1)
+    return None
+
+
+_ANSWER_LINE = re.compile(
+    r"(?i:answer)(?:\s*(?i:is))?[\s:*$(\[]*(?:(?i:option|choice)\s*)?"
+    r"(?:\\text(?:bf)?\{|\\mathrm\{)?\s*([A-J]|[1-9])(?!\w)"
+)
+# Inside a box: "C", "(C)", "C.", "C) the option's text".
+_BOXED_CHOICE = re.compile(r"\(?([A-J]|[1-9])(?:[).:](?:\s.*)?)?", re.DOTALL)
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{(.*)\}", re.DOTALL)
+
+
+def _choice_in_box(content: str) -> str | None:
+    inner = content.strip()
+    while wrapped := _TEXT_WRAPPER.fullmatch(inner):
+        inner = wrapped.group(1).strip()
+    letter = _BOXED_CHOICE.fullmatch(inner)
+    return letter.group(1) if letter else None
+
+
+def extract_choice(text: str) -> str | None:
+    """The chosen letter (or digit): from the last box or the last answer line, whichever is
+    later in the text."""
+    candidates: list[tuple[int, str]] = []
+    box = last_boxed(text)
+    if box is not None and (letter := _choice_in_box(box.content)) is not None:
+        candidates.append((box.position, letter))
+    lines = list(_ANSWER_LINE.finditer(text))
+    if lines:
+        candidates.append((lines[-1].start(), lines[-1].group(1)))
+    return max(candidates)[1] if candidates else None
+
+
+def normalize_choice(ground_truth: str) -> str:
+    """`"C"`, `" c "`, `"(C)"` -> `"C"`."""
+    return ground_truth.strip().strip("()").strip().upper()
+
+
+def _for_record(answer: str) -> str:
+    return answer if len(answer) <= RECORD_CHARS else answer[:RECORD_CHARS] + "…"
+
+
+@dataclass(frozen=True)
+class _MathJob:
+    """A maths answer that passed every cheap check and needs math-verify."""
+
+    gold: str
+    predicted: str
+
+
+def _prepare(
+    response: str, ground_truth: str, answer_type: AnswerType, require_think: bool
+) -> Grade | _MathJob:
+    """Everything that needs no sympy: a final Grade, or the job for a worker."""
+    answer = answer_part(response)
+    if answer is None:
+        if require_think:
+            return Grade(correct=False, format_ok=False, extracted=None)
+        answer = response
+    if answer_type == "choice":
+        letter = extract_choice(answer)
+        if letter is None:
+            return Grade(correct=False, format_ok=False, extracted=None)
+        return Grade(letter == normalize_choice(ground_truth), format_ok=True, extracted=letter)
+    if answer_type != "math":
+        raise ValueError(f"unknown answer type {answer_type!r}; expected 'math' or 'choice'")
+    box = last_boxed(answer)
+    if box is None or not box.content.strip():
+        return Grade(correct=False, format_ok=False, extracted=None)
+    predicted = box.content.strip()
+    if len(predicted) > MAX_ANSWER_CHARS or box.depth > MAX_BRACE_DEPTH:
+        return Grade(correct=False, format_ok=True, extracted=_for_record(predicted))
+    return _MathJob(gold=ground_truth, predicted=predicted)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process: math-verify in its own main thread, stopped by SIGALRM at the soft deadline
+# --------------------------------------------------------------------------------------------
+
+_READY = "ready"
+
+
+class _SoftDeadline(BaseException):
+    """Raised by SIGALRM in a worker. A BaseException so that math-verify's and sympy's
+    `except Exception` handlers cannot swallow it."""
+
+
+def _raise_soft_deadline(signum: int, frame: Any) -> None:
+    raise _SoftDeadline
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list[Any]:
+    from math_verify import parse
+
+    return parse(f"${gold}$", parsing_timeout=None)  # type: ignore[arg-type]
+
+
+def _verify_math(gold: str, predicted: str) -> bool:
+    from math_verify import parse, verify
+
+    gold_parsed = _parse_gold(gold)
+    predicted_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=None)  # type: ignore[arg-type]
+    if not gold_parsed or not predicted_parsed:
+        return False
+    return verify(gold_parsed, predicted_parsed, timeout_seconds=None)
+
+
+def _verify_before_deadline(
+    gold: str, predicted: str, soft_timeout_s: float | None
+) -> tuple[bool, bool]:
+    """(correct, timed_out). Any error in parsing or comparing means incorrect."""
+    try:
+        if soft_timeout_s:
+            signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
+        try:
+            return _verify_math(gold, predicted), False
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _SoftDeadline:
+        return False, True
+    except Exception:  # noqa: BLE001 - a crash on one answer is that answer's failure
+        return False, False
+
+
+def _limit_worker_memory() -> None:
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = WORKER_MEMORY_LIMIT_BYTES
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not every platform lets us; the parent's deadline still holds
+
+
+def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+    # Ctrl-C is for the parent, which shuts the pool down; workers must not print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _raise_soft_deadline)
+    # We disable math-verify's own (signal) timeouts and time out ourselves; silence its
+    # warning about that, and its per-answer warnings.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    _limit_worker_memory()
+    import math_verify  # noqa: F401 - import before saying ready, so deadlines exclude it
+
+    conn.send(_READY)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message is None:
+            return
+        gold, predicted, soft_timeout_s = message
+        conn.send(_verify_before_deadline(gold, predicted, soft_timeout_s))
+
+
+# --------------------------------------------------------------------------------------------
+# The pool: one pipe per worker, one answer in flight per worker, deadlines kept by the parent
+# --------------------------------------------------------------------------------------------
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    # Keep the default "__main__" preload and add math_verify. Has no effect (harmlessly) when
+    # the fork server is already running.
+    context.set_forkserver_preload(["__main__", "math_verify", __name__])
+    return context
+
+
+class _Worker:
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self.conn, child_conn = context.Pipe(duplex=True)
+        self.process = context.Process(  # type: ignore[attr-defined]
+            target=_worker_main, args=(child_conn,), daemon=True, name="relift-grader"
+        )
+        self.process.start()
+        child_conn.close()
+        self.ready = False
+        self.job: int | None = None
+        self.deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+
+    def assign(self, job: int, message: tuple, timeout_s: float) -> None:
+        self.conn.send(message)
+        self.job = job
+        self.deadline = time.monotonic() + timeout_s + KILL_GRACE_S
+
+    def finish(self) -> None:
+        self.job = None
+        self.deadline = math.inf
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+    def ask_to_stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass  # already gone
+
+
+def _stop_all(workers: list[_Worker], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:
+        return  # a forked copy of the owner exiting: the workers are not its to stop
+    for worker in workers:
+        worker.ask_to_stop()
+    deadline = time.monotonic() + 1.0
+    for worker in workers:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        worker.kill()  # a worker still busy with a long answer
+    workers.clear()
+
+
+_TIMED_OUT = (False, True)
+_WORKER_DIED = (False, False)
+
+
+class BatchGrader:
+    """Grades batches over a pool of worker processes; results come back in input order.
+
+    Use as a context manager (or call `close()`). Not thread-safe: one `grade` call at a time.
+    Identical (gold, answer) pairs in a batch are verified once."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        # Whether workers stop themselves with SIGALRM; off, only the parent's kill is left
+        # (a seam for tests of that kill).
+        self._worker_alarm = True
+        self._context = _worker_context()
+        self._workers: list[_Worker] = [_Worker(self._context) for _ in range(workers)]
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers, os.getpid())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def grade(
+        self,
+        responses: list[str],
+        ground_truths: list[str],
+        answer_types: list[AnswerType] | AnswerType = "math",
+        require_think: bool = False,
+    ) -> list[Grade]:
+        types = [answer_types] * len(responses) if isinstance(answer_types, str) else answer_types
+        if not len(responses) == len(ground_truths) == len(types):
+            raise ValueError(
+                f"{len(responses)} responses, {len(ground_truths)} ground truths and "
+                f"{len(types)} answer types: they must be the same length"
+            )
+        prepared = [
+            _prepare(response, gold, answer_type, require_think)
+            for response, gold, answer_type in zip(responses, ground_truths, types, strict=True)
+        ]
+        job_of: dict[tuple[str, str], int] = {}
+        for item in prepared:
+            if isinstance(item, _MathJob):
+                job_of.setdefault((item.gold, item.predicted), len(job_of))
+        outcomes = self._run(list(job_of), self.timeout_s)
+        grades = []
+        for item in prepared:
+            if isinstance(item, Grade):
+                grades.append(item)
+                continue
+            correct, timed_out = outcomes[job_of[(item.gold, item.predicted)]]
+            grades.append(Grade(correct, True, item.predicted, timed_out))
+        return grades
+
+    def _run(self, jobs: list[tuple[str, str]], timeout_s: float) -> list[tuple[bool, bool]]:
+        """Verifies (gold, predicted) pairs -> (correct, timed_out); each has its own deadline."""
+        if not self._workers:
+            raise RuntimeError("BatchGrader is closed")
+        outcomes: list[tuple[bool, bool] | None] = [None] * len(jobs)
+        queue = deque(range(len(jobs)))
+        try:
+            while queue or any(worker.job is not None for worker in self._workers):
+                self._dispatch(jobs, queue, timeout_s)
+                self._collect(outcomes)
+                self._enforce_deadlines(outcomes)
+        except BaseException:
+            # Interrupted (Ctrl-C, a broken pool): answers still in flight would come back into
+            # the next batch's results, so their workers are replaced.
+            for index, worker in enumerate(self._workers):
+                if worker.job is not None:
+                    self._replace(index)
+            raise
+        return outcomes  # type: ignore[return-value]
+
+    def _dispatch(self, jobs: list[tuple[str, str]], queue: deque[int], timeout_s: float) -> None:
+        """Gives the next answers to idle workers."""
+        soft_timeout_s = timeout_s if self._worker_alarm else None
+        for index, worker in enumerate(self._workers):
+            if not (worker.ready and worker.job is None and queue):
+                continue
+            job = queue.popleft()
+            try:
+                worker.assign(job, (*jobs[job], soft_timeout_s), timeout_s)
+            except OSError:  # the idle worker died (killed from outside): the answer waits
+                queue.appendleft(job)
+                self._replace(index)
+
+    def _collect(self, outcomes: list[tuple[bool, bool] | None]) -> None:
+        """Waits until a worker answers or the nearest deadline passes, then takes answers."""
+        waiting = [worker for worker in self._workers if worker.job is not None or not worker.ready]
+        nearest = min(worker.deadline for worker in waiting)
+        readable = multiprocessing.connection.wait(
+            [worker.conn for worker in waiting], timeout=max(0.0, nearest - time.monotonic())
+        )
+        for index, worker in enumerate(self._workers):
+            if worker.conn not in readable:
+                continue
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                if not worker.ready:
+                    raise RuntimeError("a grader worker process died while starting") from None
+                # Killed from outside or by the memory cap: this answer's failure only.
+                outcomes[worker.job] = _WORKER_DIED  # type: ignore[index]
+                self._replace(index)
+                continue
+            if worker.ready:
+                outcomes[worker.job] = message  # type: ignore[index]
+            worker.ready = True  # the first message is the worker's _READY
+            worker.finish()
+
+    def _enforce_deadlines(self, outcomes: list[tuple[bool, bool] | None]) -> None:
+        now = time.monotonic()
+        for index, worker in enumerate(self._workers):
+            if now < worker.deadline:
+                continue
+            if not worker.ready:
+                raise RuntimeError(
+                    f"a grader worker was not ready after {WORKER_START_TIMEOUT_S:.0f} s"
+                )
+            outcomes[worker.job] = _TIMED_OUT  # type: ignore[index]
+            self._replace(index)
+
+    def _replace(self, index: int) -> None:
+        self._workers[index].kill()
+        self._workers[index] = _Worker(self._context)
+
+
+# grade_answer's pool: one worker, started on first use and kept, so that one call costs an
+# exchange with a warm process (milliseconds) instead of a new process with cold parser caches
+# (up to seconds for a long formula). Its finalizer stops the worker at exit.
+_single_lock = threading.Lock()
+_single: tuple[int, BatchGrader] | None = None  # (pid of the owner, pool)
+
+
+def _single_worker_pool() -> BatchGrader:
+    global _single
+    # A forked child must not share its parent's pipes: it gets its own pool.
+    if _single is None or _single[0] != os.getpid() or not _single[1]._workers:
+        _single = (os.getpid(), BatchGrader(workers=1))
+    return _single[1]
+
+
+def grade_answer(
+    response: str,
+    ground_truth: str,
+    answer_type: AnswerType = "math",
+    *,
+    require_think: bool = False,
+    timeout_s: float = 5.0,
+) -> Grade:
+    """Grades one response. Maths answers that reach math-verify go to a one-worker pool kept
+    for this purpose (thread-safe, one answer at a time); grade many with a `BatchGrader`."""
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    prepared = _prepare(response, ground_truth, answer_type, require_think)
+    if isinstance(prepared, Grade):
+        return prepared
+    with _single_lock:
+        [(correct, timed_out)] = _single_worker_pool()._run(
+            [(prepared.gold, prepared.predicted)], timeout_s
+        )
+    return Grade(correct, True, prepared.predicted, timed_out)

@@ -1,0 +1,284 @@
+"""The grader on hand-written responses: extraction, `</think>` handling, multiple choice, the
+pool (order, dedupe, timeouts) and adversarial input. The evaluation sets are in
+test_grader_shared.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from relift_core.grader import (
+    MAX_ANSWER_CHARS,
+    BatchGrader,
+    Grade,
+    answer_part,
+    answer_type_for,
+    extract_choice,
+    grade_answer,
+    last_boxed,
+)
+
+# Short, so the adversarial tests are quick; generous against a loaded 2-core machine, where an
+# ordinary answer takes milliseconds.
+TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def grader() -> Iterator[BatchGrader]:
+    with BatchGrader(workers=2, timeout_s=TIMEOUT_S) as batch_grader:
+        yield batch_grader
+
+
+# --- answer types and Grade ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data_source", "expected"),
+    [
+        ("gpqa", "choice"),
+        ("gpqa_diamond", "choice"),
+        ("Idavidrein/gpqa", "choice"),
+        ("arc_c", "choice"),
+        ("mmlu_pro", "choice"),
+        ("math", "math"),
+        ("aime25", "math"),
+        ("minerva", "math"),
+        ("olympiad_bench", "math"),
+    ],
+)
+def test_answer_type_for(data_source: str, expected: str) -> None:
+    assert answer_type_for(data_source) == expected
+
+
+def test_reward_is_one_only_when_correct() -> None:
+    assert Grade(correct=True, format_ok=True, extracted="4").reward == 1.0
+    assert Grade(correct=False, format_ok=True, extracted="5").reward == 0.0
+    assert Grade(correct=False, format_ok=False, extracted=None, timed_out=True).reward == 0.0
+
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+def test_answer_part_is_after_the_last_think_tag() -> None:
+    assert answer_part("<think>a</think> b </think> c") == " c"
+    assert answer_part("no tag") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "content"),
+    [
+        (r"so \boxed{4}.", "4"),
+        (r"\boxed{1} then \boxed{2}", "2"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed {x^{2}}", "x^{2}"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are content
+        (r"\fbox{7}", "7"),
+        (r"\boxed{1} and then \boxed{2", None),  # the last box never closes: truncated
+        (r"\boxed 5", None),
+        ("no box at all", None),
+    ],
+)
+def test_last_boxed(text: str, content: str | None) -> None:
+    box = last_boxed(text)
+    assert (box.content if box else None) == content
+
+
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("ANSWER: C", "C"),
+        ("Answer: (B)", "B"),
+        ("**Answer:** D", "D"),
+        ("The answer is A.", "A"),
+        ("the correct answer is option B", "B"),
+        (r"\boxed{C}", "C"),
+        (r"\boxed{(D)}", "D"),
+        (r"\boxed{\text{A}}", "A"),
+        (r"\boxed{C) Planetary days will become shorter.}", "C"),
+        (r"ANSWER: 3", "3"),  # ARC-C numbers some choices
+        (r"ANSWER: A ... on reflection \boxed{B}", "B"),  # the later one wins
+        (r"\boxed{B} ... ANSWER: A", "A"),
+        (r"\boxed{10^{-4}\ \text{eV}} ANSWER: A", "A"),  # a box that holds no letter
+        ("Answer: Apples are red", None),
+        ("I cannot decide", None),
+    ],
+)
+def test_extract_choice(text: str, letter: str | None) -> None:
+    assert extract_choice(text) == letter
+
+
+# --- grade_answer ----------------------------------------------------------------------------
+
+
+def test_math_equivalence_is_semantic() -> None:
+    grade = grade_answer(r"<think>half</think> The answer is $\boxed{\frac{1}{2}}$.", "0.5")
+    assert grade == Grade(correct=True, format_ok=True, extracted=r"\frac{1}{2}")
+
+
+def test_wrong_math_answer_is_well_formed_but_incorrect() -> None:
+    grade = grade_answer(r"\boxed{3}", "4")
+    assert (grade.correct, grade.format_ok, grade.extracted) == (False, True, "3")
+
+
+def test_math_without_a_box_is_a_format_failure() -> None:
+    # No fall-back to free-text extraction, even though "4" is right there.
+    assert grade_answer("The answer is 4.", "4") == Grade(False, False, None)
+
+
+def test_missing_think_tag_is_a_format_failure_only_when_required() -> None:
+    assert grade_answer(r"\boxed{4}", "4", require_think=True) == Grade(False, False, None)
+    assert grade_answer(r"\boxed{C}", "C", "choice", require_think=True).format_ok is False
+    assert grade_answer(r"\boxed{4}", "4").correct
+
+
+def test_box_written_while_thinking_does_not_count() -> None:
+    response = r"<think>maybe \boxed{4}</think> I am not sure."
+    assert grade_answer(response, "4", require_think=True) == Grade(False, False, None)
+    assert grade_answer(r"<think>\boxed{3}</think> \boxed{4}", "4").correct
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "correct"),
+    [
+        ("ANSWER: C", "C", True),
+        ("ANSWER: c", "C", False),  # a lower-case letter is not taken as a choice
+        (r"\boxed{D}", "C", False),
+        (r"\boxed{2}", "2", True),
+        (r"\boxed{(A)}", " (a) ", True),  # the ground truth is normalised
+    ],
+)
+def test_choice_grading(response: str, gold: str, correct: bool) -> None:
+    assert grade_answer(response, gold, "choice").correct is correct
+
+
+def test_grade_answer_times_out_and_recovers() -> None:
+    hung = grade_answer(r"\boxed{9^{9^{9^{9}}}}", "4", timeout_s=1.0)
+    assert (hung.correct, hung.format_ok, hung.timed_out) == (False, True, True)
+    assert grade_answer(r"\boxed{4}", "4").correct
+
+
+def test_unknown_answer_type_is_an_error() -> None:
+    with pytest.raises(ValueError, match="answer type"):
+        grade_answer(r"\boxed{4}", "4", "essay")  # type: ignore[arg-type]
+
+
+# --- BatchGrader -----------------------------------------------------------------------------
+
+
+def test_batch_keeps_input_order_and_mixes_answer_types(grader: BatchGrader) -> None:
+    responses = [r"\boxed{4}", "ANSWER: B", r"\boxed{5}", "no answer", r"\boxed{x^2+2x+1}"]
+    golds = ["4", "B", "4", "4", "(x+1)^2"]
+    types = ["math", "choice", "math", "math", "math"]
+    grades = grader.grade(responses, golds, types)  # type: ignore[arg-type]
+    assert [g.correct for g in grades] == [True, True, False, False, True]
+    assert [g.extracted for g in grades] == ["4", "B", "5", None, "x^2+2x+1"]
+    assert [g.format_ok for g in grades] == [True, True, True, False, True]
+
+
+def test_batch_dedupes_identical_answers_without_mixing_them_up(grader: BatchGrader) -> None:
+    responses = [rf"\boxed{{{i % 3}}}" for i in range(30)]
+    grades = grader.grade(responses, ["1"] * 30)
+    assert [g.correct for g in grades] == [i % 3 == 1 for i in range(30)]
+
+
+def test_batch_rejects_mismatched_lengths(grader: BatchGrader) -> None:
+    with pytest.raises(ValueError, match="same length"):
+        grader.grade([r"\boxed{4}"], ["4", "5"])
+
+
+def test_empty_batch(grader: BatchGrader) -> None:
+    assert grader.grade([], []) == []
+
+
+def test_one_worker_still_grades_in_a_worker_process() -> None:
+    with BatchGrader(workers=1, timeout_s=TIMEOUT_S) as one:
+        grades = one.grade([r"\boxed{4}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{2}"], ["4", "4", "2"])
+    assert [(g.correct, g.timed_out) for g in grades] == [
+        (True, False),
+        (False, True),
+        (True, False),
+    ]
+
+
+def test_a_worker_killed_from_outside_is_replaced() -> None:
+    with BatchGrader(workers=1, timeout_s=TIMEOUT_S) as one:
+        assert one.grade([r"\boxed{4}"], ["4"])[0].correct  # the worker is up
+        victim = one._workers[0].process
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join()
+        grades = one.grade([r"\boxed{4}", r"\boxed{5}"], ["4", "5"])
+        assert [g.correct for g in grades] == [True, True]
+        assert one._workers[0].process.pid != victim.pid
+
+
+def test_closed_grader_refuses_work() -> None:
+    closed = BatchGrader(workers=1, timeout_s=TIMEOUT_S)
+    closed.close()
+    closed.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.grade([r"\boxed{4}"], ["4"])
+
+
+# --- adversarial input -----------------------------------------------------------------------
+
+ADVERSARIAL = {
+    "power tower": r"\boxed{9^9^9^9}",
+    "braced power tower": r"\boxed{9^{9^{9^{9}}}}",
+    "huge power": r"\boxed{10^{10^{10}}}",
+    "10k nested braces": r"\boxed{" + "{" * 10_000 + "4" + "}" * 10_000 + "}",
+    "100k characters": r"\boxed{" + "1+" * 50_000 + "2}",
+    "100k characters of prose": "4 " * 50_000,
+    "unbalanced box": r"\boxed{4",
+    "unbalanced box after a balanced one": r"\boxed{4} \boxed{",
+    "only braces": "}" * 1000 + "{" * 1000,
+}
+
+
+def test_adversarial_answers_are_incorrect_and_bounded_in_time(grader: BatchGrader) -> None:
+    names = list(ADVERSARIAL)
+    responses = [ADVERSARIAL[name] for name in names] + [r"\boxed{4}"]
+    start = time.monotonic()
+    grades = grader.grade(responses, ["4"] * len(responses))
+    elapsed = time.monotonic() - start
+    wrong = {name: grade for name, grade in zip(names, grades, strict=False) if grade.correct}
+    assert not wrong
+    assert grades[-1].correct  # the honest answer in the same batch is unaffected
+    # Two workers, each answer bounded by its own deadline: at worst the timeouts run in pairs.
+    timeouts = sum(g.timed_out for g in grades)
+    assert elapsed < (timeouts / 2 + 1) * (TIMEOUT_S + 1) + 5
+    assert grader.grade([r"\boxed{4}"], ["4"])[0].correct  # the pool still works
+
+
+def test_pathological_answers_never_reach_sympy() -> None:
+    nested = grade_answer(ADVERSARIAL["10k nested braces"], "4")
+    long = grade_answer(ADVERSARIAL["100k characters"], "4")
+    for grade in (nested, long):
+        assert (grade.correct, grade.format_ok, grade.timed_out) == (False, True, False)
+        assert grade.extracted is not None and len(grade.extracted) <= MAX_ANSWER_CHARS
+
+
+def test_parent_kills_a_worker_that_cannot_stop_itself() -> None:
+    """With the worker's own alarm switched off (a test-only seam), only the parent's
+    deadline can end the answer: the worker is killed and replaced, the batch goes on."""
+    with BatchGrader(workers=2, timeout_s=1.0) as killer:
+        killer._worker_alarm = False
+        pids_before = {worker.process.pid for worker in killer._workers}
+        start = time.monotonic()
+        grades = killer.grade(
+            [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{4}", r"\boxed{10^{10^{10}}}", r"\boxed{5}"],
+            ["4", "4", "4", "5"],
+        )
+        elapsed = time.monotonic() - start
+        pids_after = {worker.process.pid for worker in killer._workers}
+    assert [(g.correct, g.timed_out) for g in grades] == [
+        (False, True),
+        (True, False),
+        (False, True),
+        (True, False),
+    ]
+    assert pids_before.isdisjoint(pids_after)  # both hung workers were replaced
+    assert elapsed < 2 * (1.0 + 0.5) + 5
