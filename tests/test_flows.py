@@ -79,3 +79,41 @@ def test_train_each_algorithm_three_iterations(prefect_server, tmp_path_factory,
     names = asyncio.run(task_names())
     assert {"rollout", "grade", "classify-difficulty", "collect-demonstrations", "checkpoint"} <= names
     assert ("rl-update" in names) == (algo != "sft")
+
+
+def test_sweep_nests_child_runs_and_compare_reads_them(prefect_server, tmp_path):
+    from analysis.compare import runs_table
+    from flows.sweep import sweep
+
+    overrides = TINY + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
+    result = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0],
+                   grid={"algorithm.sft_buffer_threshold": [2, 4]}, overrides=overrides,
+                   name="abl")
+    assert len(result["runs"]) == 4
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    children = client.search_runs(
+        [client.get_experiment_by_name("relift").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")
+    assert len(children) == 4
+    assert {c.data.params["algorithm.sft_buffer_threshold"] for c in children} == {"2", "4"}
+    table = runs_table(uri, parent_run_id=result["mlflow_run_id"])
+    assert sorted(table["algorithm"]) == ["relift", "relift", "rl", "rl"]
+    assert (table.loc[table["algorithm"] == "rl", "demos_used"] == 0).all()
+
+
+def test_evaluate_flow_on_real_benchmark_questions(prefect_server, tmp_path, shared_benchmarks):
+    from flows.evaluate import evaluate
+
+    result = evaluate(preset="toy", benchmarks=["math500", "gpqa_diamond"], limit=3,
+                      overrides=TINY + [f"run.workdir={tmp_path}",
+                                        f"eval.benchmarks_dir={shared_benchmarks}"])
+    assert set(result["summaries"]) == {"math500", "gpqa_diamond"}
+    assert result["summaries"]["math500"]["questions"] == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert "eval/math500/avg_at_k" in run.data.metrics
+    assert "eval/gpqa_diamond/format_failure_rate" in run.data.metrics
+    records = list((tmp_path / "evaluations").glob("*/math500.records.parquet"))
+    assert records, "per-question records are written"
