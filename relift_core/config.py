@@ -58,9 +58,9 @@ class WorldConfig(_Section):
     pretrain_sizes: list[int] = [1, 2]
     pretrain_examples: int = Field(4000, ge=0)
     # The base model's pretraining (relift_core.pretrain): next-token loss on the pretrain split.
-    pretrain_steps: int = Field(1500, ge=0)
-    pretrain_lr: float = Field(3e-3, gt=0)
-    pretrain_batch_size: int = Field(64, gt=0)
+    pretrain_steps: int = Field(1000, ge=0)
+    pretrain_lr: float = Field(5e-3, gt=0)
+    pretrain_batch_size: int = Field(32, gt=0)
     seed: int = 0
 
 

@@ -167,10 +167,12 @@ def load_policy(
     """The starting policy and its tokenizer, ready for generation (left padding) and training."""
     dtype = _DTYPES[cfg.dtype]
     if cfg.source == "tiny":
+        # Always the locally built character tokenizer: AutoTokenizer would pick Qwen2Tokenizer
+        # from the saved config's model_type, which silently drops spaces and newlines.
+        tokenizer = build_char_tokenizer()
         if cfg.init_from:
-            model, tokenizer = _load_dir(cfg.init_from, dtype)
+            model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=dtype)
         else:
-            tokenizer = build_char_tokenizer()
             model = build_tiny_model(cfg.tiny, tokenizer, seed=seed).to(dtype)
     elif cfg.source == "hf":
         name = cfg.name_or_path or cfg.init_from
