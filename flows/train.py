@@ -16,11 +16,16 @@ difficulty ledger, data position and RNG are restored together.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.context import get_run_context
 
 from flows import progress as terminal
@@ -65,6 +70,8 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
             terminal.advance(bar, f"acc {metrics['accuracy']:.2f} demos {metrics['demos_used']:.0f}")
             update_progress_artifact(progress_id, 100.0 * (i + 1) / max(cfg.run.iterations, 1))
         final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
+        tracker.log_text("\n".join(json.dumps(x) for x in session.state.sft_log),
+                         "sft_demonstrations.jsonl")
         close_run(tracker, "FINISHED")
     except BaseException:
         close_run(tracker, "FAILED")
@@ -95,7 +102,7 @@ def run_iteration(session, tracker: MlflowTracker, i: int, data) -> dict[str, fl
         metrics.update({f"rl/{k}": v for k, v in rl_stats.items()})
     # Fine-tune while the buffer holds a full batch, so it never grows without bound.
     while k := strategy.sft_batch_size(i, len(state.buffer)):
-        sft_stats = t.sft_update(session, k)
+        sft_stats = t.sft_update(session, k, i)
         phase["sft_update"] = phase.get("sft_update", 0.0) + sft_stats.pop("seconds")
         metrics.update({f"sft/{k_}": v for k_, v in sft_stats.items()})
     metrics.update(buffer_size=float(len(state.buffer)), demos_used=float(state.demos_used),

@@ -77,7 +77,7 @@ class DataConfig(_Section):
     shuffle: bool = True
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
+    def _one_source(self) -> DataConfig:
         given = [x for x in (self.train_path, self.hf_dataset, self.world) if x is not None]
         if len(given) > 1:
             raise ValueError("give only one of data.train_path, data.hf_dataset, data.world")

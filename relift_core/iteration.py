@@ -38,6 +38,8 @@ class RunState:
     stream: QuestionStream
     demos_used: int = 0
     sft_steps: int = 0
+    # Every demonstration fine-tuned on: (iteration used, uid, iteration added, level when added).
+    sft_log: list[dict[str, Any]] = field(default_factory=list)
 
     def extra_state(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class RunState:
             "stream": self.stream.state_dict(),
             "demos_used": self.demos_used,
             "sft_steps": self.sft_steps,
+            "sft_log": self.sft_log,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -56,6 +59,7 @@ class RunState:
         self.stream.load_state_dict(state["stream"])
         self.demos_used = int(state["demos_used"])
         self.sft_steps = int(state["sft_steps"])
+        self.sft_log = list(state.get("sft_log", []))
 
 
 @dataclass

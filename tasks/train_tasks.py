@@ -17,7 +17,7 @@ from relift_core.data import Example
 from relift_core.difficulty import Level
 from relift_core.runtime import TrainSession
 
-ENGINE_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
+ENGINE_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
 
 
 @task(name="draw-questions", cache_policy=NO_CACHE)
@@ -59,7 +59,7 @@ def rl_update(session: TrainSession, rollouts: it.Rollouts) -> dict[str, float]:
 
 
 @task(name="sft-update", cache_policy=NO_CACHE, **ENGINE_RETRIES)
-def sft_update(session: TrainSession, k: int) -> dict[str, float]:
+def sft_update(session: TrainSession, k: int, iteration: int) -> dict[str, float]:
     """One fine-tuning step on the k oldest buffered demonstrations.
 
     Entries leave the buffer only after the step succeeded, so a retry never drops one."""
@@ -69,6 +69,9 @@ def sft_update(session: TrainSession, k: int) -> dict[str, float]:
                           max_target_tokens=session.cfg.sft.max_target_tokens)
     session.state.buffer.take(k)
     session.state.demos_used += k
+    session.state.sft_log.extend(
+        {"iteration": iteration, "uid": e.uid, "iteration_added": e.iteration_added,
+         "level_when_added": e.level_when_added} for e in entries)
     session.state.sft_steps += 1
     session.engine.sync_weights(session.model)
     return {**stats, "seconds": time.perf_counter() - start}

@@ -48,14 +48,16 @@ def test_deploy_all_and_run_train_through_a_worker(tmp_path):
            "RELIFT_REPO_DIR": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_CLI_PROMPT": "false"}
     env.pop("PREFECT_API_KEY", None)
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (closed in finally)
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     worker = None
     try:
         _wait_healthy(api, server)
-        run = lambda *args: subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO,  # noqa: E731
-                                           capture_output=True, text=True, timeout=300)
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=300, check=False)
+
         r = run("work-pool", "create", "relift-local", "--type", "process")
         assert r.returncode == 0, r.stdout + r.stderr
         r = run("--no-prompt", "deploy", "--all")
@@ -67,12 +69,12 @@ def test_deploy_all_and_run_train_through_a_worker(tmp_path):
         overrides = TINY + ["algorithm.name=relift", "run.name=deployed",
                             f"run.workdir={tmp_path / 'runs'}", "eval.benchmarks=[]"]
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "relift-local"],
-                                  env=env, cwd=REPO, stdout=open(tmp_path / "worker.log", "w"),
+                                  env=env, cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT)
         r = run("deployment", "run", "train/train", "--param", "preset=toy",
                 "--param", f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600")
         out = r.stdout + r.stderr
-        assert r.returncode == 0 and "Completed" in out, out + (tmp_path / "worker.log").read_text()[-4000:]
+        assert r.returncode == 0 and "Completed" in out, out + (tmp_path / "server.log").read_text()[-4000:]
         assert (tmp_path / "runs" / "deployed" / "checkpoints").is_dir()
     finally:
         for p in (worker, server):
