@@ -31,6 +31,7 @@ from prefect.context import get_run_context
 from flows import progress as terminal
 from flows.prepare_data import prepare_data
 from relift_core import iteration as it
+from relift_core.checkpoint import latest_checkpoint
 from relift_core.config import ExperimentConfig, load_config
 from relift_core.runtime import build_session
 from tasks import train_tasks as t
@@ -72,6 +73,7 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
         tracker.log_text("\n".join(json.dumps(x) for x in session.state.sft_log),
                          "sft_demonstrations.jsonl")
+        log_final_policy(tracker, session)
         close_run(tracker, "FINISHED")
     except BaseException:
         close_run(tracker, "FAILED")
@@ -123,6 +125,17 @@ def run_iteration(session, tracker: MlflowTracker, i: int, data) -> dict[str, fl
     metrics.update({f"time/{k}": v for k, v in phase.items()})
     tracker.log_metrics(metrics, step=i)
     return metrics
+
+
+def log_final_policy(tracker: MlflowTracker, session) -> None:
+    """The last checkpoint's policy as an MLflow artifact (loadable with from_pretrained), or,
+    with tracking.log_checkpoints off (multi-GB models), only its path as a tag."""
+    final = latest_checkpoint(session.checkpoint_dir)
+    if final is None:
+        return
+    tracker.set_tags({"relift.final_checkpoint": str(final.resolve())})
+    if session.cfg.tracking.log_checkpoints:
+        tracker.log_artifact(final / "model", "final_policy")
 
 
 def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> None:

@@ -63,7 +63,8 @@ def test_train_each_algorithm_three_iterations(prefect_server, tmp_path_factory,
         assert run.data.metrics["demos_used"] == 0
     assert any(k.startswith("eval/world/") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in artifacts
+    assert {"config.yaml", "sft_demonstrations.jsonl", "final_policy"} <= artifacts
+    assert run.data.tags["relift.final_checkpoint"].endswith("step_000003")
     inputs = run.inputs.dataset_inputs
     assert {d.dataset.name for d in inputs} >= {"train", "world"}
 
@@ -117,3 +118,52 @@ def test_evaluate_flow_on_real_benchmark_questions(prefect_server, tmp_path, sha
     assert "eval/gpqa_diamond/format_failure_rate" in run.data.metrics
     records = list((tmp_path / "evaluations").glob("*/math500.records.parquet"))
     assert records, "per-question records are written"
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as pc:
+            runs = await pc.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+    return asyncio.run(read())
+
+
+def test_prepare_data_is_cached_by_input_hash(prefect_server, tmp_path):
+    from flows.prepare_data import prepare_data
+    from relift_core.config import load_config
+
+    cfg = load_config("toy", TINY + [f"run.workdir={tmp_path}"]).model_dump(mode="json")
+    first = prepare_data(cfg, return_state=True)
+    second = prepare_data(cfg, return_state=True)
+    assert _task_states(first.state_details.flow_run_id)["prepare-training-set"] == "Completed"
+    assert _task_states(second.state_details.flow_run_id)["prepare-training-set"] == "Cached"
+    assert first.result().train_fingerprint == second.result().train_fingerprint
+    changed = load_config("toy", TINY + [f"run.workdir={tmp_path}", "data.world.seed=7"])
+    third = prepare_data(changed.model_dump(mode="json"), return_state=True)
+    assert _task_states(third.state_details.flow_run_id)["prepare-training-set"] == "Completed"
+    assert third.result().train_fingerprint != first.result().train_fingerprint
+
+
+def test_difficulty_dynamics_transition_table(prefect_server, tmp_path):
+    from flows.difficulty_dynamics import difficulty_dynamics
+    from flows.train import train
+    from relift_core.checkpoint import latest_checkpoint
+
+    overrides = TINY + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]",
+                        "run.name=dyn"]
+    train(preset="toy", overrides=overrides)
+    ckpt = latest_checkpoint(tmp_path / "dyn" / "checkpoints") / "model"
+    result = difficulty_dynamics(preset="toy", checkpoint=str(ckpt), overrides=overrides)
+    import pandas as pd
+
+    table = pd.DataFrame(result["table"])
+    assert list(table.index) == list(table.columns) == ["hardest", "hard", "medium", "easy"]
+    n_train = 4 * 3 * 2  # families x sizes x train_per_cell in TINY
+    assert int(table.to_numpy().sum()) == n_train
