@@ -167,3 +167,36 @@ def test_difficulty_dynamics_transition_table(prefect_server, tmp_path):
     assert list(table.index) == list(table.columns) == ["hardest", "hard", "medium", "easy"]
     n_train = 4 * 3 * 2  # families x sizes x train_per_cell in TINY
     assert int(table.to_numpy().sum()) == n_train
+
+
+def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(prefect_server, tmp_path,
+                                                                      monkeypatch):
+    from flows.train import train
+    from relift_core import iteration
+
+    real_rollout = iteration.rollout
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("engine hiccup")
+        return real_rollout(*args, **kwargs)
+
+    overrides = TINY + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
+    monkeypatch.setattr(iteration, "rollout", flaky)
+    state = train(preset="toy", overrides=overrides + ["run.name=flaky"], return_state=True)
+    assert state.is_completed() and calls["n"] == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(iteration, "rollout", broken)
+    state = train(preset="toy", overrides=overrides + ["run.name=broken"], return_state=True)
+    assert state.is_failed()
+    assert "CUDA out of memory (simulated)" in str(state.message) or "CUDA out of memory" in repr(
+        state.result(raise_on_failure=False))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("relift").experiment_id],
+                              filter_string="attributes.run_name = 'broken'")
+    assert runs[0].info.status == "FAILED"
