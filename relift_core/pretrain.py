@@ -21,12 +21,12 @@ import torch
 from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 from relift_core.char_tokenizer import build_char_tokenizer
 from relift_core.config import TinyModelConfig, WorldConfig
+from relift_core.models import build_tiny_model
 from relift_core.world import Problem, build_world
 
 IGNORE_INDEX = -100
@@ -51,27 +51,6 @@ class PretrainDefaults:
 
 
 PRETRAIN_DEFAULTS = PretrainDefaults()
-
-
-def build_tiny_qwen2(
-    cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
-) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 sized by `cfg`, its vocabulary and special ids from `tokenizer`."""
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
@@ -205,7 +184,7 @@ def pretrain_base_model(
     problems = build_world(world_cfg)["pretrain"]
     if not problems:
         raise ValueError("the world has no pretraining examples (pretrain_examples=0?)")
-    model = build_tiny_qwen2(tiny_cfg, tokenizer, seed)
+    model = build_tiny_model(tiny_cfg, tokenizer, seed)
     start = time.perf_counter()
     losses = train_on_problems(
         model, tokenizer, problems, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
