@@ -45,8 +45,8 @@ def _csv(value: str | None) -> list[str] | None:
 @app.command()
 def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl)."""
-    from flows.progress import terminal_progress
     from flows.train import train as train_flow
+    from tasks.progress import terminal_progress
 
     with terminal_progress():
         result = train_flow(preset=preset, overrides=overrides or [])
@@ -63,7 +63,7 @@ def demo(
     import time
 
     from flows.demo import demo as demo_flow
-    from flows.progress import terminal_progress
+    from tasks.progress import terminal_progress
 
     start = time.perf_counter()
     with terminal_progress():
@@ -101,9 +101,11 @@ def evaluate(
     """Evaluate a model or checkpoint on benchmarks; prints the table, logs to MLflow."""
     from flows.evaluate import evaluate as evaluate_flow
     from relift_core.evaluation import markdown_table
+    from tasks.progress import terminal_progress
 
-    result = evaluate_flow(preset=model, overrides=overrides or [], checkpoint=checkpoint,
-                           benchmarks=_csv(benchmarks), limit=limit)
+    with terminal_progress():
+        result = evaluate_flow(preset=model, overrides=overrides or [], checkpoint=checkpoint,
+                               benchmarks=_csv(benchmarks), limit=limit)
     console.print(markdown_table(result["summaries"]))
     console.print(f"MLflow run {result['mlflow_run_id']}")
 
@@ -120,8 +122,8 @@ def sweep(
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
     import yaml
 
-    from flows.progress import terminal_progress
     from flows.sweep import sweep as sweep_flow
+    from tasks.progress import terminal_progress
 
     grid_dict = {}
     for item in grid or []:

@@ -28,12 +28,12 @@ from prefect.artifacts import (
 )
 from prefect.context import get_run_context
 
-from flows import progress as terminal
 from flows.prepare_data import prepare_data
 from relift_core import iteration as it
 from relift_core.checkpoint import latest_checkpoint
 from relift_core.config import ExperimentConfig, load_config
 from relift_core.runtime import build_session
+from tasks import progress as terminal
 from tasks import train_tasks as t
 from tasks.eval_tasks import evaluate_policy
 from tasks.tracking import MlflowTracker, close_run, open_run

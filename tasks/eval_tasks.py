@@ -13,6 +13,7 @@ from relift_core.benchmarks import Benchmark, file_benchmark_spec, load_benchmar
 from relift_core.evaluation import evaluate_benchmark, markdown_table, records_to_parquet
 from relift_core.metrics import paper_averages, summarize_by
 from relift_core.tracker import Tracker
+from tasks import progress as terminal
 
 SCALAR_KEYS = ("avg_at_k", "pass_at_1", "pass_at_k", "maj_at_k", "format_failure_rate",
                "truncation_rate", "response_length_mean", "response_length_max")
@@ -38,6 +39,7 @@ def evaluate_one(engine, tokenizer, grader, bench: Benchmark, *, eval_cfg, out_d
         samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
         max_new_tokens=eval_cfg.max_new_tokens, seed=seed, require_think=require_think,
         records_path=out_dir / f"{bench.name}.records.jsonl",
+        progress=terminal.callback(f"evaluate {bench.name} (questions)"),
     )
 
 

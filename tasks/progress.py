@@ -32,3 +32,15 @@ def start(description: str, total: int, completed: int = 0):
 def advance(task_id, info: str = "") -> None:
     if _progress is not None and task_id is not None:
         _progress.update(task_id, advance=1, info=info)
+
+
+def callback(description: str):
+    """A `progress(done, total)` callback drawing one bar, for library functions that take one."""
+    if _progress is None:
+        return None
+    task_id = _progress.add_task(description, total=None, info="")
+
+    def update(done: int, total: int) -> None:
+        _progress.update(task_id, completed=done, total=total)
+
+    return update
