@@ -86,8 +86,9 @@ def measure_levels(cfg: ExperimentConfig, model_dir: str, examples_path: str) ->
     return {q.uid: lv.value for q, lv in zip(questions, levels, strict=True)}
 
 
-def final_records(cfg: ExperimentConfig, run_name: str) -> pd.DataFrame:
-    path = (Path(cfg.run.workdir) / run_name / "eval" / f"step_{cfg.run.iterations:06d}"
+def final_records(cfg: ExperimentConfig, run_name: str, step: int | None = None) -> pd.DataFrame:
+    step = cfg.run.iterations if step is None else step
+    path = (Path(cfg.run.workdir) / run_name / "eval" / f"step_{step:06d}"
             / "world.records.parquet")
     return pd.read_parquet(path, columns=["uid", "data_source", "accuracy", "lengths"])
 
@@ -152,6 +153,13 @@ def demo(preset: str = "toy", overrides: list[str] | None = None,
                         for lv in LEVELS})
     results, records = {}, {}
     try:
+        # The base model itself, evaluated exactly as the trained runs are (same eval settings,
+        # same code path: a `train` run of 0 iterations): the reference every method moves from.
+        results["base"] = train.with_options(flow_run_name=f"{name}-base")(
+            preset=preset, parent_mlflow_run_id=parent.run_id,
+            overrides=base_overrides + ["algorithm.name=rl", "run.iterations=0",
+                                        f"run.name={name}-base"])
+        records["base"] = final_records(base_cfg, f"{name}-base", step=0)
         for algo in algorithms:
             run_name = f"{name}-{algo}"
             results[algo] = train.with_options(flow_run_name=run_name)(
@@ -200,6 +208,7 @@ def df_markdown(df: pd.DataFrame) -> str:
 
     cols = [str(df.index.name or "")] + [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([str(idx)] + [cell(v) for v in row]) + " |")
+    # itertuples keeps each column's own type (iterrows would turn integer counts into floats).
+    for row in df.itertuples(name=None):
+        lines.append("| " + " | ".join([str(row[0])] + [cell(v) for v in row[1:]]) + " |")
     return "\n".join(lines)
