@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/relift demo
+	OMP_NUM_THREADS=1 $(BIN)/relift demo
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
