@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,9 +197,20 @@ def build_world(cfg: WorldConfig) -> dict[str, list[Problem]]:
             train.extend(cell[n_eval:])
     cells = [(f, s) for f in cfg.pretrain_families for s in cfg.pretrain_sizes]
     pretrain: list[Problem] = []
-    for _ in range(cfg.pretrain_examples if cells else 0):
+    for _ in range(cfg.pretrain_examples):
+        if not cells:
+            break
         family, size = rng.choice(cells)
-        pretrain.extend(generate_problems(family, size, 1, rng, exclude=taken))
+        drawn = generate_problems(family, size, 1, rng, exclude=taken)
+        if not drawn:
+            # Every question of this cell is held out as train/eval: drop the cell instead of
+            # paying generate_problems' bounded search again on each later draw.
+            cells.remove((family, size))
+        pretrain.extend(drawn)
+    if len(pretrain) < cfg.pretrain_examples:
+        warnings.warn(f"world: only {len(pretrain)} of {cfg.pretrain_examples} pretraining "
+                      "examples could be drawn (pretraining cells exhausted by train/eval)",
+                      stacklevel=2)
     return {"train": train, "eval": evals, "pretrain": pretrain}
 
 

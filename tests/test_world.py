@@ -97,3 +97,16 @@ def test_system_prompt_goes_first():
     p = generate_problems("mul", 1, 1, random.Random(0))[0]
     record = problem_to_record(p, "Think, then box the answer.")
     assert [m["role"] for m in record["prompt"]] == ["system", "user"]
+
+
+def test_exhausted_pretraining_cell_is_dropped_quickly_with_a_warning():
+    import pytest
+
+    from relift_core.config import WorldConfig
+    from relift_core.world import build_world
+
+    cfg = WorldConfig(families=["add"], sizes=[1], train_per_cell=60, eval_per_cell=40,
+                      pretrain_families=["add"], pretrain_sizes=[1], pretrain_examples=500)
+    with pytest.warns(UserWarning, match="pretraining"):
+        world = build_world(cfg)
+    assert world["pretrain"] == [] and len(world["train"]) + len(world["eval"]) == 100
