@@ -13,8 +13,9 @@ from tests.test_flows import prefect_server  # noqa: F401  (shared server fixtur
 
 pytestmark = pytest.mark.slow
 
-REDUCED = ["run.iterations=3", "eval.limit=24", "rl.prompts_per_step=12",
-           "rl.mini_batch_size=12", "run.grader_workers=1"]
+REDUCED = ["run.iterations=3", "data.world.train_per_cell=24", "data.world.eval_per_cell=4",
+           "eval.samples=2", "rl.prompts_per_step=12", "rl.mini_batch_size=12",
+           "run.grader_workers=1"]
 
 
 def test_reduced_demo_mechanics(prefect_server, tmp_path):  # noqa: F811
@@ -31,9 +32,10 @@ def test_reduced_demo_mechanics(prefect_server, tmp_path):  # noqa: F811
     children = client.search_runs(
         [client.get_experiment_by_name("relift").experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")
-    assert sorted(c.data.tags["relift.algorithm"] for c in children) == ["relift", "rl", "sft"]
+    # rl, sft, relift, and the base model evaluated as a 0-iteration run (tagged rl).
+    assert sorted(c.data.tags["relift.algorithm"] for c in children) == ["relift", "rl", "rl", "sft"]
     assert all(c.info.status == "FINISHED" for c in children)
-    assert set(result["tables"]["summary"]["accuracy"]) == {"rl", "sft", "relift"}
+    assert set(result["tables"]["summary"]["accuracy"]) == {"base", "rl", "sft", "relift"}
 
     # ReLIFT fine-tuned only on questions that were hardest when they entered the buffer.
     state = json.loads((latest_checkpoint(tmp_path / "demo-relift" / "checkpoints")

@@ -16,6 +16,7 @@ TINY = [
     "rollout.n=4", "rollout.max_new_tokens=24", "rl.prompts_per_step=6", "rl.mini_batch_size=6",
     "sft.mini_batch_size=4", "sft.max_target_tokens=48", "algorithm.sft_buffer_threshold=3",
     "algorithm.require_think=false", "eval.every=2", "eval.max_new_tokens=24", "eval.limit=6",
+    "eval.samples=2",
     "run.iterations=3", "run.grader_workers=1",
 ]
 
@@ -165,7 +166,10 @@ def test_difficulty_dynamics_transition_table(prefect_server, tmp_path):
 
     table = pd.DataFrame(result["table"])
     assert list(table.index) == list(table.columns) == ["hardest", "hard", "medium", "easy"]
-    n_train = 4 * 3 * 2  # families x sizes x train_per_cell in TINY
+    from relift_core.config import load_config
+
+    world = load_config("toy", overrides).data.world
+    n_train = len(world.families) * len(world.sizes) * world.train_per_cell
     assert int(table.to_numpy().sum()) == n_train
 
 
