@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from flows.prepare_data import prepare_data
 from relift_core import iteration as it
@@ -45,8 +46,8 @@ def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | N
     cfg = load_config(preset, overrides or [])
     data = prepare_data(cfg.model_dump(mode="json"))
     questions = data.train_examples()
-    before = classify_all(cfg, questions, base)
-    after = classify_all(cfg, questions, str(Path(checkpoint).resolve()))
+    before = classify_all(cfg, quote(questions), base)
+    after = classify_all(cfg, quote(questions), str(Path(checkpoint).resolve()))
     table = transition_table(before, after)
     tracker = open_run(cfg, run_key=f"dynamics:{checkpoint}", run_name=f"dynamics-{Path(checkpoint).name}",
                        tags={"relift.kind": "difficulty_dynamics"})

@@ -27,6 +27,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import get_run_context
+from prefect.utilities.annotations import quote
 
 from flows.prepare_data import prepare_data
 from relift_core import iteration as it
@@ -89,22 +90,26 @@ def run_iteration(session, tracker: MlflowTracker, i: int, data) -> dict[str, fl
     phase: dict[str, float] = {}
     start = time.perf_counter()
 
-    questions = t.draw_questions(session)
-    rollouts = t.rollout(session, questions, i)
+    # quote(): without it Prefect walks every object reachable from a task's arguments (the
+    # dataset, token lists, buffer) looking for upstream futures; measured at ~90% of a tiny
+    # model's iteration (scripts/bench_orchestration.py).
+    s = quote(session)
+    questions = t.draw_questions(s)
+    rollouts = t.rollout(s, quote(questions), i)
     phase["rollout"] = rollouts.seconds
-    rollouts = t.grade(session, rollouts)
+    rollouts = t.grade(s, quote(rollouts))
     phase["grade"] = rollouts.seconds - phase["rollout"]
-    levels = t.classify(session, i, rollouts)
+    levels = t.classify(s, i, quote(rollouts))
     metrics = it.rollout_metrics(rollouts, levels)
 
-    metrics["demos_collected"] = float(t.collect_demonstrations(session, i, rollouts, levels))
+    metrics["demos_collected"] = float(t.collect_demonstrations(s, i, quote(rollouts), levels))
     if strategy.runs_rl(i):
-        rl_stats = t.rl_update(session, rollouts)
+        rl_stats = t.rl_update(s, quote(rollouts))
         phase["rl_update"] = rl_stats.pop("seconds")
         metrics.update({f"rl/{k}": v for k, v in rl_stats.items()})
     # Fine-tune while the buffer holds a full batch, so it never grows without bound.
     while k := strategy.sft_batch_size(i, len(state.buffer)):
-        sft_stats = t.sft_update(session, k, i)
+        sft_stats = t.sft_update(s, k, i)
         phase["sft_update"] = phase.get("sft_update", 0.0) + sft_stats.pop("seconds")
         metrics.update({f"sft/{k_}": v for k_, v in sft_stats.items()})
     metrics.update(buffer_size=float(len(state.buffer)), demos_used=float(state.demos_used),
@@ -118,7 +123,7 @@ def run_iteration(session, tracker: MlflowTracker, i: int, data) -> dict[str, fl
     state.iteration = i + 1  # the checkpoint records the next iteration to run
     if (i + 1) % cfg.run.checkpoint_every == 0 or (i + 1) == cfg.run.iterations:
         ckpt_start = time.perf_counter()
-        t.checkpoint(session)
+        t.checkpoint(s)
         phase["checkpoint"] = time.perf_counter() - ckpt_start
 
     phase["iteration"] = time.perf_counter() - start

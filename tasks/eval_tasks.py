@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from relift_core.benchmarks import Benchmark, file_benchmark_spec, load_benchmark
 from relift_core.evaluation import evaluate_benchmark, markdown_table, records_to_parquet
@@ -51,8 +52,10 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
     for name in names:
         bench = resolve_benchmark(name, local_sets=local_sets or {},
                                   benchmarks_dir=eval_cfg.benchmarks_dir, limit=eval_cfg.limit)
-        records, summary = evaluate_one(engine, tokenizer, grader, bench, eval_cfg=eval_cfg,
-                                        out_dir=out_dir, require_think=require_think, seed=seed)
+        # quote(): keep Prefect from walking the model and every question (see flows/train.py).
+        records, summary = evaluate_one(quote(engine), quote(tokenizer), quote(grader),
+                                        quote(bench), eval_cfg=eval_cfg, out_dir=out_dir,
+                                        require_think=require_think, seed=seed)
         summaries[name] = summary
         parquet = out_dir / f"{name}.records.parquet"
         records_to_parquet(records, parquet)
