@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.prepare_data import prepare_data
 from relift_core.config import load_config
 from relift_core.grader import BatchGrader
 from relift_core.models import load_policy, resolve_device
@@ -33,6 +34,10 @@ def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
     device = resolve_device(cfg.run.device)
     model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed)
     engine = build_engine(cfg, model, tokenizer, device)
+    # The proof-world's held-out split is made with the data, not registered: prepare it.
+    local_sets = {}
+    if cfg.data.world is not None and "world" in cfg.eval.benchmarks:
+        local_sets = prepare_data(cfg.model_dump(mode="json")).eval_paths
     label = f"eval-{Path(checkpoint).name if checkpoint else preset}"
     tracker = open_run(cfg, run_key=f"evaluate:{label}:{cfg.fingerprint()}", run_name=label,
                        tags={"relift.kind": "evaluate"})
@@ -43,6 +48,7 @@ def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
         with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
             summaries = evaluate_all(engine, tokenizer, grader, names=cfg.eval.benchmarks,
                                      eval_cfg=cfg.eval, out_dir=out_dir, tracker=tracker, step=0,
+                                     local_sets=local_sets,
                                      require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
                                      label=label)
         close_run(tracker)

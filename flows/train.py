@@ -29,6 +29,7 @@ from prefect.artifacts import (
 from prefect.context import get_run_context
 from prefect.utilities.annotations import quote
 
+from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
 from relift_core import iteration as it
 from relift_core.checkpoint import latest_checkpoint
@@ -45,6 +46,10 @@ def train(preset: str = "toy", overrides: list[str] | None = None,
           parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Train one run. `preset` names a file in configs/; overrides are dotted key=value pairs."""
     cfg = load_config(preset, overrides or [])
+    if needs_base_model(cfg):
+        # The toy preset trains from the world's pretrained base model, not from random weights.
+        base_dir = build_base_model(cfg.model_dump(mode="json"))
+        cfg = load_config(preset, [*(overrides or []), f"model.init_from={base_dir}"])
     return run_training(cfg, parent_mlflow_run_id=parent_mlflow_run_id)
 
 

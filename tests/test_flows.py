@@ -107,10 +107,10 @@ def test_sweep_nests_child_runs_and_compare_reads_them(prefect_server, tmp_path)
 def test_evaluate_flow_on_real_benchmark_questions(prefect_server, tmp_path, shared_benchmarks):
     from flows.evaluate import evaluate
 
-    result = evaluate(preset="toy", benchmarks=["math500", "gpqa_diamond"], limit=3,
+    result = evaluate(preset="toy", benchmarks=["math500", "gpqa_diamond", "world"], limit=3,
                       overrides=TINY + [f"run.workdir={tmp_path}",
                                         f"eval.benchmarks_dir={shared_benchmarks}"])
-    assert set(result["summaries"]) == {"math500", "gpqa_diamond"}
+    assert set(result["summaries"]) == {"math500", "gpqa_diamond", "world"}
     assert result["summaries"]["math500"]["questions"] == 3
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])

@@ -1,0 +1,58 @@
+"""The `build_base_model` flow: the proof-world's starting policy, a tiny transformer pretrained on
+part of the generated world, built once per (world, model, seed) and cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from relift_core.config import ExperimentConfig
+from tasks.tracking import close_run, open_run
+
+
+def base_model_key(cfg: ExperimentConfig) -> str:
+    blob = json.dumps({"world": cfg.data.world.model_dump(mode="json"),
+                       "tiny": cfg.model.tiny.model_dump(mode="json"), "seed": cfg.run.seed},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@task(name="pretrain-base-model", cache_policy=NO_CACHE, retries=1)
+def pretrain(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
+    from relift_core.pretrain import pretrain_base_model
+
+    w = cfg.data.world
+    return pretrain_base_model(w, cfg.model.tiny, out_dir, steps=w.pretrain_steps, lr=w.pretrain_lr,
+                               batch_size=w.pretrain_batch_size, seed=cfg.run.seed)
+
+
+@flow(name="build_base_model", log_prints=True)
+def build_base_model(config: dict[str, Any]) -> str:
+    """The proof-world's base model, built once per (world, model, seed) and cached on disk."""
+    cfg = ExperimentConfig.model_validate(config)
+    key = base_model_key(cfg)
+    out_dir = (Path(cfg.run.workdir) / "base_models" / key).resolve()
+    logger = get_run_logger()
+    if (out_dir / "config.json").exists():
+        logger.info(f"base model cache hit: {out_dir}")
+        return str(out_dir)
+    tracker = open_run(cfg, run_key=f"base-model:{out_dir}", run_name=f"base-model-{key}",
+                       tags={"relift.kind": "base_model"})
+    tracker.log_params({k: v for k, v in cfg.flat_params().items()
+                        if k.startswith(("data.world.", "model.tiny.", "run.seed"))})
+    stats = pretrain(cfg, out_dir)
+    tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+    close_run(tracker)
+    logger.info(f"pretrained base model in {stats['seconds']:.0f}s -> {out_dir}")
+    return str(out_dir)
+
+
+def needs_base_model(cfg: ExperimentConfig) -> bool:
+    """A tiny model on a world with a pretraining mix starts from that world's base model."""
+    return (cfg.model.source == "tiny" and cfg.model.init_from is None
+            and cfg.data.world is not None and cfg.data.world.pretrain_examples > 0)
