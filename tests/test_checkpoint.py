@@ -24,15 +24,6 @@ from relift_core.models import build_tiny_model
 from relift_core.trainer import TorchTrainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny matmuls on shared cores: extra OpenMP threads only contend (see test_trainer.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()

@@ -29,15 +29,6 @@ from relift_core.trainer import TorchTrainer
 MAX_LEN = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Millisecond-sized matmuls: on shared, busy cores extra OpenMP threads only spin and wait
-    # (measured 15x slower with 2 threads under load). Restored for the other modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
