@@ -122,6 +122,19 @@ def _math(name: str, data_source: str, samples: int = 1, in_paper: bool = True) 
     )
 
 
+def _local_choice(name: str, data_source: str, in_paper: bool) -> BenchmarkSpec:
+    """A multiple-choice set stored as `<name>.parquet` in the benchmarks directory."""
+    return BenchmarkSpec(
+        name=name,
+        source=f"{name}.parquet",
+        data_source=data_source,
+        answer_type="choice",
+        default_samples=1,
+        group="ood",
+        in_paper_average=in_paper,
+    )
+
+
 # The paper (and LUFFY, whose files these are): avg@32 on AIME24/AIME25/AMC23, avg@1 elsewhere,
 # temperature 0.6, 8192 new tokens. Its headline average is over AIME24, AMC, MATH-500, Minerva,
 # OlympiadBench and GPQA-Diamond ("five competition-level benchmarks and one out-of-distribution
@@ -133,24 +146,8 @@ BUILTIN_BENCHMARKS: tuple[BenchmarkSpec, ...] = (
     _math("math500", "math"),
     _math("minerva", "minerva"),
     _math("olympiadbench", "olympiad_bench"),
-    BenchmarkSpec(
-        name="gpqa_diamond",
-        source="gpqa_diamond.parquet",
-        data_source="gpqa",
-        answer_type="choice",
-        default_samples=1,
-        group="ood",
-        in_paper_average=True,
-    ),
-    BenchmarkSpec(
-        name="arc_c",
-        source="arc_c.parquet",
-        data_source="arc_c",
-        answer_type="choice",
-        default_samples=1,
-        group="ood",
-        in_paper_average=False,
-    ),
+    _local_choice("gpqa_diamond", "gpqa", in_paper=True),
+    _local_choice("arc_c", "arc_c", in_paper=False),
     BenchmarkSpec(
         name="mmlu_pro",
         source="TIGER-Lab/MMLU-Pro",
