@@ -1,8 +1,17 @@
 """The `relift` command line. Heavy imports (torch, Prefect, MLflow) happen inside commands so
-`relift --help` stays instant."""
+`relift --help` stays instant.
+
+A bad config, bad data, a diverged run or a refused checkpoint is reported as one line, the
+error's message, and a non-zero exit (2 for a config, 1 otherwise); `--debug` (anywhere on the
+command line) shows the full traceback instead. The config is validated before any flow runs,
+so a wrong one is reported before a Prefect server starts.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -11,6 +20,73 @@ from rich.console import Console
 app = typer.Typer(help="ReLIFT experiment platform: RL interleaved with online fine-tuning.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
+err_console = Console(stderr=True)
+
+# Errors a user fixes (config, data, learning rate, checkpoints), by class name so that matching
+# one imports nothing: one line each, no traceback. Anything else is a bug: full traceback.
+USER_ERRORS = {"ConfigError": 2, "ValidationError": 2, "DataError": 1, "BenchmarkError": 1,
+               "DivergenceError": 1, "CheckpointError": 1, "ResumeRefused": 1, "ResumeError": 1,
+               "RunLockedError": 1}
+_debug = False
+
+
+def user_error_exit_code(exc: BaseException) -> int | None:
+    """The exit code for a user error (see USER_ERRORS), or None for anything else."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in USER_ERRORS:
+            return USER_ERRORS[cls.__name__]
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line: a multi-line ConfigError becomes 'head: item; item'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, rest = lines[0], lines[1:]
+    return head + (" " + "; ".join(rest) if rest else "")
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """On Prefect's console handlers (not its API handler: the UI keeps every traceback): drop
+    the records that carry a user error's traceback; the CLI prints the message once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or user_error_exit_code(exc) is None
+
+
+def quiet_prefect_tracebacks() -> None:
+    """Unless --debug: attach _HideUserErrorTracebacks to Prefect's console handlers."""
+    if _debug:
+        return
+    # Prefect's console handler sits on the root logger; flow and task run loggers propagate.
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            is_console = (isinstance(handler, logging.StreamHandler)
+                          and type(handler).__module__.startswith("prefect."))
+            if is_console and not any(isinstance(f, _HideUserErrorTracebacks)
+                                      for f in handler.filters):
+                handler.addFilter(_HideUserErrorTracebacks())
+
+
+def validated_config(preset: str, overrides: list[str] | None):
+    """load_config, before any flow (and so any Prefect server) starts; raises ConfigError."""
+    from relift_core.config import load_config
+
+    return load_config(preset, overrides or [])
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks of errors")] = False,
+) -> None:
+    global _debug
+    _debug = debug or _debug_from_env()
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get("RELIFT_DEBUG", "") not in ("", "0")
 
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="a preset name in configs/ or a YAML file")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. rl.lr=1e-5")]
@@ -28,13 +104,7 @@ def presets() -> None:
 @app.command()
 def config(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     """Print the resolved config of a preset with overrides (validates it)."""
-    from relift_core.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(preset, overrides or [])
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    cfg = validated_config(preset, overrides)
     console.print(cfg.to_yaml())
 
 
@@ -45,9 +115,11 @@ def _csv(value: str | None) -> list[str] | None:
 @app.command()
 def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl)."""
+    validated_config(preset, overrides)
     from flows.train import train as train_flow
     from tasks.progress import terminal_progress
 
+    quiet_prefect_tracebacks()
     with terminal_progress():
         result = train_flow(preset=preset, overrides=overrides or [])
     console.print(f"MLflow run {result['mlflow_run_id']}; demonstrations used {result['demos_used']}")
@@ -62,9 +134,11 @@ def demo(
     """The proof-world: pretrain a base model, train RL, SFT and ReLIFT from it, compare."""
     import time
 
+    validated_config(preset, overrides)
     from flows.demo import demo as demo_flow
     from tasks.progress import terminal_progress
 
+    quiet_prefect_tracebacks()
     start = time.perf_counter()
     with terminal_progress():
         result = demo_flow(preset=preset, overrides=overrides or [], algorithms=_csv(algorithms))
@@ -81,8 +155,10 @@ def dynamics(
     overrides: Overrides = None,
 ) -> None:
     """Difficulty transitions of every training question: base model vs a checkpoint."""
+    validated_config(preset, overrides)
     from flows.difficulty_dynamics import difficulty_dynamics
 
+    quiet_prefect_tracebacks()
     result = difficulty_dynamics(preset=preset, checkpoint=checkpoint, base=base,
                                  overrides=overrides or [])
     import pandas as pd
@@ -99,10 +175,12 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a model or checkpoint on benchmarks; prints the table, logs to MLflow."""
+    validated_config(model, overrides)
     from flows.evaluate import evaluate as evaluate_flow
     from relift_core.evaluation import markdown_table
     from tasks.progress import terminal_progress
 
+    quiet_prefect_tracebacks()
     with terminal_progress():
         result = evaluate_flow(preset=model, overrides=overrides or [], checkpoint=checkpoint,
                                benchmarks=_csv(benchmarks), limit=limit)
@@ -122,6 +200,8 @@ def sweep(
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
     import yaml
 
+    validated_config(preset, overrides)
+    from flows.sweep import point_name, sweep_points
     from flows.sweep import sweep as sweep_flow
     from tasks.progress import terminal_progress
 
@@ -129,9 +209,15 @@ def sweep(
     for item in grid or []:
         key, _, values = item.partition("=")
         grid_dict[key] = [yaml.safe_load(v) for v in values.split(",")]
+    seed_list = [int(s) for s in _csv(seeds) or ["0"]]
+    # Every point's config, as the sweep will build it, before the first one runs.
+    for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list, grid_dict):
+        validated_config(preset, list(overrides or []) + [f"{k}={v}" for k, v in point.items()]
+                         + [f"run.name={point_name(name, point)}"])
+    quiet_prefect_tracebacks()
     with terminal_progress():
         result = sweep_flow(preset=preset, algorithms=_csv(algorithms),
-                            seeds=[int(s) for s in _csv(seeds) or ["0"]], grid=grid_dict,
+                            seeds=seed_list, grid=grid_dict,
                             overrides=overrides or [], name=name)
     console.print(f"MLflow parent run {result['mlflow_run_id']}: {len(result['runs'])} runs")
 
@@ -146,10 +232,9 @@ def compare(
     from rich.table import Table
 
     from analysis.compare import runs_table
-    from relift_core.config import load_config
     from tasks.tracking import tracking_uri
 
-    cfg = load_config(preset, overrides or [])
+    cfg = validated_config(preset, overrides)
     df = runs_table(tracking_uri(cfg), cfg.tracking.experiment, parent_run_id=parent)
     if df.empty:
         console.print(f"no training runs in {tracking_uri(cfg)}")
@@ -190,8 +275,23 @@ def ui(
             p.terminate()
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The `relift` entry point: runs the command; a user error (USER_ERRORS) prints one line
+    and exits non-zero unless --debug (or RELIFT_DEBUG=1) asks for the traceback."""
+    global _debug
+    args = list(sys.argv[1:] if argv is None else argv)
+    _debug = "--debug" in args or _debug_from_env()
+    # --debug is an option of the app, so it must come before the command; accept it anywhere.
+    args = (["--debug"] if "--debug" in args else []) + [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="relift")
+    except Exception as exc:  # sorted into user errors and bugs here
+        code = user_error_exit_code(exc)
+        if code is None or _debug:
+            raise
+        err_console.print(f"error: {one_line(exc)}", style="red", markup=False, highlight=False,
+                          soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

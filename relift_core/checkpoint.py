@@ -14,12 +14,18 @@ then moved into place with one `os.replace`. A directory named `step_*` therefor
 complete; a crash leaves at most a `.tmp-*` directory, which readers ignore. The manifest is
 the proof of completeness: loading checks every hash before it touches the model, so a
 truncated or edited file is refused and the model stays as it was. One writer per directory.
+
+Diverged weights are never checkpointed: `save_checkpoint` refuses a model with a NaN or inf
+weight (NonFiniteWeightsError) and marks what it writes `"weights_finite": true` in the
+manifest. `latest_checkpoint` passes over a checkpoint whose weights are not finite (one written
+before that check, or edited), with a warning naming it, and `load_checkpoint` refuses one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -30,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 MANIFEST = "manifest.json"
@@ -40,10 +47,27 @@ RNG_STATE = "rng_state.pt"
 STATE_JSON = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
+WEIGHTS_FINITE = "weights_finite"  # manifest key: the writer checked every weight is finite
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete, corrupt, or does not fit the model."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Model weights with NaN or inf: a diverged model, which is never checkpointed or loaded."""
+
+
+def non_finite_weights(tensors: Any) -> list[str]:
+    """Names of the floating-point tensors in `tensors` (name -> tensor pairs, e.g. a state
+    dict's items()) that hold a NaN or inf."""
+    bad = []
+    for name, tensor in tensors:
+        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    return bad
 
 
 # ------------------------------------------------------------------------------------ RNG state
@@ -141,6 +165,13 @@ def save_checkpoint(
         raise ValueError(f"step must be >= 0, got {step}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    bad = non_finite_weights(model.state_dict().items())
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to write checkpoint step {step} in {directory}: model weights "
+            f"{bad[:5]}{' and more' if len(bad) > 5 else ''} hold NaN or inf (training diverged); "
+            "the previous checkpoints are kept"
+        )
     try:
         state_json = json.dumps({"step": step, "extra_state": extra_state}, indent=1)
     except (TypeError, ValueError) as e:
@@ -163,6 +194,7 @@ def save_checkpoint(
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
+            WEIGHTS_FINITE: True,
             "files": {
                 p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                 for p in files
@@ -242,12 +274,41 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> None:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest checkpoint whose manifest is present and whose files all exist at the listed
-    sizes (the cheap check; `load_checkpoint` verifies hashes). Temp dirs are never considered."""
+    """The newest checkpoint whose manifest is present, whose files all exist at the listed
+    sizes (the cheap check; `load_checkpoint` verifies hashes) and whose weights are finite.
+    A checkpoint passed over for non-finite weights is named in a warning. Temp dirs are never
+    considered."""
     for path in reversed(checkpoint_dirs(Path(directory))):
-        if _manifest_problem(path, hashes=False) is None:
-            return path
+        if _manifest_problem(path, hashes=False) is not None:
+            continue
+        bad = _non_finite_saved_weights(path)
+        if bad:
+            log.warning(
+                f"skipping checkpoint {path}: its weights {bad[:5]} hold NaN or inf (a diverged "
+                "model); falling back to the checkpoint before it"
+            )
+            continue
+        return path
     return None
+
+
+def _non_finite_saved_weights(path: Path) -> list[str]:
+    """Saved weight names holding NaN/inf; none read when the manifest says the writer checked
+    (every checkpoint this module writes). Reads one tensor at a time."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []  # _manifest_problem reports it
+    if manifest.get(WEIGHTS_FINITE) is True:
+        return []
+    bad = []
+    for file in sorted((path / MODEL_DIR).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                bad += non_finite_weights((k, f.get_tensor(k)) for k in f.keys())  # noqa: SIM118
+        except Exception as e:  # noqa: BLE001 (unreadable: load_checkpoint names the problem)
+            log.debug(f"{file}: not checked for non-finite weights: {e}")
+    return bad
 
 
 def _read_model_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -280,6 +341,11 @@ def _read_model_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.T
                 f"{path}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
                 f"{tuple(expected[key].shape)} in the model"
             )
+    bad = non_finite_weights(saved.items())
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{path}: weights {bad[:5]} hold NaN or inf (a diverged model); not loaded"
+        )
     return saved
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -117,6 +117,18 @@ class RLConfig(_Section):
     grad_clip: float = Field(0.7, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _sane_lr(cls, v: Any) -> Any:
+        # Before pydantic's own checks, so inf, nan and absurd values get a message that says why.
+        try:
+            lr = float(v)
+        except (TypeError, ValueError):
+            return v  # not a number: pydantic reports the type
+        if not 0.0 < lr <= 1.0:  # also false for nan; inf is > 1
+            raise ValueError("the learning rate must be a finite number in (0, 1]")
+        return v
+
 
 class SFTConfig(_Section):
     lr: float = Field(1e-6, gt=0)
@@ -125,6 +137,18 @@ class SFTConfig(_Section):
     epochs: int = Field(1, gt=0)
     grad_clip: float = Field(0.7, gt=0)
     max_target_tokens: int = Field(8192, gt=0)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _sane_lr(cls, v: Any) -> Any:
+        # Before pydantic's own checks, so inf, nan and absurd values get a message that says why.
+        try:
+            lr = float(v)
+        except (TypeError, ValueError):
+            return v  # not a number: pydantic reports the type
+        if not 0.0 < lr <= 1.0:  # also false for nan; inf is > 1
+            raise ValueError("the learning rate must be a finite number in (0, 1]")
+        return v
 
 
 class EvalConfig(_Section):
@@ -154,6 +178,20 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(1, gt=0)
     grader_workers: int = Field(2, gt=0)
     grader_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # The name is a directory under run.workdir and an MLflow run name: no path separators,
+        # no "..", no quotes or spaces.
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError(
+                "a run name is 1 to 100 characters from A-Z a-z 0-9 . _ -, starting with a "
+                "letter or digit (it names a directory and an MLflow run)"
+            )
+        return v
 
 
 class ExperimentConfig(_Section):

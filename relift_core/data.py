@@ -7,7 +7,10 @@ Rows come from a local parquet or jsonl file or a Hugging Face dataset id; `fiel
 field names to another dataset's columns (dotted names reach into nested structs).
 
 Every row is validated once, here at the edge: a malformed row raises `DataError` naming the
-file, the row index and the field, so nothing downstream has to re-check types.
+file, the row index and the field, so nothing downstream has to re-check types. A file that
+cannot be read (invalid UTF-8 in a .jsonl, a corrupt parquet) or that holds no rows is refused
+the same way, naming the file (and line and byte offset where there is one). Prompts over the
+token budget are dropped and counted, or refused, by `filter_long_prompts`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # Our field -> the column it is read from by default (the verl layout).
 DEFAULT_FIELD_MAP: dict[str, str] = {
@@ -60,11 +63,13 @@ def load_examples(
     split: str = "train",
     field_map: dict[str, str] | None = None,
     limit: int | None = None,
+    allow_empty: bool = False,
 ) -> list[Example]:
     """Examples from a local `.parquet` / `.jsonl` file, or from a Hugging Face dataset id.
 
     A local directory is handed to `datasets.load_dataset` too (a folder of data files).
     `limit` keeps the first `limit` rows; `split` only applies to Hugging Face datasets.
+    A source with no rows raises DataError naming it, unless `allow_empty`.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
@@ -74,12 +79,92 @@ def load_examples(
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         records = _read_parquet(path, limit) if kind == "parquet" else _read_jsonl(path, limit)
-        return examples_from_records(records, origin=str(path), field_map=field_map)
-    if path.suffix and path.exists() and not path.is_dir():
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .parquet or .jsonl)")
-    return examples_from_records(
-        _read_hf(str(source), split, limit), origin=f"{source}[{split}]", field_map=field_map
-    )
+        examples = examples_from_records(records, origin=str(path), field_map=field_map)
+        origin = str(path)
+    else:
+        if path.suffix and path.exists() and not path.is_dir():
+            raise DataError(
+                f"{path}: unsupported file type {path.suffix!r} (use .parquet or .jsonl)"
+            )
+        origin = f"{source}[{split}]"
+        examples = examples_from_records(
+            _read_hf(str(source), split, limit), origin=origin, field_map=field_map
+        )
+    if not examples and not allow_empty:
+        raise DataError(f"{origin}: the dataset is empty (no rows)")
+    return examples
+
+
+OverLongPolicy = Literal["drop", "error"]
+
+
+@dataclass(frozen=True)
+class DroppedPrompt:
+    """A row left out by `filter_long_prompts`: its row index, uid and token count (`limit + 1`
+    when the prompt was too long to be worth tokenizing, see `prompt_token_counter`)."""
+
+    row: int
+    uid: str
+    tokens: int
+
+
+def prompt_token_counter(tokenizer: Any, *, max_chars_per_token: int = 64) -> Callable[..., int]:
+    """`count(example, limit)`: the number of tokens of the example's rendered prompt (chat
+    template and generation prompt included: what the rollout feeds the model).
+
+    A prompt longer than `limit * max_chars_per_token` characters is over the limit whatever the
+    tokenizer (no tokenizer averages more characters a token), so it is not tokenized: a 1 MB
+    prompt costs nothing. Such a prompt reports `limit + 1` tokens, a lower bound."""
+
+    def count(example: Example, limit: int | None = None) -> int:
+        chars = sum(len(m["content"]) for m in example.prompt)
+        if limit is not None and chars > limit * max_chars_per_token:
+            return limit + 1
+        text = render_prompt(tokenizer, example.prompt)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def filter_long_prompts(
+    examples: Sequence[Example],
+    *,
+    count_tokens: Callable[..., int],
+    max_tokens: int,
+    origin: str,
+    policy: OverLongPolicy = "drop",
+) -> tuple[list[Example], list[DroppedPrompt]]:
+    """Keep the examples whose prompt has at most `max_tokens` tokens (data.max_prompt_tokens).
+
+    `count_tokens(example, limit)` counts a prompt (see `prompt_token_counter`). With
+    policy "drop" the others are left out and returned as DroppedPrompt (row = index in
+    `examples`, i.e. the row of `origin` for an unfiltered load); with "error" the first one
+    raises DataError naming `origin` and the row. Dropping every row raises DataError too: an
+    empty training set is never handed on."""
+    if policy not in ("drop", "error"):
+        raise ValueError(f"policy must be 'drop' or 'error', got {policy!r}")
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    kept: list[Example] = []
+    dropped: list[DroppedPrompt] = []
+    for row, example in enumerate(examples):
+        tokens = count_tokens(example, max_tokens)
+        if tokens <= max_tokens:
+            kept.append(example)
+            continue
+        if policy == "error":
+            chars = sum(len(m["content"]) for m in example.prompt)
+            raise DataError(
+                f"{origin}: row {row} (uid {example.uid!r}): the prompt ({chars} characters) is "
+                f"over data.max_prompt_tokens={max_tokens} tokens"
+            )
+        dropped.append(DroppedPrompt(row=row, uid=example.uid, tokens=tokens))
+    if examples and not kept:
+        raise DataError(
+            f"{origin}: all {len(examples)} rows were dropped: every prompt is over "
+            f"data.max_prompt_tokens={max_tokens}"
+        )
+    return kept, dropped
 
 
 def examples_from_records(
@@ -153,21 +238,45 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
 
 
 def _read_parquet(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        size = path.stat().st_size if path.exists() else 0
+        why = "an empty file (0 bytes)" if size == 0 else f"{_first_line(e)}"
+        raise DataError(f"{path}: not a readable parquet file: {why}") from e
     if limit is not None:
         table = table.slice(0, limit)
     # pyarrow, not pandas: nested lists come back as Python lists, not numpy object arrays.
     return table.to_pylist()
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    """Read as bytes and decode line by line, so invalid UTF-8 is reported with its line and
+    byte offset in the file instead of a bare UnicodeDecodeError."""
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f):
+    offset = 0  # byte offset of the current line's start
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f):
+            line_start, offset = offset, offset + len(raw)
             if limit is not None and len(records) >= limit:
                 break
+            if line_no == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw, line_start = raw[3:], line_start + 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: line {line_no + 1}: invalid UTF-8 at byte offset "
+                    f"{line_start + e.start} (byte {raw[e.start:e.start + 1]!r}: {e.reason})"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -13,11 +13,23 @@ row scores the same left- or right-padded and whatever else shares its micro-bat
 Two AdamW optimizers share the parameters, one per update kind: RL and SFT have their own
 learning rates (the paper: 1e-6 each) and, this way, their own moment estimates; a rare SFT step
 does not inherit RL's second moments. Each optimizer checkpoints as a plain state dict.
+
+Divergence never reaches the weights. A step whose loss or gradient norm is not finite is not
+taken; a step after which a weight is not finite, or has exploded (a weight past
+`max_abs_weight` and larger than before, or the weight norm grown `max_norm_growth`-fold), is
+rolled back: weights and that optimizer's state as they were before it. Either is counted in
+the step's stats (`skipped_nonfinite`, `skipped_explosive`, and `skipped_steps` for both), and
+`max_bad_steps` such steps in a row raise DivergenceError, with the weights of before the first.
+Rolling back needs a copy of the weights and the optimizer state, so one is taken only when the
+step could explode: AdamW moves each weight by at most lr * a bound set by its betas (gradients
+are clipped first), so a step that cannot reach the limits from the current weights is not
+copied for (`_step_may_explode`); with sane learning rates no copy is ever made.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections import defaultdict
@@ -38,6 +50,12 @@ MicroLoss = Callable[[TokenBatch], tuple[Tensor, dict[str, float]]]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_VERSION = 1
+# Per-step counters; summed (not averaged) over a batch's optimizer steps.
+_SKIP_KEYS = ("skipped_steps", "skipped_nonfinite", "skipped_explosive")
+
+
+class DivergenceError(RuntimeError):
+    """Too many optimizer steps in a row had to be skipped or rolled back: training diverged."""
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -53,7 +71,11 @@ class _WeightedMeans:
         self._weight: dict[str, float] = defaultdict(float)
 
     def add(self, stats: dict[str, float], weight: float = 1.0) -> None:
+        """Non-finite values (the loss of a skipped step) are left out of the means; the skip
+        counters say how many steps had them."""
         for key, value in stats.items():
+            if not math.isfinite(float(value)):
+                continue
             self._sum[key] += float(value) * weight
             self._weight[key] += weight
 
@@ -65,6 +87,20 @@ class _WeightedMeans:
 
     def means(self) -> dict[str, float]:
         return {k: self._sum[k] / self._weight[k] if self._weight[k] else 0.0 for k in self._sum}
+
+
+def _weight_stats(params: list[nn.Parameter]) -> tuple[float, float]:
+    """(max |w|, ||w||) over all parameters, in float32, with one device sync. A NaN anywhere
+    makes both NaN (torch's max and norms propagate it)."""
+    if not params:
+        return 0.0, 0.0
+    with torch.no_grad():
+        maxes = torch.stack([torch.linalg.vector_norm(p.detach(), math.inf, dtype=torch.float32)
+                             for p in params])
+        norms = torch.stack([torch.linalg.vector_norm(p.detach(), 2, dtype=torch.float32)
+                             for p in params])
+        values = torch.stack([maxes.max(), torch.linalg.vector_norm(norms, 2)]).tolist()
+    return float(values[0]), float(values[1])
 
 
 class TorchTrainer:
@@ -81,9 +117,14 @@ class TorchTrainer:
         device: str | torch.device = "cpu",
         dtype: str = "float32",
         gradient_checkpointing: bool | None = None,
+        max_bad_steps: int = 3,
+        max_abs_weight: float = 1e4,
+        max_norm_growth: float = 100.0,
     ) -> None:
         """`dtype` is the dtype the weights are held in; on CUDA the forward also runs under bf16
-        autocast. `gradient_checkpointing`: None means on for CUDA, off for CPU."""
+        autocast. `gradient_checkpointing`: None means on for CUDA, off for CPU.
+        `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
+        `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
         if algo.kl_coef > 0:
             # A KL term needs a frozen reference policy, which the paper's recipe does not use.
             raise ValueError(
@@ -94,6 +135,15 @@ class TorchTrainer:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if max_response_len <= 0:
             raise ValueError(f"max_response_len must be positive, got {max_response_len}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        if not (max_abs_weight > 0 and max_norm_growth > 1):
+            raise ValueError("max_abs_weight must be > 0 and max_norm_growth > 1")
+        self.max_bad_steps = max_bad_steps
+        self.max_abs_weight = float(max_abs_weight)
+        self.max_norm_growth = float(max_norm_growth)
+        self.consecutive_bad_steps = 0
+        self._step_outcome: str | None = None  # set by _clip_and_step, read by _optimizer_step
         self.algo, self.rl, self.sft = algo, rl, sft
         self.max_response_len = max_response_len
         self.device = torch.device(device)
@@ -299,12 +349,14 @@ class TorchTrainer:
         grad_clip: float,
         loss_agg: algorithms.LossAgg,
     ) -> dict[str, float]:
-        """One optimizer step on `minibatch`, accumulating gradients over its micro-batches."""
+        """One optimizer step on `minibatch`, accumulating gradients over its micro-batches.
+        A non-finite loss skips the step; see the module docstring on rolled-back steps."""
         self.model.train()
         self._zero_grad(kind)
         total_targets = max(minibatch.num_target_tokens, 1)
         micro_means = _WeightedMeans()
         micros = minibatch.split(micro_batch_size)
+        loss_finite = True
         for index, micro in enumerate(micros):
             micro = micro.trimmed().to(self.device)
             # This micro-batch's share of the mini-batch loss (see the module docstring).
@@ -313,13 +365,51 @@ class TorchTrainer:
             else:
                 weight = len(micro) / len(minibatch)
             loss, stats = micro_loss(micro)
+            loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
             self._backward(loss * weight, last_micro_batch=index == len(micros) - 1)
             micro_means.add(stats, weight)
-        grad_norm = self._clip_and_step(kind, grad_clip)
+        self._step_outcome = None
+        if loss_finite:
+            grad_norm = self._clip_and_step(kind, grad_clip)
+        else:  # no step: the gradients of a non-finite loss are garbage
+            grad_norm = float("nan")
+            self._zero_grad(kind)
+            self._count_step(kind)
+        outcome = self._step_outcome
+        if outcome is None:  # a subclass's _clip_and_step (DeepSpeed) skips on overflow itself
+            outcome = "ok" if math.isfinite(grad_norm) else "nonfinite"
         stats = micro_means.means()
         stats["grad_norm"] = grad_norm
-        stats["skipped_steps"] = float(not math.isfinite(grad_norm))
+        stats["skipped_steps"] = float(outcome != "ok")
+        stats["skipped_nonfinite"] = float(outcome == "nonfinite")
+        stats["skipped_explosive"] = float(outcome == "explosive")
+        self._note_outcome(kind, outcome, loss_finite, grad_norm)
         return stats
+
+    def _note_outcome(self, kind: UpdateKind, outcome: str, loss_finite: bool,
+                      grad_norm: float) -> None:
+        """Count consecutive bad steps; raise DivergenceError at `max_bad_steps`."""
+        if outcome == "ok":
+            self.consecutive_bad_steps = 0
+            return
+        self.consecutive_bad_steps += 1
+        if self.consecutive_bad_steps < self.max_bad_steps:
+            return
+        if not loss_finite:
+            why = "the loss was not finite"
+        elif not math.isfinite(grad_norm):
+            why = f"the gradient norm was {grad_norm}"
+        elif outcome == "explosive":
+            why = (f"the step made the weights explode (a weight past {self.max_abs_weight:g} or "
+                   f"the weight norm grown over {self.max_norm_growth:g}x)")
+        else:
+            why = "the step made a weight non-finite"
+        raise DivergenceError(
+            f"training diverged: {self.consecutive_bad_steps} optimizer steps in a row were "
+            f"skipped or rolled back; the last, a {kind} step at lr {self.current_lr(kind):g}: "
+            f"{why}. The weights are those from before these steps; lower {kind}.lr or check "
+            "the data"
+        )
 
     # Hooks a distributed engine overrides (see deepspeed_trainer.py).
 
@@ -331,13 +421,100 @@ class TorchTrainer:
 
     def _clip_and_step(self, kind: UpdateKind, grad_clip: float) -> float:
         """Clip, step, count; returns the pre-clip gradient norm. A non-finite norm skips the
-        step (the weights stay as they were) instead of writing nan into them."""
-        norm = float(nn.utils.clip_grad_norm_(self.trainable_parameters(), grad_clip))
-        if math.isfinite(norm):
-            self.optimizers[kind].step()
-        self.optimizers[kind].zero_grad(set_to_none=True)
+        step; a step that leaves non-finite or exploded weights is rolled back. Sets
+        `_step_outcome` to "ok", "nonfinite" or "explosive"."""
+        params = self.trainable_parameters()
+        optimizer = self.optimizers[kind]
+        norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
+        self._step_outcome = "ok"
+        if not math.isfinite(norm):
+            self._step_outcome = "nonfinite"
+        else:
+            before = _weight_stats(params)
+            snapshot = None
+            if self._step_may_explode(optimizer, before, params):
+                snapshot = self._take_snapshot(optimizer, params)
+            optimizer.step()
+            problem = self._weight_problem(before, _weight_stats(params))
+            if problem is not None:
+                if snapshot is None:
+                    # _step_may_explode's bound is wrong for this optimizer: nothing to go back to.
+                    raise DivergenceError(
+                        f"a {kind} step left {problem} weights and could not be rolled back "
+                        f"(no copy was taken); lr {self.current_lr(kind):g}"
+                    )
+                self._restore_snapshot(optimizer, params, snapshot)
+                self._step_outcome = problem
+        optimizer.zero_grad(set_to_none=True)
         self._count_step(kind)
         return norm
+
+    @staticmethod
+    def _take_snapshot(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> tuple:
+        """Copies of the weights and of the optimizer's per-parameter state (moments, step)."""
+        weights = [p.detach().clone() for p in params]
+        state = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                     for k, v in optimizer.state[p].items()}
+                 for p in params if p in optimizer.state}
+        return weights, state
+
+    @staticmethod
+    def _restore_snapshot(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                          snapshot: tuple) -> None:
+        """Back to `_take_snapshot`'s copies; param_groups (lr, ...) are left as they are."""
+        weights, state = snapshot
+        with torch.no_grad():
+            for p, saved in zip(params, weights, strict=True):
+                p.copy_(saved)
+        for p in params:
+            optimizer.state.pop(p, None)
+        optimizer.state.update(state)
+
+    def _weight_problem(self, before: tuple[float, float], after: tuple[float, float]) -> str | None:
+        """"nonfinite", "explosive" or None, from (max |w|, ||w||) before and after a step."""
+        max_before, norm_before = before
+        max_after, norm_after = after
+        if not math.isfinite(max_after):
+            return "nonfinite"
+        if max_after > self.max_abs_weight and max_after > max_before:
+            return "explosive"
+        if not math.isfinite(norm_after) or norm_after > self.max_norm_growth * norm_before:
+            return "explosive"
+        return None
+
+    def _step_may_explode(self, optimizer: torch.optim.Optimizer, before: tuple[float, float],
+                          params: list[nn.Parameter]) -> bool:
+        """False only when one AdamW step provably cannot trip `_weight_problem`.
+
+        With clipped (finite) gradients, step t of AdamW moves each weight by at most
+        lr * |m_hat| / (sqrt(v_hat) + eps) <= lr * B(t), after the decay w * (1 - lr * wd), where
+        (Cauchy-Schwarz over the moment sums, r = b1^2 / b2 < 1)
+            B(t) = (1 - b1) / sqrt(1 - b2) * sqrt((1 - r^t) / (1 - r)) * sqrt(1 - b2^t) / (1 - b1^t)
+        (B(1) = 1; about 5.8 for the default betas after many steps). Twice B(t) is used."""
+        max_before, norm_before = before
+        if type(optimizer) is not torch.optim.AdamW:
+            return True
+        if not (math.isfinite(max_before) and math.isfinite(norm_before)):
+            return True
+        numel = sum(p.numel() for p in params)
+        for group in optimizer.param_groups:
+            lr, wd = float(group["lr"]), float(group["weight_decay"])
+            b1, b2 = (float(b) for b in group["betas"])
+            if not (math.isfinite(lr) and math.isfinite(wd) and 0 <= b1 < 1 and 0 < b2 < 1
+                    and b1 * b1 < b2):
+                return True
+            state = optimizer.state.get(group["params"][0], {}) if group["params"] else {}
+            t = int(state["step"]) + 1 if "step" in state else 1
+            r = b1 * b1 / b2
+            bound = ((1 - b1) / math.sqrt(1 - b2) * math.sqrt((1 - r**t) / (1 - r))
+                     * math.sqrt(1 - b2**t) / (1 - b1**t))
+            move = 2.0 * lr * bound
+            decay = abs(1 - lr * wd)
+            if max_before * decay + move > self.max_abs_weight:
+                return True
+            if norm_before * decay + move * math.sqrt(numel) > self.max_norm_growth * norm_before:
+                return True
+        return False
 
     def _count_step(self, kind: UpdateKind) -> None:
         if kind == "rl":
@@ -352,8 +529,9 @@ class TorchTrainer:
         self, kind: UpdateKind, means: _WeightedMeans, batch: TokenBatch, start: float
     ) -> dict[str, float]:
         stats = means.means()  # each optimizer step weighs 1
-        stats["skipped_steps"] = means.total("skipped_steps")
-        stats["optimizer_steps"] = means.count("grad_norm")
+        for key in _SKIP_KEYS:
+            stats[key] = means.total(key)
+        stats["optimizer_steps"] = means.count("skipped_steps")
         stats["lr"] = self.current_lr(kind)
         stats["tokens"] = float(batch.num_target_tokens)
         stats["seq_tokens"] = float(batch.num_tokens)
