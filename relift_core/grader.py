@@ -16,8 +16,17 @@ Decisions (each one deliberate, so records stay comparable across runs):
 * Multiple choice accepts `\\boxed{C}` (also `\\boxed{\\text{C}}`, `\\boxed{(C)}`) and answer
   lines (`ANSWER: C`, `Answer: (C)`, `the answer is C`); whichever comes last in the text wins.
   Choices are A-J or 1-9 (ARC-C has some questions numbered 1-4).
-* Cheap pre-filters reject pathological answers before sympy sees them (longer than
-  `MAX_ANSWER_CHARS`, braces nested deeper than `MAX_BRACE_DEPTH`): incorrect, format still ok.
+* An answer is correct only if the boxed expression AS A WHOLE equals the gold. math-verify
+  alone would also accept a part of it (`43 = 42`, `42 \\approx 43`, `42 \\text{ (or maybe 43)}`,
+  `\\let\\x=42`, `20 22`, garbage ending in 42), so `answer_checks.rejection` refuses relations,
+  alternatives, hedges, juxtaposed numbers, TeX programming and unknown commands that the gold
+  does not share (`x = 42` still answers `42`). The same cheap checks cut pathological answers
+  before sympy sees them: length, nesting deeper than `MAX_BRACE_DEPTH` (braces, parentheses
+  and brackets together), power towers, factorial chains, huge numbers and exponents, large
+  symbolic expansions. A refused answer is incorrect with its format still ok; it never costs a
+  worker's time, so no answer should ever reach the timeout, which stays as the last resort.
+* The prediction is parsed with LaTeX extraction only: math-verify's fall-back to plain
+  expressions would pick a number out of text that is not valid LaTeX (`2e,,(=42\\lim` -> 42).
 
 Why processes: math-verify's own timeouts use SIGALRM, which only works in a main thread, and
 sympy can sit in C code where no signal is ever handled. So every maths answer is verified in a
@@ -56,13 +65,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal, Self
 
+from relift_core.answer_checks import MAX_ANSWER_CHARS, MAX_NESTING_DEPTH, rejection
+
 AnswerType = Literal["math", "choice"]
 
 THINK_CLOSE = "</think>"
-# Five times the longest gold in the evaluation sets (210 chars); anything longer is noise.
-MAX_ANSWER_CHARS = 1000
-# Gold answers nest braces at most 3 deep; 10k nested braces would only exhaust the parser.
-MAX_BRACE_DEPTH = 32
+# Gold answers nest braces at most 3 deep. The parser's cost grows with depth (0.7 s at 8, 3.2 s
+# at 12, past the 5 s timeout at 14), so the cut-off is far below where it explodes; it applies
+# to braces, parentheses and brackets together (answer_checks.MAX_NESTING_DEPTH).
+# MAX_ANSWER_CHARS (1000) comes from answer_checks too.
+MAX_BRACE_DEPTH = MAX_NESTING_DEPTH
 # How long past its deadline a worker may take to stop itself before the parent kills it.
 KILL_GRACE_S = 0.5
 # A worker that is not ready this long after starting means the pool itself is broken.
@@ -73,7 +85,6 @@ WORKER_MEMORY_LIMIT_BYTES = 4 * 1024**3
 RECORD_CHARS = 200
 
 _CHOICE_SOURCE_PREFIXES = ("gpqa", "arc_c", "mmlu_pro")
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,8 @@ def answer_part(response: str) -> str | None:
     return None if cut < 0 else response[cut + len(THINK_CLOSE) :]
 
 
-_BRACE = re.compile(r"\\[{}]|[{}]")
+# Box commands and braces, in one linear scan; escaped braces are content, not structure.
+_BOX_OR_BRACE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])|\\[{}]|[{}]")
 
 
 @dataclass(frozen=True)
@@ -118,43 +130,69 @@ class Boxed:
 
 
 def last_boxed(text: str) -> Boxed | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced.
+    """Content of the last top-level `\\boxed{...}` (or `\\fbox{...}`), braces balanced.
 
-    Escaped braces (`\\{`, `\\}`) are content, not structure. Returns None when there is no box
-    or when the last box never closes."""
-    start = max(text.rfind(command) for command in _BOX_COMMANDS)
-    if start < 0:
-        return None
-    command = next(command for command in _BOX_COMMANDS if text.startswith(command, start))
-    open_brace = text.find("{", start + len(command))
-    if open_brace < 0 or text[start + len(command) : open_brace].strip():
-        return None  # `\boxed 5`, or a box that never opens
-    depth = max_depth = 0
-    for match in _BRACE.finditer(text, open_brace):
+    Escaped braces (`\\{`, `\\}`) are content, not structure. A box inside a box is part of
+    the outer box's content, not an answer of its own: `\\boxed{43 \\boxed{42}}` answers
+    `43 \\boxed{42}` (refused later), never `42`. Returns None when there is no box, when the
+    last box is not followed by a brace (`\\boxed 5`) or when it never closes (truncated)."""
+    depth = 0
+    outside: int | None = None  # the depth just outside the open top-level box
+    command_start = command_end = -1  # a top-level box command still waiting for its brace
+    open_brace = deepest = 0
+    last: Boxed | None = None
+    for match in _BOX_OR_BRACE.finditer(text):
         token = match.group()
+        if token in ("\\{", "\\}"):
+            continue
+        if token not in ("{", "}"):  # a box command
+            if outside is None:
+                command_start, command_end = match.start(), match.end()
+                last = None  # a later box replaces every earlier one, even if it is broken
+            continue
         if token == "{":
+            if command_start >= 0:
+                if not text[command_end : match.start()].strip():
+                    outside, open_brace, deepest = depth, match.start(), 0
+                    start = command_start
+                command_start = -1
             depth += 1
-            max_depth = max(max_depth, depth)
-        elif token == "}":
+            if outside is not None:
+                deepest = max(deepest, depth - outside)
+        else:
             depth -= 1
-            if depth == 0:
-                return Boxed(text[open_brace + 1 : match.start()], start, max_depth - 1)
-    return None
+            if outside is not None and depth == outside:
+                last = Boxed(text[open_brace + 1 : match.start()], start, deepest - 1)
+                outside = None
+    if command_start >= 0 or outside is not None:
+        return None  # the last box never opens, or never closes
+    return last
 
 
+# Linear time: every quantifier is possessive (`*+`), so after a failed attempt the engine
+# never re-splits a run of spaces between them. With plain `\s*` next to `[\s...]*` and `\s*`,
+# `"answer" + " " * 40000 + "!"` took 19 s (each split of the spaces was tried). Each attempt
+# starts at a literal "answer" and reads only the run of separators after it, so the whole
+# scan is linear in the text.
 _ANSWER_LINE = re.compile(
-    r"(?i:answer)(?:\s*(?i:is))?[\s:*$(\[]*(?:(?i:option|choice)\s*)?"
-    r"(?:\\text(?:bf)?\{|\\mathrm\{)?\s*([A-J]|[1-9])(?!\w)"
+    r"(?i:answer)(?:\s*+(?i:is))?[\s:*$(\[]*+(?:(?i:option|choice)\s*+)?"
+    r"(?:\\text(?:bf)?\{|\\mathrm\{)?\s*+([A-J]|[1-9])(?!\w)"
 )
 # Inside a box: "C", "(C)", "C.", "C) the option's text".
 _BOXED_CHOICE = re.compile(r"\(?([A-J]|[1-9])(?:[).:](?:\s.*)?)?", re.DOTALL)
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{(.*)\}", re.DOTALL)
+_TEXT_WRAPPERS = ("\\text{", "\\textbf{", "\\mathrm{", "\\mathbf{")
+# `\text{\text{C}}` is unwrapped this many times at most: each unwrapping copies the content,
+# so unbounded nesting would be quadratic.
+_MAX_UNWRAP = 3
 
 
 def _choice_in_box(content: str) -> str | None:
     inner = content.strip()
-    while wrapped := _TEXT_WRAPPER.fullmatch(inner):
-        inner = wrapped.group(1).strip()
+    for _ in range(_MAX_UNWRAP):
+        wrapper = next((w for w in _TEXT_WRAPPERS if inner.startswith(w)), None)
+        if wrapper is None or not inner.endswith("}"):
+            break
+        inner = inner[len(wrapper) : -1].strip()
     letter = _BOXED_CHOICE.fullmatch(inner)
     return letter.group(1) if letter else None
 
@@ -209,7 +247,13 @@ def _prepare(
     if box is None or not box.content.strip():
         return Grade(correct=False, format_ok=False, extracted=None)
     predicted = box.content.strip()
-    if len(predicted) > MAX_ANSWER_CHARS or box.depth > MAX_BRACE_DEPTH:
+    # Cheapest first (the box's own depth is already known), then everything else that makes
+    # an answer wrong as a whole or too costly for sympy.
+    if (
+        len(predicted) > MAX_ANSWER_CHARS
+        or box.depth > MAX_BRACE_DEPTH
+        or rejection(predicted, ground_truth) is not None
+    ):
         return Grade(correct=False, format_ok=True, extracted=_for_record(predicted))
     return _MathJob(gold=ground_truth, predicted=predicted)
 
@@ -238,10 +282,16 @@ def _parse_gold(gold: str) -> list[Any]:
 
 
 def _verify_math(gold: str, predicted: str) -> bool:
-    from math_verify import parse, verify
+    from math_verify import LatexExtractionConfig, parse, verify
 
     gold_parsed = _parse_gold(gold)
-    predicted_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=None)  # type: ignore[arg-type]
+    # LaTeX only: the default's plain-expression fall-back finds numbers in text that is not
+    # valid LaTeX, which would grade a part of the answer (`2e,,(=42\lim` -> 42).
+    predicted_parsed = parse(
+        f"\\boxed{{{predicted}}}",
+        extraction_config=[LatexExtractionConfig()],
+        parsing_timeout=None,  # type: ignore[arg-type]
+    )
     if not gold_parsed or not predicted_parsed:
         return False
     return verify(gold_parsed, predicted_parsed, timeout_seconds=None)

@@ -15,12 +15,20 @@ from relift_core.grader import (
     MAX_ANSWER_CHARS,
     BatchGrader,
     Grade,
+    _single_lock,
+    _single_worker_pool,
     answer_part,
     answer_type_for,
     extract_choice,
     grade_answer,
     last_boxed,
 )
+
+# An answer that keeps sympy busy far past any deadline. The pre-filters refuse it before it
+# reaches a worker (tests/test_grader_adversarial.py), so the deadline tests below hand it to the
+# pool directly with `_run`, which takes (gold, predicted) pairs past every check: the deadlines
+# stay the last resort for whatever the pre-filters miss.
+HANGS = r"9^{9^{9^{9}}}"
 
 # Short, so the adversarial tests are quick; generous against a loaded 2-core machine, where an
 # ordinary answer takes milliseconds.
@@ -79,6 +87,8 @@ def test_answer_part_is_after_the_last_think_tag() -> None:
         (r"\fbox{7}", "7"),
         (r"\boxed{1} and then \boxed{2", None),  # the last box never closes: truncated
         (r"\boxed 5", None),
+        (r"\boxed{43 \boxed{42}}", r"43 \boxed{42}"),  # a box in a box is the outer box's content
+        (r"\boxed{1} \boxed 5", None),  # the last box never opens
         ("no box at all", None),
     ],
 )
@@ -156,8 +166,12 @@ def test_choice_grading(response: str, gold: str, correct: bool) -> None:
 
 
 def test_grade_answer_times_out_and_recovers() -> None:
-    hung = grade_answer(r"\boxed{9^{9^{9^{9}}}}", "4", timeout_s=1.0)
-    assert (hung.correct, hung.format_ok, hung.timed_out) == (False, True, True)
+    # Through grade_answer the tower never reaches the worker: refused at once.
+    refused = grade_answer(rf"\boxed{{{HANGS}}}", "4", timeout_s=1.0)
+    assert (refused.correct, refused.format_ok, refused.timed_out) == (False, True, False)
+    # Past the pre-filters, grade_answer's own pool still times it out and recovers.
+    with _single_lock:
+        assert _single_worker_pool()._run([("4", HANGS)], 1.0) == [(False, True)]
     assert grade_answer(r"\boxed{4}", "4").correct
 
 
@@ -196,12 +210,14 @@ def test_empty_batch(grader: BatchGrader) -> None:
 
 def test_one_worker_still_grades_in_a_worker_process() -> None:
     with BatchGrader(workers=1, timeout_s=TIMEOUT_S) as one:
-        grades = one.grade([r"\boxed{4}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{2}"], ["4", "4", "2"])
+        grades = one.grade([r"\boxed{4}", rf"\boxed{{{HANGS}}}", r"\boxed{2}"], ["4", "4", "2"])
+        outcomes = one._run([("4", "4"), ("4", HANGS), ("2", "2")], TIMEOUT_S)
     assert [(g.correct, g.timed_out) for g in grades] == [
         (True, False),
-        (False, True),
+        (False, False),  # refused before sympy
         (True, False),
     ]
+    assert outcomes == [(True, False), (False, True), (True, False)]
 
 
 def test_a_worker_killed_from_outside_is_replaced() -> None:
@@ -268,13 +284,12 @@ def test_parent_kills_a_worker_that_cannot_stop_itself() -> None:
         killer._worker_alarm = False
         pids_before = {worker.process.pid for worker in killer._workers}
         start = time.monotonic()
-        grades = killer.grade(
-            [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{4}", r"\boxed{10^{10^{10}}}", r"\boxed{5}"],
-            ["4", "4", "4", "5"],
+        outcomes = killer._run(
+            [("4", HANGS), ("4", "4"), ("4", r"10^{10^{10}}"), ("5", "5")], killer.timeout_s
         )
         elapsed = time.monotonic() - start
         pids_after = {worker.process.pid for worker in killer._workers}
-    assert [(g.correct, g.timed_out) for g in grades] == [
+    assert outcomes == [
         (False, True),
         (True, False),
         (False, True),
