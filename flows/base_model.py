@@ -3,8 +3,6 @@ part of the generated world, built once per (world, model, seed) and cached on d
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +10,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from relift_core.config import ExperimentConfig
+from relift_core.pretrain import base_model_key, pretrain_base_model
 from tasks.tracking import close_run, open_run
-
-
-def base_model_key(cfg: ExperimentConfig) -> str:
-    blob = json.dumps({"world": cfg.data.world.model_dump(mode="json"),
-                       "tiny": cfg.model.tiny.model_dump(mode="json"), "seed": cfg.run.seed},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @task(name="pretrain-base-model", cache_policy=NO_CACHE, retries=1)
 def pretrain(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
-    from relift_core.pretrain import pretrain_base_model
-
-    w = cfg.data.world
-    return pretrain_base_model(w, cfg.model.tiny, out_dir, steps=w.pretrain_steps, lr=w.pretrain_lr,
-                               batch_size=w.pretrain_batch_size, seed=cfg.run.seed)
+    return pretrain_base_model(cfg.data.world, cfg.model.tiny, out_dir)
 
 
 @flow(name="build_base_model", log_prints=True)
@@ -44,7 +32,7 @@ def build_base_model(config: dict[str, Any]) -> str:
     tracker = open_run(cfg, run_key=f"base-model:{out_dir}", run_name=f"base-model-{key}",
                        tags={"relift.kind": "base_model"})
     tracker.log_params({k: v for k, v in cfg.flat_params().items()
-                        if k.startswith(("data.world.", "model.tiny.", "run.seed"))})
+                        if k.startswith(("data.world.", "model.tiny."))})
     stats = pretrain(cfg, out_dir)
     tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
     close_run(tracker)

@@ -129,9 +129,12 @@ def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
 def demo(
     preset: PresetOpt = "toy",
     algorithms: Annotated[str, typer.Option(help="comma-separated")] = "rl,sft,relift",
+    seeds: Annotated[str | None, typer.Option(help="comma-separated run seeds, e.g. 0,1,2 "
+                                              "(default: the config's run.seed)")] = None,
     overrides: Overrides = None,
 ) -> None:
-    """The proof-world: pretrain a base model, train RL, SFT and ReLIFT from it, compare."""
+    """The proof-world: pretrain a base model, train RL, SFT and ReLIFT from it, compare with
+    bootstrap confidence intervals over held-out questions and seeds."""
     import time
 
     validated_config(preset, overrides)
@@ -141,9 +144,11 @@ def demo(
     quiet_prefect_tracebacks()
     start = time.perf_counter()
     with terminal_progress():
-        result = demo_flow(preset=preset, overrides=overrides or [], algorithms=_csv(algorithms))
+        result = demo_flow(preset=preset, overrides=overrides or [], algorithms=_csv(algorithms),
+                           seeds=[int(s) for s in _csv(seeds)] if seeds else None)
     console.print(result["markdown"])
-    console.print(f"\nfigure: {result['figure']}  MLflow parent run: {result['mlflow_run_id']}  "
+    console.print(f"\nresults: {result['results_path']}  figure: {result['figure']}  "
+                  f"MLflow parent run: {result['mlflow_run_id']}  "
                   f"total {time.perf_counter() - start:.0f}s")
 
 

@@ -1,14 +1,24 @@
 """`relift demo`: the proof-world comparison of RL, SFT and ReLIFT on a CPU, as Prefect flows.
 
-    base model   <- pretrain a tiny transformer on part of the generated world (cached by config)
-    levels       <- each held-out question's difficulty under the base model (n rollouts)
-    runs         <- train rl, sft and relift from that base, same seed, same iteration budget
-    comparison   <- held-out accuracy per family and per starting difficulty level,
-                    demonstrations used, response length: a table and a figure, in MLflow
+    base model   <- pretrain a tiny transformer on part of the generated world (cached by world)
+    levels       <- each question's difficulty under the base model (n rollouts, as training sees it)
+    runs         <- for every seed: the base model evaluated as is, and rl, sft, relift trained
+                    from it with the same budget; `jobs` trainings at a time, each a `train` flow
+                    run in its own process
+    comparison   <- held-out accuracy per method with bootstrap 95% CIs over questions and seeds,
+                    the paper's claims as paired differences (relift_core.demo_stats), per level
+                    and family; results.json, a markdown report and a figure, in MLflow and Prefect
+
+Run names carry a hash of the demo's config: the same demo re-run resumes (and so reuses) its own
+finished runs, while any changed override starts fresh runs instead of reusing old ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +26,15 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.base_model import build_base_model
 from flows.prepare_data import prepare_data
-from flows.train import train
-from relift_core import iteration as it
 from relift_core.config import ExperimentConfig, load_config
 from relift_core.data import load_examples
-from relift_core.difficulty import LEVELS, DifficultyLedger
+from relift_core.demo_stats import LEVEL_NAMES, summarize
 from relift_core.grader import BatchGrader
+from relift_core.iteration import measure_levels
 from relift_core.models import load_policy
 from relift_core.runtime import build_engine, seed_everything
 from tasks.tracking import close_run, open_run
@@ -33,111 +43,121 @@ DEMO_ALGORITHMS = ("rl", "sft", "relift")
 
 
 @task(name="measure-difficulty", cache_policy=NO_CACHE)
-def measure_levels(cfg: ExperimentConfig, model_dir: str, examples_path: str) -> dict[str, str]:
-    """Each question's level under the model, from cfg.rollout.n samples (as training sees it)."""
+def base_levels(cfg: ExperimentConfig, model_dir: str, examples_path: str) -> dict[str, str]:
+    """Each question's level under the base model, from cfg.rollout.n samples."""
     questions = load_examples(examples_path)
     seed_everything(cfg.run.seed)
     model, tokenizer = load_policy(cfg.model.model_copy(update={"init_from": model_dir}),
                                    device="cpu", seed=cfg.run.seed)
     engine = build_engine(cfg, model, tokenizer, "cpu")
-    ledger = DifficultyLedger()
     with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-        rollouts = it.rollout(engine, tokenizer, questions, cfg, seed=cfg.run.seed)
-        it.grade(rollouts, grader, require_think=cfg.algorithm.require_think)
-        levels = it.classify(ledger, 0, rollouts)
-    return {q.uid: lv.value for q, lv in zip(questions, levels, strict=True)}
+        levels = measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
+    return {uid: lv.value for uid, lv in levels.items()}
 
 
-def final_records(cfg: ExperimentConfig, run_name: str, step: int | None = None) -> pd.DataFrame:
-    step = cfg.run.iterations if step is None else step
+@task(name="train-method", cache_policy=NO_CACHE)
+def train_method(preset: str, overrides: list[str], run_name: str,
+                 parent_mlflow_run_id: str) -> dict[str, Any]:
+    """One `train` flow run (in a worker process of the demo's task runner)."""
+    import torch
+
+    from flows.train import train
+
+    torch.set_num_threads(1)  # `jobs` trainings share the cores
+    return train.with_options(flow_run_name=f"train-{run_name}")(
+        preset=preset, overrides=overrides, parent_mlflow_run_id=parent_mlflow_run_id)
+
+
+def demo_config_hash(preset: str, overrides: list[str]) -> str:
+    """Identifies the demo's experiment: the resolved config minus the run seed and name."""
+    cfg = load_config(preset, overrides)
+    params = {k: v for k, v in cfg.experiment_params().items()
+              if k not in ("run.seed", "run.name", "algorithm.name")}
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def held_out_accuracy(cfg: ExperimentConfig, run_name: str, step: int) -> dict[str, float]:
     path = (Path(cfg.run.workdir) / run_name / "eval" / f"step_{step:06d}"
             / "world.records.parquet")
-    return pd.read_parquet(path, columns=["uid", "data_source", "accuracy", "lengths"])
+    df = pd.read_parquet(path, columns=["uid", "accuracy"])
+    return dict(zip(df["uid"], df["accuracy"].astype(float), strict=True))
 
 
-def comparison_tables(records: dict[str, pd.DataFrame], levels: dict[str, str],
-                      demos_used: dict[str, int]) -> dict[str, pd.DataFrame]:
-    """Held-out accuracy per family and per starting level, one column per run."""
-    by_family, by_level, summary = {}, {}, []
-    for name, df in records.items():
-        df = df.assign(family=df["data_source"].str.split("/").str[1],
-                       level=df["uid"].map(levels))
-        by_family[name] = df.groupby("family")["accuracy"].mean()
-        by_level[name] = df.groupby("level")["accuracy"].mean().reindex([lv.value for lv in LEVELS])
-        summary.append({"run": name, "accuracy": df["accuracy"].mean(),
-                        "demos_used": demos_used.get(name, 0),
-                        "response_length": df["lengths"].map(lambda x: sum(x) / max(len(x), 1)).mean()})
-    level_counts = pd.Series(levels).value_counts().reindex([lv.value for lv in LEVELS]).fillna(0)
-    by_level_df = pd.DataFrame(by_level)
-    by_level_df.insert(0, "questions", level_counts.astype(int))
-    return {"summary": pd.DataFrame(summary).set_index("run"),
-            "by_family": pd.DataFrame(by_family), "by_level": by_level_df}
-
-
-def plot(tables: dict[str, pd.DataFrame], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    tables["by_family"].plot.bar(ax=axes[0], rot=0, title="held-out accuracy per family")
-    tables["by_level"].drop(columns="questions").plot.bar(
-        ax=axes[1], rot=0, title="accuracy per starting difficulty level")
-    tables["summary"][["demos_used"]].plot.bar(ax=axes[2], rot=0, legend=False,
-                                               title="demonstrations used")
-    for ax in axes[:2]:
-        ax.set_ylim(0, 1)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-@flow(name="demo", log_prints=True)
+@flow(name="demo", flow_run_name="demo-{name}", log_prints=True,
+      task_runner=ProcessPoolTaskRunner(max_workers=2))
 def demo(preset: str = "toy", overrides: list[str] | None = None,
-         algorithms: list[str] | None = None, name: str = "demo") -> dict[str, Any]:
+         algorithms: list[str] | None = None, seeds: list[int] | None = None,
+         name: str = "demo") -> dict[str, Any]:
+    """RL vs SFT vs ReLIFT from one base model, over `seeds` (default: the config's run.seed)."""
+    start = time.perf_counter()
+    overrides = list(overrides or [])
     algorithms = list(algorithms or DEMO_ALGORITHMS)
-    cfg = load_config(preset, overrides or [])
+    cfg = load_config(preset, overrides)
+    seeds = list(seeds) if seeds else [cfg.run.seed]
     logger = get_run_logger()
+    # Worker processes report their flow runs to this flow's Prefect server (the temporary one
+    # by default) rather than each starting its own.
+    from prefect.client.orchestration import get_client
+
+    os.environ.setdefault("PREFECT_API_URL", str(get_client().api_url))
+
     base_dir = build_base_model(cfg.model_dump(mode="json"))
     data = prepare_data(cfg.model_dump(mode="json"))
-    base_overrides = list(overrides or []) + [f"model.init_from={base_dir}"]
+    base_overrides = [*overrides, f"model.init_from={base_dir}"]
     base_cfg = load_config(preset, base_overrides)
-    levels = measure_levels(base_cfg, base_dir, data.eval_paths["world"])
-    train_levels = measure_levels(base_cfg, base_dir, data.train_path)
+    held_levels = base_levels(base_cfg, base_dir, data.eval_paths["world"])
+    train_levels = base_levels(base_cfg, base_dir, data.train_path)
+    tag = demo_config_hash(preset, base_overrides)
 
-    parent = open_run(cfg, run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}",
-                      run_name=name, tags={"relift.kind": "demo"})
-    counts = pd.Series(train_levels).value_counts().to_dict()
-    parent.log_metrics({f"base/train_frac_{lv.value}": counts.get(lv.value, 0) / len(train_levels)
-                        for lv in LEVELS})
-    results, records = {}, {}
+    parent = open_run(cfg, run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
+                      run_name=f"{name}-{tag}", tags={"relift.kind": "demo"})
     try:
-        # The base model itself, evaluated exactly as the trained runs are (same eval settings,
-        # same code path: a `train` run of 0 iterations): the reference every method moves from.
-        results["base"] = train.with_options(flow_run_name=f"{name}-base")(
-            preset=preset, parent_mlflow_run_id=parent.run_id,
-            overrides=base_overrides + ["algorithm.name=rl", "run.iterations=0",
-                                        f"run.name={name}-base"])
-        records["base"] = final_records(base_cfg, f"{name}-base", step=0)
-        for algo in algorithms:
-            run_name = f"{name}-{algo}"
-            results[algo] = train.with_options(flow_run_name=run_name)(
-                preset=preset, parent_mlflow_run_id=parent.run_id,
-                overrides=base_overrides + [f"algorithm.name={algo}", f"run.name={run_name}"])
-            records[algo] = final_records(base_cfg, run_name)
-        tables = comparison_tables(records, levels, {a: r["demos_used"] for a, r in results.items()})
+        parent.log_params({**cfg.flat_params(), "demo.seeds": ",".join(map(str, seeds)),
+                           "demo.algorithms": ",".join(algorithms), "demo.config_hash": tag})
+        counts = pd.Series(train_levels).value_counts().to_dict()
+        parent.log_metrics({f"base/train_frac_{lv}": counts.get(lv, 0) / len(train_levels)
+                            for lv in LEVEL_NAMES})
+        runs: list[tuple[str, int, str, list[str]]] = []
+        for seed in seeds:
+            for algo in ["base", *algorithms]:
+                # The base model is evaluated exactly as the trained runs are: a `train` run of
+                # 0 iterations, same eval settings and seed.
+                extra = (["algorithm.name=rl", "run.iterations=0"] if algo == "base"
+                         else [f"algorithm.name={algo}"])
+                run_name = f"{name}-{tag}-{algo}-s{seed}"
+                runs.append((algo, seed, run_name, [*base_overrides, *extra, f"run.seed={seed}",
+                                                    f"run.name={run_name}"]))
+        futures = [train_method.submit(preset, ovr, run_name, parent.run_id)
+                   for _, _, run_name, ovr in runs]
+        results = []
+        for (algo, seed, run_name, ovr), future in zip(runs, futures, strict=True):
+            out = future.result()
+            run_cfg = load_config(preset, ovr)
+            results.append({"algo": algo, "seed": seed, "run_name": run_name,
+                            "demos_used": out["demos_used"],
+                            "mlflow_run_id": out["mlflow_run_id"],
+                            "accuracy": held_out_accuracy(run_cfg, run_name,
+                                                          run_cfg.run.iterations)})
+        families = {uid: src.split("/")[1] for uid, src in _sources(data.eval_paths["world"]).items()}
+        summary = summarize(results, held_levels, families)
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        summary["train_levels"] = {lv: int(counts.get(lv, 0)) for lv in LEVEL_NAMES}
+        summary["config_hash"] = tag
+        summary["mlflow_runs"] = {f"{r['algo']}-s{r['seed']}": r["mlflow_run_id"] for r in results}
+
         out_dir = Path(cfg.run.workdir) / name
-        figure = plot(tables, out_dir / "comparison.png")
-        text = render_markdown(tables, counts)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
+        figure = plot(summary, out_dir / "comparison.png")
+        text = render_markdown(summary)
         (out_dir / "comparison.md").write_text(text)
+        parent.log_artifact(out_dir / "results.json")
         parent.log_artifact(figure)
         parent.log_text(text, "comparison.md")
-        for run, row in tables["summary"].iterrows():
-            parent.log_metrics({f"{run}/heldout_accuracy": float(row["accuracy"]),
-                                f"{run}/demos_used": float(row["demos_used"])})
+        parent.log_metrics({f"{m}/heldout_accuracy": r["accuracy"] for m, r in summary["runs"].items()}
+                           | {f"{m}/demos_used": r["demos_used"] for m, r in summary["runs"].items()}
+                           | {f"diff/{k}": d["mean"] for k, d in summary["differences"].items()
+                              if d["mean"] is not None})
         create_markdown_artifact(markdown=text, key="demo-comparison",
                                  description="RL vs SFT vs ReLIFT on the proof-world")
         close_run(parent)
@@ -145,32 +165,71 @@ def demo(preset: str = "toy", overrides: list[str] | None = None,
         close_run(parent, "FAILED")
         raise
     logger.info("\n" + text)
-    return {"tables": {k: v.to_dict() for k, v in tables.items()}, "markdown": text,
-            "figure": str(figure), "mlflow_run_id": parent.run_id, "train_levels": counts,
-            "runs": results}
+    return {"summary": summary, "markdown": text, "figure": str(figure),
+            "results_path": str(out_dir / "results.json"), "mlflow_run_id": parent.run_id,
+            "train_levels": counts, "runs": {r["run_name"]: r["mlflow_run_id"] for r in results}}
 
 
-def render_markdown(tables: dict[str, pd.DataFrame], train_level_counts: dict[str, int]) -> str:
-    start = ", ".join(f"{lv.value} {train_level_counts.get(lv.value, 0)}" for lv in LEVELS)
-    return "\n\n".join([
-        f"Training questions by level under the base model: {start}",
-        "**Held-out accuracy and demonstrations used**\n\n" + df_markdown(tables["summary"]),
-        "**Held-out accuracy per family**\n\n" + df_markdown(tables["by_family"]),
-        "**Held-out accuracy per starting difficulty level** (level under the base model)\n\n"
-        + df_markdown(tables["by_level"]),
-    ])
+def _sources(path: str) -> dict[str, str]:
+    return {ex.uid: ex.data_source for ex in load_examples(path)}
 
 
-def df_markdown(df: pd.DataFrame) -> str:
-    """A pipe table (pandas' to_markdown needs the optional `tabulate`)."""
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "-" if pd.isna(v) else f"{v:.3f}"
-        return str(v)
-
-    cols = [str(df.index.name or "")] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    # itertuples keeps each column's own type (iterrows would turn integer counts into floats).
-    for row in df.itertuples(name=None):
-        lines.append("| " + " | ".join([str(row[0])] + [cell(v) for v in row[1:]]) + " |")
+def render_markdown(summary: dict[str, Any]) -> str:
+    seeds = summary["seeds"]
+    runs = summary["runs"]
+    start = ", ".join(f"{lv} {n}" for lv, n in summary["train_levels"].items())
+    held = ", ".join(f"{lv} {n}" for lv, n in summary["levels"].items())
+    lines = [(f"Seeds {', '.join(map(str, seeds))}; {summary['questions']} held-out questions "
+             f"(avg@k). Training questions by level under the base model: {start}. "
+             f"Held-out: {held}."), "",
+             "| run | held-out accuracy | 95% CI | demonstrations used | "
+             + " | ".join(LEVEL_NAMES) + " |",
+             "|---|---|---|---|" + "---|" * len(LEVEL_NAMES)]
+    for m, r in runs.items():
+        levels = " | ".join("-" if r["by_level"][lv] is None else f"{r['by_level'][lv]:.3f}"
+                            for lv in LEVEL_NAMES)
+        lines.append(f"| {m} | {r['accuracy']:.3f} | {r['ci'][0]:.3f} to {r['ci'][1]:.3f} | "
+                     f"{r['demos_used']:.0f} | {levels} |")
+    families = sorted(next(iter(runs.values()))["by_family"])
+    lines += ["", "| run | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for m, r in runs.items():
+        lines.append(f"| {m} | " + " | ".join(f"{r['by_family'][f]:.3f}" for f in families) + " |")
+    lines += ["", "| paired difference | mean | 95% CI | questions |", "|---|---|---|---|"]
+    for k, d in summary["differences"].items():
+        if d["mean"] is None:
+            continue
+        lines.append(f"| {k} | {d['mean']:+.3f} | {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f} | "
+                     f"{d['questions']} |")
     return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = summary["runs"]
+    names = list(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    acc = [runs[m]["accuracy"] for m in names]
+    err = [[runs[m]["accuracy"] - runs[m]["ci"][0] for m in names],
+           [runs[m]["ci"][1] - runs[m]["accuracy"] for m in names]]
+    axes[0].bar(names, acc, yerr=err, capsize=4, color="tab:blue")
+    axes[0].set_title(f"held-out accuracy (95% CI, seeds {summary['seeds']})")
+    by_level = pd.DataFrame({m: runs[m]["by_level"] for m in names}).reindex(list(LEVEL_NAMES))
+    by_level.plot.bar(ax=axes[1], rot=0, title="accuracy by level under the base model")
+    axes[1].set_ylim(0, 1)
+    diffs = {k: d for k, d in summary["differences"].items() if d["mean"] is not None}
+    keys = list(diffs)
+    axes[2].barh(keys, [diffs[k]["mean"] for k in keys],
+                 xerr=[[diffs[k]["mean"] - diffs[k]["ci"][0] for k in keys],
+                       [diffs[k]["ci"][1] - diffs[k]["mean"] for k in keys]],
+                 capsize=4, color="tab:green")
+    axes[2].axvline(0, color="black", linewidth=0.8)
+    axes[2].set_title("paired differences (95% CI)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -12,11 +12,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
-from relift_core import iteration as it
 from relift_core.config import ExperimentConfig, load_config
-from relift_core.difficulty import DifficultyLedger, Level, transition_table
+from relift_core.difficulty import Level, transition_table
 from relift_core.grader import BatchGrader
+from relift_core.iteration import measure_levels
 from relift_core.models import load_policy, resolve_device
 from relift_core.runtime import build_engine, seed_everything
 from tasks.tracking import close_run, open_run
@@ -29,13 +30,8 @@ def classify_all(cfg: ExperimentConfig, questions, init_from: str | None) -> dic
     device = resolve_device(cfg.run.device)
     model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed)
     engine = build_engine(cfg, model, tokenizer, device)
-    ledger = DifficultyLedger()
     with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-        for start in range(0, len(questions), cfg.rollout.batch_size):
-            chunk = questions[start : start + cfg.rollout.batch_size]
-            rollouts = it.rollout(engine, tokenizer, chunk, cfg, seed=cfg.run.seed + start)
-            it.classify(ledger, 0, it.grade(rollouts, grader, require_think=cfg.algorithm.require_think))
-    return {q.uid: ledger.level_at(q.uid, 0) for q in questions}
+        return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
 
 
 @flow(name="difficulty_dynamics", log_prints=True)
@@ -44,6 +40,9 @@ def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | N
     """`checkpoint`: a trained policy directory; `base`: the starting policy (default: the
     preset's model). Returns the transition table as {level_before: {level_after: count}}."""
     cfg = load_config(preset, overrides or [])
+    if base is None and needs_base_model(cfg):
+        # The toy preset's runs start from the world's pretrained base model, not random weights.
+        base = build_base_model(cfg.model_dump(mode="json"))
     data = prepare_data(cfg.model_dump(mode="json"))
     questions = data.train_examples()
     before = classify_all(cfg, quote(questions), base)

@@ -35,6 +35,7 @@ from relift_core.data import (
     prompt_token_counter,
     write_examples,
 )
+from tasks.retry import retry_unless_permanent
 
 # Bumped when preparation changes what it writes (2: over-long prompts dropped), so results
 # cached by an older version are not reused.
@@ -118,21 +119,6 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
-def is_permanent_error(exc: BaseException) -> bool:
-    """Errors that retrying cannot fix: bad data, a bad config. DataError and ConfigError are
-    ValueErrors, and so is pydantic's ValidationError."""
-    return isinstance(exc, (DataError, ConfigError, ValueError))
-
-
-def retry_unless_permanent(task, task_run, state) -> bool:
-    """Prefect `retry_condition_fn`: retry a failed run unless its error `is_permanent_error`."""
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 (the failure being judged, whatever it is)
-        return not is_permanent_error(exc)
-    return True
-
-
 def prepare_examples(data: DataConfig, out: Path, model: ModelConfig | None = None,
                      over_long: OverLongPolicy = "drop") -> PreparedData:
     """Load, validate, filter and write the training set of `data` into `out`.
@@ -189,7 +175,7 @@ def prepare_training_set(data_json: dict[str, Any], seed: int, key: str, out_dir
                          model_json: dict[str, Any] | None = None) -> PreparedData:
     data = DataConfig.model_validate(data_json)
     model = ModelConfig.model_validate(model_json) if model_json is not None else None
-    return prepare_examples(data, Path(out_dir), model)
+    return prepare_examples(data, Path(out_dir), model, over_long=data.over_long_prompts)
 
 
 @flow(name="prepare_data", log_prints=True)

@@ -1,13 +1,13 @@
 """The `train` flow: ReLIFT (and its baselines) as the paper writes the algorithm.
 
-    for each iteration:
+    for each iteration (relift_core.iteration.run_iteration, each phase a Prefect task):
         questions  <- the next prompts_per_step training questions
         rollouts   <- n samples per question from the current policy
         grades     <- math-verify reward per sample
         levels     <- difficulty per question (hardest: 0 of n solved)
-        buffer     += demonstrations of the questions the strategy collects (ReLIFT: hardest)
+        buffer     += demonstrations of the hardest questions (ReLIFT; SFT: every question)
         RL update  on the group advantages                    (unless the strategy is SFT)
-        SFT update on the buffer once it holds enough          (ReLIFT, SFT)
+        SFT update on the newest sft_buffer_threshold once the buffer holds that many
         every k iterations: evaluate; every iteration: checkpoint (atomic)
 
 Re-running with the same run name resumes from the last checkpoint: weights, optimizer, buffer,
@@ -17,7 +17,6 @@ difficulty ledger, data position and RNG are restored together.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -27,18 +26,17 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import get_run_context
-from prefect.utilities.annotations import quote
 
 from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
-from relift_core import iteration as it
 from relift_core.checkpoint import latest_checkpoint
 from relift_core.config import ExperimentConfig, load_config
+from relift_core.iteration import run_iteration
 from relift_core.runtime import build_session
 from tasks import progress as terminal
-from tasks import train_tasks as t
 from tasks.eval_tasks import evaluate_policy
 from tasks.tracking import MlflowTracker, close_run, open_run
+from tasks.train_tasks import PREFECT_PHASES
 
 
 @flow(name="train", log_prints=True)
@@ -56,23 +54,35 @@ def train(preset: str = "toy", overrides: list[str] | None = None,
 def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     data = prepare_data.with_options(name=f"prepare-data-{cfg.run.name}")(cfg.model_dump(mode="json"))
-    tracker = open_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
-                       parent_run_id=parent_mlflow_run_id,
-                       tags={"relift.algorithm": cfg.algorithm.name, "relift.preset_fingerprint": cfg.fingerprint()})
-    link_prefect_and_mlflow(tracker, cfg)
-    log_config_and_data(tracker, cfg, data)
-
+    # The session first: it locks the run directory and refuses to resume another experiment's
+    # checkpoints before anything is written to MLflow.
     session = build_session(cfg, data.train_examples())
-    if session.resumed_from:
-        logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
-    progress_id = create_progress_artifact(
-        progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
-        description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
-    bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
-                         completed=session.state.iteration)
     try:
+        tracker = open_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
+                           parent_run_id=parent_mlflow_run_id,
+                           tags={"relift.algorithm": cfg.algorithm.name,
+                                 "relift.preset_fingerprint": cfg.fingerprint()})
+    except BaseException:
+        session.close()
+        raise
+    try:
+        link_prefect_and_mlflow(tracker, cfg)
+        log_config_and_data(tracker, cfg, data)
+        if session.resumed_from:
+            logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
+        if session.resumed_with_changes:
+            changes = {k: f"{a!r} -> {b!r}" for k, (a, b) in session.resumed_with_changes.items()}
+            logger.warning(f"resumed with a changed config (run.resume=force): {changes}")
+            tracker.set_tags({"relift.resumed_with_changes": json.dumps(changes)[:5000]})
+        progress_id = create_progress_artifact(
+            progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
+            description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
+        bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
+                             completed=session.state.iteration)
         for i in range(session.state.iteration, cfg.run.iterations):
-            metrics = run_iteration(session, tracker, i, data)
+            metrics = run_iteration(
+                session, i, phases=PREFECT_PHASES, tracker=tracker,
+                evaluate=lambda step: evaluate_policy(session, tracker, step, data))
             logger.info(_summary_line(i, metrics))
             terminal.advance(bar, f"acc {metrics['accuracy']:.2f} demos {metrics['demos_used']:.0f}")
             update_progress_artifact(progress_id, 100.0 * (i + 1) / max(cfg.run.iterations, 1))
@@ -88,53 +98,6 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         session.close()
     return {"run_name": cfg.run.name, "mlflow_run_id": tracker.run_id,
             "demos_used": session.state.demos_used, "eval": final}
-
-
-def run_iteration(session, tracker: MlflowTracker, i: int, data) -> dict[str, float]:
-    cfg, state, strategy = session.cfg, session.state, session.strategy
-    phase: dict[str, float] = {}
-    start = time.perf_counter()
-
-    # quote(): without it Prefect walks every object reachable from a task's arguments (the
-    # dataset, token lists, buffer) looking for upstream futures; measured at ~90% of a tiny
-    # model's iteration (scripts/bench_orchestration.py).
-    s = quote(session)
-    questions = t.draw_questions(s)
-    rollouts = t.rollout(s, quote(questions), i)
-    phase["rollout"] = rollouts.seconds
-    rollouts = t.grade(s, quote(rollouts))
-    phase["grade"] = rollouts.seconds - phase["rollout"]
-    levels = t.classify(s, i, quote(rollouts))
-    metrics = it.rollout_metrics(rollouts, levels)
-
-    metrics["demos_collected"] = float(t.collect_demonstrations(s, i, quote(rollouts), levels))
-    if strategy.runs_rl(i):
-        rl_stats = t.rl_update(s, quote(rollouts))
-        phase["rl_update"] = rl_stats.pop("seconds")
-        metrics.update({f"rl/{k}": v for k, v in rl_stats.items()})
-    # Fine-tune while the buffer holds a full batch, so it never grows without bound.
-    while k := strategy.sft_batch_size(i, len(state.buffer)):
-        sft_stats = t.sft_update(s, k, i)
-        phase["sft_update"] = phase.get("sft_update", 0.0) + sft_stats.pop("seconds")
-        metrics.update({f"sft/{k_}": v for k_, v in sft_stats.items()})
-    metrics.update(buffer_size=float(len(state.buffer)), demos_used=float(state.demos_used),
-                   sft_steps=float(state.sft_steps))
-
-    if (i + 1) % cfg.eval.every == 0 and (i + 1) < cfg.run.iterations:
-        eval_start = time.perf_counter()
-        evaluate_policy(session, tracker, i + 1, data)
-        phase["evaluate"] = time.perf_counter() - eval_start
-
-    state.iteration = i + 1  # the checkpoint records the next iteration to run
-    if (i + 1) % cfg.run.checkpoint_every == 0 or (i + 1) == cfg.run.iterations:
-        ckpt_start = time.perf_counter()
-        t.checkpoint(s)
-        phase["checkpoint"] = time.perf_counter() - ckpt_start
-
-    phase["iteration"] = time.perf_counter() - start
-    metrics.update({f"time/{k}": v for k, v in phase.items()})
-    tracker.log_metrics(metrics, step=i)
-    return metrics
 
 
 def log_final_policy(tracker: MlflowTracker, session) -> None:
@@ -161,7 +124,8 @@ def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> No
 
 
 def log_config_and_data(tracker: MlflowTracker, cfg: ExperimentConfig, data) -> None:
-    tracker.log_params(cfg.flat_params())
+    tracker.log_params({**cfg.flat_params(),
+                        "data.dropped_over_long": getattr(data, "dropped_over_long", 0)})
     tracker.log_text(cfg.to_yaml(), "config.yaml")
     for name, (df, source, digest) in data.mlflow_datasets().items():
         tracker.log_dataset(df, name=name, source=source, digest=digest,

@@ -52,10 +52,21 @@ class WorldConfig(_Section):
 
     families: list[str] = ["add", "sub", "mul", "chain"]
     sizes: list[int] = [1, 2, 3]
+    # Explicit train/eval cells as "family/size" (e.g. ["add/2", "chain/1"]); overrides
+    # families x sizes when given.
+    cells: list[str] | None = None
     train_per_cell: int = Field(16, ge=0)
     eval_per_cell: int = Field(8, ge=0)
     pretrain_families: list[str] = ["add", "sub"]
     pretrain_sizes: list[int] = [1, 2]
+    # Pretraining cells with relative draw weights ({"add/2": 1.0, "chain/1": 0.05}); overrides
+    # pretrain_families x pretrain_sizes (each weight 1) when given.
+    pretrain_cells: dict[str, float] | None = None
+    # Skills pretraining never shows, so that demonstrations of them teach a new composition of
+    # known steps: `add_carry_out` leaves out multi-digit additions whose sum is longer than
+    # their operands (47+58=105), `mul_carry_out` the same for products (64*3=192): every step
+    # is a known fact, only writing the final carry into the answer is new.
+    pretrain_holdout: list[Literal["add_carry_out", "mul_carry_out"]] = []
     pretrain_examples: int = Field(4000, ge=0)
     # The base model's pretraining (relift_core.pretrain): next-token loss on the pretrain split.
     pretrain_steps: int = Field(1000, ge=0)
@@ -74,6 +85,9 @@ class DataConfig(_Section):
     world: WorldConfig | None = None
     limit: int | None = Field(None, gt=0)
     max_prompt_tokens: int = Field(1024, gt=0)
+    # Prompts longer than max_prompt_tokens (counted after the chat template) at preparation:
+    # dropped and counted, or refused naming file and row.
+    over_long_prompts: Literal["drop", "error"] = "drop"
     shuffle: bool = True
 
     @model_validator(mode="after")
@@ -105,6 +119,11 @@ class AlgorithmConfig(_Section):
     kl_coef: float = Field(0.0, ge=0)
     require_think: bool = True  # the answer is read after </think>; missing tag = format failure
     sft_buffer_threshold: int = Field(128, gt=0)
+    # The paper's reference code: new demonstrations go in front, one fine-tuning step per
+    # iteration on the newest `sft_buffer_threshold`. `oldest` + `drain` is first-in-first-out
+    # with as many steps as the buffer fills (an ablation).
+    sft_buffer_order: Literal["newest", "oldest"] = "newest"
+    sft_steps_per_iteration: Literal["one", "drain"] = "one"
     sft_then_rl_switch: int = Field(1, ge=0)  # sft_then_rl: iterations of SFT before RL
 
 
@@ -178,6 +197,12 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(1, gt=0)
     grader_workers: int = Field(2, gt=0)
     grader_timeout_s: float = Field(5.0, gt=0)
+    # A run name whose checkpoints exist: `auto` resumes them only if they were made with the
+    # same experiment (otherwise refuses, naming the keys that differ); `never` refuses to touch
+    # them; `force` resumes anyway and records the differences in MLflow.
+    resume: Literal["auto", "never", "force"] = "auto"
+    # Consecutive updates rolled back for non-finite or exploding weights before the run stops.
+    max_bad_steps: int = Field(3, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -192,6 +217,15 @@ class RunConfig(_Section):
                 "letter or digit (it names a directory and an MLflow run)"
             )
         return v
+
+
+# Keys that may change when a run resumes without making it another experiment: how long it
+# runs, how it is checkpointed, tracked and evaluated, where its files live, how fast it grades.
+RESUMABLE_CHANGES = ("run.iterations", "run.checkpoint_every", "run.grader_workers",
+                     "run.grader_timeout_s", "run.workdir", "run.resume", "run.device",
+                     "run.max_bad_steps",
+                     "tracking.", "eval.", "rollout.batch_size", "model.init_from",
+                     "model.cache_dir")
 
 
 class ExperimentConfig(_Section):
@@ -219,6 +253,23 @@ class ExperimentConfig(_Section):
     def flat_params(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
         return _flatten(self.model_dump(mode="json"))
+
+    def experiment_params(self) -> dict[str, Any]:
+        """The flat params that define the experiment: what a resumed run must share."""
+        return {k: v for k, v in self.flat_params().items()
+                if not k.startswith(RESUMABLE_CHANGES)}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """key -> (saved, current) for every experiment key whose value differs (or is missing)."""
+    keys = sorted(set(saved) | set(current))
+    missing = object()
+    out = {}
+    for k in keys:
+        a, b = saved.get(k, missing), current.get(k, missing)
+        if a != b:
+            out[k] = (None if a is missing else a, None if b is missing else b)
+    return out
 
 
 class ConfigError(ValueError):

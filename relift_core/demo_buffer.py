@@ -1,8 +1,14 @@
 """ReLIFT's buffer of demonstrations for the questions the policy failed on every rollout.
 
-Entries wait in arrival order; once `threshold` of them are waiting, one fine-tuning step takes
-the oldest `threshold` and the RL loop continues. The buffer is part of a checkpoint, so its
-state round-trips through JSON exactly (entries, order, counters).
+Two orders, chosen by `algorithm.sft_buffer_order`:
+
+- `newest` (the paper's reference code, the default): each iteration's new entries go in front
+  of the buffer and a fine-tuning step takes the first `threshold`, i.e. the most recently failed
+  questions; older entries wait behind them.
+- `oldest`: first in, first out.
+
+The buffer is part of a checkpoint, so its state round-trips through JSON exactly (entries,
+order, counters).
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
+
+BufferOrder = Literal["newest", "oldest"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +37,13 @@ class DemoEntry:
 
 
 class DemoBuffer:
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, order: BufferOrder = "newest") -> None:
         if threshold <= 0:
             raise ValueError(f"threshold must be positive, got {threshold}")
+        if order not in ("newest", "oldest"):
+            raise ValueError(f"order must be 'newest' or 'oldest', got {order!r}")
         self.threshold = threshold
+        self.order = order
         self._entries: deque[DemoEntry] = deque()
         self._waiting: set[str] = set()
         self.total_added = 0
@@ -46,44 +57,42 @@ class DemoBuffer:
         otherwise appear several times in one fine-tuning step, weighing it more than the others
         and inflating the count of demonstrations used. Once taken, the uid may be added again.
         """
-        if entry.uid in self._waiting:
-            self.total_skipped += 1
-            return False
-        self._entries.append(entry)
-        self._waiting.add(entry.uid)
-        self.total_added += 1
-        return True
+        return bool(self.add_all([entry]))
+
+    def add_all(self, entries: list[DemoEntry]) -> int:
+        """Queue one iteration's demonstrations together (in front of the buffer with the
+        `newest` order, keeping their own order); returns how many were queued."""
+        fresh: list[DemoEntry] = []
+        for entry in entries:
+            if entry.uid in self._waiting:
+                self.total_skipped += 1
+                continue
+            fresh.append(entry)
+            self._waiting.add(entry.uid)
+        if self.order == "newest":
+            self._entries.extendleft(reversed(fresh))
+        else:
+            self._entries.extend(fresh)
+        self.total_added += len(fresh)
+        return len(fresh)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def ready(self) -> bool:
-        return len(self._entries) >= self.threshold
-
-    def peek(self, k: int | None = None) -> list[DemoEntry]:
+    def peek(self, k: int) -> list[DemoEntry]:
         """The entries `take(k)` would return, left in place: a fine-tuning step that may fail
         and be retried reads them first and takes them only once it succeeded."""
         return list(islice(self._entries, self._batch_size(k)))
 
-    def take(self, k: int | None = None) -> list[DemoEntry]:
-        """Remove and return the oldest `k` entries.
-
-        Without `k`: the oldest `threshold`, and only when ready (ReLIFT's fine-tuning step).
-        With `k`: any 0 < k <= len, ready or not (the SFT baseline drains whatever is buffered).
-        """
+    def take(self, k: int) -> list[DemoEntry]:
+        """Remove and return the first `k` entries (the newest or the oldest, by `order`);
+        0 < k <= len. When to take and how many is the Strategy's decision, not the buffer's."""
         taken = [self._entries.popleft() for _ in range(self._batch_size(k))]
         self._waiting.difference_update(e.uid for e in taken)
         self.total_taken += len(taken)
         return taken
 
-    def _batch_size(self, k: int | None) -> int:
-        if k is None:
-            if not self.ready:
-                raise RuntimeError(
-                    f"DemoBuffer not ready: {len(self)} entries waiting, threshold {self.threshold}"
-                )
-            return self.threshold
+    def _batch_size(self, k: int) -> int:
         if not 0 < k <= len(self._entries):
             raise ValueError(f"cannot take {k} entries from a buffer of {len(self)}")
         return k
@@ -92,6 +101,7 @@ class DemoBuffer:
         return {
             "version": 1,
             "threshold": self.threshold,
+            "order": self.order,
             "entries": [
                 {
                     "uid": e.uid,
@@ -127,6 +137,7 @@ class DemoBuffer:
         if threshold <= 0:
             raise ValueError(f"DemoBuffer state: threshold must be positive, got {threshold}")
         self.threshold = threshold
+        self.order = state.get("order", "oldest")  # version-1 states before `order` were FIFO
         self._entries = deque(entries)
         self._waiting = {e.uid for e in entries}
         self.total_added = int(state["total_added"])
@@ -135,6 +146,6 @@ class DemoBuffer:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> DemoBuffer:
-        buffer = cls(int(state["threshold"]))
+        buffer = cls(int(state["threshold"]), state.get("order", "oldest"))
         buffer.load_state_dict(state)
         return buffer

@@ -1,17 +1,22 @@
-"""The phases of one ReLIFT iteration, as plain functions (DESIGN.md, "One iteration").
+"""One ReLIFT iteration (Algorithm 1 of the paper), the only place the loop is written.
 
     questions -> rollout (n each) -> grade -> classify difficulty -> collect demonstrations
               -> RL update (group advantages) -> SFT update when the buffer is full enough
+              -> evaluate every k iterations -> checkpoint
 
-Prefect tasks in `tasks/` wrap these one to one; `run_iteration` chains them for plain-Python
-use (tests, notebooks). Nothing here knows about Prefect or MLflow.
+`run_iteration(session, i)` runs it in plain Python (tests, notebooks, benchmarks, the demo's
+tuning script). The `train` flow runs the very same function, handing it `phases` whose members
+are Prefect tasks wrapping the `Phases` methods below one to one, so every phase is a retryable
+task run in the UI while the order of the phases and the run-state bookkeeping live here only.
+Nothing here knows about Prefect or MLflow (metrics go to any `Tracker`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +31,10 @@ from relift_core.grader import BatchGrader, Grade, answer_type_for
 from relift_core.question_stream import QuestionStream
 from relift_core.rollout import RolloutEngine, Sample
 from relift_core.strategies import Strategy
+from relift_core.tracker import Tracker
+
+if TYPE_CHECKING:
+    from relift_core.runtime import TrainSession
 
 
 @dataclass
@@ -112,21 +121,35 @@ def classify(ledger: DifficultyLedger, iteration: int, rollouts: Rollouts) -> li
             for q, acc in zip(rollouts.questions, accuracies(rollouts), strict=True)]
 
 
+def measure_levels(engine: RolloutEngine, tokenizer, grader: BatchGrader,
+                   questions: list[Example], cfg: ExperimentConfig, *, seed: int,
+                   ledger: DifficultyLedger | None = None, iteration: int = 0) -> dict[str, Level]:
+    """uid -> level of each question under the engine's current policy: cfg.rollout.n samples
+    at the rollout temperature, exactly as a training iteration sees the question."""
+    ledger = ledger if ledger is not None else DifficultyLedger()
+    rollouts = grade(rollout(engine, tokenizer, questions, cfg, seed=seed), grader,
+                     require_think=cfg.algorithm.require_think)
+    return {q.uid: lv for q, lv in zip(questions, classify(ledger, iteration, rollouts), strict=True)}
+
+
 def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: int,
                            questions: list[Example], levels: list[Level],
-                           source: DemonstrationSource) -> int:
-    """Buffers the demonstrations the strategy asks for; returns how many entered the buffer."""
+                           source: DemonstrationSource) -> dict[str, float]:
+    """Buffers the demonstrations the strategy asks for.
+
+    Returns counts: `demos_collected` (entered the buffer), `demos_unavailable` (the source had
+    none, e.g. a teacher whose answers the grader rejected)."""
     wanted = [(q, lv) for q, lv in zip(questions, levels, strict=True)
               if strategy.collects(iteration, lv)]
     if not wanted:
-        return 0
+        return {"demos_collected": 0.0, "demos_unavailable": 0.0}
     demos = source.demonstrations([q for q, _ in wanted])
     before = len(buffer)
-    for (q, level), demo in zip(wanted, demos, strict=True):
-        if demo:
-            buffer.add(DemoEntry(uid=q.uid, prompt=list(q.prompt), demonstration=demo,
-                                 iteration_added=iteration, level_when_added=level.value))
-    return len(buffer) - before
+    buffer.add_all([DemoEntry(uid=q.uid, prompt=list(q.prompt), demonstration=demo,
+                              iteration_added=iteration, level_when_added=level.value)
+                    for (q, level), demo in zip(wanted, demos, strict=True) if demo])
+    return {"demos_collected": float(len(buffer) - before),
+            "demos_unavailable": float(sum(not d for d in demos))}
 
 
 def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, norm_adv_by_std: bool) -> dict[str, float]:
@@ -167,3 +190,117 @@ def rollout_metrics(rollouts: Rollouts, levels: list[Level]) -> dict[str, float]
     for level in Level:
         out[f"frac_{level.value}"] = sum(lv is level for lv in levels) / n_q
     return out
+
+
+def rollout_seed(run_seed: int, iteration: int) -> int:
+    """The rollout seed depends on the iteration, so a resumed run samples what the crashed one
+    would have sampled (and two seeds never share an iteration's samples)."""
+    return run_seed * 100_003 + iteration
+
+
+class Phases:
+    """The phases of an iteration over a TrainSession. Each method is one Prefect task in
+    `tasks/train_tasks.py`; a method that changes run state changes it here, never in a task."""
+
+    def draw_questions(self, session: TrainSession) -> list[Example]:
+        return draw_questions(session.state.stream, session.dataset, session.cfg.rl.prompts_per_step)
+
+    def rollout(self, session: TrainSession, questions: list[Example], iteration: int) -> Rollouts:
+        return rollout(session.engine, session.tokenizer, questions, session.cfg,
+                       seed=rollout_seed(session.cfg.run.seed, iteration))
+
+    def grade(self, session: TrainSession, rollouts: Rollouts) -> Rollouts:
+        return grade(rollouts, session.grader, require_think=session.cfg.algorithm.require_think)
+
+    def classify(self, session: TrainSession, iteration: int, rollouts: Rollouts) -> list[Level]:
+        return classify(session.state.ledger, iteration, rollouts)
+
+    def collect_demonstrations(self, session: TrainSession, iteration: int, rollouts: Rollouts,
+                               levels: list[Level]) -> dict[str, float]:
+        return collect_demonstrations(session.state.buffer, session.strategy, iteration,
+                                      rollouts.questions, levels, session.demos)
+
+    def rl_update(self, session: TrainSession, rollouts: Rollouts) -> dict[str, float]:
+        start = time.perf_counter()
+        stats = rl_update(session.trainer, rollouts, pad_id=session.tokenizer.pad_token_id,
+                          norm_adv_by_std=session.cfg.algorithm.norm_adv_by_std)
+        session.engine.sync_weights(session.model)
+        return {**stats, "seconds": time.perf_counter() - start}
+
+    def sft_update(self, session: TrainSession, k: int, iteration: int) -> dict[str, float]:
+        """One fine-tuning step on the k demonstrations the buffer hands out next.
+
+        Entries leave the buffer only after the step succeeded, so a retry never drops one."""
+        start = time.perf_counter()
+        state = session.state
+        entries = state.buffer.peek(k)
+        stats = sft_update(session.trainer, session.tokenizer, entries,
+                           max_target_tokens=session.cfg.sft.max_target_tokens)
+        state.buffer.take(k)
+        state.demos_used += k
+        state.sft_log.extend(
+            {"iteration": iteration, "uid": e.uid, "iteration_added": e.iteration_added,
+             "level_when_added": e.level_when_added} for e in entries)
+        state.sft_steps += 1
+        session.engine.sync_weights(session.model)
+        return {**stats, "seconds": time.perf_counter() - start}
+
+    def checkpoint(self, session: TrainSession) -> str:
+        return str(session.save())
+
+
+DIRECT_PHASES = Phases()
+
+
+def run_iteration(session: TrainSession, i: int, *, phases: Phases = DIRECT_PHASES,
+                  tracker: Tracker | None = None,
+                  evaluate: Callable[[int], object] | None = None) -> dict[str, float]:
+    """Iteration `i` of the run: Algorithm 1's body. Returns (and logs) the step's metrics.
+
+    `evaluate(step)` is called every `eval.every` iterations (not after the last one: the caller
+    evaluates the final policy). The checkpoint is written after the metrics are logged, so a
+    run killed in between re-runs (and re-logs) the iteration instead of losing its metrics.
+    """
+    cfg, state, strategy = session.cfg, session.state, session.strategy
+    phase: dict[str, float] = {}
+    start = time.perf_counter()
+
+    questions = phases.draw_questions(session)
+    rollouts = phases.rollout(session, questions, i)
+    phase["rollout"] = rollouts.seconds
+    rollouts = phases.grade(session, rollouts)
+    phase["grade"] = rollouts.seconds - phase["rollout"]
+    levels = phases.classify(session, i, rollouts)
+    metrics = rollout_metrics(rollouts, levels)
+
+    # ReLIFT: the questions no rollout solved (hardest) send their demonstrations to the buffer.
+    metrics.update(phases.collect_demonstrations(session, i, rollouts, levels))
+    if strategy.runs_rl(i):
+        rl_stats = phases.rl_update(session, rollouts)
+        phase["rl_update"] = rl_stats.pop("seconds")
+        metrics.update({f"rl/{key}": v for key, v in rl_stats.items()})
+    for _ in range(strategy.max_sft_steps(i)):
+        size = strategy.sft_batch_size(i, len(state.buffer))
+        if not size:
+            break
+        sft_stats = phases.sft_update(session, size, i)
+        phase["sft_update"] = phase.get("sft_update", 0.0) + sft_stats.pop("seconds")
+        metrics.update({f"sft/{key}": v for key, v in sft_stats.items()})
+    metrics.update(buffer_size=float(len(state.buffer)), demos_used=float(state.demos_used),
+                   sft_steps=float(state.sft_steps))
+
+    if evaluate is not None and (i + 1) % cfg.eval.every == 0 and (i + 1) < cfg.run.iterations:
+        eval_start = time.perf_counter()
+        evaluate(i + 1)
+        phase["evaluate"] = time.perf_counter() - eval_start
+
+    phase["iteration"] = time.perf_counter() - start
+    metrics.update({f"time/{key}": v for key, v in phase.items()})
+    if tracker is not None:
+        tracker.log_metrics(metrics, step=i)
+    state.iteration = i + 1  # the checkpoint records the next iteration to run
+    if (i + 1) % cfg.run.checkpoint_every == 0 or (i + 1) == cfg.run.iterations:
+        ckpt_start = time.perf_counter()
+        phases.checkpoint(session)
+        metrics["time/checkpoint"] = time.perf_counter() - ckpt_start
+    return metrics

@@ -168,18 +168,36 @@ def load_base_model(path: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerBa
     return Qwen2ForCausalLM.from_pretrained(path), tokenizer
 
 
+def base_model_key(cfg) -> str:
+    """The cache key of a world's base model: the world (its seed is the pretraining seed) and the
+    model's shape. Run seeds do not enter: every run seed starts from the same base model, as
+    every seed of the paper starts from the same Qwen2.5-Math."""
+    import hashlib
+    import json
+
+    blob = json.dumps({"world": cfg.data.world.model_dump(mode="json"),
+                       "tiny": cfg.model.tiny.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def pretrain_base_model(
     world_cfg: WorldConfig,
     tiny_cfg: TinyModelConfig,
     out_dir: Path,
     *,
-    steps: int = PRETRAIN_DEFAULTS.steps,
-    lr: float = PRETRAIN_DEFAULTS.lr,
-    batch_size: int = PRETRAIN_DEFAULTS.batch_size,
-    seed: int = 0,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
-    """Train a tiny Qwen2 from scratch on the world's pretrain split and save it to `out_dir`."""
+    """Train a tiny Qwen2 from scratch on the world's pretrain split and save it to `out_dir`.
+
+    Steps, learning rate, batch size and seed default to the world's own (pretrain_* and seed)."""
+    steps = world_cfg.pretrain_steps if steps is None else steps
+    lr = world_cfg.pretrain_lr if lr is None else lr
+    batch_size = world_cfg.pretrain_batch_size if batch_size is None else batch_size
+    seed = world_cfg.seed if seed is None else seed
     tokenizer = build_char_tokenizer()
     problems = build_world(world_cfg)["pretrain"]
     if not problems:

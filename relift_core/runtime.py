@@ -3,15 +3,16 @@ the run state (buffer, ledger, data position), resumed from the run's last check
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from relift_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from relift_core.config import ExperimentConfig
+from relift_core.checkpoint import STATE_JSON, latest_checkpoint, load_checkpoint, save_checkpoint
+from relift_core.config import ExperimentConfig, config_differences
 from relift_core.data import Example
 from relift_core.demo_buffer import DemoBuffer
 from relift_core.demonstrations import DatasetDemonstrations, DemonstrationSource
@@ -21,6 +22,7 @@ from relift_core.iteration import RunState
 from relift_core.models import load_policy, resolve_device
 from relift_core.question_stream import QuestionStream
 from relift_core.rollout import HFRolloutEngine, RolloutEngine
+from relift_core.run_lock import RunLock
 from relift_core.strategies import Strategy, strategy_for
 from relift_core.trainer import TorchTrainer
 
@@ -38,18 +40,24 @@ class TrainSession:
     state: RunState
     dataset: list[Example]
     resumed_from: Path | None = None
+    # Experiment keys that differ from the resumed checkpoint's (only with run.resume=force).
+    resumed_with_changes: dict[str, tuple] = field(default_factory=dict)
+    lock: RunLock | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.cfg.run_dir() / "checkpoints"
 
     def save(self) -> Path:
+        extra = {**self.state.extra_state(), "config": self.cfg.experiment_params()}
         return save_checkpoint(self.checkpoint_dir, model=self.model, tokenizer=self.tokenizer,
                                trainer_state=self.trainer.state_dict(), step=self.state.iteration,
-                               extra_state=self.state.extra_state())
+                               extra_state=extra)
 
     def close(self) -> None:
         self.grader.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def seed_everything(seed: int) -> None:
@@ -67,20 +75,61 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngi
     return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device)
 
 
-def build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool = True) -> TrainSession:
+class ResumeRefused(RuntimeError):
+    """The run name's checkpoints belong to another experiment (or run.resume=never)."""
+
+
+def check_resumable(cfg: ExperimentConfig, checkpoint: Path) -> dict[str, tuple]:
+    """The experiment keys that differ between `checkpoint` and `cfg`; raises ResumeRefused
+    unless they are empty or run.resume=force. Read before any weight is loaded."""
+    saved = json.loads((checkpoint / STATE_JSON).read_text()).get("extra_state") or {}
+    if cfg.run.resume == "never":
+        raise ResumeRefused(f"run '{cfg.run.name}' already has checkpoints in {checkpoint.parent} "
+                            "and run.resume=never: choose another run.name")
+    if "config" not in saved:
+        diffs = {"(config)": ("not recorded", "current")}
+    else:
+        diffs = config_differences(saved["config"], cfg.experiment_params())
+    if diffs and cfg.run.resume != "force":
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diffs.items())[:8])
+        more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+        raise ResumeRefused(
+            f"run '{cfg.run.name}' in {checkpoint.parent.parent} was made with another config "
+            f"({shown}{more}); choose another run.name, or pass run.resume=force to resume it "
+            "anyway")
+    return diffs
+
+
+def build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool = True,
+                  lock: bool = True) -> TrainSession:
+    """The run's session; resumes its last checkpoint when `resume` and the config allows it.
+
+    With `lock`, the run directory is locked for the session's life (released by close())."""
+    run_lock = RunLock(cfg.run_dir()).acquire() if lock else None
+    try:
+        return _build_session(cfg, dataset, resume=resume, run_lock=run_lock)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release()
+        raise
+
+
+def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool,
+                   run_lock: RunLock | None) -> TrainSession:
+    resumed_from = latest_checkpoint(cfg.run_dir() / "checkpoints") if resume else None
+    changes = check_resumable(cfg, resumed_from) if resumed_from is not None else {}
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed)
     trainer = TorchTrainer(model, algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
                            max_response_len=cfg.rollout.max_new_tokens, device=str(device),
-                           dtype=cfg.model.dtype)
+                           dtype=cfg.model.dtype, max_bad_steps=cfg.run.max_bad_steps)
     state = RunState(
         iteration=0,
-        buffer=DemoBuffer(cfg.algorithm.sft_buffer_threshold),
+        buffer=DemoBuffer(cfg.algorithm.sft_buffer_threshold, cfg.algorithm.sft_buffer_order),
         ledger=DifficultyLedger(),
         stream=QuestionStream(len(dataset), seed=cfg.run.seed, shuffle=cfg.data.shuffle),
     )
-    resumed_from = latest_checkpoint(cfg.run_dir() / "checkpoints") if resume else None
     if resumed_from is not None:
         restored = load_checkpoint(resumed_from, model=model, trainer=trainer)
         state.load_extra_state(restored["extra_state"])
@@ -90,6 +139,9 @@ def build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool
         grader=BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s),
         demos=DatasetDemonstrations(),
         strategy=strategy_for(cfg.algorithm.name, sft_threshold=cfg.algorithm.sft_buffer_threshold,
-                              sft_then_rl_switch=cfg.algorithm.sft_then_rl_switch),
-        state=state, dataset=dataset, resumed_from=resumed_from,
+                              sft_then_rl_switch=cfg.algorithm.sft_then_rl_switch,
+                              relift_steps_per_iteration=(
+                                  1 if cfg.algorithm.sft_steps_per_iteration == "one" else None)),
+        state=state, dataset=dataset, resumed_from=resumed_from, resumed_with_changes=changes,
+        lock=run_lock,
     )

@@ -20,6 +20,9 @@ class Strategy:
     name: str
     sft_threshold: int  # buffer size that triggers a fine-tuning step
     sft_then_rl_switch: int = 0  # sft_then_rl: iterations [0, switch) are SFT, then RL
+    # ReLIFT's fine-tuning steps per iteration: 1 in the paper; None drains the buffer in
+    # steps of `sft_threshold` while it holds that many (the earlier behaviour, an ablation).
+    relift_steps_per_iteration: int | None = 1
 
     def _in_sft_phase(self, iteration: int) -> bool:
         return self.name == "sft" or (self.name == "sft_then_rl" and iteration < self.sft_then_rl_switch)
@@ -35,6 +38,15 @@ class Strategy:
             return level is Level.HARDEST  # only what RL cannot learn: 0 of n solved
         return False
 
+    def max_sft_steps(self, iteration: int) -> int:
+        """At most how many fine-tuning steps iteration `iteration` runs."""
+        if self._in_sft_phase(iteration):
+            return 1  # one step over the iteration's demonstrations (mini-batched inside)
+        if self.name == "relift":
+            # Draining: the buffer shrinks by sft_threshold a step, so this bound is never hit.
+            return self.relift_steps_per_iteration or 1_000_000
+        return 0
+
     def sft_batch_size(self, iteration: int, buffered: int) -> int:
         """How many buffered demonstrations the next fine-tuning step takes (0: none now)."""
         if self._in_sft_phase(iteration):
@@ -44,7 +56,8 @@ class Strategy:
         return 0
 
 
-def strategy_for(name: str, *, sft_threshold: int, sft_then_rl_switch: int = 0) -> Strategy:
+def strategy_for(name: str, *, sft_threshold: int, sft_then_rl_switch: int = 0,
+                 relift_steps_per_iteration: int | None = 1) -> Strategy:
     if name not in ("relift", "rl", "sft", "sft_then_rl"):
         raise ValueError(f"unknown algorithm {name!r}: expected relift, rl, sft or sft_then_rl")
-    return Strategy(name, sft_threshold, sft_then_rl_switch)
+    return Strategy(name, sft_threshold, sft_then_rl_switch, relift_steps_per_iteration)

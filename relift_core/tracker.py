@@ -38,10 +38,3 @@ class InMemoryTracker:
 
     def history(self, key: str) -> list[float]:
         return [m[key] for _, m in self.metrics if key in m]
-
-
-class NullTracker(InMemoryTracker):
-    """Accepts and forgets."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass

@@ -172,41 +172,74 @@ def generate_problems(
     return list(found.values())
 
 
+def parse_cell(cell: str) -> tuple[str, int]:
+    family, _, size = cell.partition("/")
+    if family not in FAMILIES or not size.isdigit():
+        raise ValueError(f"world cell {cell!r}: expected 'family/size' with family one of "
+                         f"{', '.join(FAMILIES)}")
+    return family, int(size)
+
+
+def train_cells(cfg: WorldConfig) -> list[tuple[str, int]]:
+    if cfg.cells is not None:
+        return [parse_cell(c) for c in cfg.cells]
+    return [(f, s) for f in cfg.families for s in cfg.sizes]
+
+
+def pretrain_cells(cfg: WorldConfig) -> dict[tuple[str, int], float]:
+    """(family, size) -> relative draw weight of each pretraining cell."""
+    if cfg.pretrain_cells is not None:
+        return {parse_cell(c): float(w) for c, w in cfg.pretrain_cells.items() if w > 0}
+    return {(f, s): 1.0 for f in cfg.pretrain_families for s in cfg.pretrain_sizes}
+
+
+def has_carry_out(p: Problem, family: str) -> bool:
+    """A multi-digit `family` problem whose answer has more digits than its operands."""
+    return p.family == family and p.size >= 2 and len(p.answer) > p.size
+
+
+HOLDOUT_SKILLS: dict[str, Callable[[Problem], bool]] = {
+    "add_carry_out": lambda p: has_carry_out(p, "add"),
+    "mul_carry_out": lambda p: has_carry_out(p, "mul"),
+}
+
+
 def build_world(cfg: WorldConfig) -> dict[str, list[Problem]]:
     """{"train", "eval", "pretrain"}: train/eval per family x size cell, pretrain from its mix.
 
     No question appears in two splits: eval is held out from everything, and train questions are
     held out of pretraining too, so a train question's difficulty measures what the base model
-    generalised, not what it memorised. Pretraining draws a cell uniformly, then a problem.
+    generalised, not what it memorised. Pretraining draws a cell by its weight, then a problem.
     """
     rng = random.Random(cfg.seed)
     train: list[Problem] = []
     evals: list[Problem] = []
     taken: set[str] = set()
-    for family in cfg.families:
-        for size in cfg.sizes:
-            cell = generate_problems(
-                family, size, cfg.train_per_cell + cfg.eval_per_cell, rng, exclude=taken
-            )
-            taken.update(p.question for p in cell)
-            # A cell smaller than asked (one-digit add has 100 questions) shortchanges both.
-            n_eval = cfg.eval_per_cell
-            if len(cell) < cfg.train_per_cell + cfg.eval_per_cell:
-                n_eval = min(cfg.eval_per_cell, len(cell) // 2)
-            evals.extend(cell[:n_eval])
-            train.extend(cell[n_eval:])
-    cells = [(f, s) for f in cfg.pretrain_families for s in cfg.pretrain_sizes]
+    for family, size in train_cells(cfg):
+        cell = generate_problems(
+            family, size, cfg.train_per_cell + cfg.eval_per_cell, rng, exclude=taken
+        )
+        taken.update(p.question for p in cell)
+        # A cell smaller than asked (one-digit add has 100 questions) shortchanges both.
+        n_eval = cfg.eval_per_cell
+        if len(cell) < cfg.train_per_cell + cfg.eval_per_cell:
+            n_eval = min(cfg.eval_per_cell, len(cell) // 2)
+        evals.extend(cell[:n_eval])
+        train.extend(cell[n_eval:])
+    weights = pretrain_cells(cfg)
+    held_out = [HOLDOUT_SKILLS[h] for h in cfg.pretrain_holdout]
     pretrain: list[Problem] = []
-    for _ in range(cfg.pretrain_examples):
-        if not cells:
+    for _ in range(4 * cfg.pretrain_examples):  # bounded: held-out draws are redrawn
+        if not weights or len(pretrain) >= cfg.pretrain_examples:
             break
-        family, size = rng.choice(cells)
+        family, size = rng.choices(list(weights), weights=list(weights.values()))[0]
         drawn = generate_problems(family, size, 1, rng, exclude=taken)
         if not drawn:
             # Every question of this cell is held out as train/eval: drop the cell instead of
             # paying generate_problems' bounded search again on each later draw.
-            cells.remove((family, size))
-        pretrain.extend(drawn)
+            del weights[(family, size)]
+        elif not any(skill(drawn[0]) for skill in held_out):
+            pretrain.extend(drawn)
     if len(pretrain) < cfg.pretrain_examples:
         warnings.warn(f"world: only {len(pretrain)} of {cfg.pretrain_examples} pretraining "
                       "examples could be drawn (pretraining cells exhausted by train/eval)",

@@ -1,157 +1,146 @@
-"""Fast tuning loop for the `relift demo` comparison, in-process (no Prefect, no MLflow).
+"""Fast tuning loop for the `relift demo` comparison: the same core, no Prefect, no MLflow.
 
-It runs the same core as the demo flow -- the toy preset's world and base model, the same
-`relift_core.iteration` phases over `build_session`, the same strategies -- and prints held-out
-accuracy per method, per family, per size and per starting level, and the base model's levels.
+It builds the toy preset's world and base model (cached under <workdir>/base_models, keyed as the
+demo keys them), measures the base model's levels, then trains each method with
+`relift_core.iteration.run_iteration` -- the loop the `train` flow runs -- one process per
+(method, seed), `--jobs` at a time, and prints held-out accuracy per method, family and starting
+level, with bootstrap confidence intervals when several seeds ran.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/demo_experiment.py run.iterations=20 sft.lr=1e-3
-    ... --algorithms rl,relift --workdir /tmp/tune/x
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/demo_experiment.py --workdir /tmp/tune/a \\
+        --seeds 0,1 rl.lr=1e-4 sft.lr=3e-4
 
-Base models are cached under <workdir>/../base_models/<key> (the demo's key), so trials that only
-change training settings share one pretraining. Runs never resume: each trial uses a fresh
-workdir (checkpoints are not written).
+Each trial writes into its own fresh directory under --workdir (runs never resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 
-from flows.demo import base_model_key
-from relift_core import iteration as it
-from relift_core.config import load_config
-from relift_core.data import load_examples
-from relift_core.difficulty import LEVELS, DifficultyLedger
-from relift_core.grader import BatchGrader
-from relift_core.models import load_policy
-from relift_core.pretrain import pretrain_base_model
-from relift_core.runtime import build_engine, build_session, seed_everything
-from relift_core.world import write_world
+def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: str,
+              base_dir: str, world_dir: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from relift_core import iteration as it
+    from relift_core.config import load_config
+    from relift_core.data import load_examples
+    from relift_core.runtime import build_session
+
+    name = f"{algo}-s{seed}-{time.time_ns() % 10**9}"
+    iters_override = ["run.iterations=0"] if algo == "base" else []
+    cfg = load_config(preset, [*overrides, *iters_override, f"run.workdir={workdir}",
+                               f"model.init_from={base_dir}", f"run.seed={seed}",
+                               f"algorithm.name={'rl' if algo == 'base' else algo}",
+                               f"run.name={name}", "run.checkpoint_every=1000000",
+                               "run.grader_workers=1"])
+    train = load_examples(Path(world_dir) / "train.parquet")
+    held = load_examples(Path(world_dir) / "eval.parquet")
+    start = time.perf_counter()
+    session = build_session(cfg, train, resume=False)
+    trace = []
+    try:
+        for i in range(cfg.run.iterations):
+            m = it.run_iteration(session, i)
+            trace.append(round(m["accuracy"], 3))
+        eval_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={
+            "n": cfg.eval.samples or 1, "temperature": cfg.eval.temperature,
+            "max_new_tokens": cfg.eval.max_new_tokens})})
+        ro = it.grade(it.rollout(session.engine, session.tokenizer, held, eval_cfg,
+                                 seed=10_000 + seed), session.grader,
+                      require_think=cfg.algorithm.require_think)
+        acc = {q.uid: sum(g.correct for g in gs) / len(gs) for q, gs in zip(held, ro.grades)}
+    finally:
+        session.close()
+    return {"algo": algo, "seed": seed, "accuracy": acc, "demos_used": session.state.demos_used,
+            "train_trace": trace, "seconds": time.perf_counter() - start}
 
 
-def levels_of(cfg, model_dir, questions, grader):
-    seed_everything(cfg.run.seed)
-    model, tok = load_policy(cfg.model.model_copy(update={"init_from": model_dir}), device="cpu",
-                             seed=cfg.run.seed)
-    engine = build_engine(cfg, model, tok, "cpu")
-    ro = it.rollout(engine, tok, questions, cfg, seed=cfg.run.seed)
-    it.grade(ro, grader, require_think=cfg.algorithm.require_think)
-    return {q.uid: lv.value for q, lv in zip(questions, it.classify(DifficultyLedger(), 0, ro))}
-
-
-def evaluate(session, questions, grader):
-    cfg = session.cfg
-    ro = it.rollout(session.engine, session.tokenizer, questions,
-                    cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={
-                        "n": cfg.eval.samples or 1, "temperature": cfg.eval.temperature,
-                        "max_new_tokens": cfg.eval.max_new_tokens})}), seed=cfg.run.seed)
-    it.grade(ro, grader, require_think=cfg.algorithm.require_think)
-    acc = {q.uid: sum(g.correct for g in gs) / len(gs) for q, gs in zip(questions, ro.grades)}
-    lens = [x.length for s in ro.samples for x in s]
-    return acc, sum(lens) / len(lens)
-
-
-def table(rows, keys, cols):
-    out = ["| " + " | ".join(["key"] + cols) + " |"]
-    for k in keys:
-        out.append("| " + " | ".join([str(k)] + [rows[c].get(k, "-") for c in cols]) + " |")
-    return "\n".join(out)
+def render_summary(summary: dict) -> str:
+    lines = [f"seeds {summary['seeds']}  held-out levels {summary['levels']}"]
+    for m, r in summary["runs"].items():
+        lv = " ".join(f"{k[:4]} {v:.3f}" for k, v in r["by_level"].items() if v is not None)
+        fam = " ".join(f"{k} {v:.3f}" for k, v in r["by_family"].items())
+        lines.append(f"{m:7s} {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
+                     f"demos {r['demos_used']:6.0f} | {lv} | {fam}")
+    for k, d in summary["differences"].items():
+        if d["mean"] is not None:
+            lines.append(f"{k:22s} {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--algorithms", default="rl,sft,relift")
+    ap.add_argument("--algorithms", default="base,rl,sft,relift")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--preset", default="toy")
     args = ap.parse_args()
+
+    import torch
+
     torch.set_num_threads(1)
+    from relift_core.config import load_config
+    from relift_core.data import load_examples
+    from relift_core.demo_stats import summarize
+    from relift_core.grader import BatchGrader
+    from relift_core.iteration import measure_levels
+    from relift_core.models import load_policy
+    from relift_core.pretrain import base_model_key, pretrain_base_model
+    from relift_core.runtime import build_engine
+    from relift_core.world import write_world
+
     t0 = time.perf_counter()
     wd = Path(args.workdir)
-    cfg = load_config(args.preset, args.overrides + [f"run.workdir={wd}"])
+    cfg = load_config(args.preset, [*args.overrides, f"run.workdir={wd}"])
     base_dir = wd.parent / "base_models" / base_model_key(cfg)
     if not (base_dir / "config.json").exists():
-        w = cfg.data.world
-        stats = pretrain_base_model(w, cfg.model.tiny, base_dir, steps=w.pretrain_steps,
-                                    lr=w.pretrain_lr, batch_size=w.pretrain_batch_size,
-                                    seed=cfg.run.seed)
-        print(f"pretrain {stats['seconds']:.0f}s final_loss {stats['final_loss']:.3f}", flush=True)
-    cfg = load_config(args.preset, args.overrides + [f"run.workdir={wd}",
-                                                     f"model.init_from={base_dir}"])
-    paths = write_world(cfg.data.world, wd / "world")
-    train = load_examples(paths["train"])
-    held = load_examples(paths["eval"])
-    fam = {q.uid: q.data_source.split("/", 1)[1] for q in train + held}
-    grader = BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s)
-    t1 = time.perf_counter()
-    train_lv = levels_of(cfg, str(base_dir), train, grader)
-    held_lv = levels_of(cfg, str(base_dir), held, grader)
-    print(f"levels measured in {time.perf_counter() - t1:.0f}s; train {len(train)} held {len(held)}")
-    print("train levels:", dict(Counter(train_lv.values())))
-    by_cell = defaultdict(Counter)
-    for u, lv in train_lv.items():
-        by_cell[fam[u]][lv] += 1
-    for c in sorted(by_cell):
-        print(f"  {c}: {dict(by_cell[c])}")
-    print("held levels:", dict(Counter(held_lv.values())), flush=True)
-    grader.close()
+        stats = pretrain_base_model(cfg.data.world, cfg.model.tiny, base_dir)
+        print(f"pretrain {stats['seconds']:.0f}s final_loss {stats['final_loss']:.3f} "
+              f"params {stats['params']}", flush=True)
+    world_dir = wd / "world"
+    write_world(cfg.data.world, world_dir)
+    train, held = load_examples(world_dir / "train.parquet"), load_examples(world_dir / "eval.parquet")
+    cell = {q.uid: q.data_source.split("/", 1)[1] for q in train + held}
+    model, tok = load_policy(cfg.model.model_copy(update={"init_from": str(base_dir)}), device="cpu")
+    engine = build_engine(cfg, model, tok, "cpu")
+    with BatchGrader(workers=2) as grader:
+        train_lv = {u: lv.value for u, lv in measure_levels(engine, tok, grader, train, cfg,
+                                                             seed=0).items()}
+        held_lv = {u: lv.value for u, lv in measure_levels(engine, tok, grader, held, cfg,
+                                                            seed=0).items()}
+    print(f"train levels: {dict(Counter(train_lv.values()))}  held: {dict(Counter(held_lv.values()))}")
+    for c in sorted(set(cell.values())):
+        print(f"  {c}: {dict(Counter(lv for u, lv in train_lv.items() if cell[u] == c))}")
+    print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)
 
-    results = {}
-    for algo in ["base"] + args.algorithms.split(","):
-        ts = time.perf_counter()
-        acfg = cfg.model_copy(update={
-            "algorithm": cfg.algorithm.model_copy(update={"name": algo if algo != "base" else "rl"}),
-            "run": cfg.run.model_copy(update={"name": f"x-{algo}"})})
-        session = build_session(acfg, train, resume=False)
-        trace = []
-        if algo != "base":
-            for i in range(acfg.run.iterations):
-                st, strat = session.state, session.strategy
-                qs = it.draw_questions(st.stream, session.dataset, acfg.rl.prompts_per_step)
-                ro = it.rollout(session.engine, session.tokenizer, qs, acfg, seed=acfg.run.seed * 100_003 + i)
-                it.grade(ro, session.grader, require_think=acfg.algorithm.require_think)
-                lv = it.classify(st.ledger, i, ro)
-                it.collect_demonstrations(st.buffer, strat, i, qs, lv, session.demos)
-                if strat.runs_rl(i):
-                    it.rl_update(session.trainer, ro, pad_id=session.tokenizer.pad_token_id,
-                                 norm_adv_by_std=acfg.algorithm.norm_adv_by_std)
-                while k := strat.sft_batch_size(i, len(st.buffer)):
-                    entries = st.buffer.peek(k)
-                    it.sft_update(session.trainer, session.tokenizer, entries,
-                                  max_target_tokens=acfg.sft.max_target_tokens)
-                    st.buffer.take(k)
-                    st.demos_used += k
-                m = it.rollout_metrics(ro, lv)
-                trace.append(f"{m['accuracy']:.2f}/{m['frac_hardest']:.2f}")
-        acc, rlen = evaluate(session, held, session.grader)
-        session.close()
-        rows = {"family": defaultdict(list), "level": defaultdict(list), "size": defaultdict(list)}
-        for u, a in acc.items():
-            f, s = fam[u].split("/")
-            rows["family"][f].append(a)
-            rows["size"][s].append(a)
-            rows["level"][held_lv[u]].append(a)
-            rows["family"][fam[u]].append(a)
-        results[algo] = {
-            "all": f"{sum(acc.values()) / len(acc):.3f}", "demos": str(session.state.demos_used),
-            "len": f"{rlen:.1f}",
-            **{k: f"{sum(v) / len(v):.2f}" for d in rows.values() for k, v in d.items()}}
-        print(f"{algo}: held-out {results[algo]['all']} demos {session.state.demos_used} "
-              f"({time.perf_counter() - ts:.0f}s) train acc/hardest per iter: {' '.join(trace)}",
-              flush=True)
-    cols = list(results)
-    keys = (["all", "demos", "len", "add", "sub", "mul", "chain", "1", "2", "3"]
-            + [lv.value for lv in LEVELS]
-            + sorted(k for k in results["base"] if "/" in k))
-    print(table(results, keys, cols))
-    print(f"held-out levels: {dict(Counter(held_lv.values()))}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [(a, s) for s in seeds for a in args.algorithms.split(",")]
+    results = []
+    # spawn: a forked child would inherit the parent's grader fork-server connection.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_one, args.preset, args.overrides, a, s, str(wd / "runs"),
+                               str(base_dir), str(world_dir)) for a, s in jobs]
+        for f in futures:
+            r = f.result()
+            results.append(r)
+            mean = sum(r["accuracy"].values()) / len(r["accuracy"])
+            print(f"{r['algo']} s{r['seed']}: held-out {mean:.3f} demos {r['demos_used']} "
+                  f"({r['seconds']:.0f}s) train acc: {r['train_trace'][::4]}", flush=True)
+    summary = summarize(results, held_lv, {u: c.split("/")[0] for u, c in cell.items()})
+    print(render_summary(summary))
+    (wd / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"total {time.perf_counter() - t0:.0f}s")
 
 

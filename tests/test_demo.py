@@ -1,5 +1,6 @@
 """A reduced `relift demo` (the README's main job): real pretraining of the proof-world's base
-model, then RL, SFT and ReLIFT for a few iterations each, on Prefect and MLflow."""
+model, then RL, SFT and ReLIFT for a few iterations each over two seeds, two trainings at a time
+in worker processes, on Prefect and MLflow; results.json with confidence intervals."""
 
 from __future__ import annotations
 
@@ -9,42 +10,55 @@ import pytest
 from mlflow import MlflowClient
 
 from relift_core.checkpoint import latest_checkpoint
-from tests.test_flows import prefect_server  # noqa: F401  (shared server fixture)
 
 pytestmark = pytest.mark.slow
 
 REDUCED = ["run.iterations=3", "data.world.train_per_cell=24", "data.world.eval_per_cell=4",
-           "eval.samples=2", "rl.prompts_per_step=12", "rl.mini_batch_size=12",
-           "run.grader_workers=1"]
+           "data.world.pretrain_steps=150", "eval.samples=2", "rl.prompts_per_step=12",
+           "rl.mini_batch_size=12", "run.grader_workers=1", "algorithm.sft_buffer_threshold=4"]
 
 
-def test_reduced_demo_mechanics(prefect_server, tmp_path):  # noqa: F811
+def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     from flows.demo import demo
 
-    result = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}"], name="demo")
+    result = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}"], name="demo",
+                  seeds=[0, 1])
+    summary = result["summary"]
 
-    # Every difficulty level is populated at the start (the base model on the training set).
-    levels = result["train_levels"]
-    assert all(levels.get(lv, 0) > 0 for lv in ("hardest", "hard", "medium", "easy")), levels
+    # results.json: the documented shape, one entry per method, the paper's four claims.
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["seconds"] > 0
+    assert set(saved["runs"]) == {"base", "rl", "sft", "relift"}
+    for run in saved["runs"].values():
+        lo, hi = run["ci"]
+        assert lo <= run["accuracy"] <= hi
+        assert set(run["by_level"]) == {"hardest", "hard", "medium", "easy"}
+    assert set(saved["differences"]) == {"rl-base@non_hardest", "sft-rl@hardest", "relift-rl",
+                                         "relift-sft"}
+    assert saved == json.loads(json.dumps(summary))
 
-    # All three runs completed, in one MLflow parent run.
+    # Eight trainings (4 methods x 2 seeds) under one MLflow parent, all finished.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     children = client.search_runs(
         [client.get_experiment_by_name("relift").experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")
-    # rl, sft, relift, and the base model evaluated as a 0-iteration run (tagged rl).
-    assert sorted(c.data.tags["relift.algorithm"] for c in children) == ["relift", "rl", "rl", "sft"]
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert set(result["tables"]["summary"]["accuracy"]) == {"base", "rl", "sft", "relift"}
+    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.params["demo.seeds"] == "0,1"
 
-    # ReLIFT fine-tuned only on questions that were hardest when they entered the buffer.
-    state = json.loads((latest_checkpoint(tmp_path / "demo-relift" / "checkpoints")
+    # ReLIFT fine-tuned only on questions that were hardest when they entered the buffer; RL
+    # never fine-tunes; SFT fine-tunes on questions of every level.
+    tag = saved["config_hash"]
+    state = json.loads((latest_checkpoint(tmp_path / f"demo-{tag}-relift-s0" / "checkpoints")
                         / "state.json").read_text())["extra_state"]
-    assert state["demos_used"] > 0 and len(state["sft_log"]) == state["demos_used"]
-    assert {e["level_when_added"] for e in state["sft_log"]} == {"hardest"}
-    # RL never fine-tunes; SFT fine-tunes on questions of every level.
-    assert result["tables"]["summary"]["demos_used"]["rl"] == 0
-    sft_state = json.loads((latest_checkpoint(tmp_path / "demo-sft" / "checkpoints")
-                            / "state.json").read_text())["extra_state"]
-    assert len({e["level_when_added"] for e in sft_state["sft_log"]}) > 1
+    assert len(state["sft_log"]) == state["demos_used"]
+    assert {e["level_when_added"] for e in state["sft_log"]} <= {"hardest"}
+    assert summary["runs"]["rl"]["demos_used"] == 0
+    assert summary["runs"]["sft"]["demos_used"] == 3 * 12
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 0
+
+    # A changed override never reuses these runs: it gets another config hash, fresh run names.
+    again = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}", "rl.lr=1e-5"],
+                 name="demo", seeds=[0], algorithms=["rl"])
+    assert again["summary"]["config_hash"] != tag
+    assert (tmp_path / f"demo-{again['summary']['config_hash']}-rl-s0").is_dir()

@@ -21,14 +21,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _overrides(tmp: Path, algo: str) -> list[str]:
     return TINY + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}"]
 

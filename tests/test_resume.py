@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from relift_core.checkpoint import latest_checkpoint
-from tests.test_flows import TINY, prefect_server  # noqa: F401  (shared server fixture)
+from tests.test_flows import TINY
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def _final_state(workdir: Path) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def test_sigkill_then_resume_loses_nothing(prefect_server, tmp_path):  # noqa: F811
+def test_sigkill_then_resume_loses_nothing(prefect_server, tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     env = _env()
 

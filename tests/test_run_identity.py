@@ -1,0 +1,105 @@
+"""A run name is one experiment, held by one process: resume refuses another config (naming the
+keys), run.resume=force resumes anyway and says so, a second process is refused at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from relift_core.config import load_config
+from relift_core.data import examples_from_records
+from relift_core.run_lock import RunLock, RunLockedError
+from relift_core.runtime import ResumeRefused, build_session
+from relift_core.world import build_world, problem_to_record
+
+TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+        "data.world.train_per_cell=3", "data.world.eval_per_cell=1",
+        "data.world.pretrain_examples=0", "run.grader_workers=1", "run.name=ref",
+        "algorithm.name=relift"]
+
+
+def session_for(tmp_path, *extra: str):
+    cfg = load_config("toy", [*TINY, f"run.workdir={tmp_path}", *extra])
+    problems = build_world(cfg.data.world)["train"]
+    dataset = examples_from_records([problem_to_record(p, index=i) for i, p in enumerate(problems)],
+                                    origin="world")
+    return build_session(cfg, dataset)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    session = session_for(tmp_path)
+    session.state.iteration = 1
+    session.save()
+    session.close()
+    return tmp_path
+
+
+def test_same_config_resumes(finished_run):
+    session = session_for(finished_run, "run.iterations=50", "eval.samples=3")  # not experiment keys
+    try:
+        assert session.resumed_from is not None and session.state.iteration == 1
+        assert session.resumed_with_changes == {}
+    finally:
+        session.close()
+
+
+def test_changed_config_is_refused_naming_the_keys(finished_run):
+    with pytest.raises(ResumeRefused) as err:
+        session_for(finished_run, "rl.lr=0.01", "algorithm.name=rl")
+    message = str(err.value)
+    assert "rl.lr: 0.0003 -> 0.01" in message and "algorithm.name: 'relift' -> 'rl'" in message
+    assert "run.resume=force" in message
+    # A seed change is named as what it is, not as "the training set changed".
+    with pytest.raises(ResumeRefused, match="run.seed: 0 -> 1"):
+        session_for(finished_run, "run.seed=1")
+    # Nothing was locked or written by the refused attempts.
+    assert not RunLock(finished_run / "ref").acquire().release()
+
+
+def test_force_resumes_and_records_the_changes(finished_run):
+    session = session_for(finished_run, "rl.lr=0.01", "run.resume=force")
+    try:
+        assert session.state.iteration == 1
+        assert session.resumed_with_changes == {"rl.lr": (0.0003, 0.01)}
+    finally:
+        session.close()
+
+
+def test_never_refuses_existing_checkpoints(finished_run):
+    with pytest.raises(ResumeRefused, match="run.resume=never"):
+        session_for(finished_run, "run.resume=never")
+
+
+def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
+    session = session_for(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            session_for(tmp_path)
+    finally:
+        session.close()
+    session_for(tmp_path).close()  # released on close
+
+
+def test_the_lock_dies_with_its_holder(tmp_path):
+    run_dir = tmp_path / "held"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from relift_core.run_lock import RunLock
+        RunLock({str(run_dir)!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"pid {child.pid}"):
+            RunLock(run_dir).acquire()
+        child.kill()  # SIGKILL: no cleanup code runs
+        child.wait()
+        RunLock(run_dir).acquire().release()
+    finally:
+        child.kill()

@@ -1,0 +1,105 @@
+"""The three decisions that make RL, SFT and ReLIFT different (relift_core.strategies), and the
+loop's use of them (relift_core.iteration.run_iteration) on a real tiny session."""
+
+from __future__ import annotations
+
+import pytest
+
+from relift_core.difficulty import Level
+from relift_core.strategies import strategy_for
+
+
+def test_relift_collects_only_hardest_and_runs_rl():
+    s = strategy_for("relift", sft_threshold=4)
+    assert s.runs_rl(0)
+    assert [s.collects(0, lv) for lv in Level] == [lv is Level.HARDEST for lv in Level]
+
+
+def test_relift_fine_tunes_once_per_iteration_on_threshold_entries():
+    s = strategy_for("relift", sft_threshold=4)
+    assert s.sft_batch_size(0, 3) == 0  # not enough yet
+    assert s.sft_batch_size(0, 4) == 4 and s.sft_batch_size(0, 11) == 4
+    assert s.max_sft_steps(0) == 1  # the paper: at most one step per iteration
+    drain = strategy_for("relift", sft_threshold=4, relift_steps_per_iteration=None)
+    assert drain.max_sft_steps(0) > 2  # the ablation drains in steps of the threshold
+
+
+def test_rl_never_collects_or_fine_tunes():
+    s = strategy_for("rl", sft_threshold=4)
+    assert s.runs_rl(0) and not any(s.collects(0, lv) for lv in Level)
+    assert s.sft_batch_size(0, 100) == 0 and s.max_sft_steps(0) == 0
+
+
+def test_sft_collects_everything_and_consumes_it_in_one_step():
+    s = strategy_for("sft", sft_threshold=128)
+    assert not s.runs_rl(0) and all(s.collects(0, lv) for lv in Level)
+    assert s.sft_batch_size(0, 7) == 7 and s.max_sft_steps(0) == 1
+
+
+def test_sft_then_rl_switches():
+    s = strategy_for("sft_then_rl", sft_threshold=4, sft_then_rl_switch=2)
+    assert [s.runs_rl(i) for i in range(4)] == [False, False, True, True]
+    assert s.collects(1, Level.EASY) and not s.collects(2, Level.HARDEST)
+
+
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        strategy_for("ppo", sft_threshold=4)
+
+
+TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+        "data.world.train_per_cell=3", "data.world.eval_per_cell=1",
+        "data.world.pretrain_examples=0", "rollout.n=4", "rollout.max_new_tokens=16",
+        "rl.prompts_per_step=6", "rl.mini_batch_size=6", "sft.mini_batch_size=4",
+        "sft.max_target_tokens=48", "algorithm.sft_buffer_threshold=2", "run.grader_workers=1",
+        "run.iterations=2"]
+
+
+@pytest.fixture
+def tiny_session(tmp_path):
+    from relift_core.config import load_config
+    from relift_core.data import examples_from_records
+    from relift_core.runtime import build_session
+    from relift_core.world import build_world, problem_to_record
+
+    def make(algo: str, *extra: str):
+        cfg = load_config("toy", [*TINY, f"algorithm.name={algo}", f"run.workdir={tmp_path}",
+                                  f"run.name={algo}", *extra])
+        problems = build_world(cfg.data.world)["train"]
+        dataset = examples_from_records(
+            [problem_to_record(p, index=i) for i, p in enumerate(problems)], origin="world")
+        return build_session(cfg, dataset)
+
+    return make
+
+
+def test_run_iteration_relift_buffers_hardest_and_fine_tunes(tiny_session):
+    from relift_core.iteration import run_iteration
+    from relift_core.tracker import InMemoryTracker
+
+    session = tiny_session("relift")  # a random model: every question is hardest
+    tracker = InMemoryTracker()
+    try:
+        m = run_iteration(session, 0, tracker=tracker)
+    finally:
+        session.close()
+    assert m["frac_hardest"] == 1.0 and m["demos_collected"] == 6
+    # One fine-tuning step on the threshold (2) newest entries; the other 4 wait.
+    assert m["sft_steps"] == 1 and m["demos_used"] == 2 and m["buffer_size"] == 4
+    assert {e["level_when_added"] for e in session.state.sft_log} == {"hardest"}
+    # Every group all-wrong: zero advantages, the RL step is skipped rather than run on nothing.
+    assert m["rl/rl_skipped"] == 1.0
+    assert session.state.iteration == 1
+    assert (session.checkpoint_dir / "step_000001").is_dir()
+    assert tracker.metrics[0][0] == 0 and tracker.history("accuracy") == [0.0]
+
+
+def test_run_iteration_sft_uses_every_question(tiny_session):
+    from relift_core.iteration import run_iteration
+
+    session = tiny_session("sft")
+    try:
+        m = run_iteration(session, 0)
+    finally:
+        session.close()
+    assert m["demos_used"] == 6 and m["buffer_size"] == 0 and "rl/rl_skipped" not in m
