@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +96,31 @@ def demo(preset: str = "toy", overrides: list[str] | None = None,
     algorithms = list(algorithms or DEMO_ALGORITHMS)
     cfg = load_config(preset, overrides)
     seeds = list(seeds) if seeds else [cfg.run.seed]
-    logger = get_run_logger()
-    # Worker processes report their flow runs to this flow's Prefect server (the temporary one
-    # by default) rather than each starting its own.
+    with _workers_report_here():
+        return _compare(preset, overrides, algorithms, seeds, name, cfg, start)
+
+
+@contextmanager
+def _workers_report_here() -> Iterator[None]:
+    """Worker processes report their flow runs to this flow's Prefect server (the temporary one
+    by default) rather than each starting its own: they inherit PREFECT_API_URL when they start.
+    Set only for the flow's life, so a later flow in this process never reaches for a temporary
+    server that has stopped."""
     from prefect.client.orchestration import get_client
 
-    os.environ.setdefault("PREFECT_API_URL", str(get_client().api_url))
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    os.environ["PREFECT_API_URL"] = str(get_client().api_url)
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
+
+def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: list[int],
+             name: str, cfg: ExperimentConfig, start: float) -> dict[str, Any]:
+    logger = get_run_logger()
     base_dir = build_base_model(cfg.model_dump(mode="json"))
     data = prepare_data(cfg.model_dump(mode="json"))
     base_overrides = [*overrides, f"model.init_from={base_dir}"]
@@ -156,8 +176,8 @@ def demo(preset: str = "toy", overrides: list[str] | None = None,
         parent.log_text(text, "comparison.md")
         parent.log_metrics({f"{m}/heldout_accuracy": r["accuracy"] for m, r in summary["runs"].items()}
                            | {f"{m}/demos_used": r["demos_used"] for m, r in summary["runs"].items()}
-                           | {f"diff/{k}": d["mean"] for k, d in summary["differences"].items()
-                              if d["mean"] is not None})
+                           | {f"diff/{_metric_name(k)}": d["mean"]
+                              for k, d in summary["differences"].items() if d["mean"] is not None})
         create_markdown_artifact(markdown=text, key="demo-comparison",
                                  description="RL vs SFT vs ReLIFT on the proof-world")
         close_run(parent)
@@ -168,6 +188,12 @@ def demo(preset: str = "toy", overrides: list[str] | None = None,
     return {"summary": summary, "markdown": text, "figure": str(figure),
             "results_path": str(out_dir / "results.json"), "mlflow_run_id": parent.run_id,
             "train_levels": counts, "runs": {r["run_name"]: r["mlflow_run_id"] for r in results}}
+
+
+def _metric_name(claim: str) -> str:
+    """A claim key as an MLflow metric name, which may not hold '@':
+    `rl-base@non_hardest` -> `rl-base_at_non_hardest` (results.json keeps the claim keys)."""
+    return claim.replace("@", "_at_")
 
 
 def _sources(path: str) -> dict[str, str]:
