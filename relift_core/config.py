@@ -9,10 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -67,6 +75,10 @@ class WorldConfig(_Section):
     # their operands (47+58=105), `mul_carry_out` the same for products (64*3=192): every step
     # is a known fact, only writing the final carry into the answer is new.
     pretrain_holdout: list[Literal["add_carry_out", "mul_carry_out"]] = []
+    # Share of pretraining demonstrations whose final answer has one digit miscopied (the steps
+    # stay right), as a web corpus holds careless solutions: the base model is unsure where it
+    # should not be, and sampling at temperature 1 shows it -- what RL sharpens away.
+    pretrain_noise: float = Field(0.0, ge=0, lt=1)
     pretrain_examples: int = Field(4000, ge=0)
     # The base model's pretraining (relift_core.pretrain): next-token loss on the pretrain split.
     pretrain_steps: int = Field(1000, ge=0)
@@ -127,8 +139,22 @@ class AlgorithmConfig(_Section):
     sft_then_rl_switch: int = Field(1, ge=0)  # sft_then_rl: iterations of SFT before RL
 
 
+def _sane_lr(v: Any) -> Any:
+    # Before pydantic's own checks, so inf, nan and absurd values get a message that says why.
+    try:
+        lr = float(v)
+    except (TypeError, ValueError):
+        return v  # not a number: pydantic reports the type
+    if not 0.0 < lr <= 1.0:  # also false for nan; inf is > 1
+        raise ValueError("the learning rate must be a finite number in (0, 1]")
+    return v
+
+
+LearningRate = Annotated[float, BeforeValidator(_sane_lr)]
+
+
 class RLConfig(_Section):
-    lr: float = Field(1e-6, gt=0)
+    lr: LearningRate = 1e-6
     prompts_per_step: int = Field(128, gt=0)
     mini_batch_size: int = Field(64, gt=0)  # prompts per optimizer step
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward (gradient accumulation)
@@ -136,38 +162,14 @@ class RLConfig(_Section):
     grad_clip: float = Field(0.7, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 
-    @field_validator("lr", mode="before")
-    @classmethod
-    def _sane_lr(cls, v: Any) -> Any:
-        # Before pydantic's own checks, so inf, nan and absurd values get a message that says why.
-        try:
-            lr = float(v)
-        except (TypeError, ValueError):
-            return v  # not a number: pydantic reports the type
-        if not 0.0 < lr <= 1.0:  # also false for nan; inf is > 1
-            raise ValueError("the learning rate must be a finite number in (0, 1]")
-        return v
-
 
 class SFTConfig(_Section):
-    lr: float = Field(1e-6, gt=0)
+    lr: LearningRate = 1e-6
     mini_batch_size: int = Field(128, gt=0)
     micro_batch_size: int = Field(8, gt=0)
     epochs: int = Field(1, gt=0)
     grad_clip: float = Field(0.7, gt=0)
     max_target_tokens: int = Field(8192, gt=0)
-
-    @field_validator("lr", mode="before")
-    @classmethod
-    def _sane_lr(cls, v: Any) -> Any:
-        # Before pydantic's own checks, so inf, nan and absurd values get a message that says why.
-        try:
-            lr = float(v)
-        except (TypeError, ValueError):
-            return v  # not a number: pydantic reports the type
-        if not 0.0 < lr <= 1.0:  # also false for nan; inf is > 1
-            raise ValueError("the learning rate must be a finite number in (0, 1]")
-        return v
 
 
 class EvalConfig(_Section):

@@ -132,6 +132,19 @@ def measure_levels(engine: RolloutEngine, tokenizer, grader: BatchGrader,
     return {q.uid: lv for q, lv in zip(questions, classify(ledger, iteration, rollouts), strict=True)}
 
 
+def sampled_accuracy(engine: RolloutEngine, tokenizer, grader: BatchGrader,
+                     questions: list[Example], cfg: ExperimentConfig, *,
+                     seed: int) -> dict[str, float]:
+    """uid -> share of eval.samples answers (at the evaluation temperature) that are right:
+    avg@k per question, as the evaluation flow measures it, without writing records."""
+    eval_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={
+        "n": cfg.eval.samples or 1, "temperature": cfg.eval.temperature,
+        "top_p": cfg.eval.top_p, "max_new_tokens": cfg.eval.max_new_tokens})})
+    rollouts = grade(rollout(engine, tokenizer, questions, eval_cfg, seed=seed), grader,
+                     require_think=cfg.algorithm.require_think)
+    return {q.uid: acc for q, acc in zip(questions, accuracies(rollouts), strict=True)}
+
+
 def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: int,
                            questions: list[Example], levels: list[Level],
                            source: DemonstrationSource) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Algorithms as strategies over one loop (DESIGN.md): they differ only in three decisions.
+"""Algorithms as strategies over one loop (ARCHITECTURE.md): they differ only in three decisions.
 
 - does this iteration run an RL update?
 - which questions' demonstrations go into the buffer?

@@ -193,6 +193,16 @@ def pretrain_cells(cfg: WorldConfig) -> dict[tuple[str, int], float]:
     return {(f, s): 1.0 for f in cfg.pretrain_families for s in cfg.pretrain_sizes}
 
 
+def miscopy_answer(p: Problem, rng: random.Random) -> Problem:
+    """`p` with one digit of its boxed answer replaced by another digit (steps unchanged)."""
+    digits = [i for i, c in enumerate(p.answer) if c.isdigit()]
+    i = rng.choice(digits)
+    wrong = rng.choice([d for d in "0123456789" if d != p.answer[i]])
+    answer = p.answer[:i] + wrong + p.answer[i + 1 :]
+    head = p.demonstration.rsplit("\\boxed{", 1)[0]
+    return Problem(p.uid, p.family, p.size, p.question, answer, f"{head}\\boxed{{{answer}}}")
+
+
 def has_carry_out(p: Problem, family: str) -> bool:
     """A multi-digit `family` problem whose answer has more digits than its operands."""
     return p.family == family and p.size >= 2 and len(p.answer) > p.size
@@ -239,7 +249,10 @@ def build_world(cfg: WorldConfig) -> dict[str, list[Problem]]:
             # paying generate_problems' bounded search again on each later draw.
             del weights[(family, size)]
         elif not any(skill(drawn[0]) for skill in held_out):
-            pretrain.extend(drawn)
+            problem = drawn[0]
+            if cfg.pretrain_noise and rng.random() < cfg.pretrain_noise:
+                problem = miscopy_answer(problem, rng)
+            pretrain.append(problem)
     if len(pretrain) < cfg.pretrain_examples:
         warnings.warn(f"world: only {len(pretrain)} of {cfg.pretrain_examples} pretraining "
                       "examples could be drawn (pretraining cells exhausted by train/eval)",

@@ -52,13 +52,8 @@ def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: 
         for i in range(cfg.run.iterations):
             m = it.run_iteration(session, i)
             trace.append(round(m["accuracy"], 3))
-        eval_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={
-            "n": cfg.eval.samples or 1, "temperature": cfg.eval.temperature,
-            "max_new_tokens": cfg.eval.max_new_tokens})})
-        ro = it.grade(it.rollout(session.engine, session.tokenizer, held, eval_cfg,
-                                 seed=10_000 + seed), session.grader,
-                      require_think=cfg.algorithm.require_think)
-        acc = {q.uid: sum(g.correct for g in gs) / len(gs) for q, gs in zip(held, ro.grades)}
+        acc = it.sampled_accuracy(session.engine, session.tokenizer, session.grader, held, cfg,
+                                  seed=10_000 + seed)
     finally:
         session.close()
     return {"algo": algo, "seed": seed, "accuracy": acc, "demos_used": session.state.demos_used,

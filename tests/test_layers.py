@@ -1,4 +1,4 @@
-"""The layering rule of DESIGN.md: relift_core never imports Prefect or MLflow."""
+"""The layering rule of ARCHITECTURE.md: relift_core never imports Prefect or MLflow."""
 
 import subprocess
 import sys
