@@ -137,6 +137,18 @@ class AlgorithmConfig(_Section):
     sft_buffer_order: Literal["newest", "oldest"] = "newest"
     sft_steps_per_iteration: Literal["one", "drain"] = "one"
     sft_then_rl_switch: int = Field(1, ge=0)  # sft_then_rl: iterations of SFT before RL
+    # Where a demonstration comes from: the dataset's `target` column, or a teacher model
+    # (`teacher_model`: a local policy directory) whose answers enter the buffer only if the
+    # grader verifies them (the first right one of `teacher_attempts` samples).
+    demonstrations: Literal["dataset", "teacher"] = "dataset"
+    teacher_model: str | None = None
+    teacher_attempts: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _teacher_named(self) -> AlgorithmConfig:
+        if self.demonstrations == "teacher" and not self.teacher_model:
+            raise ValueError("algorithm.demonstrations=teacher needs algorithm.teacher_model")
+        return self
 
 
 def _sane_lr(v: Any) -> Any:

@@ -33,6 +33,8 @@ class TeacherDemonstrations:
         self.engine, self.tokenizer, self.grader = engine, tokenizer, grader
         self.attempts, self.temperature = attempts, temperature
         self.max_new_tokens, self.require_think = max_new_tokens, require_think
+        self.verified = 0  # teacher answers the grader accepted (and so entered the buffer)
+        self.rejected = 0  # questions none of whose `attempts` answers was right
 
     def demonstrations(self, examples: list[Example]) -> list[str | None]:
         if not examples:
@@ -46,5 +48,8 @@ class TeacherDemonstrations:
             grades = self.grader.grade(texts, [ex.ground_truth] * len(texts),
                                        answer_type_for(ex.data_source), self.require_think)
             # The first verified answer; a question the teacher cannot solve gets none.
-            out.append(next((t for t, g in zip(texts, grades) if g.correct), None))
+            chosen = next((t for t, g in zip(texts, grades) if g.correct), None)
+            self.verified += chosen is not None
+            self.rejected += chosen is None
+            out.append(chosen)
         return out

@@ -3,15 +3,12 @@
 It plays the role a pretrained LLM plays in the paper: competent on what pretraining showed,
 shaky at its edges, ignorant of the rest -- so that its training questions fall into all four
 difficulty levels and RL, SFT and ReLIFT have something different to do on each.
-`measure_difficulty` is the check: per-question accuracy over n sampled rollouts.
+The levels it leaves are measured by `relift_core.iteration.measure_levels`, like any policy's.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from transformers import (
 
 from relift_core.char_tokenizer import build_char_tokenizer
 from relift_core.config import TinyModelConfig, WorldConfig
-from relift_core.models import build_tiny_model
+from relift_core.models import build_tiny_model, save_policy
 from relift_core.world import Problem, build_world
 
 IGNORE_INDEX = -100
@@ -140,23 +137,6 @@ def train_on_problems(
     return losses
 
 
-def save_model_atomically(
-    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: Path
-) -> None:
-    """save_pretrained into a sibling temp dir, then rename: a reader never sees half a model."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def load_base_model(path: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerBase]:
     """Load a saved base model and its character tokenizer.
 
@@ -209,7 +189,7 @@ def pretrain_base_model(
         progress=progress,
     )
     seconds = time.perf_counter() - start
-    save_model_atomically(model, tokenizer, out_dir)
+    save_policy(model, tokenizer, out_dir)
     tail = losses[-max(1, min(20, len(losses))) :]
     return {
         "initial_loss": losses[0] if losses else float("nan"),
@@ -220,65 +200,3 @@ def pretrain_base_model(
         "examples": len(problems),
         "out_dir": str(out_dir),
     }
-
-
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def extract_boxed_answer(text: str) -> str | None:
-    """The last \\boxed{...} after the last </think>; None when either is missing."""
-    if "</think>" not in text:
-        return None
-    found = _BOXED.findall(text.rsplit("</think>", 1)[1])
-    return found[-1].strip() if found else None
-
-
-def is_correct(text: str, answer: str) -> bool:
-    """Exact integer match -- enough for this world (the platform's Grader uses math-verify)."""
-    got = extract_boxed_answer(text)
-    try:
-        return got is not None and int(got) == int(answer)
-    except ValueError:
-        return False
-
-
-@torch.no_grad()
-def measure_difficulty(
-    model: Qwen2ForCausalLM,
-    tokenizer: PreTrainedTokenizerBase,
-    problems: Sequence[Problem],
-    *,
-    n: int = 8,
-    temperature: float = 1.0,
-    max_new_tokens: int = 96,
-    seed: int = 0,
-    batch_prompts: int = 64,
-) -> dict[str, float]:
-    """uid -> fraction of n sampled rollouts whose boxed answer is right."""
-    model.eval()
-    torch.manual_seed(seed)
-    tokenizer.padding_side = "left"
-    accuracy: dict[str, float] = {}
-    for start in range(0, len(problems), batch_prompts):
-        chunk = list(problems[start : start + batch_prompts])
-        enc = tokenizer(
-            [render_prompt(tokenizer, p.question) for p in chunk],
-            return_tensors="pt", padding=True, add_special_tokens=False,
-        )
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,  # pure temperature sampling, as the paper's rollouts (HF defaults to 50)
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :],
-                                       skip_special_tokens=False)
-        for i, p in enumerate(chunk):  # num_return_sequences keeps each prompt's n together
-            right = sum(is_correct(t, p.answer) for t in texts[i * n : (i + 1) * n])
-            accuracy[p.uid] = right / n
-    return accuracy

@@ -15,7 +15,11 @@ from relift_core.checkpoint import STATE_JSON, latest_checkpoint, load_checkpoin
 from relift_core.config import ExperimentConfig, config_differences
 from relift_core.data import Example
 from relift_core.demo_buffer import DemoBuffer
-from relift_core.demonstrations import DatasetDemonstrations, DemonstrationSource
+from relift_core.demonstrations import (
+    DatasetDemonstrations,
+    DemonstrationSource,
+    TeacherDemonstrations,
+)
 from relift_core.difficulty import DifficultyLedger
 from relift_core.grader import BatchGrader
 from relift_core.iteration import RunState
@@ -75,6 +79,18 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngi
     return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device)
 
 
+def demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
+    if cfg.algorithm.demonstrations == "dataset":
+        return DatasetDemonstrations()
+    teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
+    teacher, tokenizer = load_policy(teacher_cfg, device=str(device), seed=cfg.run.seed)
+    engine = HFRolloutEngine(teacher, tokenizer, batch_size=cfg.rollout.batch_size, device=device)
+    return TeacherDemonstrations(engine, tokenizer, grader, attempts=cfg.algorithm.teacher_attempts,
+                                 temperature=cfg.eval.temperature,
+                                 max_new_tokens=cfg.rollout.max_new_tokens,
+                                 require_think=cfg.algorithm.require_think)
+
+
 class ResumeRefused(RuntimeError):
     """The run name's checkpoints belong to another experiment (or run.resume=never)."""
 
@@ -130,14 +146,21 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
         ledger=DifficultyLedger(),
         stream=QuestionStream(len(dataset), seed=cfg.run.seed, shuffle=cfg.data.shuffle),
     )
-    if resumed_from is not None:
-        restored = load_checkpoint(resumed_from, model=model, trainer=trainer)
-        state.load_extra_state(restored["extra_state"])
+    grader = BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s)
+    try:
+        # Before the checkpoint: loading a teacher must not disturb the RNG states it restores.
+        demos = demonstration_source(cfg, grader, device)
+        if resumed_from is not None:
+            restored = load_checkpoint(resumed_from, model=model, trainer=trainer)
+            state.load_extra_state(restored["extra_state"])
+    except BaseException:
+        grader.close()
+        raise
     return TrainSession(
         cfg=cfg, model=model, tokenizer=tokenizer,
         engine=build_engine(cfg, model, tokenizer, device), trainer=trainer,
-        grader=BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s),
-        demos=DatasetDemonstrations(),
+        grader=grader,
+        demos=demos,
         strategy=strategy_for(cfg.algorithm.name, sft_threshold=cfg.algorithm.sft_buffer_threshold,
                               sft_then_rl_switch=cfg.algorithm.sft_then_rl_switch,
                               relift_steps_per_iteration=(

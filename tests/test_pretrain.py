@@ -1,16 +1,8 @@
-import random
 
 import torch
 
 from relift_core.config import TinyModelConfig, WorldConfig
-from relift_core.pretrain import (
-    extract_boxed_answer,
-    is_correct,
-    load_base_model,
-    measure_difficulty,
-    pretrain_base_model,
-)
-from relift_core.world import generate_problems
+from relift_core.pretrain import load_base_model, pretrain_base_model
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                        intermediate_size=64, max_position_embeddings=128)
@@ -33,21 +25,3 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     # Saving again over the same dir replaces it whole.
     pretrain_base_model(WORLD, TINY, tmp_path / "base", steps=1, lr=5e-3, batch_size=8)
     assert load_base_model(tmp_path / "base")[0] is not None
-
-
-def test_measure_difficulty_gives_an_accuracy_per_uid(tmp_path):
-    torch.set_num_threads(1)
-    pretrain_base_model(WORLD, TINY, tmp_path / "base", steps=2, lr=5e-3, batch_size=4)
-    model, tokenizer = load_base_model(tmp_path / "base")
-    problems = generate_problems("add", 1, 3, random.Random(0))
-    acc = measure_difficulty(model, tokenizer, problems, n=2, max_new_tokens=8)
-    assert set(acc) == {p.uid for p in problems}
-    assert all(0.0 <= a <= 1.0 for a in acc.values())
-
-
-def test_grading_reads_the_last_box_after_the_last_think():
-    assert extract_boxed_answer("<think>\\boxed{1}</think> \\boxed{2} \\boxed{3}") == "3"
-    assert extract_boxed_answer("\\boxed{3}") is None
-    assert extract_boxed_answer("<think>x</think> no box") is None
-    assert is_correct("<think>7+8=15</think> \\boxed{015}", "15")
-    assert not is_correct("<think>7+8=15</think> \\boxed{1.5}", "15")

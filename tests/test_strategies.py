@@ -103,3 +103,49 @@ def test_run_iteration_sft_uses_every_question(tiny_session):
     finally:
         session.close()
     assert m["demos_used"] == 6 and m["buffer_size"] == 0 and "rl/rl_skipped" not in m
+
+
+def test_teacher_demonstrations_enter_the_buffer_only_when_verified(tiny_session, tmp_path):
+    """A teacher (here a policy dir) answers the hardest questions; only answers the grader
+    accepts are buffered, and the counts say how many were verified and rejected."""
+    from relift_core.demonstrations import TeacherDemonstrations
+    from relift_core.iteration import collect_demonstrations
+    from relift_core.models import save_policy
+    from relift_core.rollout import Sample
+
+    first = tiny_session("relift")
+    teacher_dir = tmp_path / "teacher"
+    save_policy(first.model, first.tokenizer, teacher_dir)
+    first.close()
+    session = tiny_session("relift", "algorithm.demonstrations=teacher",
+                           f"algorithm.teacher_model={teacher_dir}", "run.name=teach")
+    try:
+        source = session.demos
+        assert isinstance(source, TeacherDemonstrations)
+        questions = session.dataset[:4]
+
+        class Scripted:  # a teacher that is right on the first two questions only
+            def generate(self, prompts, **kw):
+                return [[Sample(prompt_index=i, prompt_ids=[], response_ids=[], text=(
+                    f"<think>x</think> \\boxed{{{q.ground_truth if i < 2 else 'nope'}}}"),
+                    length=1, finish_reason="eos")] * kw["n"]
+                    for i, (q, _) in enumerate(zip(questions, prompts, strict=True))]
+
+        source.engine = Scripted()
+        from relift_core.difficulty import Level
+
+        counts = collect_demonstrations(session.state.buffer, session.strategy, 0, questions,
+                                        [Level.HARDEST] * 4, source)
+        assert counts["demos_collected"] == 2 and counts["demos_unavailable"] == 2
+        assert counts["teacher_verified"] == 2 and counts["teacher_rejected"] == 2
+        buffered = session.state.buffer.peek(2)
+        assert {e.uid for e in buffered} == {q.uid for q in questions[:2]}
+    finally:
+        session.close()
+
+
+def test_teacher_without_a_model_is_refused():
+    from relift_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="teacher_model"):
+        load_config("toy", ["algorithm.demonstrations=teacher"])
