@@ -20,10 +20,17 @@ class DemonstrationSource(Protocol):
         """One demonstration per example, or None where there is no good one."""
         ...
 
+    def counts(self) -> dict[str, float]:
+        """Running totals worth logging with each step's metrics (none for a dataset)."""
+        ...
+
 
 class DatasetDemonstrations:
     def demonstrations(self, examples: list[Example]) -> list[str | None]:
         return [ex.target or None for ex in examples]
+
+    def counts(self) -> dict[str, float]:
+        return {}
 
 
 class TeacherDemonstrations:
@@ -53,3 +60,6 @@ class TeacherDemonstrations:
             self.rejected += chosen is None
             out.append(chosen)
         return out
+
+    def counts(self) -> dict[str, float]:
+        return {"teacher_verified": float(self.verified), "teacher_rejected": float(self.rejected)}

@@ -161,11 +161,8 @@ def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: in
     buffer.add_all([DemoEntry(uid=q.uid, prompt=list(q.prompt), demonstration=demo,
                               iteration_added=iteration, level_when_added=level.value)
                     for (q, level), demo in zip(wanted, demos, strict=True) if demo])
-    out = {"demos_collected": float(len(buffer) - before),
-           "demos_unavailable": float(sum(not d for d in demos))}
-    if hasattr(source, "verified"):  # a teacher: how many of its answers the grader accepted
-        out.update(teacher_verified=float(source.verified), teacher_rejected=float(source.rejected))
-    return out
+    return {"demos_collected": float(len(buffer) - before),
+            "demos_unavailable": float(sum(not d for d in demos)), **source.counts()}
 
 
 def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, norm_adv_by_std: bool) -> dict[str, float]:
