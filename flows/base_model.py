@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from relift_core.config import ExperimentConfig
-from relift_core.pretrain import base_model_key, pretrain_base_model
+from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
 from tasks.tracking import close_run, open_run
 
 

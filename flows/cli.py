@@ -116,13 +116,30 @@ def _csv(value: str | None) -> list[str] | None:
 def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl)."""
     validated_config(preset, overrides)
+    from flows.temporary_server import prefect_api
     from flows.train import train as train_flow
     from tasks.progress import terminal_progress
 
     quiet_prefect_tracebacks()
-    with terminal_progress():
+    with prefect_api() as temporary_server, terminal_progress():
         result = train_flow(preset=preset, overrides=overrides or [])
-    console.print(f"MLflow run {result['mlflow_run_id']}; demonstrations used {result['demos_used']}")
+    console.print(train_summary(result, prefect_kept=temporary_server is None))
+
+
+def train_summary(result: dict, prefect_kept: bool) -> str:
+    """What a finished `train` prints: held-out accuracy per benchmark, demonstrations used,
+    and where to look (the MLflow run; the Prefect flow run when a real server keeps it, not
+    the temporary one that stops with the command)."""
+    scores = []
+    for name, summary in (result.get("eval") or {}).items():
+        if isinstance(summary.get("avg_at_k"), (int, float)):
+            scores.append(f"{name} avg@{summary.get('k', '?')} {summary['avg_at_k']:.3f}")
+    held_out = ", ".join(scores) if scores else "(no evaluation)"
+    lines = [f"{result['run_name']}: held-out {held_out}; demonstrations used {result['demos_used']}",
+             f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}"]
+    if prefect_kept:
+        lines.append(f"Prefect {result.get('prefect_url')}")
+    return "\n".join(lines)
 
 
 @app.command()
@@ -139,11 +156,12 @@ def demo(
 
     validated_config(preset, overrides)
     from flows.demo import demo as demo_flow
+    from flows.temporary_server import prefect_api
     from tasks.progress import terminal_progress
 
     quiet_prefect_tracebacks()
     start = time.perf_counter()
-    with terminal_progress():
+    with prefect_api(), terminal_progress():
         result = demo_flow(preset=preset, overrides=overrides or [], algorithms=_csv(algorithms),
                            seeds=[int(s) for s in _csv(seeds)] if seeds else None)
     console.print(result["markdown"])
@@ -162,10 +180,12 @@ def dynamics(
     """Difficulty transitions of every training question: base model vs a checkpoint."""
     validated_config(preset, overrides)
     from flows.difficulty_dynamics import difficulty_dynamics
+    from flows.temporary_server import prefect_api
 
     quiet_prefect_tracebacks()
-    result = difficulty_dynamics(preset=preset, checkpoint=checkpoint, base=base,
-                                 overrides=overrides or [])
+    with prefect_api():
+        result = difficulty_dynamics(preset=preset, checkpoint=checkpoint, base=base,
+                                     overrides=overrides or [])
     import pandas as pd
 
     console.print(pd.DataFrame(result["table"]).to_string())
@@ -182,11 +202,12 @@ def evaluate(
     """Evaluate a model or checkpoint on benchmarks; prints the table, logs to MLflow."""
     validated_config(model, overrides)
     from flows.evaluate import evaluate as evaluate_flow
-    from relift_core.evaluation import markdown_table
+    from flows.temporary_server import prefect_api
+    from relift_core.grading.evaluation import markdown_table
     from tasks.progress import terminal_progress
 
     quiet_prefect_tracebacks()
-    with terminal_progress():
+    with prefect_api(), terminal_progress():
         result = evaluate_flow(preset=model, overrides=overrides or [], checkpoint=checkpoint,
                                benchmarks=_csv(benchmarks), limit=limit)
     console.print(markdown_table(result["summaries"]))
@@ -206,8 +227,9 @@ def sweep(
     import yaml
 
     validated_config(preset, overrides)
-    from flows.sweep import point_name, sweep_points
+    from flows.sweep import point_name, sweep_points, sweep_prefix
     from flows.sweep import sweep as sweep_flow
+    from flows.temporary_server import prefect_api
     from tasks.progress import terminal_progress
 
     grid_dict = {}
@@ -215,12 +237,13 @@ def sweep(
         key, _, values = item.partition("=")
         grid_dict[key] = [yaml.safe_load(v) for v in values.split(",")]
     seed_list = [int(s) for s in _csv(seeds) or ["0"]]
+    prefix = sweep_prefix(name, validated_config(preset, overrides), sorted(grid_dict))
     # Every point's config, as the sweep will build it, before the first one runs.
     for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list, grid_dict):
         validated_config(preset, list(overrides or []) + [f"{k}={v}" for k, v in point.items()]
-                         + [f"run.name={point_name(name, point)}"])
+                         + [f"run.name={point_name(prefix, point)}"])
     quiet_prefect_tracebacks()
-    with terminal_progress():
+    with prefect_api(), terminal_progress():
         result = sweep_flow(preset=preset, algorithms=_csv(algorithms),
                             seeds=seed_list, grid=grid_dict,
                             overrides=overrides or [], name=name)
@@ -257,16 +280,25 @@ def ui(
     workdir: Annotated[str, typer.Option(help="the runs directory holding mlflow.db")] = "runs",
     prefect_port: int = 4200, mlflow_port: int = 5000,
 ) -> None:
-    """Start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)."""
+    """Start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C or SIGTERM stops both)."""
+    import signal
     import subprocess
     import sys
     from pathlib import Path
 
+    def _stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops the servers exactly as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, _stop)
+
     bindir = Path(sys.executable).parent
     db = Path(workdir).resolve() / "mlflow.db"
+    # Prefect's API answers cross-origin requests from any site by default; only its own UI here.
+    prefect_env = {**os.environ,
+                   "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{prefect_port}"}
     procs = [
         subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
-                          "--port", str(prefect_port)]),
+                          "--port", str(prefect_port)], env=prefect_env),
         subprocess.Popen([str(bindir / "mlflow"), "ui", "--host", "127.0.0.1", "--port",
                           str(mlflow_port), "--backend-store-uri", f"sqlite:///{db}"]),
     ]
@@ -276,8 +308,15 @@ def ui(
         for p in procs:
             p.wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         for p in procs:
             p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def main(argv: list[str] | None = None) -> None:

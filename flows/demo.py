@@ -6,7 +6,7 @@
                     from it with the same budget; `jobs` trainings at a time, each a `train` flow
                     run in its own process
     comparison   <- held-out accuracy per method with bootstrap 95% CIs over questions and seeds,
-                    the paper's claims as paired differences (relift_core.demo_stats), per level
+                    the paper's claims as paired differences (relift_core.proofworld.statistics), per level
                     and family; results.json, a markdown report and a figure, in MLflow and Prefect
 
 Run names carry a hash of the demo's config: the same demo re-run resumes (and so reuses) its own
@@ -15,7 +15,6 @@ finished runs, while any changed override starts fresh runs instead of reusing o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,13 +31,13 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.base_model import build_base_model
 from flows.prepare_data import prepare_data
-from relift_core.config import ExperimentConfig, load_config
-from relift_core.data import load_examples
-from relift_core.demo_stats import LEVEL_NAMES, summarize
-from relift_core.grader import BatchGrader
+from relift_core.config import ExperimentConfig, experiment_hash, load_config
+from relift_core.data.examples import load_examples
+from relift_core.grading.grader import BatchGrader
 from relift_core.iteration import measure_levels
-from relift_core.models import load_policy
-from relift_core.runtime import build_engine, seed_everything
+from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
+from relift_core.runtime.models import load_policy
+from relift_core.runtime.session import build_engine, seed_everything
 from tasks.tracking import close_run, open_run
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
@@ -72,10 +71,8 @@ def train_method(preset: str, overrides: list[str], run_name: str,
 
 def demo_config_hash(preset: str, overrides: list[str]) -> str:
     """Identifies the demo's experiment: the resolved config minus the run seed and name."""
-    cfg = load_config(preset, overrides)
-    params = {k: v for k, v in cfg.experiment_params().items()
-              if k not in ("run.seed", "run.name", "algorithm.name")}
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return experiment_hash(load_config(preset, overrides),
+                           ignore=("run.seed", "run.name", "algorithm.name"))
 
 
 def held_out_accuracy(cfg: ExperimentConfig, run_name: str, step: int) -> dict[str, float]:

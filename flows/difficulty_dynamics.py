@@ -14,12 +14,12 @@ from prefect.utilities.annotations import quote
 
 from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
+from relift_core.algorithm.difficulty import Level, transition_table
 from relift_core.config import ExperimentConfig, load_config
-from relift_core.difficulty import Level, transition_table
-from relift_core.grader import BatchGrader
+from relift_core.grading.grader import BatchGrader
 from relift_core.iteration import measure_levels
-from relift_core.models import load_policy, resolve_device
-from relift_core.runtime import build_engine, seed_everything
+from relift_core.runtime.models import load_policy, resolve_device
+from relift_core.runtime.session import build_engine, seed_everything
 from tasks.tracking import close_run, open_run
 
 

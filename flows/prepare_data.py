@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from relift_core.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig
-from relift_core.data import (
+from relift_core.data.examples import (
     DataError,
     Example,
     OverLongPolicy,
@@ -37,9 +37,10 @@ from relift_core.data import (
 )
 from tasks.retry import retry_unless_permanent
 
-# Bumped when preparation changes what it writes (2: over-long prompts dropped), so results
+# Bumped when preparation changes what it writes (2: over-long prompts dropped; 3: JSON
+# results), so results
 # cached by an older version are not reused.
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 
 
 @dataclass
@@ -91,9 +92,9 @@ def data_key(data: DataConfig, seed: int, model: ModelConfig | None = None) -> s
 
 
 def load_tokenizer(model: ModelConfig) -> Any:
-    """The policy's tokenizer without its weights (the one `relift_core.models.load_policy` uses)."""
+    """The policy's tokenizer without its weights (the one `relift_core.runtime.models.load_policy` uses)."""
     if model.source == "tiny":
-        from relift_core.char_tokenizer import build_char_tokenizer
+        from relift_core.runtime.char_tokenizer import build_char_tokenizer
 
         return build_char_tokenizer()
     from transformers import AutoTokenizer
@@ -105,7 +106,7 @@ def load_tokenizer(model: ModelConfig) -> Any:
         return AutoTokenizer.from_pretrained(name)
     if model.init_from:
         return AutoTokenizer.from_pretrained(model.init_from)
-    from relift_core.models import convert_gguf, smollm2_gguf_path
+    from relift_core.runtime.models import convert_gguf, smollm2_gguf_path
 
     gguf = Path(model.gguf_path) if model.gguf_path else smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(
@@ -128,7 +129,7 @@ def prepare_examples(data: DataConfig, out: Path, model: ModelConfig | None = No
     (counted in the result and logged) or "error" (DataError naming the file and row)."""
     out.mkdir(parents=True, exist_ok=True)
     if data.world is not None:
-        from relift_core.world import write_world
+        from relift_core.proofworld.problems import write_world
 
         paths = write_world(data.world, out)
         source = str(paths["train"])
@@ -166,16 +167,21 @@ def prepare_examples(data: DataConfig, out: Path, model: ModelConfig | None = No
 
 
 def _cache_key(context, parameters) -> str:
-    return f"prepare-{parameters['key']}-{parameters['out_dir']}"
+    # Also the result's file name in Prefect's storage: the output directory enters as a hash.
+    out_dir = hashlib.sha256(parameters["out_dir"].encode()).hexdigest()[:12]
+    return f"prepare-{parameters['key']}-{out_dir}"
 
 
+# The cached result is JSON (paths, fingerprints, counts), never a pickle: a cache hit reads
+# data, it does not unpickle code from the results directory.
 @task(name="prepare-training-set", cache_key_fn=_cache_key, persist_result=True,
-      cache_expiration=timedelta(days=30), retries=1, retry_condition_fn=retry_unless_permanent)
+      result_serializer="json", cache_expiration=timedelta(days=30), retries=1,
+      retry_condition_fn=retry_unless_permanent)
 def prepare_training_set(data_json: dict[str, Any], seed: int, key: str, out_dir: str,
-                         model_json: dict[str, Any] | None = None) -> PreparedData:
+                         model_json: dict[str, Any] | None = None) -> dict[str, Any]:
     data = DataConfig.model_validate(data_json)
     model = ModelConfig.model_validate(model_json) if model_json is not None else None
-    return prepare_examples(data, Path(out_dir), model, over_long=data.over_long_prompts)
+    return asdict(prepare_examples(data, Path(out_dir), model, over_long=data.over_long_prompts))
 
 
 @flow(name="prepare_data", log_prints=True)
@@ -186,11 +192,11 @@ def prepare_data(config: dict[str, Any]) -> PreparedData:
     out_dir = str((Path(cfg.run.workdir) / "data" / key).resolve())
     args = (cfg.data.model_dump(mode="json"), cfg.run.seed, key, out_dir,
             cfg.model.model_dump(mode="json"))
-    prepared = prepare_training_set(*args)
+    prepared = PreparedData(**prepare_training_set(*args))
     if not Path(prepared.train_path).exists():
         # A cache hit whose files were deleted: prepare again.
-        prepared = prepare_training_set.with_options(refresh_cache=True)(*args)
-    dropped = getattr(prepared, "dropped_over_long", 0)
+        prepared = PreparedData(**prepare_training_set.with_options(refresh_cache=True)(*args))
+    dropped = prepared.dropped_over_long
     get_run_logger().info(f"training set {prepared.train_path} (fingerprint "
                           f"{prepared.train_fingerprint}; {dropped} over-long prompts dropped)")
     return prepared

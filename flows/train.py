@@ -21,7 +21,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
-    create_markdown_artifact,
+    create_link_artifact,
     create_progress_artifact,
     update_progress_artifact,
 )
@@ -29,17 +29,31 @@ from prefect.context import get_run_context
 
 from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
-from relift_core.checkpoint import latest_checkpoint
-from relift_core.config import ExperimentConfig, load_config
+from relift_core.config import ConfigError, ExperimentConfig, load_config
 from relift_core.iteration import run_iteration
-from relift_core.runtime import build_session
+from relift_core.runtime.checkpoint import latest_checkpoint
+from relift_core.runtime.session import build_session
 from tasks import progress as terminal
 from tasks.eval_tasks import evaluate_policy
 from tasks.tracking import MlflowTracker, close_run, open_run
 from tasks.train_tasks import PREFECT_PHASES
 
 
-@flow(name="train", log_prints=True)
+def _train_run_name() -> str:
+    """`train-<run.name>`: the run's name as the overrides set it (the preset's otherwise)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    names = [o.split("=", 1)[1] for o in params.get("overrides") or [] if o.startswith("run.name=")]
+    if names:
+        return f"train-{names[-1]}"
+    try:
+        return f"train-{load_config(params.get('preset', 'toy'), []).run.name}"
+    except (ConfigError, OSError):  # a bad preset fails in the flow itself, with its message
+        return "train"
+
+
+@flow(name="train", log_prints=True, flow_run_name=_train_run_name)
 def train(preset: str = "toy", overrides: list[str] | None = None,
           parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Train one run. `preset` names a file in configs/; overrides are dotted key=value pairs."""
@@ -53,7 +67,8 @@ def train(preset: str = "toy", overrides: list[str] | None = None,
 
 def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
-    data = prepare_data.with_options(name=f"prepare-data-{cfg.run.name}")(cfg.model_dump(mode="json"))
+    data = prepare_data.with_options(flow_run_name=f"prepare-data-{cfg.run.name}")(
+        cfg.model_dump(mode="json"))
     # The session first: it locks the run directory and refuses to resume another experiment's
     # checkpoints before anything is written to MLflow.
     session = build_session(cfg, data.train_examples())
@@ -97,6 +112,8 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
     finally:
         session.close()
     return {"run_name": cfg.run.name, "mlflow_run_id": tracker.run_id,
+            "mlflow_url": tracker.url(),
+            "prefect_url": prefect_flow_run_url(str(get_run_context().flow_run.id)),
             "demos_used": session.state.demos_used, "eval": final}
 
 
@@ -113,14 +130,26 @@ def log_final_policy(tracker: MlflowTracker, session) -> None:
 
 def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> None:
     """Tags on the MLflow run name the Prefect flow run; a Prefect artifact links back."""
-    ctx = get_run_context()
-    flow_run = ctx.flow_run
-    tracker.set_tags({"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name})
-    create_markdown_artifact(
-        key="mlflow-run",
-        markdown=f"MLflow run `{tracker.run_id}` ({cfg.run.name}): {tracker.url()}",
-        description="Link to this training's MLflow run",
-    )
+    flow_run = get_run_context().flow_run
+    prefect_url = prefect_flow_run_url(str(flow_run.id))
+    tracker.set_tags({
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": flow_run.name,
+        "prefect.flow_run_url": prefect_url,
+        # The run's description in the MLflow UI (markdown): a link that clicks back.
+        "mlflow.note.content": f"Prefect flow run [{flow_run.name}]({prefect_url})",
+    })
+    create_link_artifact(key="mlflow-run", link=tracker.url(),
+                         link_text=f"MLflow run {cfg.run.name} ({tracker.run_id})",
+                         description="This training's MLflow run: metrics, artifacts, records")
+
+
+def prefect_flow_run_url(flow_run_id: str) -> str:
+    """The flow run's page in the Prefect UI of the server this run reports to."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api")
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def log_config_and_data(tracker: MlflowTracker, cfg: ExperimentConfig, data) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -56,7 +57,7 @@ class ModelConfig(_Section):
 
 
 class WorldConfig(_Section):
-    """The proof-world: generated arithmetic problems with graded difficulty (see relift_core.world)."""
+    """The proof-world: generated arithmetic problems with graded difficulty (see relift_core.proofworld.problems)."""
 
     families: list[str] = ["add", "sub", "mul", "chain"]
     sizes: list[int] = [1, 2, 3]
@@ -80,7 +81,7 @@ class WorldConfig(_Section):
     # should not be, and sampling at temperature 1 shows it -- what RL sharpens away.
     pretrain_noise: float = Field(0.0, ge=0, lt=1)
     pretrain_examples: int = Field(4000, ge=0)
-    # The base model's pretraining (relift_core.pretrain): next-token loss on the pretrain split.
+    # The base model's pretraining (relift_core.proofworld.pretrain): next-token loss on the pretrain split.
     pretrain_steps: int = Field(1000, ge=0)
     pretrain_lr: float = Field(5e-3, gt=0)
     pretrain_batch_size: int = Field(32, gt=0)
@@ -272,6 +273,14 @@ class ExperimentConfig(_Section):
         """The flat params that define the experiment: what a resumed run must share."""
         return {k: v for k, v in self.flat_params().items()
                 if not k.startswith(RESUMABLE_CHANGES)}
+
+
+def experiment_hash(cfg: ExperimentConfig, ignore: Iterable[str] = ()) -> str:
+    """8 hex digits identifying an experiment: its resolved params without the `ignore` keys
+    (a family of runs -- a demo, a sweep -- hashes what its members share). Run names that
+    carry it are never reused by another config."""
+    params = {k: v for k, v in cfg.experiment_params().items() if k not in set(ignore)}
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

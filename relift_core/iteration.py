@@ -20,21 +20,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from relift_core.algorithms import grpo_advantages
-from relift_core.batches import rl_batch, sft_batch
+from relift_core.algorithm.demonstration_buffer import DemoBuffer, DemoEntry
+from relift_core.algorithm.demonstrations import DemonstrationSource
+from relift_core.algorithm.difficulty import DifficultyLedger, Level
+from relift_core.algorithm.objectives import grpo_advantages
+from relift_core.algorithm.strategies import Strategy
 from relift_core.config import ExperimentConfig
-from relift_core.data import Example, render_prompt
-from relift_core.demo_buffer import DemoBuffer, DemoEntry
-from relift_core.demonstrations import DemonstrationSource
-from relift_core.difficulty import DifficultyLedger, Level
-from relift_core.grader import BatchGrader, Grade, answer_type_for
-from relift_core.question_stream import QuestionStream
-from relift_core.rollout import RolloutEngine, Sample
-from relift_core.strategies import Strategy
+from relift_core.data.examples import Example, render_prompt
+from relift_core.data.question_stream import QuestionStream
+from relift_core.grading.extraction import answer_type_for
+from relift_core.grading.grader import BatchGrader, Grade
+from relift_core.runtime.batches import rl_batch, sft_batch
+from relift_core.runtime.rollout import RolloutEngine, Sample
 from relift_core.tracker import Tracker
 
 if TYPE_CHECKING:
-    from relift_core.runtime import TrainSession
+    from relift_core.runtime.session import TrainSession
 
 
 @dataclass

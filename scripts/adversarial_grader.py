@@ -29,7 +29,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from relift_core.grader import AnswerType, BatchGrader, Grade, _MathJob, _prepare
+from relift_core.grading.extraction import AnswerType
+from relift_core.grading.grader import BatchGrader, Grade, _MathJob, _prepare
 
 DEFAULT_BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks"
 BENCHMARK_FILES = ("math_valid.parquet",)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from relift_core.grader import AnswerType, BatchGrader, answer_type_for
+from relift_core.grading.extraction import AnswerType, answer_type_for
+from relift_core.grading.grader import BatchGrader
 
 DEFAULT_BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks"
 BENCHMARK_FILES = ("math_valid.parquet", "gpqa_diamond.parquet", "arc_c.parquet")

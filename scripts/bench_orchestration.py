@@ -41,7 +41,7 @@ def plain_loop(cfg, data) -> list[float]:
     phases), an in-memory tracker, no Prefect, no MLflow. Seconds per iteration, checkpoint
     included (as in the flow)."""
     from relift_core.iteration import run_iteration
-    from relift_core.runtime import build_session
+    from relift_core.runtime.session import build_session
     from relift_core.tracker import InMemoryTracker
 
     session = build_session(cfg, data.train_examples(), resume=False)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from relift_core.batches import TokenBatch, pack_rows
-from relift_core.char_tokenizer import build_char_tokenizer
 from relift_core.config import AlgorithmConfig, ModelConfig, RLConfig, SFTConfig, TinyModelConfig
-from relift_core.models import build_tiny_model
-from relift_core.trainer import TorchTrainer
+from relift_core.runtime.batches import TokenBatch, pack_rows
+from relift_core.runtime.char_tokenizer import build_char_tokenizer
+from relift_core.runtime.models import build_tiny_model
+from relift_core.runtime.trainer import TorchTrainer
 
 
 @dataclass
@@ -88,8 +88,8 @@ def bench_model(name: str, model, tokenizer, args: argparse.Namespace) -> list[R
 
 
 def bench_rollout(name: str, model, tokenizer, args: argparse.Namespace) -> Row:
-    """Hook for the rollout engine: HF generate via relift_core.rollout.HFRolloutEngine."""
-    from relift_core.rollout import HFRolloutEngine
+    """Hook for the rollout engine: HF generate via relift_core.runtime.rollout.HFRolloutEngine."""
+    from relift_core.runtime.rollout import HFRolloutEngine
 
     engine = HFRolloutEngine(model, tokenizer, batch_size=args.rows)
     prompt = tokenizer.apply_chat_template(
@@ -116,7 +116,7 @@ def bench_rollout(name: str, model, tokenizer, args: argparse.Namespace) -> Row:
 def load_smollm2():
     """SmolLM2-135M-Instruct through models.load_policy, or None (with the reason) if absent."""
     try:
-        from relift_core.models import load_policy
+        from relift_core.runtime.models import load_policy
 
         return load_policy(ModelConfig(source="gguf"))
     except (ImportError, FileNotFoundError) as e:

@@ -31,10 +31,10 @@ def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: 
     import torch
 
     torch.set_num_threads(1)
-    from relift_core import iteration as it
     from relift_core.config import load_config
-    from relift_core.data import load_examples
-    from relift_core.runtime import build_session
+    from relift_core.data.examples import load_examples
+    from relift_core.iteration import run_iteration, sampled_accuracy
+    from relift_core.runtime.session import build_session
 
     name = f"{algo}-s{seed}-{time.time_ns() % 10**9}"
     iters_override = ["run.iterations=0"] if algo == "base" else []
@@ -50,9 +50,9 @@ def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: 
     trace = []
     try:
         for i in range(cfg.run.iterations):
-            m = it.run_iteration(session, i)
+            m = run_iteration(session, i)
             trace.append(round(m["accuracy"], 3))
-        acc = it.sampled_accuracy(session.engine, session.tokenizer, session.grader, held, cfg,
+        acc = sampled_accuracy(session.engine, session.tokenizer, session.grader, held, cfg,
                                   seed=10_000 + seed)
     finally:
         session.close()
@@ -87,14 +87,14 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from relift_core.config import load_config
-    from relift_core.data import load_examples
-    from relift_core.demo_stats import summarize
-    from relift_core.grader import BatchGrader
+    from relift_core.data.examples import load_examples
+    from relift_core.grading.grader import BatchGrader
     from relift_core.iteration import measure_levels
-    from relift_core.models import load_policy
-    from relift_core.pretrain import base_model_key, pretrain_base_model
-    from relift_core.runtime import build_engine
-    from relift_core.world import write_world
+    from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
+    from relift_core.proofworld.problems import write_world
+    from relift_core.proofworld.statistics import summarize
+    from relift_core.runtime.models import load_policy
+    from relift_core.runtime.session import build_engine
 
     t0 = time.perf_counter()
     wd = Path(args.workdir)

@@ -10,9 +10,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from relift_core.benchmarks import Benchmark, file_benchmark_spec, load_benchmark
-from relift_core.evaluation import evaluate_benchmark, markdown_table, records_to_parquet
-from relift_core.metrics import paper_averages, summarize_by
+from relift_core.data.benchmarks import Benchmark, file_benchmark_spec, load_benchmark
+from relift_core.grading.evaluation import evaluate_benchmark, markdown_table, records_to_parquet
+from relift_core.grading.metrics import paper_averages, summarize_by
 from relift_core.tracker import Tracker
 from tasks import progress as terminal
 

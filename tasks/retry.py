@@ -3,10 +3,10 @@ diverged update fails the same way every time, so retrying only delays the error
 
 from __future__ import annotations
 
-from relift_core.checkpoint import CheckpointError
 from relift_core.config import ConfigError
-from relift_core.data import DataError
-from relift_core.trainer import DivergenceError
+from relift_core.data.examples import DataError
+from relift_core.runtime.checkpoint import CheckpointError
+from relift_core.runtime.trainer import DivergenceError
 
 
 def is_permanent_error(exc: BaseException) -> bool:

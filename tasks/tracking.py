@@ -97,12 +97,15 @@ class MlflowTracker:
 
     def url(self) -> str:
         run = self.client.get_run(self.run_id)
-        path = f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+        # workflowType=machine_learning: the training view (metrics, artifacts), not MLflow 3's
+        # GenAI view (traces, evaluations) that an experiment opens in by default.
+        path = (f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+                "?workflowType=machine_learning")
         uri = self.client.tracking_uri
         if uri.startswith(("http://", "https://")):
             return f"{uri.rstrip('/')}/{path}"
-        # The embedded store: the MLflow UI that `relift ui` starts shows it here.
-        return f"http://127.0.0.1:5000/{path} (store {uri}; start the UI with `relift ui`)"
+        # The embedded store: the MLflow UI that `relift ui` (or `make ui`) starts shows it here.
+        return f"http://127.0.0.1:5000/{path}"
 
 
 def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,

@@ -44,3 +44,34 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# A toy run small enough for a flow test: a 1-layer model, 12 training questions, 3 iterations.
+# Everything the tests below count on is pinned, not taken from configs/toy.yaml (tuned as the
+# demo evolves): the world's cells (the dynamics test counts its training questions), the
+# evaluated benchmark, a checkpoint every iteration (test_resume kills between them) and the
+# iteration at which sft_then_rl switches to RL.
+_TINY_RUN = [
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+    "data.world.families=[add,sub,mul,chain]", "data.world.sizes=[2,3]", "data.world.cells=null",
+    "data.world.train_per_cell=2", "data.world.eval_per_cell=1", "data.world.pretrain_examples=0",
+    "rollout.n=4", "rollout.max_new_tokens=24", "rl.prompts_per_step=6", "rl.mini_batch_size=6",
+    "sft.mini_batch_size=4", "sft.max_target_tokens=48", "algorithm.sft_buffer_threshold=3",
+    "algorithm.require_think=false", "eval.every=2", "eval.max_new_tokens=24", "eval.limit=6",
+    "eval.samples=2", "eval.benchmarks=[world]", "algorithm.sft_then_rl_switch=1",
+    "run.iterations=3", "run.checkpoint_every=1", "run.grader_workers=1",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """Overrides of the toy preset for flow tests (a fresh list each time: tests extend it)."""
+    return list(_TINY_RUN)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The proof-world's character tokenizer (no download)."""
+    from relift_core.runtime.char_tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()

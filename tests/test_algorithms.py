@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from relift_core.algorithms import (
+from relift_core.algorithm.objectives import (
     aggregate_loss,
     entropy_from_logits,
     grpo_advantages,

@@ -17,7 +17,7 @@ import pytest
 import flows.cli
 import flows.prepare_data  # noqa: F401
 from relift_core.config import ConfigError, DataConfig, ModelConfig, RunConfig, load_config
-from relift_core.data import (
+from relift_core.data.examples import (
     DataError,
     filter_long_prompts,
     load_examples,
@@ -121,7 +121,7 @@ class _NoLongTokenizing:
 
 
 def test_over_long_prompts_are_dropped_and_counted_or_refused(tmp_path):
-    from relift_core.char_tokenizer import build_char_tokenizer
+    from relift_core.runtime.char_tokenizer import build_char_tokenizer
 
     huge = "9" * (1 << 20)  # a 1 MB prompt
     rows = [row(0), row(1, huge), row(2, "2+2?", "4"), row(3, "x" * 300)]
@@ -227,8 +227,8 @@ def test_cli_bad_config_one_line_before_any_flow(override, flow_calls, capsys):
 def test_cli_data_and_divergence_errors_one_line_traceback_with_debug(monkeypatch, capsys, error):
     import flows.train
     from flows.cli import main
-    from relift_core.checkpoint import NonFiniteWeightsError
-    from relift_core.trainer import DivergenceError
+    from relift_core.runtime.checkpoint import NonFiniteWeightsError
+    from relift_core.runtime.trainer import DivergenceError
 
     exc = {"data": DataError("train.jsonl: line 3: invalid UTF-8 at byte offset 81"),
            "divergence": DivergenceError("training diverged: 3 optimizer steps in a row"),

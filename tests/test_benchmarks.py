@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from relift_core.benchmarks import (
+from relift_core.data.benchmarks import (
     BENCHMARKS_DIR_ENV,
     BUILTIN_BENCHMARKS,
     SYSTEM_PROMPT,
@@ -21,7 +21,7 @@ from relift_core.benchmarks import (
     register_benchmark,
     unregister_benchmark,
 )
-from relift_core.data import examples_from_records
+from relift_core.data.examples import examples_from_records
 
 # name -> (data_source, unique questions, k): the shared README's counts and the paper's k.
 EXPECTED = {

@@ -10,23 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from relift_core.batches import TokenBatch, pack_rows, sft_batch
-from relift_core.char_tokenizer import build_char_tokenizer
-from relift_core.checkpoint import (
+from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig, TinyModelConfig
+from relift_core.runtime.batches import TokenBatch, pack_rows, sft_batch
+from relift_core.runtime.checkpoint import (
     MANIFEST,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig, TinyModelConfig
-from relift_core.models import build_tiny_model
-from relift_core.trainer import TorchTrainer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
+from relift_core.runtime.models import build_tiny_model
+from relift_core.runtime.trainer import TorchTrainer
 
 
 def _model_and_trainer(tokenizer, seed: int = 0, architecture: str = "qwen2"):

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from relift_core.data import (
+from relift_core.data.examples import (
     DataError,
     Example,
     examples_from_records,

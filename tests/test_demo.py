@@ -10,7 +10,7 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-from relift_core.checkpoint import latest_checkpoint
+from relift_core.runtime.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 

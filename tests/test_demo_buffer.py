@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from relift_core.demo_buffer import DemoBuffer, DemoEntry
+from relift_core.algorithm.demonstration_buffer import DemoBuffer, DemoEntry
 
 
 def entry(uid: str, iteration: int = 0) -> DemoEntry:
@@ -62,7 +62,7 @@ def test_peek_leaves_entries_in_place():
 
 
 def test_prompt_and_level_are_normalised():
-    from relift_core.difficulty import Level
+    from relift_core.algorithm.difficulty import Level
 
     e = DemoEntry("a", [{"role": "user", "content": "q"}], "d", 0, Level.HARDEST)
     assert e.prompt == ({"role": "user", "content": "q"},) and e.level_when_added == "hardest"

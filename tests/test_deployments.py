@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_flows import TINY
-
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -41,47 +39,91 @@ def _wait_healthy(api: str, proc: subprocess.Popen, timeout: float = 120) -> Non
     raise TimeoutError("prefect server did not become healthy")
 
 
-def test_deploy_all_and_run_train_through_a_worker(tmp_path):
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A real `prefect server` (SQLite, as `prefect server start` makes it), the project's
+    prefect.yaml deployed to a process pool. Yields (env, run, server log path)."""
+    home = tmp_path_factory.mktemp("prefect")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+    env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
            "RELIFT_REPO_DIR": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_CLI_PROMPT": "false"}
+           "PREFECT_CLI_PROMPT": "false",
+           # The scheduler visits deployments every 60 s by default; the test need not wait.
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
     env.pop("PREFECT_API_KEY", None)
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (closed in finally)
+    log_path = home / "server.log"
+    log = open(log_path, "w")  # noqa: SIM115  (closed at teardown)
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    worker = None
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
     try:
         _wait_healthy(api, server)
-        def run(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO,
-                                  capture_output=True, text=True, timeout=300, check=False)
-
         r = run("work-pool", "create", "relift-local", "--type", "process")
         assert r.returncode == 0, r.stdout + r.stderr
         r = run("--no-prompt", "deploy", "--all")
         assert r.returncode == 0, r.stdout + r.stderr
-        r = run("deployment", "ls")
-        for name in ("train/train", "evaluate/evaluate", "sweep/weekly-rl-sft-relift"):
-            assert name in r.stdout.replace("\n", " ") or name.split("/")[1] in r.stdout, r.stdout
+        yield env, run, log_path
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
 
-        overrides = TINY + ["algorithm.name=relift", "run.name=deployed",
-                            f"run.workdir={tmp_path / 'runs'}", "eval.benchmarks=[]"]
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "relift-local"],
-                                  env=env, cwd=REPO, stdout=log,
-                                  stderr=subprocess.STDOUT)
+
+def test_the_weekly_sweep_gets_scheduled_runs(deployed):
+    """What the SQLAlchemy pin is for: with SQLAlchemy 2.1 the scheduler fails every loop
+    (`Can't evaluate bulk DML statement`) and the weekly deployment never gets a run."""
+    env, _, log_path = deployed
+    api = env["PREFECT_API_URL"]
+    deadline = time.time() + 120
+    scheduled: list[dict] = []
+    while time.time() < deadline and not scheduled:
+        body = json.dumps({"deployments": {"name": {"any_": ["weekly-rl-sft-relift"]}},
+                           "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).encode()
+        request = urllib.request.Request(f"{api}/flow_runs/filter", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            scheduled = json.loads(response.read())
+        if not scheduled:
+            time.sleep(3)
+    log = log_path.read_text()
+    assert "bulk DML" not in log, log[-3000:]
+    assert scheduled, "the weekly deployment has no scheduled run after 120 s:\n" + log[-3000:]
+    # Mondays, 03:00 UTC, each run of the sweep dated (new runs every week, never a resume).
+    starts = sorted(r["next_scheduled_start_time"] or r["expected_start_time"] for r in scheduled)
+    assert all(s[11:16] == "03:00" for s in starts), starts
+    assert all(r["parameters"].get("dated") is True for r in scheduled)
+
+
+def test_deploy_all_and_run_train_through_a_worker(deployed, tiny_overrides, tmp_path):
+    env, run, log_path = deployed
+    r = run("deployment", "ls")
+    for name in ("train/train", "evaluate/evaluate", "sweep/weekly-rl-sft-relift"):
+        assert name in r.stdout.replace("\n", " ") or name.split("/")[1] in r.stdout, r.stdout
+    overrides = tiny_overrides + ["algorithm.name=relift", "run.name=deployed",
+                                  f"run.workdir={tmp_path / 'runs'}", "eval.benchmarks=[]"]
+    log = open(tmp_path / "worker.log", "w")  # noqa: SIM115  (closed in finally)
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "relift-local"],
+                              env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
         r = run("deployment", "run", "train/train", "--param", "preset=toy",
-                "--param", f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600")
+                "--param", f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout",
+                "600", timeout=700)
         out = r.stdout + r.stderr
-        assert r.returncode == 0 and "Completed" in out, out + (tmp_path / "server.log").read_text()[-4000:]
+        assert r.returncode == 0 and "Completed" in out, (
+            out + (tmp_path / "worker.log").read_text()[-4000:] + log_path.read_text()[-2000:])
         assert (tmp_path / "runs" / "deployed" / "checkpoints").is_dir()
     finally:
-        for p in (worker, server):
-            if p is not None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
         log.close()

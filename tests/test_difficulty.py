@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from relift_core.difficulty import LEVELS, DifficultyLedger, Level, classify, transition_table
+from relift_core.algorithm.difficulty import (
+    LEVELS,
+    DifficultyLedger,
+    Level,
+    classify,
+    transition_table,
+)
 
 
 @pytest.mark.parametrize(

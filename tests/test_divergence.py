@@ -12,17 +12,6 @@ import math
 import pytest
 import torch
 
-from relift_core import checkpoint as checkpoint_module
-from relift_core.batches import pack_rows, sft_batch
-from relift_core.char_tokenizer import build_char_tokenizer
-from relift_core.checkpoint import (
-    MANIFEST,
-    CheckpointError,
-    NonFiniteWeightsError,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
 from relift_core.config import (
     AlgorithmConfig,
     ConfigError,
@@ -31,13 +20,18 @@ from relift_core.config import (
     TinyModelConfig,
     load_config,
 )
-from relift_core.models import build_tiny_model
-from relift_core.trainer import DivergenceError, TorchTrainer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
+from relift_core.runtime import checkpoint as checkpoint_module
+from relift_core.runtime.batches import pack_rows, sft_batch
+from relift_core.runtime.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    NonFiniteWeightsError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from relift_core.runtime.models import build_tiny_model
+from relift_core.runtime.trainer import DivergenceError, TorchTrainer
 
 
 def _trainer(tokenizer, *, rl_lr: float = 1e-3, sft_lr: float = 1e-3, **kwargs):
@@ -260,7 +254,7 @@ def test_latest_checkpoint_skips_back_past_diverged_ones_with_a_warning(
     good_weights = _weights(model)
     _poison(model)
     bad = [_save_without_the_check(monkeypatch, tmp_path, model, trainer, s) for s in (3, 4)]
-    with caplog.at_level(logging.WARNING, logger="relift_core.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="relift_core.runtime.checkpoint"):
         assert latest_checkpoint(tmp_path) == good
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert str(bad[0]) in warned and str(bad[1]) in warned and str(good) not in warned

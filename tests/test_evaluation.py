@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, replace
 import pyarrow.parquet as pq
 import pytest
 
-from relift_core.benchmarks import Benchmark, load_benchmark
-from relift_core.evaluation import (
+from relift_core.data.benchmarks import Benchmark, load_benchmark
+from relift_core.grading.evaluation import (
     QuestionRecord,
     ResumeError,
     evaluate_benchmark,
@@ -19,14 +19,14 @@ from relift_core.evaluation import (
     read_records_jsonl,
     records_to_parquet,
 )
-from relift_core.grader import BatchGrader
-from relift_core.metrics import paper_averages
+from relift_core.grading.grader import BatchGrader
+from relift_core.grading.metrics import paper_averages
 
 K = 3  # samples per question in these tests
 
 
 @dataclass
-class FakeSample:  # the fields evaluation reads from relift_core.rollout.Sample
+class FakeSample:  # the fields evaluation reads from relift_core.runtime.rollout.Sample
     text: str
     length: int
     finish_reason: str
@@ -213,9 +213,9 @@ def test_markdown_table():
 @pytest.mark.shared
 def test_smollm2_end_to_end(shared_benchmarks, grader, tmp_path):
     """A real pretrained chat model on 4 MATH-500 + 4 GPQA questions, 64 new tokens."""
-    models = pytest.importorskip("relift_core.models")
+    models = pytest.importorskip("relift_core.runtime.models")
     from relift_core.config import ModelConfig
-    from relift_core.rollout import HFRolloutEngine
+    from relift_core.runtime.rollout import HFRolloutEngine
 
     try:
         model_dir = models.smollm2_dir()

@@ -3,6 +3,8 @@ real MLflow SQLite store, the tiny model on CPU."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -10,35 +12,32 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-# Everything the tests below count on is pinned, not taken from configs/toy.yaml (tuned as the
-# demo evolves): the world's cells (the dynamics test counts its training questions), the
-# evaluated benchmark, a checkpoint every iteration (test_resume kills between them) and the
-# iteration at which sft_then_rl switches to RL.
-TINY = [
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
-    "data.world.families=[add,sub,mul,chain]", "data.world.sizes=[2,3]", "data.world.cells=null",
-    "data.world.train_per_cell=2", "data.world.eval_per_cell=1", "data.world.pretrain_examples=0",
-    "rollout.n=4", "rollout.max_new_tokens=24", "rl.prompts_per_step=6", "rl.mini_batch_size=6",
-    "sft.mini_batch_size=4", "sft.max_target_tokens=48", "algorithm.sft_buffer_threshold=3",
-    "algorithm.require_think=false", "eval.every=2", "eval.max_new_tokens=24", "eval.limit=6",
-    "eval.samples=2", "eval.benchmarks=[world]", "algorithm.sft_then_rl_switch=1",
-    "run.iterations=3", "run.checkpoint_every=1", "run.grader_workers=1",
-]
+
+def flow_run_name_of(flow_run_id: str) -> str:
+    import asyncio
+
+    from prefect import get_client
+
+    async def read():
+        async with get_client() as pc:
+            return (await pc.read_flow_run(flow_run_id)).name
+
+    return asyncio.run(read())
 
 
-def _overrides(tmp: Path, algo: str) -> list[str]:
-    return TINY + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}"]
+def _overrides(tiny: list[str], tmp: Path, algo: str) -> list[str]:
+    return tiny + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}"]
 
 
 @pytest.mark.parametrize("algo", ["relift", "rl", "sft", "sft_then_rl"])
-def test_train_each_algorithm_three_iterations(prefect_server, tmp_path_factory, algo):
+def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, tmp_path_factory, algo):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.train import train
 
     tmp = tmp_path_factory.mktemp(algo)
-    state = train(preset="toy", overrides=_overrides(tmp, algo), return_state=True)
+    state = train(preset="toy", overrides=_overrides(tiny_overrides, tmp, algo), return_state=True)
     assert state.is_completed(), state
     result = state.result()
 
@@ -76,15 +75,33 @@ def test_train_each_algorithm_three_iterations(prefect_server, tmp_path_factory,
             return {r.name.rsplit("-", 1)[0] for r in runs if r.state.is_completed()}
 
     names = asyncio.run(task_names())
+    # Links both ways: the MLflow run's description clicks to the flow run; the flow run has a
+    # link artifact opening the MLflow run in its training (machine-learning) view.
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    assert f"/runs/flow-run/{flow_run_id})" in run.data.tags["mlflow.note.content"]
+    assert result["prefect_url"].endswith(f"/runs/flow-run/{flow_run_id}")
+
+    async def link_artifacts():
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        async with get_client() as pc:
+            return await pc.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    # (Prefect stores a link artifact as markdown `[text](link)`.)
+    links = [a for a in asyncio.run(link_artifacts()) if a.key == "mlflow-run"]
+    assert any(result["mlflow_run_id"] in a.data and "workflowType=machine_learning" in a.data
+               for a in links), [a.data for a in links]
+    assert flow_run_name_of(flow_run_id) == f"train-{algo}"
     assert {"rollout", "grade", "classify-difficulty", "collect-demonstrations", "checkpoint"} <= names
     assert ("rl-update" in names) == (algo != "sft")
 
 
-def test_sweep_nests_child_runs_and_compare_reads_them(prefect_server, tmp_path):
+def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_server, tmp_path):
     from analysis.compare import runs_table
     from flows.sweep import sweep
 
-    overrides = TINY + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
     result = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0],
                    grid={"algorithm.sft_buffer_threshold": [2, 4]}, overrides=overrides,
                    name="abl")
@@ -101,11 +118,11 @@ def test_sweep_nests_child_runs_and_compare_reads_them(prefect_server, tmp_path)
     assert (table.loc[table["algorithm"] == "rl", "demos_used"] == 0).all()
 
 
-def test_evaluate_flow_on_real_benchmark_questions(prefect_server, tmp_path, shared_benchmarks):
+def test_evaluate_flow_on_real_benchmark_questions(tiny_overrides, prefect_server, tmp_path, shared_benchmarks):
     from flows.evaluate import evaluate
 
     result = evaluate(preset="toy", benchmarks=["math500", "gpqa_diamond", "world"], limit=3,
-                      overrides=TINY + [f"run.workdir={tmp_path}",
+                      overrides=tiny_overrides + [f"run.workdir={tmp_path}",
                                         f"eval.benchmarks_dir={shared_benchmarks}"])
     assert set(result["summaries"]) == {"math500", "gpqa_diamond", "world"}
     assert result["summaries"]["math500"]["questions"] == 3
@@ -133,28 +150,40 @@ def _task_states(flow_run_id) -> dict[str, str]:
     return asyncio.run(read())
 
 
-def test_prepare_data_is_cached_by_input_hash(prefect_server, tmp_path):
+def test_prepare_data_is_cached_by_input_hash(tiny_overrides, prefect_server, tmp_path):
     from flows.prepare_data import prepare_data
     from relift_core.config import load_config
 
-    cfg = load_config("toy", TINY + [f"run.workdir={tmp_path}"]).model_dump(mode="json")
+    cfg = load_config("toy", tiny_overrides + [f"run.workdir={tmp_path}"]).model_dump(mode="json")
+    started = time.time() - 1
     first = prepare_data(cfg, return_state=True)
     second = prepare_data(cfg, return_state=True)
     assert _task_states(first.state_details.flow_run_id)["prepare-training-set"] == "Completed"
     assert _task_states(second.state_details.flow_run_id)["prepare-training-set"] == "Cached"
     assert first.result().train_fingerprint == second.result().train_fingerprint
-    changed = load_config("toy", TINY + [f"run.workdir={tmp_path}", "data.world.seed=7"])
+    changed = load_config("toy", tiny_overrides + [f"run.workdir={tmp_path}", "data.world.seed=7"])
     third = prepare_data(changed.model_dump(mode="json"), return_state=True)
     assert _task_states(third.state_details.flow_run_id)["prepare-training-set"] == "Completed"
     assert third.result().train_fingerprint != first.result().train_fingerprint
+    # What a cache hit reads back is JSON data, never a pickle.
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value()).expanduser()
+    records = [f for f in storage.iterdir()
+               if f.name.startswith("prepare-") and f.stat().st_mtime >= started]
+    assert records
+    for record in records:
+        stored = json.loads(record.read_text())
+        assert stored["metadata"]["serializer"]["type"] == "json", stored["metadata"]
+        assert json.loads(stored["result"])["train_fingerprint"]
 
 
-def test_difficulty_dynamics_transition_table(prefect_server, tmp_path):
+def test_difficulty_dynamics_transition_table(tiny_overrides, prefect_server, tmp_path):
     from flows.difficulty_dynamics import difficulty_dynamics
     from flows.train import train
-    from relift_core.checkpoint import latest_checkpoint
+    from relift_core.runtime.checkpoint import latest_checkpoint
 
-    overrides = TINY + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]",
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]",
                         "run.name=dyn"]
     train(preset="toy", overrides=overrides)
     ckpt = latest_checkpoint(tmp_path / "dyn" / "checkpoints") / "model"
@@ -170,7 +199,7 @@ def test_difficulty_dynamics_transition_table(prefect_server, tmp_path):
     assert int(table.to_numpy().sum()) == n_train
 
 
-def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(prefect_server, tmp_path,
+def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overrides, prefect_server, tmp_path,
                                                                       monkeypatch):
     from flows.train import train
     from relift_core import iteration
@@ -184,7 +213,7 @@ def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(prefect_se
             raise RuntimeError("engine hiccup")
         return real_rollout(*args, **kwargs)
 
-    overrides = TINY + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
     monkeypatch.setattr(iteration, "rollout", flaky)
     state = train(preset="toy", overrides=overrides + ["run.name=flaky"], return_state=True)
     assert state.is_completed() and calls["n"] == 2

@@ -11,17 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from relift_core.grader import (
+from relift_core.grading.extraction import answer_part, answer_type_for, extract_choice, last_boxed
+from relift_core.grading.grader import (
     MAX_ANSWER_CHARS,
     BatchGrader,
     Grade,
     _single_lock,
     _single_worker_pool,
-    answer_part,
-    answer_type_for,
-    extract_choice,
     grade_answer,
-    last_boxed,
 )
 
 # An answer that keeps sympy busy far past any deadline. The pre-filters refuse it before it

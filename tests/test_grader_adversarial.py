@@ -2,7 +2,7 @@
 
 An answer is correct only if the boxed expression AS A WHOLE equals the gold: relations between
 values, hedges and alternatives, TeX programming and garbage around the gold are wrong. And no
-answer may cost a worker's timeout: the pre-filters in relift_core/answer_checks.py refuse
+answer may cost a worker's timeout: the pre-filters in relift_core/grading/answer_checks.py refuse
 pathological input before sympy sees it, in the calling process, in well under a second.
 scripts/adversarial_grader.py runs the same families at scale (10,000+ answers)."""
 
@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from relift_core.answer_checks import MAX_NESTING_DEPTH, rejection
-from relift_core.grader import BatchGrader, _prepare, extract_choice, grade_answer
+from relift_core.grading.answer_checks import MAX_NESTING_DEPTH, rejection
+from relift_core.grading.extraction import extract_choice
+from relift_core.grading.grader import BatchGrader, _prepare, grade_answer
 
 # Generous against a loaded 2-core machine; the slow cases must not come near it anyway.
 TIMEOUT_S = 5.0

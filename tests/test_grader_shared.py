@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from relift_core.grader import AnswerType, BatchGrader, Grade, answer_type_for
+from relift_core.grading.extraction import AnswerType, answer_type_for
+from relift_core.grading.grader import BatchGrader, Grade
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from relift_core.metrics import (
+from relift_core.grading.metrics import (
     avg_at_k,
     maj_at_k,
     paper_averages,

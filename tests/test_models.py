@@ -19,10 +19,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-from relift_core import models
-from relift_core.char_tokenizer import build_char_tokenizer
 from relift_core.config import ModelConfig, TinyModelConfig
-from relift_core.models import (
+from relift_core.runtime import models
+from relift_core.runtime.char_tokenizer import build_char_tokenizer
+from relift_core.runtime.models import (
     build_tiny_model,
     convert_gguf,
     load_policy,

@@ -2,7 +2,7 @@
 import torch
 
 from relift_core.config import TinyModelConfig, WorldConfig
-from relift_core.pretrain import load_base_model, pretrain_base_model
+from relift_core.proofworld.pretrain import load_base_model, pretrain_base_model
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                        intermediate_size=64, max_position_embeddings=128)

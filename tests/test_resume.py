@@ -15,17 +15,16 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from relift_core.checkpoint import latest_checkpoint
-from tests.test_flows import TINY
+from relift_core.runtime.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 ITERATIONS = 6
 
 
-def _command(workdir: Path) -> list[str]:
-    # Longer rollouts than TINY's so an iteration lasts long enough to be killed inside it.
-    overrides = TINY + ["algorithm.name=relift", "run.name=resumable", f"run.workdir={workdir}",
+def _command(tiny_overrides: list[str], workdir: Path) -> list[str]:
+    # Longer rollouts than tiny_overrides' so an iteration lasts long enough to be killed inside it.
+    overrides = tiny_overrides + ["algorithm.name=relift", "run.name=resumable", f"run.workdir={workdir}",
                         f"run.iterations={ITERATIONS}", "eval.benchmarks=[]", "rollout.n=8",
                         "rollout.max_new_tokens=64"]
     return [sys.executable, "-m", "flows.cli", "train", "--preset", "toy", *overrides]
@@ -43,11 +42,11 @@ def _final_state(workdir: Path) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def test_sigkill_then_resume_loses_nothing(prefect_server, tmp_path):
+def test_sigkill_then_resume_loses_nothing(tiny_overrides, prefect_server, tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     env = _env()
 
-    proc = subprocess.Popen(_command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(tiny_overrides, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpts = killed / "resumable" / "checkpoints"
     deadline = time.time() + 600
@@ -61,9 +60,9 @@ def test_sigkill_then_resume_loses_nothing(prefect_server, tmp_path):
     # Killed mid-run: at least 2 iterations checkpointed, the last one not.
     assert before is not None and 2 <= int(before.name.split("_")[1]) < ITERATIONS, before
 
-    subprocess.run(_command(killed), cwd=REPO, env=env, check=True, timeout=900,
+    subprocess.run(_command(tiny_overrides, killed), cwd=REPO, env=env, check=True, timeout=900,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run(_command(reference), cwd=REPO, env=env, check=True, timeout=900,
+    subprocess.run(_command(tiny_overrides, reference), cwd=REPO, env=env, check=True, timeout=900,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     resumed, ref = _final_state(killed), _final_state(reference)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from relift_core import iteration as it
+from relift_core.algorithm.difficulty import Level
 from relift_core.config import load_config
-from relift_core.data import load_examples
-from relift_core.difficulty import Level
-from relift_core.pretrain import pretrain_base_model
-from relift_core.runtime import build_session
-from relift_core.world import write_world
+from relift_core.data.examples import load_examples
+from relift_core.iteration import measure_levels, run_iteration, sampled_accuracy
+from relift_core.proofworld.pretrain import pretrain_base_model
+from relift_core.proofworld.problems import write_world
+from relift_core.runtime.session import build_session
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,11 @@ def test_rl_raises_heldout_accuracy_on_non_hardest(tmp_path):
                                       f"run.iterations={iterations}"])
         session = build_session(run_cfg, train)
         try:
-            levels = it.measure_levels(session.engine, session.tokenizer, session.grader, held,
+            levels = measure_levels(session.engine, session.tokenizer, session.grader, held,
                                        run_cfg, seed=0)
             for i in range(iterations):
-                it.run_iteration(session, i)
-            acc = it.sampled_accuracy(session.engine, session.tokenizer, session.grader, held,
+                run_iteration(session, i)
+            acc = sampled_accuracy(session.engine, session.tokenizer, session.grader, held,
                                       run_cfg, seed=1)
         finally:
             session.close()

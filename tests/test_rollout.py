@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from relift_core.config import ModelConfig, TinyModelConfig
-from relift_core.models import build_tiny_model, load_policy, smollm2_dir
-from relift_core.rollout import (
+from relift_core.runtime.models import build_tiny_model, load_policy, smollm2_dir
+from relift_core.runtime.rollout import (
     HFRolloutEngine,
     RolloutEngine,
     Sample,

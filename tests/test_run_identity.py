@@ -11,10 +11,10 @@ import textwrap
 import pytest
 
 from relift_core.config import load_config
-from relift_core.data import examples_from_records
-from relift_core.run_lock import RunLock, RunLockedError
-from relift_core.runtime import ResumeRefused, build_session
-from relift_core.world import build_world, problem_to_record
+from relift_core.data.examples import examples_from_records
+from relift_core.proofworld.problems import build_world, problem_to_record
+from relift_core.runtime.run_lock import RunLock, RunLockedError
+from relift_core.runtime.session import ResumeRefused, build_session
 
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
         "data.world.train_per_cell=3", "data.world.eval_per_cell=1",
@@ -89,7 +89,7 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     run_dir = tmp_path / "held"
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from relift_core.run_lock import RunLock
+        from relift_core.runtime.run_lock import RunLock
         RunLock({str(run_dir)!r}).acquire()
         print("locked", flush=True)
         time.sleep(60)
@@ -103,3 +103,23 @@ def test_the_lock_dies_with_its_holder(tmp_path):
         RunLock(run_dir).acquire().release()
     finally:
         child.kill()
+
+
+def test_sweep_run_names_carry_the_shared_config_and_the_scheduled_date():
+    from flows.sweep import point_name, sweep_prefix
+
+    base = load_config("toy", [])
+    prefix = sweep_prefix("weekly", base, ["algorithm.sft_buffer_threshold"])
+    assert prefix.startswith("weekly-") and len(prefix) == len("weekly-") + 8
+    # The swept key and the point's own keys are in the point name, not the hash.
+    other_point = load_config("toy", ["algorithm.sft_buffer_threshold=4", "run.seed=3"])
+    assert sweep_prefix("weekly", other_point, ["algorithm.sft_buffer_threshold"]) == prefix
+    # Any other shared setting gives other run names: never a resume of another experiment.
+    changed = load_config("toy", ["rl.lr=1e-4"])
+    assert sweep_prefix("weekly", changed, ["algorithm.sft_buffer_threshold"]) != prefix
+    dated = sweep_prefix("weekly", base, ["algorithm.sft_buffer_threshold"], "20261123")
+    assert dated.startswith("weekly-20261123-") and dated != prefix
+    name = point_name(dated, {"algorithm.name": "rl", "run.seed": 0,
+                              "algorithm.sft_buffer_threshold": 8})
+    assert name == f"{dated}-rl-s0-sft_buffer_threshold8"
+    load_config("toy", [f"run.name={name}"])  # a valid run name

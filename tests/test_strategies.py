@@ -1,12 +1,12 @@
-"""The three decisions that make RL, SFT and ReLIFT different (relift_core.strategies), and the
+"""The three decisions that make RL, SFT and ReLIFT different (relift_core.algorithm.strategies), and the
 loop's use of them (relift_core.iteration.run_iteration) on a real tiny session."""
 
 from __future__ import annotations
 
 import pytest
 
-from relift_core.difficulty import Level
-from relift_core.strategies import strategy_for
+from relift_core.algorithm.difficulty import Level
+from relift_core.algorithm.strategies import strategy_for
 
 
 def test_relift_collects_only_hardest_and_runs_rl():
@@ -58,9 +58,9 @@ TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.inte
 @pytest.fixture
 def tiny_session(tmp_path):
     from relift_core.config import load_config
-    from relift_core.data import examples_from_records
-    from relift_core.runtime import build_session
-    from relift_core.world import build_world, problem_to_record
+    from relift_core.data.examples import examples_from_records
+    from relift_core.proofworld.problems import build_world, problem_to_record
+    from relift_core.runtime.session import build_session
 
     def make(algo: str, *extra: str):
         cfg = load_config("toy", [*TINY, f"algorithm.name={algo}", f"run.workdir={tmp_path}",
@@ -108,10 +108,10 @@ def test_run_iteration_sft_uses_every_question(tiny_session):
 def test_teacher_demonstrations_enter_the_buffer_only_when_verified(tiny_session, tmp_path):
     """A teacher (here a policy dir) answers the hardest questions; only answers the grader
     accepts are buffered, and the counts say how many were verified and rejected."""
-    from relift_core.demonstrations import TeacherDemonstrations
+    from relift_core.algorithm.demonstrations import TeacherDemonstrations
     from relift_core.iteration import collect_demonstrations
-    from relift_core.models import save_policy
-    from relift_core.rollout import Sample
+    from relift_core.runtime.models import save_policy
+    from relift_core.runtime.rollout import Sample
 
     first = tiny_session("relift")
     teacher_dir = tmp_path / "teacher"
@@ -132,7 +132,7 @@ def test_teacher_demonstrations_enter_the_buffer_only_when_verified(tiny_session
                     for i, (q, _) in enumerate(zip(questions, prompts, strict=True))]
 
         source.engine = Scripted()
-        from relift_core.difficulty import Level
+        from relift_core.algorithm.difficulty import Level
 
         counts = collect_demonstrations(session.state.buffer, session.strategy, 0, questions,
                                         [Level.HARDEST] * 4, source)

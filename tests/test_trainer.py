@@ -14,25 +14,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from relift_core.batches import TokenBatch, pack_rows, rl_batch, sft_batch
-from relift_core.char_tokenizer import build_char_tokenizer
 from relift_core.config import AlgorithmConfig, ModelConfig, RLConfig, SFTConfig, TinyModelConfig
-from relift_core.deepspeed_trainer import (
+from relift_core.runtime.batches import TokenBatch, pack_rows, rl_batch, sft_batch
+from relift_core.runtime.deepspeed_trainer import (
     DeepSpeedTrainer,
     DeepSpeedUnavailableError,
     build_deepspeed_config,
 )
-from relift_core.models import build_tiny_model
-from relift_core.rollout import HFRolloutEngine, Sample
-from relift_core.trainer import TorchTrainer
+from relift_core.runtime.models import build_tiny_model
+from relift_core.runtime.rollout import HFRolloutEngine, Sample
+from relift_core.runtime.trainer import TorchTrainer
 
 MAX_LEN = 16
 
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 def _model(tokenizer, seed: int = 0):
@@ -258,6 +252,41 @@ def test_minibatches_and_epochs_each_take_an_optimizer_step(tokenizer):
     assert stats["approx_kl"] != 0.0  # later mini-batches are off-policy
 
 
+class _CountingTrainer(TorchTrainer):
+    """Counts the rows scored by separate no-grad log-prob passes."""
+
+    scored_rows = 0
+
+    def token_logprobs(self, batch, **kwargs):
+        self.scored_rows += len(batch)
+        return super().token_logprobs(batch, **kwargs)
+
+
+@pytest.mark.parametrize("mini_batch, epochs, scored", [(4, 1, 0), (2, 1, 2), (2, 2, 4)])
+def test_on_policy_rows_are_not_scored_twice_and_the_update_is_unchanged(
+    tokenizer, mini_batch, epochs, scored
+):
+    """Only rows a step reaches after the weights moved get a separate old-log-prob pass; the
+    update equals the one with every old log-prob scored up front (the textbook way)."""
+    prompts, responses = _rows(tokenizer)
+    batch = pack_rows(prompts, responses, tokenizer.pad_token_id, advantages=[1.0, -0.5, 2, -1])
+    rl = RLConfig(lr=1e-2, micro_batch_size=3, prompts_per_step=4, mini_batch_size=mini_batch,
+                  ppo_epochs=epochs)
+    algo = AlgorithmConfig(entropy_coef=0.01, clip_ratio=0.2)
+    common = {"algo": algo, "rl": rl, "sft": SFTConfig(), "max_response_len": MAX_LEN}
+    lazy = _CountingTrainer(_model(tokenizer), **common)
+    stats = lazy.rl_step(batch)
+    assert lazy.scored_rows == scored
+    eager = TorchTrainer(_model(tokenizer), **common)
+    eager_stats = eager.rl_step(replace(batch, old_logp=eager.token_logprobs(batch)))
+    for w_lazy, w_eager in zip(lazy.model.parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(w_lazy, w_eager, atol=1e-6, rtol=1e-5)
+    initial = _model(tokenizer)
+    assert any(not torch.equal(a, b) for a, b in zip(lazy.model.parameters(), initial.parameters()))
+    assert stats["policy_loss"] == pytest.approx(eager_stats["policy_loss"], rel=1e-5, abs=1e-7)
+    assert stats["optimizer_steps"] == eager_stats["optimizer_steps"] == epochs * 4 // mini_batch
+
+
 class _GradRecorder(TorchTrainer):
     """Records the accumulated gradient right before each optimizer step."""
 
@@ -361,7 +390,7 @@ def test_deepspeed_trainer_without_deepspeed_names_the_gpu_extra(tokenizer):
 
 @pytest.mark.slow
 def test_smollm2_logprobs_and_updates():
-    from relift_core.models import load_policy
+    from relift_core.runtime.models import load_policy
 
     try:
         model, tok = load_policy(ModelConfig(source="gguf"))

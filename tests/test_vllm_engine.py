@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from relift_core.char_tokenizer import build_char_tokenizer
 from relift_core.config import ExperimentConfig, ModelConfig, TinyModelConfig
-from relift_core.models import build_tiny_model, save_policy
-from relift_core.rollout import RolloutEngine
-from relift_core.vllm_engine import VLLMRolloutEngine
+from relift_core.runtime.char_tokenizer import build_char_tokenizer
+from relift_core.runtime.models import build_tiny_model, save_policy
+from relift_core.runtime.rollout import RolloutEngine
+from relift_core.runtime.vllm_engine import VLLMRolloutEngine
 
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from relift_core.config import WorldConfig
-from relift_core.world import (
+from relift_core.proofworld.problems import (
     FAMILIES,
     build_world,
     generate_problems,
@@ -103,7 +103,7 @@ def test_exhausted_pretraining_cell_is_dropped_quickly_with_a_warning():
     import pytest
 
     from relift_core.config import WorldConfig
-    from relift_core.world import build_world
+    from relift_core.proofworld.problems import build_world
 
     cfg = WorldConfig(families=["add"], sizes=[1], train_per_cell=60, eval_per_cell=40,
                       pretrain_families=["add"], pretrain_sizes=[1], pretrain_examples=500)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from relift_core.data import Example, examples_from_records, load_examples
+from relift_core.data.examples import Example, examples_from_records, load_examples
+from relift_core.grading.extraction import AnswerType, answer_type_for
 
-AnswerType = Literal["math", "choice"]  # mirrors relift_core.grader.AnswerType
 BenchmarkGroup = Literal["math", "ood", "custom"]
 
 BENCHMARKS_DIR_ENV = "RELIFT_BENCHMARKS_DIR"
@@ -100,8 +100,6 @@ class Benchmark:
     def answer_type_for(self, question: Example) -> AnswerType:
         if self.spec.answer_type is not None:
             return self.spec.answer_type
-        from relift_core.grader import answer_type_for  # lazily: the grader pulls in math-verify
-
         return answer_type_for(question.data_source)
 
     @property

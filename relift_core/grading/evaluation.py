@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relift_core.benchmarks import Benchmark
-from relift_core.data import Example, render_prompt
-from relift_core.metrics import summarize
+from relift_core.atomic import atomic_file
+from relift_core.data.benchmarks import Benchmark
+from relift_core.data.examples import Example, render_prompt
+from relift_core.grading.metrics import summarize
 
 if TYPE_CHECKING:  # imported for types only: the grader and engines pull in heavy modules
-    from relift_core.grader import BatchGrader
-    from relift_core.rollout import RolloutEngine
+    from relift_core.grading.grader import BatchGrader
+    from relift_core.runtime.rollout import RolloutEngine
 
 ProgressCallback = Callable[[int, int], None]  # (questions done, questions in the benchmark)
 
@@ -260,14 +260,8 @@ def records_to_parquet(records: Sequence[QuestionRecord], path: Path) -> None:
             ("accuracy", pa.float64()),
         ]
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

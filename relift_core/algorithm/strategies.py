@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relift_core.difficulty import Level
+from relift_core.algorithm.difficulty import Level
 
 
 @dataclass(frozen=True)

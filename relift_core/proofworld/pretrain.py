@@ -21,10 +21,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from relift_core.char_tokenizer import build_char_tokenizer
 from relift_core.config import TinyModelConfig, WorldConfig
-from relift_core.models import build_tiny_model, save_policy
-from relift_core.world import Problem, build_world
+from relift_core.proofworld.problems import Problem, build_world
+from relift_core.runtime.char_tokenizer import build_char_tokenizer
+from relift_core.runtime.models import build_tiny_model, save_policy
 
 IGNORE_INDEX = -100
 

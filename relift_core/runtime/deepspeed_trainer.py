@@ -25,7 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
-from relift_core.trainer import STATE_VERSION, TorchTrainer, UpdateKind, position_ids_from_mask
+from relift_core.runtime.trainer import (
+    STATE_VERSION,
+    TorchTrainer,
+    UpdateKind,
+    position_ids_from_mask,
+)
 
 GPU_EXTRA_HINT = "pip install 'relift[gpu]'"
 

@@ -17,8 +17,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from relift_core.config import ExperimentConfig
-from relift_core.models import save_policy
-from relift_core.rollout import FinishReason, ProgressCallback, Sample
+from relift_core.runtime.models import save_policy
+from relift_core.runtime.rollout import FinishReason, ProgressCallback, Sample
 
 
 class VLLMRolloutEngine:

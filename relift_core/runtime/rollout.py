@@ -2,7 +2,7 @@
 
 One interface (`RolloutEngine`), two implementations: `HFRolloutEngine` here (transformers
 `generate`, CPU or GPU, shares the trainer's model object) and `VLLMRolloutEngine` in
-`relift_core.vllm_engine` (GPU, optional extra). Both return token ids exactly as the policy
+`relift_core.runtime.vllm_engine` (GPU, optional extra). Both return token ids exactly as the policy
 produced them, so the trainer can score them without re-tokenising text.
 """
 
@@ -16,7 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from relift_core.models import resolve_device
+from relift_core.runtime.models import resolve_device
 
 FinishReason = Literal["eos", "length"]
 ProgressCallback = Callable[[int, int], None]

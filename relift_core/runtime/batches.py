@@ -28,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # rollout.py is written in parallel; only its Sample shape is needed here
     from transformers import PreTrainedTokenizerBase
 
-    from relift_core.rollout import Sample
+    from relift_core.runtime.rollout import Sample
 
 
 def shift_targets(input_ids: Tensor) -> Tensor:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from relift_core.data import Example, render_prompt
-from relift_core.grader import BatchGrader, answer_type_for
-from relift_core.rollout import RolloutEngine
+from relift_core.data.examples import Example, render_prompt
+from relift_core.grading.extraction import answer_type_for
+from relift_core.grading.grader import BatchGrader
+from relift_core.runtime.rollout import RolloutEngine
 
 
 class DemonstrationSource(Protocol):

@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from relift_core.atomic import TMP_PREFIX, atomic_dir
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_DIR = "model"
@@ -46,7 +47,6 @@ TRAINER_STATE = "trainer_state.pt"
 RNG_STATE = "rng_state.pt"
 STATE_JSON = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
-_TMP_PREFIX = ".tmp-"
 WEIGHTS_FINITE = "weights_finite"  # manifest key: the writer checked every weight is finite
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:06d}"
-    tmp = directory / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
@@ -204,25 +202,9 @@ def save_checkpoint(
         _fsync(tmp / MANIFEST)
         for sub in {p.parent for p in files} | {tmp}:
             _fsync(sub)
-        _move_into_place(tmp, final)
-        _fsync(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _fsync(directory)
     _prune(directory, keep)
     return final
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    # Re-saving a step: os.replace cannot overwrite a non-empty directory, so set the old one
-    # aside first; older steps stay loadable throughout.
-    trash = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
-    os.replace(final, trash)
-    os.replace(tmp, final)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -230,7 +212,7 @@ def _prune(directory: Path, keep: int) -> None:
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     # Debris of crashed writes (single writer per directory, so none is in progress).
-    for debris in directory.glob(f"{_TMP_PREFIX}*"):
+    for debris in directory.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(debris, ignore_errors=True)
 
 

@@ -2,7 +2,7 @@
 
 The loop reads like torchtune's: for each epoch, for each mini-batch (one optimizer step), for
 each micro-batch (one forward/backward, gradients accumulated). The maths is in
-`relift_core.algorithms`; this file only decides *what* is fed to it and *when* a step happens.
+`relift_core.algorithm.objectives`; this file only decides *what* is fed to it and *when* a step happens.
 
 Gradient accumulation is exact, not "divide by the number of micro-batches": every micro-batch
 loss is weighted by its share of the mini-batch (its share of rows for per-sequence aggregation,
@@ -40,9 +40,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from relift_core import algorithms
-from relift_core.batches import TokenBatch, shift_targets
+from relift_core.algorithm import objectives as algorithms
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
+from relift_core.runtime.batches import TokenBatch, shift_targets
 
 UpdateKind = Literal["rl", "sft"]
 # A micro-batch -> (loss to backpropagate, stats to average).
@@ -101,6 +101,23 @@ def _weight_stats(params: list[nn.Parameter]) -> tuple[float, float]:
                              for p in params])
         values = torch.stack([maxes.max(), torch.linalg.vector_norm(norms, 2)]).tolist()
     return float(values[0]), float(values[1])
+
+
+# Model types whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no scaling or
+# soft-capping in between), so the head can be applied to selected positions only.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = get_decoder() if get_decoder is not None else None
+    if decoder is None or head is None:
+        return None
+    return decoder, head
 
 
 class TorchTrainer:
@@ -190,17 +207,42 @@ class TorchTrainer:
             )
         return out.logits[:, :-1]
 
+    def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
+        """Logits [N, V] of the predicting positions where `where` ([b, t - 1] bool) is set.
+
+        The output layer is most of a small model's cost (49k-token vocabularies) and prompt
+        and padding columns are most of a batch's, so for causal LMs whose logits are just
+        `lm_head(decoder(...))` only the selected hidden states reach the head. Others (and
+        subclasses that wrap the model) take every logit and select."""
+        parts = _decoder_and_head(self.model)
+        if parts is None:
+            return self._forward(micro.input_ids, micro.attention_mask)[where]
+        decoder, head = parts
+        with self._autocast():
+            hidden = decoder(
+                input_ids=micro.input_ids,
+                attention_mask=micro.attention_mask,
+                position_ids=position_ids_from_mask(micro.attention_mask),
+                use_cache=False,
+            ).last_hidden_state
+            return head(hidden[:, :-1][where])
+
     def _score(
         self, micro: TokenBatch, with_entropy: bool, entropy_grad: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """Per-column log p(next token) and, optionally, entropy: both [b, t - 1] float.
-        `entropy_grad=False` keeps the entropy out of the autograd graph (stats only)."""
-        logits = self._forward(micro.input_ids, micro.attention_mask)
-        logp = algorithms.token_logprobs(logits, shift_targets(micro.input_ids)).float()
+        """Per-column log p(next token) and, optionally, entropy: both [b, t - 1] float, scored
+        on the target columns (`loss_mask`) only and 0 elsewhere. `entropy_grad=False` keeps the
+        entropy out of the autograd graph (stats only)."""
+        where = micro.loss_mask.bool()
+        logits = self._logits_at(micro, where)
+        labels = shift_targets(micro.input_ids)[where]
+        logp = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)
+        logp[where] = algorithms.token_logprobs(logits, labels).float()
         if not with_entropy:
             return logp, None
+        entropy = torch.zeros_like(logp)
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = algorithms.entropy_from_logits(logits)
+            entropy[where] = algorithms.entropy_from_logits(logits).float()
         return logp, entropy
 
     @contextlib.contextmanager
@@ -256,22 +298,30 @@ class TorchTrainer:
     ) -> dict[str, float]:
         """GRPO update: rl.ppo_epochs passes over mini-batches of rows, one optimizer step each.
 
-        `batch.advantages` is required. Without `batch.old_logp` the batch is on-policy: old
-        log-probs are scored now, before any update, so the first mini-batch has ratio 1.
+        `batch.advantages` is required. Without `batch.old_logp` the batch is on-policy (sampled
+        from the current weights). The first mini-batch of the first epoch is then scored under
+        exactly those weights, so its old log-probs are the ones its own forward pass computes
+        (detached: ratio 1, gradient A * grad log p); no separate pass is spent on them. Only rows
+        that a later step reaches after the weights moved -- later mini-batches, later epochs --
+        are scored first, in one no-grad pass before any update. With one mini-batch and one
+        epoch (the toy preset) that pass disappears.
         Stats: policy_loss (mean over steps of the mini-batch loss), entropy (token mean, for
         reading; the loss uses algorithm.loss_agg), grad_norm (mean pre-clip norm), clip_frac,
         approx_kl, lr, tokens (target tokens), seq_tokens (all real tokens), optimizer_steps,
         seconds.
         """
         if batch.advantages is None:
-            raise ValueError("rl_step needs batch.advantages (see relift_core.batches.rl_batch)")
+            raise ValueError("rl_step needs batch.advantages (see relift_core.runtime.batches.rl_batch)")
         start = time.perf_counter()
-        if batch.old_logp is None:
-            batch = replace(batch, old_logp=self.token_logprobs(batch))
         rows = rows_per_minibatch or self.default_rl_rows_per_minibatch(len(batch))
+        first_on_policy = batch.old_logp is None
+        if first_on_policy and (self.rl.ppo_epochs > 1 or rows < len(batch)):
+            batch = replace(batch, old_logp=self._old_logprobs(batch, skip_rows=rows))
         means = _WeightedMeans()
-        for _ in range(self.rl.ppo_epochs):
-            for minibatch in batch.split(rows):
+        for epoch in range(self.rl.ppo_epochs):
+            for index, minibatch in enumerate(batch.split(rows)):
+                if first_on_policy and epoch == 0 and index == 0:
+                    minibatch = replace(minibatch, old_logp=None)  # scored by its own forward
                 means.add(
                     self._optimizer_step(
                         "rl",
@@ -304,15 +354,27 @@ class TorchTrainer:
                 )
         return self._finish_stats("sft", means, batch, start)
 
+    def _old_logprobs(self, batch: TokenBatch, *, skip_rows: int) -> Tensor:
+        """Old log-probs for an on-policy batch, before any update. With one epoch the first
+        `skip_rows` rows are left at 0: the first mini-batch scores itself (see rl_step)."""
+        if self.rl.ppo_epochs > 1:
+            return self.token_logprobs(batch)
+        old = torch.zeros(batch.loss_mask.shape, dtype=torch.float32,
+                          device=batch.input_ids.device)
+        old[skip_rows:] = self.token_logprobs(batch.select(slice(skip_rows, len(batch))))
+        return old
+
     def _rl_micro_loss(self, micro: TokenBatch) -> tuple[Tensor, dict[str, float]]:
-        assert micro.old_logp is not None and micro.advantages is not None
+        assert micro.advantages is not None
         coef = self.algo.entropy_coef
         # With no entropy bonus the entropy is only a stat: no [b, t, V] graph kept for it.
         logp, entropy = self._score(micro, with_entropy=True, entropy_grad=coef != 0.0)
         assert entropy is not None
+        # On-policy rows (old_logp None) are scored under the weights that sampled them.
+        old_logp = logp.detach() if micro.old_logp is None else micro.old_logp
         pg_loss, stats = algorithms.policy_loss(
             logp,
-            micro.old_logp,
+            old_logp,
             micro.advantages,
             micro.loss_mask,
             clip_ratio=self.algo.clip_ratio,

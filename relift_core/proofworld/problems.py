@@ -22,13 +22,13 @@ always equals the ground truth (tests check it).
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relift_core.atomic import atomic_file
 from relift_core.config import WorldConfig
 
 ABILITY = "arithmetic"
@@ -298,7 +298,7 @@ def record_to_problem(record: dict) -> Problem:
 def write_world(
     cfg: WorldConfig, out_dir: Path, system_prompt: str | None = None
 ) -> dict[str, Path]:
-    """Write train/eval/pretrain.parquet; each file appears whole or not at all (tmp + rename)."""
+    """Write train/eval/pretrain.parquet; each file appears whole or not at all (relift_core.atomic)."""
     import pandas as pd  # heavy; only writers need it
 
     out_dir = Path(out_dir)
@@ -308,8 +308,7 @@ def write_world(
         rows = [problem_to_record(p, system_prompt, index=i, split=split)
                 for i, p in enumerate(problems)]
         path = out_dir / f"{split}.parquet"
-        tmp = out_dir / f".{split}.parquet.tmp{os.getpid()}"
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            pd.DataFrame(rows).to_parquet(tmp, index=False)
         paths[split] = path
     return paths

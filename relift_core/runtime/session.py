@@ -11,24 +11,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relift_core.checkpoint import STATE_JSON, latest_checkpoint, load_checkpoint, save_checkpoint
-from relift_core.config import ExperimentConfig, config_differences
-from relift_core.data import Example
-from relift_core.demo_buffer import DemoBuffer
-from relift_core.demonstrations import (
+from relift_core.algorithm.demonstration_buffer import DemoBuffer
+from relift_core.algorithm.demonstrations import (
     DatasetDemonstrations,
     DemonstrationSource,
     TeacherDemonstrations,
 )
-from relift_core.difficulty import DifficultyLedger
-from relift_core.grader import BatchGrader
+from relift_core.algorithm.difficulty import DifficultyLedger
+from relift_core.algorithm.strategies import Strategy, strategy_for
+from relift_core.config import ExperimentConfig, config_differences
+from relift_core.data.examples import Example
+from relift_core.data.question_stream import QuestionStream
+from relift_core.grading.grader import BatchGrader
 from relift_core.iteration import RunState
-from relift_core.models import load_policy, resolve_device
-from relift_core.question_stream import QuestionStream
-from relift_core.rollout import HFRolloutEngine, RolloutEngine
-from relift_core.run_lock import RunLock
-from relift_core.strategies import Strategy, strategy_for
-from relift_core.trainer import TorchTrainer
+from relift_core.runtime.checkpoint import (
+    STATE_JSON,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from relift_core.runtime.models import load_policy, resolve_device
+from relift_core.runtime.rollout import HFRolloutEngine, RolloutEngine
+from relift_core.runtime.run_lock import RunLock
+from relift_core.runtime.trainer import TorchTrainer
 
 
 @dataclass
@@ -72,7 +77,7 @@ def seed_everything(seed: int) -> None:
 
 def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngine:
     if cfg.rollout.engine == "vllm":
-        from relift_core.vllm_engine import VLLMRolloutEngine
+        from relift_core.runtime.vllm_engine import VLLMRolloutEngine
 
         return VLLMRolloutEngine.from_config(cfg, model, tokenizer)
     # The HF engine samples from the trainer's own model object: no weight sync needed.

@@ -1,0 +1,116 @@
+"""A temporary Prefect server that never outlives the process that started it.
+
+With no `PREFECT_API_URL`, Prefect starts a temporary server itself (a uvicorn subprocess) and
+stops it from an `atexit` hook. A CLI process that is SIGKILLed never runs that hook, so every
+killed run used to leave a server behind (~200 MB each). The CLI therefore starts the same
+server itself (Prefect's own app factory, UI off, as Prefect does) under a watchdog thread that
+shuts it down as soon as its parent is gone, whatever killed the parent, and points Prefect at
+it for the duration. With `PREFECT_API_URL` set, a real server is used and nothing is started.
+
+    python -m flows.temporary_server --parent PID --port PORT   # what `prefect_api()` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+# How often the watchdog looks for its parent, and how long uvicorn gets to stop cleanly.
+WATCH_INTERVAL_S = 0.5
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the temporary Prefect server at {url} did not answer in {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def prefect_api(timeout_s: float = 180.0) -> Iterator[str | None]:
+    """Use `PREFECT_API_URL` if set; otherwise run a temporary server for the block.
+    Yields the API URL (None when Prefect's own settings already name one)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.temporary_server", "--parent", str(os.getpid()),
+         "--port", str(port)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    previous = os.environ.get("PREFECT_API_URL")
+    try:
+        _wait_healthy(url, proc, timeout_s)
+        os.environ["PREFECT_API_URL"] = url  # for worker processes the flows start
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        proc.terminate()
+        try:
+            proc.wait(timeout=SHUTDOWN_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop this server once `parent` is gone (re-parented: os.getppid() changes)."""
+    while os.getppid() == parent:
+        time.sleep(WATCH_INTERVAL_S)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+    time.sleep(SHUTDOWN_GRACE_S)
+    os._exit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    if os.getppid() != args.parent:
+        sys.exit(f"parent {args.parent} is already gone")
+    # What Prefect's own temporary server sets: no UI, an ephemeral server's settings.
+    os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                       "PREFECT__SERVER_FINAL": "1",
+                       # Prefect answers any origin by default; only its own may call it.
+                       "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{args.port}"})
+    threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
+    import uvicorn
+
+    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
+                port=args.port, log_level="error", lifespan="on")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""No server outlives the command that started it: a SIGKILLed `relift train` takes its
+temporary Prefect server with it, and `relift ui` stops both UIs on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+RELIFT = str(Path(sys.executable).parent / "relift")
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _temporary_servers(parent: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "flows.temporary_server" in cmd and str(parent) in cmd:
+            found.append(proc)
+    return found
+
+
+def test_a_killed_train_takes_its_temporary_prefect_server_with_it(tiny_overrides, tmp_path):
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=500",
+                                  "eval.benchmarks=[]", "run.name=killed"]
+    cli = subprocess.Popen([RELIFT, "train", "-p", "toy", *overrides], cwd=REPO, env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (server,) = _wait_for(lambda: _temporary_servers(cli.pid), 120, "the temporary server")
+        # Training has started: the run directory exists, so the server is in use.
+        _wait_for(lambda: (tmp_path / "killed").exists(), 240, "the run to start")
+        assert server.is_running()
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=10)
+        server.wait(timeout=30)  # raises psutil.TimeoutExpired if it outlives the CLI
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        for leftover in _temporary_servers(cli.pid):
+            leftover.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _answers(request) -> bool:
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_relift_ui_stops_both_servers_on_sigterm(tmp_path):
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    ui = subprocess.Popen([RELIFT, "ui", "--workdir", str(tmp_path), "--prefect-port",
+                           str(prefect_port), "--mlflow-port", str(mlflow_port)], cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _listening(prefect_port) and _listening(mlflow_port), 180,
+                  "both UIs to listen")
+        children = psutil.Process(ui.pid).children(recursive=True)
+        assert children
+        # Another site's page may not call the Prefect API (Prefect's default answers any origin).
+        request = urllib.request.Request(f"http://127.0.0.1:{prefect_port}/api/health",
+                                         headers={"Origin": "http://evil.example"})
+        _wait_for(lambda: _answers(request), 60, "the Prefect API")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers.get("access-control-allow-origin") in (None, ""), (
+                dict(response.headers))
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        assert not _listening(prefect_port) and not _listening(mlflow_port)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+        for child in psutil.Process().children(recursive=True):
+            if child.pid != os.getpid():
+                with_cmd = " ".join(child.cmdline())
+                if "ui" in with_cmd or "server" in with_cmd:
+                    child.kill()
