@@ -286,6 +286,8 @@ def ui(
     import sys
     from pathlib import Path
 
+    from flows.temporary_server import stop_process
+
     def _stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the servers exactly as Ctrl-C does
 
@@ -311,12 +313,7 @@ def ui(
         pass
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p, grace_s=20)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,24 +29,26 @@ WATCH_INTERVAL_S = 0.5
 SHUTDOWN_GRACE_S = 10.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until `url`/health answers 200; raises if `proc` (the server) exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the temporary Prefect server exited with {proc.returncode}")
+            raise RuntimeError(f"the server at {url} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.2)
-    raise TimeoutError(f"the temporary Prefect server at {url} did not answer in {timeout_s:.0f} s")
+    raise TimeoutError(f"the server at {url} did not answer in {timeout_s:.0f} s")
 
 
 @contextlib.contextmanager
@@ -58,7 +60,7 @@ def prefect_api(timeout_s: float = 180.0) -> Iterator[str | None]:
     if PREFECT_API_URL.value():
         yield None
         return
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.temporary_server", "--parent", str(os.getpid()),
@@ -67,7 +69,7 @@ def prefect_api(timeout_s: float = 180.0) -> Iterator[str | None]:
     )
     previous = os.environ.get("PREFECT_API_URL")
     try:
-        _wait_healthy(url, proc, timeout_s)
+        wait_healthy(url, proc, timeout_s)
         os.environ["PREFECT_API_URL"] = url  # for worker processes the flows start
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
@@ -76,12 +78,19 @@ def prefect_api(timeout_s: float = 180.0) -> Iterator[str | None]:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
-        proc.terminate()
-        try:
-            proc.wait(timeout=SHUTDOWN_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace_s`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _watch_parent(parent: int) -> None:

@@ -52,6 +52,7 @@ class ModelConfig(_Section):
     # A directory holding an already trained starting policy (e.g. the demo's base model).
     init_from: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Recompute activations in backward: GPU memory for compute (the 7B preset needs it).
     gradient_checkpointing: bool = False
     cache_dir: str | None = None  # where converted GGUF models are cached (default ~/.cache/relift)
 

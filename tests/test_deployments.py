@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,29 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from flows.temporary_server import free_port, stop_process, wait_healthy
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(api: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("prefect server did not become healthy")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +25,7 @@ def deployed(tmp_path_factory):
     """A real `prefect server` (SQLite, as `prefect server start` makes it), the project's
     prefect.yaml deployed to a process pool. Yields (env, run, server log path)."""
     home = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
            "RELIFT_REPO_DIR": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -62,18 +43,14 @@ def deployed(tmp_path_factory):
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     try:
-        _wait_healthy(api, server)
+        wait_healthy(api, server, timeout_s=120)
         r = run("work-pool", "create", "relift-local", "--type", "process")
         assert r.returncode == 0, r.stdout + r.stderr
         r = run("--no-prompt", "deploy", "--all")
         assert r.returncode == 0, r.stdout + r.stderr
         yield env, run, log_path
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, grace_s=20)
         log.close()
 
 
@@ -121,9 +98,5 @@ def test_deploy_all_and_run_train_through_a_worker(deployed, tiny_overrides, tmp
             out + (tmp_path / "worker.log").read_text()[-4000:] + log_path.read_text()[-2000:])
         assert (tmp_path / "runs" / "deployed" / "checkpoints").is_dir()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker, grace_s=20)
         log.close()

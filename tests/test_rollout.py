@@ -132,14 +132,20 @@ def test_shapes_prompt_ids_and_finish_reasons(tiny, prompts):
     _check_invariants(groups, prompts, tok, 4, 12, engine.stop_token_ids)
 
 
-def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts):
-    model, tok = tiny
+def _three_rows_stopping_at_steps_1_2_3(model, tok, prompt, max_new_tokens):
     engine = HFRolloutEngine(model, tok)
     hook = model.lm_head.register_forward_hook(_ForceEos(tok.eos_token_id))
     try:
-        (group,) = engine.generate(prompts[:1], n=3, temperature=1.0, max_new_tokens=6, seed=0)
+        (group,) = engine.generate([prompt], n=3, temperature=1.0, max_new_tokens=max_new_tokens,
+                                   seed=0)
     finally:
         hook.remove()
+    return group
+
+
+def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts):
+    model, tok = tiny
+    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=6)
     assert [s.length for s in group] == [1, 2, 3]
     assert all(s.finish_reason == "eos" and s.response_ids[-1] == tok.eos_token_id for s in group)
     assert group[0].text == ""  # the eos itself is a special token
@@ -148,13 +154,8 @@ def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts):
 
 def test_length_when_max_new_tokens_is_hit(tiny, prompts):
     model, tok = tiny
-    engine = HFRolloutEngine(model, tok)
-    hook = model.lm_head.register_forward_hook(_ForceEos(tok.eos_token_id))
-    try:
-        # Rows 0..2 would stop at steps 1..3, but only 2 tokens are allowed.
-        (group,) = engine.generate(prompts[:1], n=3, temperature=1.0, max_new_tokens=2, seed=0)
-    finally:
-        hook.remove()
+    # Rows 0..2 would stop at steps 1..3, but only 2 tokens are allowed.
+    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=2)
     assert [(s.length, s.finish_reason) for s in group] == [(1, "eos"), (2, "eos"), (2, "length")]
 
 

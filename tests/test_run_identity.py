@@ -123,3 +123,12 @@ def test_sweep_run_names_carry_the_shared_config_and_the_scheduled_date():
                               "algorithm.sft_buffer_threshold": 8})
     assert name == f"{dated}-rl-s0-sft_buffer_threshold8"
     load_config("toy", [f"run.name={name}"])  # a valid run name
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_model_gradient_checkpointing_does_what_the_config_says(tmp_path, enabled):
+    session = session_for(tmp_path, f"model.gradient_checkpointing={str(enabled).lower()}")
+    try:
+        assert session.trainer.model.is_gradient_checkpointing is enabled
+    finally:
+        session.close()

@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flows.temporary_server import free_port
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RELIFT = str(Path(sys.executable).parent / "relift")
@@ -65,12 +67,6 @@ def test_a_killed_train_takes_its_temporary_prefect_server_with_it(tiny_override
             leftover.kill()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -85,7 +81,7 @@ def _answers(request) -> bool:
 
 
 def test_relift_ui_stops_both_servers_on_sigterm(tmp_path):
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
     ui = subprocess.Popen([RELIFT, "ui", "--workdir", str(tmp_path), "--prefect-port",
                            str(prefect_port), "--mlflow-port", str(mlflow_port)], cwd=REPO,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
+from relift_core.config import RLConfig
 from relift_core.runtime.trainer import (
     STATE_VERSION,
     TorchTrainer,
@@ -106,14 +106,12 @@ class DeepSpeedTrainer(TorchTrainer):
         self,
         model: nn.Module,
         *,
-        algo: AlgorithmConfig,
         rl: RLConfig,
-        sft: SFTConfig,
-        max_response_len: int,
         device: str | torch.device | None = None,
-        dtype: str = "float32",
         rows_per_minibatch: int | None = None,
+        **trainer_options: Any,
     ) -> None:
+        """`trainer_options` are TorchTrainer's (algo, sft, max_response_len, dtype, ...)."""
         try:
             import deepspeed
         except ImportError as e:
@@ -126,15 +124,7 @@ class DeepSpeedTrainer(TorchTrainer):
         if device is None:
             device = f"cuda:{torch.cuda.current_device()}"
         # The base __init__ moves the model and calls _build_optimizers, which builds the engine.
-        super().__init__(
-            model,
-            algo=algo,
-            rl=rl,
-            sft=sft,
-            max_response_len=max_response_len,
-            device=device,
-            dtype=dtype,
-        )
+        super().__init__(model, rl=rl, device=device, **trainer_options)
 
     # ------------------------------------------------------------------------ engine set-up
 

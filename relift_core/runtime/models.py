@@ -191,9 +191,6 @@ def load_policy(
 
     torch_device = resolve_device(device)
     model.to(torch_device)
-    # Checkpointing trades compute for activation memory; on CPU memory is not the bottleneck.
-    if cfg.gradient_checkpointing and torch_device.type == "cuda":
-        model.gradient_checkpointing_enable()
     return model, tokenizer
 
 

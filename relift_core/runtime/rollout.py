@@ -9,9 +9,10 @@ produced them, so the trainer can score them without re-tokenising text.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -34,8 +35,27 @@ class Sample:
     finish_reason: FinishReason
 
 
-@runtime_checkable
-class RolloutEngine(Protocol):
+@dataclass(frozen=True)
+class SamplingRequest:
+    """One rollout call, prompts already tokenised: n samples of each, plain sampling."""
+
+    prompt_ids: list[list[int]]
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int | None
+    progress: ProgressCallback | None
+
+
+class RolloutEngine(ABC):
+    """The rollout interface. `generate` is the same for every engine: it checks the request
+    and tokenises the prompts (chat-rendered prompts already hold their special tokens, so no
+    BOS is added, and every engine samples after exactly the same ids); engines implement
+    `_sample_ids` and the weight hand-over."""
+
+    tokenizer: PreTrainedTokenizerBase
+
     def generate(
         self,
         prompts: list[str],
@@ -48,19 +68,27 @@ class RolloutEngine(Protocol):
         progress: ProgressCallback | None = None,
     ) -> list[list[Sample]]:
         """For each (already chat-rendered) prompt, its n samples, in prompt order."""
-        ...
+        if n <= 0 or max_new_tokens <= 0:
+            raise ValueError(f"n and max_new_tokens must be positive, got {n}, {max_new_tokens}")
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self._sample_ids(SamplingRequest(prompt_ids, n, temperature, top_p,
+                                                max_new_tokens, seed, progress))
 
+    @abstractmethod
+    def _sample_ids(self, request: SamplingRequest) -> list[list[Sample]]:
+        """`request.n` samples of every prompt, in prompt order."""
+
+    @abstractmethod
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights (in memory, no disk)."""
-        ...
 
+    @abstractmethod
     def sleep(self) -> None:
         """Release accelerator memory between rollouts (so the trainer can use it)."""
-        ...
 
+    @abstractmethod
     def wake(self) -> None:
         """Reacquire what `sleep` released."""
-        ...
 
 
 def default_stop_token_ids(
@@ -93,7 +121,7 @@ def split_response(
     return list(generated), "length"
 
 
-class HFRolloutEngine:
+class HFRolloutEngine(RolloutEngine):
     """Sampling with transformers `generate`: left padding, KV cache, batches of rows.
 
     A row is one (prompt, sample) pair; prompts × n rows are generated `batch_size` at a time.
@@ -124,32 +152,19 @@ class HFRolloutEngine:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.stop_token_ids[0]
 
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float = 1.0,
-        max_new_tokens: int,
-        seed: int | None = None,
-        progress: ProgressCallback | None = None,
-    ) -> list[list[Sample]]:
-        if n <= 0 or max_new_tokens <= 0:
-            raise ValueError(f"n and max_new_tokens must be positive, got {n}, {max_new_tokens}")
-        prompt_ids: list[list[int]] = [
-            self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
-        ]
-        rows = [i for i in range(len(prompts)) for _ in range(n)]  # prompt index of each row
-        config = self._generation_config(temperature, top_p, max_new_tokens)
-        samples: list[list[Sample]] = [[] for _ in prompts]
+    def _sample_ids(self, request: SamplingRequest) -> list[list[Sample]]:
+        prompt_ids, n, progress = request.prompt_ids, request.n, request.progress
+        rows = [i for i in range(len(prompt_ids)) for _ in range(n)]  # prompt of each row
+        config = self._generation_config(request.temperature, request.top_p,
+                                         request.max_new_tokens)
+        samples: list[list[Sample]] = [[] for _ in prompt_ids]
         if progress is not None:
             progress(0, len(rows))
 
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling; gradient checkpointing off, cache on
         try:
-            with _seeded(seed, self._device()), torch.no_grad():
+            with _seeded(request.seed, self._device()), torch.no_grad():
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
                     generated = self._generate_rows([prompt_ids[i] for i in chunk], config)

@@ -144,7 +144,8 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
     model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed)
     trainer = TorchTrainer(model, algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
                            max_response_len=cfg.rollout.max_new_tokens, device=str(device),
-                           dtype=cfg.model.dtype, max_bad_steps=cfg.run.max_bad_steps)
+                           dtype=cfg.model.dtype, max_bad_steps=cfg.run.max_bad_steps,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing)
     state = RunState(
         iteration=0,
         buffer=DemoBuffer(cfg.algorithm.sft_buffer_threshold, cfg.algorithm.sft_buffer_order),

@@ -33,9 +33,9 @@ import copy
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -133,13 +133,13 @@ class TorchTrainer:
         max_response_len: int,
         device: str | torch.device = "cpu",
         dtype: str = "float32",
-        gradient_checkpointing: bool | None = None,
+        gradient_checkpointing: bool = False,
         max_bad_steps: int = 3,
         max_abs_weight: float = 1e4,
         max_norm_growth: float = 100.0,
     ) -> None:
         """`dtype` is the dtype the weights are held in; on CUDA the forward also runs under bf16
-        autocast. `gradient_checkpointing`: None means on for CUDA, off for CPU.
+        autocast. `gradient_checkpointing` recomputes activations in backward (model.gradient_checkpointing).
         `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
         `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
         if algo.kl_coef > 0:
@@ -166,8 +166,6 @@ class TorchTrainer:
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=_DTYPES[dtype])
         self._on_cuda = self.device.type == "cuda"
-        if gradient_checkpointing is None:
-            gradient_checkpointing = self._on_cuda
         if gradient_checkpointing:
             # Activations dominate GPU memory at long responses; recompute them in backward.
             self.model.gradient_checkpointing_enable(
@@ -317,21 +315,17 @@ class TorchTrainer:
         first_on_policy = batch.old_logp is None
         if first_on_policy and (self.rl.ppo_epochs > 1 or rows < len(batch)):
             batch = replace(batch, old_logp=self._old_logprobs(batch, skip_rows=rows))
-        means = _WeightedMeans()
-        for epoch in range(self.rl.ppo_epochs):
-            for index, minibatch in enumerate(batch.split(rows)):
-                if first_on_policy and epoch == 0 and index == 0:
-                    minibatch = replace(minibatch, old_logp=None)  # scored by its own forward
-                means.add(
-                    self._optimizer_step(
-                        "rl",
-                        minibatch,
-                        self._rl_micro_loss,
-                        micro_batch_size=self.rl.micro_batch_size,
-                        grad_clip=self.rl.grad_clip,
-                        loss_agg=self.algo.loss_agg,
-                    )
-                )
+
+        def minibatches() -> Iterator[TokenBatch]:
+            for epoch in range(self.rl.ppo_epochs):
+                for index, minibatch in enumerate(batch.split(rows)):
+                    if first_on_policy and epoch == 0 and index == 0:
+                        minibatch = replace(minibatch, old_logp=None)  # scored by its forward
+                    yield minibatch
+
+        means = self._optimizer_steps("rl", minibatches(), self._rl_micro_loss,
+                                      micro_batch_size=self.rl.micro_batch_size,
+                                      grad_clip=self.rl.grad_clip, loss_agg=self.algo.loss_agg)
         return self._finish_stats("rl", means, batch, start)
 
     def sft_step(self, batch: TokenBatch) -> dict[str, float]:
@@ -339,20 +333,20 @@ class TorchTrainer:
         optimizer step, sft.epochs passes. Stats: sft_loss, grad_norm, lr, tokens, seq_tokens,
         optimizer_steps, seconds."""
         start = time.perf_counter()
-        means = _WeightedMeans()
-        for _ in range(self.sft.epochs):
-            for minibatch in batch.split(self.sft.mini_batch_size):
-                means.add(
-                    self._optimizer_step(
-                        "sft",
-                        minibatch,
-                        self._sft_micro_loss,
-                        micro_batch_size=self.sft.micro_batch_size,
-                        grad_clip=self.sft.grad_clip,
-                        loss_agg="token_mean",
-                    )
-                )
+        minibatches = (minibatch for _ in range(self.sft.epochs)
+                       for minibatch in batch.split(self.sft.mini_batch_size))
+        means = self._optimizer_steps("sft", minibatches, self._sft_micro_loss,
+                                      micro_batch_size=self.sft.micro_batch_size,
+                                      grad_clip=self.sft.grad_clip, loss_agg="token_mean")
         return self._finish_stats("sft", means, batch, start)
+
+    def _optimizer_steps(self, kind: UpdateKind, minibatches: Iterable[TokenBatch],
+                         micro_loss: MicroLoss, **step_options: Any) -> _WeightedMeans:
+        """One optimizer step per mini-batch; their stats, averaged."""
+        means = _WeightedMeans()
+        for minibatch in minibatches:
+            means.add(self._optimizer_step(kind, minibatch, micro_loss, **step_options))
+        return means
 
     def _old_logprobs(self, batch: TokenBatch, *, skip_rows: int) -> Tensor:
         """Old log-probs for an on-policy batch, before any update. With one epoch the first

@@ -18,10 +18,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from relift_core.config import ExperimentConfig
 from relift_core.runtime.models import save_policy
-from relift_core.runtime.rollout import FinishReason, ProgressCallback, Sample
+from relift_core.runtime.rollout import FinishReason, RolloutEngine, Sample, SamplingRequest
 
 
-class VLLMRolloutEngine:
+class VLLMRolloutEngine(RolloutEngine):
     """Sampling with `vllm.LLM`: one `generate` call for all prompts, n samples each.
 
     `vllm_module` replaces `import vllm` (tests pass a fake module exposing `LLM` and
@@ -89,44 +89,29 @@ class VLLMRolloutEngine:
             vllm_module=vllm_module,
         )
 
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float = 1.0,
-        max_new_tokens: int,
-        seed: int | None = None,
-        progress: ProgressCallback | None = None,
-    ) -> list[list[Sample]]:
-        if n <= 0 or max_new_tokens <= 0:
-            raise ValueError(f"n and max_new_tokens must be positive, got {n}, {max_new_tokens}")
-        # Tokenised here, as the HF engine does: chat-rendered prompts already hold their special
-        # tokens, and vLLM's own tokenisation of text could prepend a BOS.
-        token_prompts = [
-            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
-            for p in prompts
-        ]
+    def _sample_ids(self, request: SamplingRequest) -> list[list[Sample]]:
+        # Token ids, not text: vLLM's own tokenisation of text could prepend a BOS.
+        token_prompts = [{"prompt_token_ids": ids} for ids in request.prompt_ids]
+        n, progress, seed = request.n, request.progress, request.seed
         # One SamplingParams per prompt: a per-prompt seed gives every prompt its own random
         # stream (one shared seed would replay the same draws for every prompt).
         params = [
             self._vllm.SamplingParams(
                 n=n,
-                temperature=temperature,
-                top_p=top_p if temperature > 0 else 1.0,
-                max_tokens=max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p if request.temperature > 0 else 1.0,
+                max_tokens=request.max_new_tokens,
                 seed=None if seed is None else seed + i,
             )
-            for i in range(len(prompts))
+            for i in range(len(token_prompts))
         ]
-        total = len(prompts) * n
+        total = len(token_prompts) * n
         if progress is not None:
             progress(0, total)
         outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
         samples = [
-            _samples_from_request(i, token_prompts[i]["prompt_token_ids"], request, n)
-            for i, request in enumerate(outputs)
+            _samples_from_request(i, token_prompts[i]["prompt_token_ids"], output, n)
+            for i, output in enumerate(outputs)
         ]
         if progress is not None:
             progress(total, total)
