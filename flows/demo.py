@@ -41,6 +41,11 @@ from relift_core.runtime.session import build_engine, seed_everything
 from tasks.tracking import close_run, open_run
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
+# ReLIFT whose demonstrations come from a teacher model instead of the dataset: the world's model
+# pretrained without its two gaps (no held-out carry-out sums, no miscopied answers). A teacher
+# answer enters the buffer only if the grader verifies it (algorithm.demonstrations=teacher).
+TEACHER_METHOD = "relift-teacher"
+TEACHER_WORLD = ["data.world.pretrain_holdout=[]", "data.world.pretrain_noise=0.0"]
 
 
 @task(name="measure-difficulty", cache_policy=NO_CACHE)
@@ -54,6 +59,17 @@ def base_levels(cfg: ExperimentConfig, model_dir: str, examples_path: str) -> di
     with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
         levels = measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
     return {uid: lv.value for uid, lv in levels.items()}
+
+
+@task(name="build-teacher", cache_policy=NO_CACHE)
+def build_teacher(preset: str, overrides: list[str]) -> str:
+    """The teacher's base model (a `build_base_model` flow run in a worker process, cached)."""
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = load_config(preset, [*overrides, *TEACHER_WORLD])
+    return build_base_model.with_options(flow_run_name="build-teacher-model")(
+        cfg.model_dump(mode="json"))
 
 
 @task(name="train-method", cache_policy=NO_CACHE)
@@ -118,6 +134,8 @@ def _workers_report_here() -> Iterator[None]:
 def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: list[int],
              name: str, cfg: ExperimentConfig, start: float) -> dict[str, Any]:
     logger = get_run_logger()
+    # The teacher pretrains in a worker process while the base model pretrains here.
+    teacher = build_teacher.submit(preset, overrides) if TEACHER_METHOD in algorithms else None
     base_dir = build_base_model(cfg.model_dump(mode="json"))
     data = prepare_data(cfg.model_dump(mode="json"))
     base_overrides = [*overrides, f"model.init_from={base_dir}"]
@@ -137,10 +155,7 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         runs: list[tuple[str, int, str, list[str]]] = []
         for seed in seeds:
             for algo in ["base", *algorithms]:
-                # The base model is evaluated exactly as the trained runs are: a `train` run of
-                # 0 iterations, same eval settings and seed.
-                extra = (["algorithm.name=rl", "run.iterations=0"] if algo == "base"
-                         else [f"algorithm.name={algo}"])
+                extra = _method_overrides(algo, teacher)
                 run_name = f"{name}-{tag}-{algo}-s{seed}"
                 runs.append((algo, seed, run_name, [*base_overrides, *extra, f"run.seed={seed}",
                                                     f"run.name={run_name}"]))
@@ -152,6 +167,7 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
             run_cfg = load_config(preset, ovr)
             results.append({"algo": algo, "seed": seed, "run_name": run_name,
                             "demos_used": out["demos_used"],
+                            "demonstration_counts": out.get("demonstration_counts") or {},
                             "mlflow_run_id": out["mlflow_run_id"],
                             "accuracy": held_out_accuracy(run_cfg, run_name,
                                                           run_cfg.run.iterations)})
@@ -161,6 +177,10 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         summary["train_levels"] = {lv: int(counts.get(lv, 0)) for lv in LEVEL_NAMES}
         summary["config_hash"] = tag
         summary["mlflow_runs"] = {f"{r['algo']}-s{r['seed']}": r["mlflow_run_id"] for r in results}
+        teacher_runs = [r["demonstration_counts"] for r in results if r["algo"] == TEACHER_METHOD]
+        if teacher_runs:
+            summary["teacher"] = {k: int(sum(c.get(k, 0) for c in teacher_runs))
+                                  for k in ("teacher_verified", "teacher_rejected")}
 
         out_dir = Path(cfg.run.workdir) / name
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +205,17 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
     return {"summary": summary, "markdown": text, "figure": str(figure),
             "results_path": str(out_dir / "results.json"), "mlflow_run_id": parent.run_id,
             "train_levels": counts, "runs": {r["run_name"]: r["mlflow_run_id"] for r in results}}
+
+
+def _method_overrides(algo: str, teacher) -> list[str]:
+    # The base model is evaluated exactly as the trained runs are: a `train` run of 0
+    # iterations, same eval settings and seed.
+    if algo == "base":
+        return ["algorithm.name=rl", "run.iterations=0"]
+    if algo == TEACHER_METHOD:
+        return ["algorithm.name=relift", "algorithm.demonstrations=teacher",
+                f"algorithm.teacher_model={teacher.result()}"]
+    return [f"algorithm.name={algo}"]
 
 
 def _metric_name(claim: str) -> str:
@@ -217,6 +248,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| run | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
     for m, r in runs.items():
         lines.append(f"| {m} | " + " | ".join(f"{r['by_family'][f]:.3f}" for f in families) + " |")
+    if "teacher" in summary:
+        t = summary["teacher"]
+        lines += ["", (f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model (the "
+                       "world's model pretrained without its gaps), each verified by the grader: "
+                       f"{t['teacher_verified']} verified and used, "
+                       f"{t['teacher_rejected']} rejected.")]
     lines += ["", "| paired difference | mean | 95% CI | questions |", "|---|---|---|---|"]
     for k, d in summary["differences"].items():
         if d["mean"] is None:

@@ -114,7 +114,8 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
     return {"run_name": cfg.run.name, "mlflow_run_id": tracker.run_id,
             "mlflow_url": tracker.url(),
             "prefect_url": prefect_flow_run_url(str(get_run_context().flow_run.id)),
-            "demos_used": session.state.demos_used, "eval": final}
+            "demos_used": session.state.demos_used,
+            "demonstration_counts": session.demonstration_source.counts(), "eval": final}
 
 
 def log_final_policy(tracker: MlflowTracker, session) -> None:

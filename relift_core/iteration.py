@@ -232,7 +232,7 @@ class Phases:
     def collect_demonstrations(self, session: TrainSession, iteration: int, rollouts: Rollouts,
                                levels: list[Level]) -> dict[str, float]:
         return collect_demonstrations(session.state.buffer, session.strategy, iteration,
-                                      rollouts.questions, levels, session.demos)
+                                      rollouts.questions, levels, session.demonstration_source)
 
     def rl_update(self, session: TrainSession, rollouts: Rollouts) -> dict[str, float]:
         start = time.perf_counter()

@@ -78,3 +78,22 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
                  name="demo", seeds=[0], algorithms=["rl"])
     assert again["summary"]["config_hash"] != tag
     assert (tmp_path / f"demo-{again['summary']['config_hash']}-rl-s0").is_dir()
+
+
+def test_demo_runs_relift_with_teacher_demonstrations(prefect_server, tmp_path):
+    """The teacher option end to end in the proof-world: a teacher model (pretrained without
+    the world's gaps) writes demonstrations for the hardest questions; only those the grader
+    verifies are used, and the demo's report says how many."""
+    from flows.demo import TEACHER_METHOD, demo
+
+    result = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}"], name="demo",
+                  seeds=[0], algorithms=["relift", TEACHER_METHOD])
+    summary = result["summary"]
+    assert set(summary["runs"]) == {"base", "relift", TEACHER_METHOD}
+    teacher = summary["teacher"]
+    assert teacher["teacher_verified"] + teacher["teacher_rejected"] > 0
+    assert summary["runs"][TEACHER_METHOD]["demos_used"] <= teacher["teacher_verified"]
+    assert f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model" in result["markdown"]
+    assert f"{teacher['teacher_verified']} verified and used" in result["markdown"]
+    # Two base models: the students' and the teacher's (another world: no gaps), both cached.
+    assert len(list((tmp_path / "base_models").iterdir())) == 2

@@ -120,7 +120,7 @@ def test_teacher_demonstrations_enter_the_buffer_only_when_verified(tiny_session
     session = tiny_session("relift", "algorithm.demonstrations=teacher",
                            f"algorithm.teacher_model={teacher_dir}", "run.name=teach")
     try:
-        source = session.demos
+        source = session.demonstration_source
         assert isinstance(source, TeacherDemonstrations)
         questions = session.dataset[:4]
 

@@ -44,7 +44,7 @@ class TrainSession:
     engine: RolloutEngine
     trainer: TorchTrainer
     grader: BatchGrader
-    demos: DemonstrationSource
+    demonstration_source: DemonstrationSource
     strategy: Strategy
     state: RunState
     dataset: list[Example]
@@ -84,7 +84,7 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngi
     return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device)
 
 
-def demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
+def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
     if cfg.algorithm.demonstrations == "dataset":
         return DatasetDemonstrations()
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
@@ -155,7 +155,7 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
     grader = BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s)
     try:
         # Before the checkpoint: loading a teacher must not disturb the RNG states it restores.
-        demos = demonstration_source(cfg, grader, device)
+        source = build_demonstration_source(cfg, grader, device)
         if resumed_from is not None:
             restored = load_checkpoint(resumed_from, model=model, trainer=trainer)
             state.load_extra_state(restored["extra_state"])
@@ -166,7 +166,7 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
         cfg=cfg, model=model, tokenizer=tokenizer,
         engine=build_engine(cfg, model, tokenizer, device), trainer=trainer,
         grader=grader,
-        demos=demos,
+        demonstration_source=source,
         strategy=strategy_for(cfg.algorithm.name, sft_threshold=cfg.algorithm.sft_buffer_threshold,
                               sft_then_rl_switch=cfg.algorithm.sft_then_rl_switch,
                               relift_steps_per_iteration=(
