@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner
 
+from analysis.compare import write_report
 from flows.base_model import build_base_model
 from flows.prepare_data import prepare_data
 from relift_core.config import ExperimentConfig, experiment_hash, load_config
@@ -38,7 +39,7 @@ from relift_core.iteration import measure_levels
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
 from relift_core.runtime.models import load_policy
 from relift_core.runtime.session import build_engine, seed_everything
-from tasks.tracking import close_run, open_run
+from tasks.tracking import close_run, open_run, tracking_uri
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
 # ReLIFT whose demonstrations come from a teacher model instead of the dataset: the world's model
@@ -197,6 +198,12 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
                               for k, d in summary["differences"].items() if d["mean"] is not None})
         create_markdown_artifact(markdown=text, key="demo-comparison",
                                  description="RL vs SFT vs ReLIFT on the proof-world")
+        # Training curves with seed bands and per-level shares, from the children in MLflow.
+        report = write_report(tracking_uri(cfg), out_dir / "report", cfg.tracking.experiment,
+                              parent_run_id=parent.run_id)
+        parent.log_artifact(out_dir / "report", "report")
+        create_markdown_artifact(markdown=report["report"].read_text(), key="demo-report",
+                                 description="Training curves and levels (figures in MLflow)")
         close_run(parent)
     except BaseException:
         close_run(parent, "FAILED")

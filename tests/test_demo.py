@@ -72,6 +72,11 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     assert summary["runs"]["rl"]["demos_used"] == 0
     assert summary["runs"]["sft"]["demos_used"] == 3 * 12
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 0
+    # The report (tables with CIs, training curves, level shares) is on the parent run too.
+    logged = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "report")}
+    assert {"report/report.md", "report/training_curves.png", "report/level_shares.png"} <= logged
+    report = (tmp_path / "demo" / "report" / "report.md").read_text()
+    assert "95% CI" in report and "| sft " in report
 
     # A changed override never reuses these runs: it gets another config hash, fresh run names.
     again = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}", "rl.lr=1e-5"],

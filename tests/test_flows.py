@@ -4,6 +4,9 @@ real MLflow SQLite store, the tiny model on CPU."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -101,7 +104,7 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     from analysis.compare import runs_table
     from flows.sweep import sweep
 
-    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1"]  # evaluated on the world: compare reads it
     result = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0],
                    grid={"algorithm.sft_buffer_threshold": [2, 4]}, overrides=overrides,
                    name="abl")
@@ -116,6 +119,24 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     table = runs_table(uri, parent_run_id=result["mlflow_run_id"])
     assert sorted(table["algorithm"]) == ["relift", "relift", "rl", "rl"]
     assert (table.loc[table["algorithm"] == "rl", "demos_used"] == 0).all()
+    assert "world" in table.columns and not any("world/world" in c for c in table.columns)
+    # Run names: the sweep's name, the shared config's hash, the point.
+    assert all(n.startswith("abl-") and n.split("-")[2] in ("rl", "relift")
+               for n in result["runs"])
+
+    # `relift compare` as a user runs it, in a 100-column terminal: readable, and a report.
+    env = {**os.environ, "COLUMNS": "100"}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([str(Path(sys.executable).parent / "relift"), "compare", "-p", "toy",
+                          "--parent", result["mlflow_run_id"], f"run.workdir={tmp_path}"],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "…" not in out.stdout and max(map(len, out.stdout.splitlines())) <= 100, out.stdout
+    assert "relift" in out.stdout and "world avg@k" in out.stdout
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert "95% CI" in report and "![training curves](training_curves.png)" in report
+    assert (tmp_path / "compare" / "training_curves.png").stat().st_size > 0
+    assert (tmp_path / "compare" / "level_shares.png").stat().st_size > 0
 
 
 def test_evaluate_flow_on_real_benchmark_questions(tiny_overrides, prefect_server, tmp_path, shared_benchmarks):
