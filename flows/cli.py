@@ -56,8 +56,19 @@ class _HideUserErrorTracebacks(logging.Filter):
         return exc is None or user_error_exit_code(exc) is None
 
 
+class _HideRoutineTaskStates(logging.Filter):
+    """On the console only: a task run that completed says nothing a user needs (about ten per
+    iteration buried the one `iter i:` line); failures, retries and flow runs still print, and
+    the Prefect UI keeps every state."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect.task_runs")
+                    and record.getMessage().startswith("Finished in state Completed"))
+
+
 def quiet_prefect_tracebacks() -> None:
-    """Unless --debug: attach _HideUserErrorTracebacks to Prefect's console handlers."""
+    """Unless --debug: attach _HideUserErrorTracebacks (and _HideRoutineTaskStates) to
+    Prefect's console handlers."""
     if _debug:
         return
     # Prefect's console handler sits on the root logger; flow and task run loggers propagate.
@@ -68,6 +79,7 @@ def quiet_prefect_tracebacks() -> None:
             if is_console and not any(isinstance(f, _HideUserErrorTracebacks)
                                       for f in handler.filters):
                 handler.addFilter(_HideUserErrorTracebacks())
+                handler.addFilter(_HideRoutineTaskStates())
 
 
 def validated_config(preset: str, overrides: list[str] | None):

@@ -219,10 +219,12 @@ def _method_overrides(algo: str, teacher) -> list[str]:
     # iterations, same eval settings and seed.
     if algo == "base":
         return ["algorithm.name=rl", "run.iterations=0"]
+    # Each seed's base run is every trained run's step-0 evaluation already.
+    trained = ["eval.at_start=false"]
     if algo == TEACHER_METHOD:
-        return ["algorithm.name=relift", "algorithm.demonstrations=teacher",
+        return [*trained, "algorithm.name=relift", "algorithm.demonstrations=teacher",
                 f"algorithm.teacher_model={teacher.result()}"]
-    return [f"algorithm.name={algo}"]
+    return [*trained, f"algorithm.name={algo}"]
 
 
 def _metric_name(claim: str) -> str:

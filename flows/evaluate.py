@@ -20,7 +20,19 @@ from tasks.tracking import close_run, open_run
 def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
              checkpoint: str | None = None, benchmarks: list[str] | None = None,
              limit: int | None = None) -> dict[str, Any]:
-    """Evaluate the preset's model (or `checkpoint`, a saved policy directory) on `benchmarks`."""
+    """Evaluate the preset's model (or `checkpoint`, a saved policy directory) on `benchmarks`.
+
+    Args:
+        preset: a config preset in configs/ (toy, smollm2-135m, qwen2.5-math-1.5b,
+            qwen2.5-math-7b) or a YAML file; its model is evaluated.
+        overrides: dotted `key=value` config overrides, e.g. `eval.samples=4`.
+        checkpoint: a trained policy directory (runs/<name>/checkpoints/step_N/model) instead
+            of the preset's model.
+        benchmarks: aime24, aime25, amc23, math500, minerva, olympiadbench, gpqa_diamond, arc_c,
+            mmlu_pro, or world
+            (the preset's `eval.benchmarks` when empty).
+        limit: questions per benchmark (a quick look; empty: all).
+    """
     extra = list(overrides or [])
     if benchmarks:
         extra.append(f"eval.benchmarks=[{','.join(benchmarks)}]")

@@ -56,7 +56,16 @@ def _train_run_name() -> str:
 @flow(name="train", log_prints=True, flow_run_name=_train_run_name)
 def train(preset: str = "toy", overrides: list[str] | None = None,
           parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
-    """Train one run. `preset` names a file in configs/; overrides are dotted key=value pairs."""
+    """Train one run: ReLIFT or a baseline, from a preset with overrides.
+
+    Args:
+        preset: a config preset in configs/ (toy, smollm2-135m, qwen2.5-math-1.5b,
+            qwen2.5-math-7b) or a YAML file.
+        overrides: dotted `key=value` config overrides, e.g. `algorithm.name=rl`,
+            `run.name=rl-s0`, `run.seed=1`, `rl.lr=1e-6`. `relift config` shows every key.
+        parent_mlflow_run_id: set by `sweep` and `demo` to nest this run under theirs; leave
+            empty for a run of its own.
+    """
     cfg = load_config(preset, overrides or [])
     if needs_base_model(cfg):
         # The toy preset trains from the world's pretrained base model, not from random weights.
@@ -81,6 +90,7 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         session.close()
         raise
     try:
+        tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
         link_prefect_and_mlflow(tracker, cfg)
         log_config_and_data(tracker, cfg, data)
         if session.resumed_from:
@@ -94,6 +104,8 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
             description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
         bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
                              completed=session.state.iteration)
+        if cfg.eval.at_start and session.state.iteration == 0 and cfg.run.iterations > 0:
+            evaluate_policy(session, tracker, 0, data)  # the starting point of every curve
         for i in range(session.state.iteration, cfg.run.iterations):
             metrics = run_iteration(
                 session, i, phases=PREFECT_PHASES, tracker=tracker,

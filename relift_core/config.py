@@ -189,6 +189,7 @@ class SFTConfig(_Section):
 class EvalConfig(_Section):
     benchmarks: list[str] = []
     every: int = Field(10, gt=0)  # evaluate every k iterations
+    at_start: bool = True  # evaluate the starting policy too (step 0) in a run that trains
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8192, gt=0)
@@ -201,6 +202,9 @@ class TrackingConfig(_Section):
     # None: sqlite:///<workdir>/mlflow.db (embedded). MLFLOW_TRACKING_URI overrides when set.
     mlflow_uri: str | None = None
     experiment: str = "relift"
+    # CPU, memory, disk and GPU use in MLflow's system-metrics tab, sampled every this many
+    # seconds while a run trains (None: off).
+    system_metrics_interval_s: float | None = Field(10.0, gt=0)
     log_checkpoints: bool = True
 
 

@@ -63,6 +63,7 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
             tracker.log_metrics({f"eval/{name}/{k}": float(summary[k]) for k in SCALAR_KEYS
                                  if isinstance(summary.get(k), (int, float))}, step=step)
             tracker.log_artifact(parquet, f"eval/step_{step:06d}")
+            tracker.log_table(record_rows(records), f"eval/step_{step:06d}/{name}.records.json")
             by_source = summarize_by(records, "data_source")
             if len(by_source) > 1:  # a mixed set (the proof-world): one figure per family
                 tracker.log_metrics({f"eval/{name}/{src}/avg_at_k": float(sub["avg_at_k"])
@@ -79,6 +80,19 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
     if tracker is not None:
         tracker.log_text(table, f"eval/step_{step:06d}/summary.md")
     return summaries
+
+
+# Characters of a response kept in the MLflow table (the parquet beside it has everything).
+TABLE_TEXT_CHARS = 300
+
+
+def record_rows(records) -> list[dict[str, Any]]:
+    """Per-question records as rows the MLflow UI can preview: accuracy, gold, first answer."""
+    return [{"uid": r.uid, "data_source": r.data_source, "ground_truth": r.ground_truth,
+             "accuracy": r.accuracy, "samples": len(r.correct),
+             "first_extracted": r.extracted[0] if r.extracted else None,
+             "first_response": (r.samples[0][:TABLE_TEXT_CHARS] if r.samples else None)}
+            for r in records]
 
 
 def _artifact_key(label: str) -> str:

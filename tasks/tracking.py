@@ -61,6 +61,7 @@ class MlflowTracker:
     """Implements relift_core.tracker.Tracker for one MLflow run."""
 
     def __init__(self, client: MlflowClient, run_id: str):
+        self._system_metrics = None
         self.client, self.run_id = client, run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -84,6 +85,26 @@ class MlflowTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def start_system_metrics(self, interval_s: float | None) -> None:
+        """MLflow's own monitor (CPU, memory, disk, GPU) on a background thread, until close."""
+        if interval_s is None or self._system_metrics is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, resume_logging=True,
+            tracking_uri=self.client.tracking_uri)
+        self._system_metrics.start()
+
+    def stop_system_metrics(self) -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+            self._system_metrics = None
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """A table the MLflow UI previews (and `mlflow.load_table` reads back)."""
+        self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -132,4 +153,5 @@ def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
 
 
 def close_run(tracker: MlflowTracker, status: str = "FINISHED") -> None:
+    tracker.stop_system_metrics()
     tracker.client.set_terminated(tracker.run_id, status=status)

@@ -285,3 +285,18 @@ def test_prefect_console_tracebacks_of_user_errors_are_hidden():
     assert not hide.filter(record(DataError("bad row")))
     assert hide.filter(record(KeyError("a bug")))
     assert hide.filter(logging.LogRecord("prefect", logging.INFO, __file__, 1, "hi", None, None))
+
+
+def test_routine_task_completions_are_quiet_on_the_console_but_failures_are_not():
+    from flows.cli import _HideRoutineTaskStates
+
+    def record(name, message, level=logging.INFO):
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    quiet = _HideRoutineTaskStates()
+    assert not quiet.filter(record("prefect.task_runs", "Finished in state Completed()"))
+    assert quiet.filter(record("prefect.task_runs", "Finished in state Failed('boom')",
+                               logging.ERROR))
+    assert quiet.filter(record("prefect.task_runs", "Task run failed with exception ... - Retry 1/1"))
+    assert quiet.filter(record("prefect.flow_runs", "Finished in state Completed()"))
+    assert quiet.filter(record("prefect.flow_runs", "iter 3: acc 0.500"))

@@ -100,3 +100,15 @@ def test_deploy_all_and_run_train_through_a_worker(deployed, tiny_overrides, tmp
     finally:
         stop_process(worker, grace_s=20)
         log.close()
+
+
+def test_deployment_parameters_are_typed_and_documented(deployed):
+    """The Prefect UI's run form shows each parameter's type and what it means."""
+    env, _, _ = deployed
+    url = f"{env['PREFECT_API_URL']}/deployments/name/train/train"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        schema = json.loads(response.read())["parameter_openapi_schema"]["properties"]
+    assert "array" in json.dumps(schema["overrides"])  # a list of strings, not free text
+    for name in ("preset", "overrides", "parent_mlflow_run_id"):
+        assert schema[name].get("description"), (name, schema[name])
+    assert "sweep" in schema["parent_mlflow_run_id"]["description"]

@@ -29,7 +29,8 @@ def flow_run_name_of(flow_run_id: str) -> str:
 
 
 def _overrides(tiny: list[str], tmp: Path, algo: str) -> list[str]:
-    return tiny + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}"]
+    return tiny + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}",
+                   "tracking.system_metrics_interval_s=1"]
 
 
 @pytest.mark.parametrize("algo", ["relift", "rl", "sft", "sft_then_rl"])
@@ -62,6 +63,15 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     if algo == "rl":
         assert run.data.metrics["demos_used"] == 0
     assert any(k.startswith("eval/world/") for k in run.data.metrics)
+    # Evaluated at the start too (every curve starts at the starting policy), every 2 iterations
+    # and at the end; per-question records as tables the MLflow UI previews.
+    eval_steps = [h.step for h in client.get_metric_history(run.info.run_id, "eval/world/avg_at_k")]
+    assert eval_steps[0] == 0 and 3 in eval_steps
+    table = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "eval/step_000000/world.records.json", str(tmp))).read_text())
+    assert {"uid", "accuracy", "ground_truth", "first_response"} <= set(table["columns"])
+    assert len(table["data"]) > 0
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "sft_demonstrations.jsonl", "final_policy"} <= artifacts
     assert run.data.tags["relift.final_checkpoint"].endswith("step_000003")
