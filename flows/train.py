@@ -131,14 +131,14 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
 
 
 def log_final_policy(tracker: MlflowTracker, session) -> None:
-    """The last checkpoint's policy as an MLflow artifact (loadable with from_pretrained), or,
-    with tracking.log_checkpoints off (multi-GB models), only its path as a tag."""
+    """The trained policy as an MLflow model (transformers flavour; registrable), or, with
+    tracking.log_checkpoints off (multi-GB models), only the final checkpoint's path as a tag."""
     final = latest_checkpoint(session.checkpoint_dir)
-    if final is None:
-        return
-    tracker.set_tags({"relift.final_checkpoint": str(final.resolve())})
+    if final is not None:
+        tracker.set_tags({"relift.final_checkpoint": str(final.resolve())})
     if session.cfg.tracking.log_checkpoints:
-        tracker.log_artifact(final / "model", "final_policy")
+        uri = tracker.log_policy(session.model, session.tokenizer, session.state.iteration)
+        tracker.set_tags({"relift.policy_model_uri": uri})
 
 
 def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> None:

@@ -102,6 +102,26 @@ class MlflowTracker:
             self._system_metrics.finish()
             self._system_metrics = None
 
+    def log_policy(self, model, tokenizer, step: int) -> str:
+        """The policy as an MLflow model (transformers flavour, text generation): it appears
+        under the run's logged models and can be registered in the model registry. Returns its
+        model URI."""
+        import mlflow
+        import torch
+        import transformers
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        # The fluent API logs models into the active run; it ends that run on exit, and the
+        # caller closes it with the final status right after.
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.transformers.log_model(
+                {"model": model, "tokenizer": tokenizer}, name="policy", task="text-generation",
+                step=step,
+                # Explicit: inferring them imports every optional module torch knows of.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                  f"transformers=={transformers.__version__}"])
+        return info.model_uri
+
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """A table the MLflow UI previews (and `mlflow.load_table` reads back)."""
         self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)

@@ -73,7 +73,22 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     assert len(table["data"]) > 0
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "sft_demonstrations.jsonl", "final_policy"} <= artifacts
+    assert {"config.yaml", "sft_demonstrations.jsonl"} <= artifacts
+    # The policy as an MLflow model (transformers flavour): listed with the run, registrable.
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in models] == ["policy"]
+    assert run.data.tags["relift.policy_model_uri"] == f"models:/{models[0].model_id}"
+    if algo == "relift":
+        import mlflow
+
+        client.create_registered_model("relift-policy")
+        version = client.create_model_version("relift-policy", models[0].artifact_location,
+                                              run_id=run.info.run_id)
+        assert int(version.version) == 1 and version.status == "READY"
+        mlflow.set_tracking_uri(client.tracking_uri)
+        pipeline = mlflow.transformers.load_model(f"models:/{models[0].model_id}")
+        assert type(pipeline).__name__ == "TextGenerationPipeline"
     assert run.data.tags["relift.final_checkpoint"].endswith("step_000003")
     inputs = run.inputs.dataset_inputs
     assert {d.dataset.name for d in inputs} >= {"train", "world"}
