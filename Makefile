@@ -19,6 +19,7 @@ demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/relift demo
 
 test: setup
+	bash scripts/ensure_chromium.sh
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: setup

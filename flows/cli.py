@@ -318,7 +318,9 @@ def ui(
     db = Path(workdir).resolve() / "mlflow.db"
     # Prefect's API answers cross-origin requests from any site by default; only its own UI here.
     prefect_env = {**os.environ,
-                   "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{prefect_port}"}
+                   "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{prefect_port}",
+                   # The UI's pages call this API (by default :4200, whatever port serves them).
+                   "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
     procs = [
         subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
                           "--port", str(prefect_port)], env=prefect_env),

@@ -1,0 +1,135 @@
+"""Both UIs in a real browser (headless Chromium, Debian's package, driven by selenium): after a
+tiny `relift train` reported to the Prefect server that `relift ui` starts, the MLflow UI shows
+the run by name with a metric chart, and the Prefect UI shows the flow run `train-<name>` with
+its link to MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.temporary_server import free_port, stop_process
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _require_browser() -> None:
+    if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
+        return
+    reason = "Chromium not installed (scripts/ensure_chromium.sh installs Debian's package)"
+    if os.environ.get("RELIFT_REQUIRE_BROWSER"):
+        pytest.fail(reason + ", and RELIFT_REQUIRE_BROWSER is set (CI)")
+    pytest.skip(reason)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def browser():
+    _require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _page_text_contains(driver, text: str) -> bool:
+    try:
+        return text in driver.find_element("tag name", "body").text
+    except Exception:  # noqa: BLE001  (the page is still rendering)
+        return False
+
+
+def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(browser, tiny_overrides,
+                                                                     tmp_path):
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115  (closed in finally)
+    ui = subprocess.Popen([str(BIN / "relift"), "ui", "--workdir", str(tmp_path),
+                           "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
+                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+        _wait(lambda: _answers(f"{prefect_api}/health"), 180, "the Prefect server")
+        _wait(lambda: _answers(f"http://127.0.0.1:{mlflow_port}/health"), 180, "the MLflow UI")
+        # A tiny training, reported to this Prefect server, tracked in the store the UI serves.
+        train = subprocess.run(
+            [str(BIN / "relift"), "train", "-p", "toy", *tiny_overrides, "run.name=browsed",
+             f"run.workdir={tmp_path}", "eval.benchmarks=[]"],
+            cwd=REPO, env={**env, "PREFECT_API_URL": prefect_api}, capture_output=True,
+            text=True, timeout=600, check=False)
+        assert train.returncode == 0, train.stdout + train.stderr
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("relift").experiment_id],
+                                    filter_string="attributes.run_name = 'browsed'")
+        flow_run_id = run.data.tags["prefect.flow_run_id"]
+
+        # MLflow: the run's page (training view) names the run; its metrics tab draws a chart.
+        mlflow_base = f"http://127.0.0.1:{mlflow_port}"
+        page = (f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                "?workflowType=machine_learning")
+        browser.get(page)
+        _wait(lambda: _page_text_contains(browser, "browsed"), 90, "the run name in MLflow")
+        # The run's description links back to the Prefect flow run.
+        assert f"/runs/flow-run/{flow_run_id}" in browser.page_source
+        browser.get(f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/"
+                    f"{run.info.run_id}/model-metrics")
+        charts = _wait(lambda: browser.find_elements("css selector", "svg.main-svg"), 90,
+                       "a drawn metric chart")
+        # Each chart's legend names the run and the metric: "browsed (sft/sft_loss)".
+        _wait(lambda: _page_text_contains(browser, "browsed ("), 30, "a chart of the run")
+        assert charts
+
+        # Prefect: the flow run, named after the run, with its link artifact to MLflow.
+        browser.get(f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run_id}")
+        _wait(lambda: _page_text_contains(browser, "train-browsed"), 90, "the flow run name")
+        try:
+            tab = _wait(lambda: browser.find_elements(
+                "xpath", "//*[normalize-space(.)='Artifacts']"), 30, "the Artifacts tab")
+            tab[-1].click()
+            _wait(lambda: _page_text_contains(browser, "mlflow-run"), 60,
+                  "the MLflow link artifact")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {browser.find_element('tag name', 'body').text}") from e
+    finally:
+        stop_process(ui, grace_s=30)
+        log.close()
+        shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
