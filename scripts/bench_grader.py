@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from relift_core.grading.extraction import AnswerType, answer_type_for
-from relift_core.grading.grader import BatchGrader
+from relift_core.grading.grader import BatchGrader, _MathJob, _prepare
 
 DEFAULT_BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks"
 BENCHMARK_FILES = ("math_valid.parquet", "gpqa_diamond.parquet", "arc_c.parquet")
@@ -90,15 +90,34 @@ def main() -> None:
 
     pairs = distinct_pairs(args.benchmarks)
     batch = build_batch(pairs, args.responses)
-    math_jobs = len({(g, r) for r, g, t in zip(*batch, strict=True) if t == "math"})
+    math_jobs = sum(isinstance(_prepare(r, g, t, True), _MathJob)
+                    for r, g, t in zip(*batch, strict=True))
     print(
         f"{args.responses} responses from {len(pairs)} distinct (source, gold) pairs; "
-        f"{math_jobs} go to math-verify; {os.cpu_count()} cores, "
+        f"{math_jobs} go to math-verify (the rest: choices, plain numbers, pre-filtered); "
+        f"{os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     for workers in args.workers:
         measure(workers, batch)
+    measure_proof_world(args.responses * 5)
+
+
+def measure_proof_world(n: int) -> None:
+    """The demo's answers: plain integers, graded by the exact-number path without a worker."""
+    import random
+
+    rng = random.Random(0)
+    golds = [str(rng.randint(0, 999)) for _ in range(n)]
+    responses = [f"<think>7+8=15 4+5+1=10</think> \\boxed{{{int(g) + rng.choice((0, 0, 1))}}}"
+                 for g in golds]
+    with BatchGrader(workers=1) as grader:
+        started = time.perf_counter()
+        grades = grader.grade(responses, golds, "math", require_think=True)
+        elapsed = time.perf_counter() - started
+    print(f"proof-world answers (plain integers): {n / elapsed:9.0f} answers/s "
+          f"({n} in {elapsed:.2f} s; {sum(g.correct for g in grades)} correct)", flush=True)
 
 
 # The guard matters: grader workers start from a fork server that imports this script.

@@ -219,11 +219,12 @@ def test_one_worker_still_grades_in_a_worker_process() -> None:
 
 def test_a_worker_killed_from_outside_is_replaced() -> None:
     with BatchGrader(workers=1, timeout_s=TIMEOUT_S) as one:
-        assert one.grade([r"\boxed{4}"], ["4"])[0].correct  # the worker is up
+        # Fractions need math-verify (plain numbers take the fast path, no worker).
+        assert one.grade([r"\boxed{\frac{8}{2}}"], ["4"])[0].correct  # the worker is up
         victim = one._workers[0].process
         os.kill(victim.pid, signal.SIGKILL)
         victim.join()
-        grades = one.grade([r"\boxed{4}", r"\boxed{5}"], ["4", "5"])
+        grades = one.grade([r"\boxed{\frac{8}{2}}", r"\boxed{\frac{10}{2}}"], ["4", "5"])
         assert [g.correct for g in grades] == [True, True]
         assert one._workers[0].process.pid != victim.pid
 
@@ -294,3 +295,18 @@ def test_parent_kills_a_worker_that_cannot_stop_itself() -> None:
     ]
     assert pids_before.isdisjoint(pids_after)  # both hung workers were replaced
     assert elapsed < 2 * (1.0 + 0.5) + 5
+
+
+@pytest.mark.parametrize(("predicted", "gold", "verdict"), [
+    ("42", "42", True), ("42.0", "42", True), ("+42", "42", True), ("-0", "0", True),
+    ("0.50", "0.5", True), (".5", "0.5", True),
+    ("43", "42", False), ("-42", "42", False),
+    # Only math-verify can tell: its rounding of decimals, long integers, anything not a number.
+    ("0.3333333", "0.333333", None), ("42.5", "42", None), ("1" * 16, "1" * 15 + "2", None),
+    ("1.", "1", None), ("\\frac{84}{2}", "42", None), ("42", "\\frac{84}{2}", None),
+    ("4,2", "42", None), ("1e3", "1000", None),
+])
+def test_exact_number_fast_path_decides_only_the_sure_cases(predicted, gold, verdict):
+    from relift_core.grading.grader import exact_number_verdict
+
+    assert exact_number_verdict(predicted, gold) is verdict

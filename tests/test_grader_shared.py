@@ -131,3 +131,26 @@ def test_perturbed_answers_are_rejected(pairs: list[Pair], grader: BatchGrader) 
     ]
     assert not accepted
     assert all(grade.format_ok and not grade.timed_out for grade in grades)
+
+
+def test_the_exact_number_fast_path_agrees_with_math_verify(pairs: list[Pair]) -> None:
+    """The fast path may only decide where math-verify decides the same: on every shared maths
+    gold and variants of it (itself, written otherwise, off by one, a decimal nearby)."""
+    from relift_core.grading.grader import _verify_math, exact_number_verdict
+
+    cases = set()
+    for source, gold in pairs:
+        if answer_type_for(source) != "math":
+            continue
+        g = gold.strip()
+        cases |= {(g, g), (g, f"{g}.0"), (g, f"+{g}"), (g, f"0{g}"), (g, f"{g}0"), (g, f"-{g}")}
+        if re.fullmatch(r"[+-]?\d+", g):
+            cases |= {(g, str(int(g) + 1)), (g, str(int(g) - 1)), (g, f"{g}.5")}
+        if re.fullmatch(r"[+-]?\d*\.\d+", g):
+            cases |= {(g, g + "1"), (g, g.rstrip("0") or "0"), (g, f"{float(g):.2f}"),
+                      (g, g.replace("0.", ".", 1))}
+    decided = [(g, p, exact_number_verdict(p, g)) for g, p in sorted(cases)]
+    decided = [(g, p, v) for g, p, v in decided if v is not None]
+    assert len(decided) > 1000  # most maths golds are plain numbers
+    disagree = [(g, p, v) for g, p, v in decided if _verify_math(g, p) != v]
+    assert not disagree, disagree[:20]
