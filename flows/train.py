@@ -38,6 +38,8 @@ from tasks.eval_tasks import evaluate_policy
 from tasks.tracking import MlflowTracker, close_run, open_run
 from tasks.train_tasks import PREFECT_PHASES
 
+MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+
 
 def _train_run_name() -> str:
     """`train-<run.name>`: the run's name as the overrides set it (the preset's otherwise)."""
@@ -82,10 +84,15 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
     # checkpoints before anything is written to MLflow.
     session = build_session(cfg, data.train_examples())
     try:
+        # The run directory remembers its MLflow run, so a moved or copied run store resumes
+        # into the same MLflow run (its absolute path, the run key, has changed).
+        id_file = cfg.run_dir() / MLFLOW_RUN_ID_FILE
         tracker = open_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
                            parent_run_id=parent_mlflow_run_id,
                            tags={"relift.algorithm": cfg.algorithm.name,
-                                 "relift.preset_fingerprint": cfg.fingerprint()})
+                                 "relift.preset_fingerprint": cfg.fingerprint()},
+                           known_run_id=id_file.read_text().strip() if id_file.exists() else None)
+        id_file.write_text(tracker.run_id)
     except BaseException:
         session.close()
         raise

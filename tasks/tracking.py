@@ -10,6 +10,7 @@ Prefect may run tasks in other threads and sweeps keep several runs open at once
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -43,7 +44,42 @@ def artifact_root(cfg: ExperimentConfig) -> str | None:
 def get_client(cfg: ExperimentConfig) -> MlflowClient:
     # Not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which would then pin every
     # later run in this process (a sweep's children, a test's next run) to this store.
+    relocate_embedded_store(cfg)
     return MlflowClient(tracking_uri=tracking_uri(cfg))
+
+
+# Where the embedded store keeps absolute artifact locations.
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                     ("model_versions", "source"))
+
+
+def relocate_embedded_store(cfg: ExperimentConfig) -> None:
+    """Make a moved or copied run store (`runs/` with mlflow.db and mlartifacts/) point at its
+    own artifacts. The embedded store records absolute artifact locations; after a move they
+    would still read and write the old directory. The experiment's location says where the
+    store was; if that is not where it is now, every recorded location is rewritten."""
+    uri = tracking_uri(cfg)
+    new_root = artifact_root(cfg)
+    if not uri.startswith("sqlite:///") or new_root is None:
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.exists():
+        return
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
+        tables = {row[0] for row in con.execute("select name from sqlite_master where type='table'")}
+        if "experiments" not in tables:
+            return
+        roots = {loc for (loc,) in con.execute("select artifact_location from experiments")
+                 if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/mlartifacts")}
+        for old_root in roots - {new_root}:
+            for table, column in _ARTIFACT_COLUMNS:
+                if table in tables:
+                    con.execute(f"update {table} set {column} = ? || substr({column}, ?) "
+                                f"where substr({column}, 1, ?) = ?",
+                                (new_root, len(old_root) + 1, len(old_root), old_root))
 
 
 def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
@@ -109,11 +145,12 @@ class MlflowTracker:
         import mlflow
         import torch
         import transformers
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        mlflow.set_tracking_uri(self.client.tracking_uri)
-        # The fluent API logs models into the active run; it ends that run on exit, and the
-        # caller closes it with the final status right after.
-        with mlflow.start_run(run_id=self.run_id):
+        # The fluent API logs models into the active run of the global tracking URI: both set
+        # for this call only (a global URI left set would pin every later run in the process to
+        # this store). Leaving the run ends it; the caller closes it with its status right after.
+        with _use_tracking_uri(self.client.tracking_uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.transformers.log_model(
                 {"model": model, "tokenizer": tokenizer}, name="policy", task="text-generation",
                 step=step,
@@ -150,16 +187,23 @@ class MlflowTracker:
 
 
 def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
-             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> MlflowTracker:
-    """The MLflow run for `run_key`: the one a crashed attempt left behind, or a new one.
+             parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+             known_run_id: str | None = None) -> MlflowTracker:
+    """The MLflow run for `run_key` (or `known_run_id`, recorded by an earlier attempt): the
+    one a crashed attempt left behind, or a new one.
 
     Resuming a run by name continues its MLflow run too, so one training has one MLflow run
     however many times it was restarted.
     """
     client = get_client(cfg)
     exp_id = experiment_id(client, cfg)
-    found = client.search_runs([exp_id], filter_string=f"tags.`relift.run_key` = '{run_key}'",
-                               max_results=1)
+    found = []
+    if known_run_id:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            found = [client.get_run(known_run_id)]
+    if not found:
+        found = client.search_runs([exp_id], filter_string=f"tags.`relift.run_key` = '{run_key}'",
+                                   max_results=1)
     if found:
         run_id = found[0].info.run_id
         if found[0].info.status != "RUNNING":

@@ -44,6 +44,8 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     state = train(preset="toy", overrides=_overrides(tiny_overrides, tmp, algo), return_state=True)
     assert state.is_completed(), state
     result = state.result()
+    # Logging the policy through MLflow's fluent API left no global store behind.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     # MLflow: params, per-step metrics, config artifact, dataset inputs, final status.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
@@ -86,8 +88,10 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
         version = client.create_model_version("relift-policy", models[0].artifact_location,
                                               run_id=run.info.run_id)
         assert int(version.version) == 1 and version.status == "READY"
-        mlflow.set_tracking_uri(client.tracking_uri)
-        pipeline = mlflow.transformers.load_model(f"models:/{models[0].model_id}")
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(client.tracking_uri):
+            pipeline = mlflow.transformers.load_model(f"models:/{models[0].model_id}")
         assert type(pipeline).__name__ == "TextGenerationPipeline"
     assert run.data.tags["relift.final_checkpoint"].endswith("step_000003")
     inputs = run.inputs.dataset_inputs
@@ -276,3 +280,27 @@ def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overr
     runs = client.search_runs([client.get_experiment_by_name("relift").experiment_id],
                               filter_string="attributes.run_name = 'broken'")
     assert runs[0].info.status == "FAILED"
+
+
+def test_a_moved_run_store_reads_and_writes_its_own_artifacts(tiny_overrides, prefect_server,
+                                                              tmp_path):
+    """Copy runs/ elsewhere and resume there: the same MLflow run continues, and what it reads
+    and writes is under the new directory, never the old one."""
+    import shutil
+
+    from flows.train import train
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    overrides = tiny_overrides + ["run.name=moving", "run.iterations=1", "eval.benchmarks=[]"]
+    first = train(preset="toy", overrides=overrides + [f"run.workdir={old}"])
+    shutil.copytree(old, new)
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+    second = train(preset="toy", overrides=[*overrides[:-2], "run.iterations=2",
+                                            "eval.benchmarks=[]", f"run.workdir={new}"])
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # resumed into the same run
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before  # old store untouched
+    client = MlflowClient(tracking_uri=f"sqlite:///{new / 'mlflow.db'}")
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.info.artifact_uri.startswith((new / "mlartifacts").as_uri())
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "accuracy")] == [0, 1]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
