@@ -34,11 +34,8 @@ from flows.base_model import build_base_model
 from flows.prepare_data import prepare_data
 from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
-from relift_core.grading.grader import BatchGrader
-from relift_core.iteration import measure_levels
+from relift_core.iteration import policy_levels
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
-from relift_core.runtime.models import load_policy
-from relift_core.runtime.session import build_engine, seed_everything
 from tasks.tracking import close_run, open_run, tracking_uri
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
@@ -52,13 +49,7 @@ TEACHER_WORLD = ["data.world.pretrain_holdout=[]", "data.world.pretrain_noise=0.
 @task(name="measure-difficulty", cache_policy=NO_CACHE)
 def base_levels(cfg: ExperimentConfig, model_dir: str, examples_path: str) -> dict[str, str]:
     """Each question's level under the base model, from cfg.rollout.n samples."""
-    questions = load_examples(examples_path)
-    seed_everything(cfg.run.seed)
-    model, tokenizer = load_policy(cfg.model.model_copy(update={"init_from": model_dir}),
-                                   device="cpu", seed=cfg.run.seed)
-    engine = build_engine(cfg, model, tokenizer, "cpu")
-    with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-        levels = measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
+    levels = policy_levels(cfg, load_examples(examples_path), model_dir)
     return {uid: lv.value for uid, lv in levels.items()}
 
 

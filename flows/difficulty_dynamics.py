@@ -16,22 +16,13 @@ from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
 from relift_core.algorithm.difficulty import Level, transition_table
 from relift_core.config import ExperimentConfig, load_config
-from relift_core.grading.grader import BatchGrader
-from relift_core.iteration import measure_levels
-from relift_core.runtime.models import load_policy, resolve_device
-from relift_core.runtime.session import build_engine, seed_everything
+from relift_core.iteration import policy_levels
 from tasks.tracking import close_run, open_run
 
 
 @task(name="classify-all-questions", cache_policy=NO_CACHE, retries=1)
 def classify_all(cfg: ExperimentConfig, questions, init_from: str | None) -> dict[str, Level]:
-    model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
-    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed)
-    engine = build_engine(cfg, model, tokenizer, device)
-    with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-        return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
+    return policy_levels(cfg, questions, init_from)
 
 
 @flow(name="difficulty_dynamics", log_prints=True)

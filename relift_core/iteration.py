@@ -117,7 +117,8 @@ def accuracies(rollouts: Rollouts) -> list[float]:
     return [sum(g.correct for g in gs) / len(gs) for gs in rollouts.grades]
 
 
-def classify(ledger: DifficultyLedger, iteration: int, rollouts: Rollouts) -> list[Level]:
+def record_levels(ledger: DifficultyLedger, iteration: int, rollouts: Rollouts) -> list[Level]:
+    """Each question's level this iteration, recorded in the run's ledger."""
     return [ledger.record(iteration, q.uid, acc)
             for q, acc in zip(rollouts.questions, accuracies(rollouts), strict=True)]
 
@@ -130,7 +131,23 @@ def measure_levels(engine: RolloutEngine, tokenizer, grader: BatchGrader,
     ledger = ledger if ledger is not None else DifficultyLedger()
     rollouts = grade(rollout(engine, tokenizer, questions, cfg, seed=seed), grader,
                      require_think=cfg.algorithm.require_think)
-    return {q.uid: lv for q, lv in zip(questions, classify(ledger, iteration, rollouts), strict=True)}
+    return {q.uid: lv for q, lv in zip(questions, record_levels(ledger, iteration, rollouts), strict=True)}
+
+
+def policy_levels(cfg: ExperimentConfig, questions: list[Example],
+                  init_from: str | None = None) -> dict[str, Level]:
+    """uid -> level of each question under a saved policy (`init_from`, default the config's
+    model), loaded fresh on cfg.run.device: the demo's and the difficulty-dynamics' measure."""
+    from relift_core.runtime.models import load_policy, resolve_device
+    from relift_core.runtime.session import build_engine, seed_everything
+
+    model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg.run.device)
+    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed)
+    engine = build_engine(cfg, model, tokenizer, device)
+    with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
+        return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
 
 
 def sampled_accuracy(engine: RolloutEngine, tokenizer, grader: BatchGrader,
@@ -227,7 +244,7 @@ class Phases:
         return grade(rollouts, session.grader, require_think=session.cfg.algorithm.require_think)
 
     def classify(self, session: TrainSession, iteration: int, rollouts: Rollouts) -> list[Level]:
-        return classify(session.state.ledger, iteration, rollouts)
+        return record_levels(session.state.ledger, iteration, rollouts)
 
     def collect_demonstrations(self, session: TrainSession, iteration: int, rollouts: Rollouts,
                                levels: list[Level]) -> dict[str, float]:

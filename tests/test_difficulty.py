@@ -6,7 +6,7 @@ from relift_core.algorithm.difficulty import (
     LEVELS,
     DifficultyLedger,
     Level,
-    classify,
+    level_for_accuracy,
     transition_table,
 )
 
@@ -28,13 +28,13 @@ from relift_core.algorithm.difficulty import (
     ],
 )
 def test_paper_bands(accuracy, level):
-    assert classify(accuracy) is level
+    assert level_for_accuracy(accuracy) is level
 
 
 @pytest.mark.parametrize("accuracy", [-0.01, 1.01, float("nan")])
 def test_classify_rejects_accuracy_outside_unit_interval(accuracy):
     with pytest.raises(ValueError):
-        classify(accuracy)
+        level_for_accuracy(accuracy)
 
 
 def test_level_is_a_string():

@@ -26,7 +26,7 @@ class Level(str, Enum):
 LEVELS: tuple[Level, ...] = (Level.HARDEST, Level.HARD, Level.MEDIUM, Level.EASY)  # hardest first
 
 
-def classify(accuracy: float) -> Level:
+def level_for_accuracy(accuracy: float) -> Level:
     if not 0.0 <= accuracy <= 1.0:  # also rejects nan
         raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
     if accuracy == 0.0:
@@ -50,7 +50,7 @@ class DifficultyLedger:
     def record(self, iteration: int, uid: str, accuracy: float) -> Level:
         """Classify and remember. Recording the same (uid, iteration) again replaces the earlier
         record: a run resumed from a checkpoint may replay the iteration it crashed in."""
-        level = classify(accuracy)
+        level = level_for_accuracy(accuracy)
         history = self._history.setdefault(uid, [])
         entry = (iteration, float(accuracy), level)
         at = bisect.bisect_left(history, iteration, key=lambda r: r[0])
