@@ -1,0 +1,241 @@
+"""Speed: one RL (GRPO) iteration of this platform against TRL's GRPOTrainer, at equal work.
+
+Equal work: the same policy -- a tiny Qwen2 (hidden 128, 4 layers) with SmolLM2-135M-Instruct's
+real 49,152-token vocabulary and chat template, warmed up on the proof-world's arithmetic so it
+writes short `<think>...</think> \\boxed{}` answers that are sometimes right -- the same prompts,
+16 prompts x 8 samples per step, at most 48 new tokens, temperature 1.0, one optimizer step per
+step, no KL, no std normalisation (TRL: loss_type="dr_grpo", scale_rewards="none", beta=0), the
+same math-verify grader as reward.
+
+- relift: `relift train` as a user runs it (Prefect's temporary server, MLflow embedded),
+  algorithm.name=rl. Seconds per step: the wall time between consecutive iterations' metrics in
+  MLflow (everything: rollout, grading, update, logging, checkpoint, orchestration).
+- TRL 1.16: `GRPOTrainer` on CPU; seconds per step from a TrainerCallback (step begin to end).
+
+Both: the median over the timed steps; the first step warms up and is not counted.
+
+    .venv/bin/pip install -e '.[bench]'          # TRL (never part of the base install)
+    .venv/bin/python scripts/bench_vs_trl.py     # ~5 min on 2 cores
+    .venv/bin/python scripts/bench_vs_trl.py --steps 2 --skip-trl
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPTS, SAMPLES, MAX_NEW_TOKENS, TEMPERATURE, LR = 16, 8, 48, 1.0, 1e-6
+SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 512, "max_position_embeddings": 512}
+WARMUP = {"steps": 300, "batch": 32, "lr": 3e-3}
+
+
+def world_records() -> list[dict]:
+    """The proof-world's training questions (the toy preset's world) as verl-layout records."""
+    from relift_core.config import load_config
+    from relift_core.proofworld.problems import build_world, problem_to_record
+
+    world = build_world(load_config("toy", []).data.world)
+    return [problem_to_record(p, index=i) for i, p in enumerate(world["train"])]
+
+
+def warmed_up_policy(cache: Path, threads: int) -> Path:
+    """The benchmark's policy, built once and cached: fresh tiny Qwen2 weights on SmolLM2's
+    tokenizer, then WARMUP supervised steps on the world's demonstrations."""
+    key = hashlib.sha256(json.dumps([SHAPE, WARMUP]).encode()).hexdigest()[:10]
+    out = cache / f"tiny-qwen2-smollm2-{key}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
+    from relift_core.data.examples import render_prompt
+    from relift_core.runtime.batches import sft_batch
+    from relift_core.runtime.models import save_policy, smollm2_dir
+    from relift_core.runtime.trainer import TorchTrainer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                         bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, **SHAPE))
+    trainer = TorchTrainer(model, algo=AlgorithmConfig(), rl=RLConfig(),
+                           sft=SFTConfig(lr=WARMUP["lr"], mini_batch_size=WARMUP["batch"],
+                                         micro_batch_size=WARMUP["batch"]),
+                           max_response_len=MAX_NEW_TOKENS)
+    records = world_records()
+    prompts = [render_prompt(tokenizer, list(r["prompt"])) for r in records]
+    targets = [r["target"] for r in records]
+    start = time.perf_counter()
+    for step in range(WARMUP["steps"]):
+        rows = [(step * WARMUP["batch"] + j) % len(records) for j in range(WARMUP["batch"])]
+        stats = trainer.sft_step(sft_batch(tokenizer, [prompts[j] for j in rows],
+                                           [_text(targets[j]) for j in rows], MAX_NEW_TOKENS))
+        if step % 50 == 0:
+            print(f"  warm-up step {step}: nll {stats['sft_loss']:.3f}", flush=True)
+    print(f"  warm-up: {WARMUP['steps']} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    save_policy(model, tokenizer, out)
+    return out
+
+
+def _text(target) -> str:
+    """A record's demonstration: LUFFY's message list or plain text."""
+    if isinstance(target, list):
+        return target[-1]["content"]
+    return str(target)
+
+
+def time_relift(model_dir: Path, data: Path, steps: int, workdir: Path) -> dict:
+    """`relift train` in a subprocess; per-step seconds from MLflow's metric timestamps."""
+    from mlflow import MlflowClient
+
+    overrides = [
+        "algorithm.name=rl", "model.source=hf", f"model.name_or_path={model_dir}",
+        "data.world=null", f"data.train_path={data}", "data.max_prompt_tokens=512",
+        f"rollout.n={SAMPLES}", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+        f"rollout.temperature={TEMPERATURE}", f"rollout.batch_size={PROMPTS * SAMPLES}",
+        f"rl.prompts_per_step={PROMPTS}", f"rl.mini_batch_size={PROMPTS}",
+        f"rl.micro_batch_size={PROMPTS * SAMPLES}", f"rl.lr={LR}", "algorithm.entropy_coef=0",
+        "eval.benchmarks=[]", "eval.at_start=false", f"run.iterations={steps + 1}",
+        f"run.workdir={workdir}", "run.name=bench", "tracking.system_metrics_interval_s=null",
+    ]
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "relift"), "train", "-p", "toy",
+                    *overrides], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    total = time.perf_counter() - started
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("relift").experiment_id])
+    stamps = sorted((m.step, m.timestamp) for m in client.get_metric_history(run.info.run_id,
+                                                                              "accuracy"))
+    per_step = [(b - a) / 1000 for (_, a), (_, b) in itertools.pairwise(stamps)]
+
+    def median_of(key: str) -> float:
+        values = [m.value for m in client.get_metric_history(run.info.run_id, key)][1:]
+        return statistics.median(values) if values else 0.0
+
+    return {"seconds_per_step": statistics.median(per_step), "steps": per_step,
+            "phases": {k: median_of(f"time/{k}") for k in ("rollout", "grade", "rl_update")},
+            "response_length": median_of("response_length_mean"),
+            "accuracy": median_of("accuracy"), "command_seconds": total}
+
+
+def time_trl(model_dir: Path, records: list[dict], steps: int, workdir: Path) -> dict:
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        sys.exit("TRL is not installed: pip install -e '.[bench]' (or run with --skip-trl)")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from relift_core.grading.grader import BatchGrader
+
+    grader = BatchGrader(workers=1)
+
+    def reward(completions, ground_truth, **_) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [g.reward for g in grader.grade(texts, list(ground_truth), "math", True)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.lengths: list[float] = []
+            self.rewards: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self._start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+                self.rewards.append(logs.get("reward", float("nan")))
+
+    dataset = Dataset.from_list([{"prompt": list(r["prompt"]),
+                                  "ground_truth": r["reward_model"]["ground_truth"]}
+                                 for r in records])
+    timer = StepTimer()
+    config = GRPOConfig(
+        output_dir=str(workdir), per_device_train_batch_size=PROMPTS * SAMPLES,
+        num_generations=SAMPLES, max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE,
+        beta=0.0, loss_type="dr_grpo", scale_rewards="none", learning_rate=LR,
+        num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1,
+        max_steps=steps + 1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                          reward_funcs=[reward], args=config, train_dataset=dataset,
+                          processing_class=AutoTokenizer.from_pretrained(model_dir),
+                          callbacks=[timer])
+    try:
+        trainer.train()
+    finally:
+        grader.close()
+    timed = timer.seconds[1:]
+    return {"seconds_per_step": statistics.median(timed), "steps": timed,
+            "response_length": statistics.median(timer.lengths[1:] or timer.lengths),
+            "reward": statistics.median(timer.rewards[1:] or timer.rewards)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-relift", action="store_true")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {os.cpu_count()} cores, torch threads {args.threads}, load average "
+          f"{os.getloadavg()[0]:.1f}; {PROMPTS} prompts x {SAMPLES} samples, <= {MAX_NEW_TOKENS} "
+          "new tokens, temperature 1.0, one optimizer step per step", flush=True)
+    model_dir = warmed_up_policy(args.cache, args.threads)
+    records = world_records()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "train.parquet"
+        from relift_core.data.examples import examples_from_records, write_examples
+
+        write_examples(examples_from_records(records, origin="world"), data)
+        if not args.skip_relift:
+            results["relift"] = time_relift(model_dir, data, args.steps, tmp / "relift")
+            r = results["relift"]
+            print(f"relift: {r['seconds_per_step']:.2f} s/step (steps "
+                  f"{', '.join(f'{s:.2f}' for s in r['steps'])}); rollout "
+                  f"{r['phases']['rollout']:.2f} s, grade {r['phases']['grade']:.2f} s, "
+                  f"rl_update {r['phases']['rl_update']:.2f} s; mean response length "
+                  f"{r['response_length']:.1f} tokens; accuracy {r['accuracy']:.3f}", flush=True)
+        if not args.skip_trl:
+            results["trl"] = time_trl(model_dir, records, args.steps, tmp / "trl")
+            t = results["trl"]
+            print(f"TRL 1.16 GRPOTrainer: {t['seconds_per_step']:.2f} s/step (steps "
+                  f"{', '.join(f'{s:.2f}' for s in t['steps'])}); mean response length "
+                  f"{t['response_length']:.1f} tokens; reward {t['reward']:.3f}", flush=True)
+    if len(results) == 2:
+        ratio = results["trl"]["seconds_per_step"] / results["relift"]["seconds_per_step"]
+        print(f"ratio TRL / relift: {ratio:.2f}x", flush=True)
+
+
+# The guard matters: grader workers start from a fork server that imports this script.
+if __name__ == "__main__":
+    main()
