@@ -4,6 +4,7 @@ turns that skip into a failure so they always run there."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,19 @@ def tokenizer():
     from relift_core.runtime.char_tokenizer import build_char_tokenizer
 
     return build_char_tokenizer()
+
+
+def _wait_until(predicate, timeout: float, what: str):
+    """Poll `predicate` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def wait_until():
+    return _wait_until

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,16 +27,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _temporary_servers(parent: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -47,15 +36,15 @@ def _temporary_servers(parent: int) -> list[psutil.Process]:
     return found
 
 
-def test_a_killed_train_takes_its_temporary_prefect_server_with_it(tiny_overrides, tmp_path):
+def test_a_killed_train_takes_its_temporary_prefect_server_with_it(wait_until, tiny_overrides, tmp_path):
     overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=500",
                                   "eval.benchmarks=[]", "run.name=killed"]
     cli = subprocess.Popen([RELIFT, "train", "-p", "toy", *overrides], cwd=REPO, env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        (server,) = _wait_for(lambda: _temporary_servers(cli.pid), 120, "the temporary server")
+        (server,) = wait_until(lambda: _temporary_servers(cli.pid), 120, "the temporary server")
         # Training has started: the run directory exists, so the server is in use.
-        _wait_for(lambda: (tmp_path / "killed").exists(), 240, "the run to start")
+        wait_until(lambda: (tmp_path / "killed").exists(), 240, "the run to start")
         assert server.is_running()
         cli.send_signal(signal.SIGKILL)
         cli.wait(timeout=10)
@@ -80,21 +69,21 @@ def _answers(request) -> bool:
         return False
 
 
-def test_relift_ui_stops_both_servers_on_sigterm(tmp_path):
+def test_relift_ui_stops_both_servers_on_sigterm(wait_until, tmp_path):
     prefect_port, mlflow_port = free_port(), free_port()
     env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
     ui = subprocess.Popen([RELIFT, "ui", "--workdir", str(tmp_path), "--prefect-port",
                            str(prefect_port), "--mlflow-port", str(mlflow_port)], cwd=REPO,
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: _listening(prefect_port) and _listening(mlflow_port), 180,
+        wait_until(lambda: _listening(prefect_port) and _listening(mlflow_port), 180,
                   "both UIs to listen")
         children = psutil.Process(ui.pid).children(recursive=True)
         assert children
         # Another site's page may not call the Prefect API (Prefect's default answers any origin).
         request = urllib.request.Request(f"http://127.0.0.1:{prefect_port}/api/health",
                                          headers={"Origin": "http://evil.example"})
-        _wait_for(lambda: _answers(request), 60, "the Prefect API")
+        wait_until(lambda: _answers(request), 60, "the Prefect API")
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.headers.get("access-control-allow-origin") in (None, ""), (
                 dict(response.headers))

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -40,16 +39,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture
 def browser():
     _require_browser()
@@ -75,7 +64,7 @@ def _page_text_contains(driver, text: str) -> bool:
         return False
 
 
-def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(browser, tiny_overrides,
+def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(wait_until, browser, tiny_overrides,
                                                                      tmp_path):
     prefect_port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1"}
@@ -86,8 +75,8 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(browser, tin
                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         prefect_api = f"http://127.0.0.1:{prefect_port}/api"
-        _wait(lambda: _answers(f"{prefect_api}/health"), 180, "the Prefect server")
-        _wait(lambda: _answers(f"http://127.0.0.1:{mlflow_port}/health"), 180, "the MLflow UI")
+        wait_until(lambda: _answers(f"{prefect_api}/health"), 180, "the Prefect server")
+        wait_until(lambda: _answers(f"http://127.0.0.1:{mlflow_port}/health"), 180, "the MLflow UI")
         # A tiny training, reported to this Prefect server, tracked in the store the UI serves.
         train = subprocess.run(
             [str(BIN / "relift"), "train", "-p", "toy", *tiny_overrides, "run.name=browsed",
@@ -107,25 +96,25 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(browser, tin
         page = (f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
                 "?workflowType=machine_learning")
         browser.get(page)
-        _wait(lambda: _page_text_contains(browser, "browsed"), 90, "the run name in MLflow")
+        wait_until(lambda: _page_text_contains(browser, "browsed"), 90, "the run name in MLflow")
         # The run's description links back to the Prefect flow run.
         assert f"/runs/flow-run/{flow_run_id}" in browser.page_source
         browser.get(f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/"
                     f"{run.info.run_id}/model-metrics")
-        charts = _wait(lambda: browser.find_elements("css selector", "svg.main-svg"), 90,
+        charts = wait_until(lambda: browser.find_elements("css selector", "svg.main-svg"), 90,
                        "a drawn metric chart")
         # Each chart's legend names the run and the metric: "browsed (sft/sft_loss)".
-        _wait(lambda: _page_text_contains(browser, "browsed ("), 30, "a chart of the run")
+        wait_until(lambda: _page_text_contains(browser, "browsed ("), 30, "a chart of the run")
         assert charts
 
         # Prefect: the flow run, named after the run, with its link artifact to MLflow.
         browser.get(f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run_id}")
-        _wait(lambda: _page_text_contains(browser, "train-browsed"), 90, "the flow run name")
+        wait_until(lambda: _page_text_contains(browser, "train-browsed"), 90, "the flow run name")
         try:
-            tab = _wait(lambda: browser.find_elements(
+            tab = wait_until(lambda: browser.find_elements(
                 "xpath", "//*[normalize-space(.)='Artifacts']"), 30, "the Artifacts tab")
             tab[-1].click()
-            _wait(lambda: _page_text_contains(browser, "mlflow-run"), 60,
+            wait_until(lambda: _page_text_contains(browser, "mlflow-run"), 60,
                   "the MLflow link artifact")
         except AssertionError as e:
             raise AssertionError(f"{e}: {browser.find_element('tag name', 'body').text}") from e
