@@ -120,6 +120,16 @@ def config(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     console.print(cfg.to_yaml())
 
 
+@app.command()
+def plan(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
+    """Per-GPU memory of a preset (weights, gradients, optimizer, activations, vLLM share) on
+    its cluster, and the fewest GPUs it fits on. `train` refuses a config that does not fit."""
+    from relift_core.runtime.memory_plan import render_plan
+
+    console.print(render_plan(validated_config(preset, overrides), preset), highlight=False,
+                  soft_wrap=True)
+
+
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -127,7 +137,9 @@ def _csv(value: str | None) -> list[str] | None:
 @app.command()
 def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl)."""
-    validated_config(preset, overrides)
+    from relift_core.runtime.memory_plan import check_fits
+
+    check_fits(validated_config(preset, overrides))
     from flows.temporary_server import prefect_api
     from flows.train import train as train_flow
     from tasks.progress import terminal_progress

@@ -74,11 +74,25 @@ def prefect_api(timeout_s: float = 180.0) -> Iterator[str | None]:
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
     finally:
+        drain_prefect_clients()  # logs and events still queued reach the server before it stops
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
         stop_process(proc)
+
+
+def drain_prefect_clients(timeout_s: float = 5.0) -> None:
+    """Send the log and event batches Prefect still holds (otherwise they are sent after the
+    server is gone and print "Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - shutting down: a failed drain only loses logs
+            print(f"prefect {worker.__name__} not drained: {e}", file=sys.stderr)
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = SHUTDOWN_GRACE_S) -> None:

@@ -32,6 +32,7 @@ from flows.prepare_data import prepare_data
 from relift_core.config import ConfigError, ExperimentConfig, load_config
 from relift_core.iteration import run_iteration
 from relift_core.runtime.checkpoint import latest_checkpoint
+from relift_core.runtime.memory_plan import check_fits
 from relift_core.runtime.session import build_session
 from tasks import progress as terminal
 from tasks.eval_tasks import evaluate_policy
@@ -69,6 +70,7 @@ def train(preset: str = "toy", overrides: list[str] | None = None,
             empty for a run of its own.
     """
     cfg = load_config(preset, overrides or [])
+    check_fits(cfg)  # a GPU config that cannot fit fails here, before anything is allocated
     if needs_base_model(cfg):
         # The toy preset trains from the world's pretrained base model, not from random weights.
         base_dir = build_base_model(cfg.model_dump(mode="json"))

@@ -239,13 +239,40 @@ class RunConfig(_Section):
         return v
 
 
+class ClusterConfig(_Section):
+    """Where one run's processes go (README "Scaling out").
+
+    `local`: everything in this process (the default; one CPU or GPU). `ray`: the trainer ranks
+    are Ray actors placed by a placement group, one per GPU (or `cpu_ranks_per_node` per node
+    without GPUs), joined in one torch.distributed group (NCCL on GPUs, gloo on CPUs); each
+    rank also hosts a rollout engine over its own weights. The driver -- the process running
+    the `train` flow -- keeps the run state (buffer, ledger, data position), shards each
+    iteration's prompts over the ranks and gathers samples and metrics."""
+
+    backend: Literal["local", "ray"] = "local"
+    # None: start Ray on this machine; "auto" or "ray://head:10001": join a running cluster.
+    ray_address: str | None = None
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    cpu_ranks_per_node: int = Field(1, gt=0)  # ranks per node when gpus_per_node is 0
+    # zero1: weights replicated, gradients all-reduced, optimizer states sharded over the ranks
+    # (runs on CPU with gloo; tested). deepspeed_zero3: weights, gradients and optimizer states
+    # sharded by DeepSpeed (GPU only, not yet run on a GPU).
+    trainer_strategy: Literal["zero1", "deepspeed_zero3"] = "zero1"
+    gpu_memory_gib: float = Field(80.0, gt=0)  # per GPU, for `relift plan` and the fit check
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * (self.gpus_per_node or self.cpu_ranks_per_node)
+
+
 # Keys that may change when a run resumes without making it another experiment: how long it
 # runs, how it is checkpointed, tracked and evaluated, where its files live, how fast it grades.
 RESUMABLE_CHANGES = ("run.iterations", "run.checkpoint_every", "run.grader_workers",
                      "run.grader_timeout_s", "run.workdir", "run.resume", "run.device",
                      "run.max_bad_steps",
                      "tracking.", "eval.", "rollout.batch_size", "model.init_from",
-                     "model.cache_dir")
+                     "model.cache_dir", "cluster.ray_address", "cluster.gpu_memory_gib")
 
 
 class ExperimentConfig(_Section):
@@ -258,6 +285,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = RunConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def run_dir(self) -> Path:
         return Path(self.run.workdir) / self.run.name

@@ -14,7 +14,8 @@ Nothing here knows about Prefect or MLflow (metrics go to any `Tracker`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -229,6 +230,17 @@ def rollout_seed(run_seed: int, iteration: int) -> int:
     return run_seed * 100_003 + iteration
 
 
+@contextmanager
+def engine_asleep(engine: RolloutEngine) -> Iterator[None]:
+    """The rollout engine releases its accelerator memory (vLLM: weights offloaded, KV cache
+    freed) while the trainer steps, and takes it back after, even if the step fails."""
+    engine.sleep()
+    try:
+        yield
+    finally:
+        engine.wake()
+
+
 class Phases:
     """The phases of an iteration over a TrainSession. Each method is one Prefect task in
     `tasks/train_tasks.py`; a method that changes run state changes it here, never in a task."""
@@ -253,8 +265,9 @@ class Phases:
 
     def rl_update(self, session: TrainSession, rollouts: Rollouts) -> dict[str, float]:
         start = time.perf_counter()
-        stats = rl_update(session.trainer, rollouts, pad_id=session.tokenizer.pad_token_id,
-                          norm_adv_by_std=session.cfg.algorithm.norm_adv_by_std)
+        with engine_asleep(session.engine):
+            stats = rl_update(session.trainer, rollouts, pad_id=session.tokenizer.pad_token_id,
+                              norm_adv_by_std=session.cfg.algorithm.norm_adv_by_std)
         session.engine.sync_weights(session.model)
         return {**stats, "seconds": time.perf_counter() - start}
 
@@ -265,8 +278,9 @@ class Phases:
         start = time.perf_counter()
         state = session.state
         entries = state.buffer.peek(k)
-        stats = sft_update(session.trainer, session.tokenizer, entries,
-                           max_target_tokens=session.cfg.sft.max_target_tokens)
+        with engine_asleep(session.engine):
+            stats = sft_update(session.trainer, session.tokenizer, entries,
+                               max_target_tokens=session.cfg.sft.max_target_tokens)
         state.buffer.take(k)
         state.demos_used += k
         state.sft_log.extend(

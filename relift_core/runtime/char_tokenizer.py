@@ -18,6 +18,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Multi-character markers that are single tokens: the chat frame and the reasoning tags.
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 ADDED_TOKENS = [THINK_OPEN, THINK_CLOSE, "\\boxed"]
+CHARS = sorted(set(string.printable) - set("\x0b\x0c\r"))
+VOCAB_SIZE = len(SPECIAL_TOKENS) + len(ADDED_TOKENS) + len(CHARS)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -29,8 +31,7 @@ CHATML_TEMPLATE = (
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """Printable ASCII plus newline, one token each; deterministic ids (same vocab every call)."""
-    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ADDED_TOKENS + chars)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ADDED_TOKENS + CHARS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Every character is its own pre-token; WordLevel then maps it to its id.
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

@@ -58,12 +58,14 @@ class TrainSession:
         return self.cfg.run_dir() / "checkpoints"
 
     def save(self) -> Path:
+        self.trainer.gather_weights()  # ranks elsewhere (cluster.backend=ray) hold the weights
         extra = {**self.state.extra_state(), "config": self.cfg.experiment_params()}
         return save_checkpoint(self.checkpoint_dir, model=self.model, tokenizer=self.tokenizer,
                                trainer_state=self.trainer.state_dict(), step=self.state.iteration,
                                extra_state=extra)
 
     def close(self) -> None:
+        self.trainer.close()
         self.grader.close()
         if self.lock is not None:
             self.lock.release()
@@ -94,6 +96,20 @@ def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, devic
                                  temperature=cfg.eval.temperature,
                                  max_new_tokens=cfg.rollout.max_new_tokens,
                                  require_think=cfg.algorithm.require_think)
+
+
+def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
+    """This process's trainer and engine, or (cluster.backend=ray) handles on the Ray ranks."""
+    if cfg.cluster.backend == "ray":
+        from relift_core.runtime.ray_cluster import RayRanks, RayRolloutEngine, RayTrainer
+
+        ranks = RayRanks(cfg, model)
+        return RayTrainer(ranks, model), RayRolloutEngine(ranks, tokenizer)
+    trainer = TorchTrainer(model, algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
+                           max_response_len=cfg.rollout.max_new_tokens, device=str(device),
+                           dtype=cfg.model.dtype, max_bad_steps=cfg.run.max_bad_steps,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+    return trainer, build_engine(cfg, model, tokenizer, device)
 
 
 class ResumeRefused(RuntimeError):
@@ -140,19 +156,21 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
     resumed_from = latest_checkpoint(cfg.run_dir() / "checkpoints") if resume else None
     changes = check_resumable(cfg, resumed_from) if resumed_from is not None else {}
     seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    # With Ray the ranks train; the driver's copy of the weights (checkpoints) stays on the CPU.
+    device = resolve_device("cpu" if cfg.cluster.backend == "ray" else cfg.run.device)
     model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed)
-    trainer = TorchTrainer(model, algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
-                           max_response_len=cfg.rollout.max_new_tokens, device=str(device),
-                           dtype=cfg.model.dtype, max_bad_steps=cfg.run.max_bad_steps,
-                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+    trainer, engine = _trainer_and_engine(cfg, model, tokenizer, device)
     state = RunState(
         iteration=0,
         buffer=DemoBuffer(cfg.algorithm.sft_buffer_threshold, cfg.algorithm.sft_buffer_order),
         ledger=DifficultyLedger(),
         stream=QuestionStream(len(dataset), seed=cfg.run.seed, shuffle=cfg.data.shuffle),
     )
-    grader = BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s)
+    try:
+        grader = BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s)
+    except BaseException:
+        trainer.close()
+        raise
     try:
         # Before the checkpoint: loading a teacher must not disturb the RNG states it restores.
         source = build_demonstration_source(cfg, grader, device)
@@ -161,10 +179,10 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
             state.load_extra_state(restored["extra_state"])
     except BaseException:
         grader.close()
+        trainer.close()
         raise
     return TrainSession(
-        cfg=cfg, model=model, tokenizer=tokenizer,
-        engine=build_engine(cfg, model, tokenizer, device), trainer=trainer,
+        cfg=cfg, model=model, tokenizer=tokenizer, engine=engine, trainer=trainer,
         grader=grader,
         demonstration_source=source,
         strategy=strategy_for(cfg.algorithm.name, sft_threshold=cfg.algorithm.sft_buffer_threshold,

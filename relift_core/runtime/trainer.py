@@ -88,6 +88,15 @@ class _WeightedMeans:
     def means(self) -> dict[str, float]:
         return {k: self._sum[k] / self._weight[k] if self._weight[k] else 0.0 for k in self._sum}
 
+    def sums(self) -> dict[str, tuple[float, float]]:
+        """key -> (weighted sum, total weight): what ranks exchange to combine their means."""
+        return {k: (self._sum[k], self._weight[k]) for k in self._sum}
+
+    def merge(self, sums: dict[str, tuple[float, float]]) -> None:
+        for key, (total, weight) in sums.items():
+            self._sum[key] += total
+            self._weight[key] += weight
+
 
 def _weight_stats(params: list[nn.Parameter]) -> tuple[float, float]:
     """(max |w|, ||w||) over all parameters, in float32, with one device sync. A NaN anywhere
@@ -412,9 +421,10 @@ class TorchTrainer:
         total_targets = max(minibatch.num_target_tokens, 1)
         micro_means = _WeightedMeans()
         micros = minibatch.split(micro_batch_size)
+        mine = self._local_micro_batches(len(micros))
         loss_finite = True
-        for index, micro in enumerate(micros):
-            micro = micro.trimmed().to(self.device)
+        for position, index in enumerate(mine):
+            micro = micros[index].trimmed().to(self.device)
             # This micro-batch's share of the mini-batch loss (see the module docstring).
             if loss_agg == "token_mean":
                 weight = micro.num_target_tokens / total_targets
@@ -422,8 +432,9 @@ class TorchTrainer:
                 weight = len(micro) / len(minibatch)
             loss, stats = micro_loss(micro)
             loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
-            self._backward(loss * weight, last_micro_batch=index == len(micros) - 1)
+            self._backward(loss * weight, last_micro_batch=position == len(mine) - 1)
             micro_means.add(stats, weight)
+        loss_finite, micro_means = self._across_ranks(loss_finite, micro_means)
         self._step_outcome = None
         if loss_finite:
             grad_norm = self._clip_and_step(kind, grad_clip)
@@ -467,7 +478,25 @@ class TorchTrainer:
             "the data"
         )
 
-    # Hooks a distributed engine overrides (see deepspeed_trainer.py).
+    # Hooks a distributed engine overrides (deepspeed_trainer.py, sharded_trainer.py).
+
+    def _local_micro_batches(self, count: int) -> list[int]:
+        """Which of a mini-batch's `count` micro-batches this process computes: all of them."""
+        return list(range(count))
+
+    def _across_ranks(self, loss_finite: bool,
+                      means: _WeightedMeans) -> tuple[bool, _WeightedMeans]:
+        """Every rank's verdict and stats combined (one process: its own)."""
+        return loss_finite, means
+
+    def _after_optimizer_step(self) -> None:
+        """Runs right after optimizer.step(), before the weights are checked."""
+
+    def gather_weights(self) -> None:
+        """Bring the current weights into `self.model` (in one process they are there)."""
+
+    def close(self) -> None:
+        """Release workers and process groups (one process: nothing)."""
 
     def _zero_grad(self, kind: UpdateKind) -> None:
         self.optimizers[kind].zero_grad(set_to_none=True)
@@ -491,6 +520,7 @@ class TorchTrainer:
             if self._step_may_explode(optimizer, before, params):
                 snapshot = self._take_snapshot(optimizer, params)
             optimizer.step()
+            self._after_optimizer_step()
             problem = self._weight_problem(before, _weight_stats(params))
             if problem is not None:
                 if snapshot is None:
