@@ -82,7 +82,7 @@ def test_two_ranks_take_the_same_rl_and_sft_steps_as_one_process(local_ray, tiny
         two = [trainer.rl_step(rl), trainer.sft_step(sft)]
         trainer.gather_weights()
         # Both ranks hold the same weights after the broadcasts.
-        rank1 = local_ray.get(ranks.actors[1].weights.remote())
+        rank1 = local_ray.get(ranks.actors[1].local_weights.remote())
         state = trainer.state_dict()
         with pytest.raises(ShardCountError, match=r"3 trainer rank.*this run has 2"):
             trainer.load_state_dict({**state, "world_size": 3})

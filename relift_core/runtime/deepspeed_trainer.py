@@ -10,8 +10,8 @@ Differences from TorchTrainer, by design of DeepSpeed (one engine owns one optim
 - RL and SFT share one AdamW; their learning rates, weight decay and grad clip are switched on
   it before each update, so the two kinds share moment estimates.
 - bf16 is DeepSpeed's own mixed precision (bf16 weights, fp32 master copy), not autocast.
-- `state_dict` holds this rank's optimizer partition: it round-trips through checkpoint.py on a
-  single GPU; several ranks need DeepSpeed's own `engine.save_checkpoint`.
+- `state_dict` holds this rank's optimizer partition; the Ray driver gathers every rank's into
+  one checkpoint (ray_cluster.py), which resumes with as many ranks.
 This module is exercised on CPU only up to the missing import; the config builder is pure.
 """
 
@@ -86,7 +86,8 @@ def build_deepspeed_config(
     }
 
 
-def deepspeed_config_for_rl(rl: RLConfig, *, rows_per_minibatch: int, world_size: int = 1) -> dict:
+def deepspeed_config_for_rl(rl: RLConfig, *, rows_per_minibatch: int, world_size: int = 1,
+                            zero_stage: int = 2) -> dict:
     """The config for RL updates of `rows_per_minibatch` rows split over `world_size` ranks."""
     rows_per_rank = max(1, math.ceil(rows_per_minibatch / world_size))
     return build_deepspeed_config(
@@ -96,6 +97,7 @@ def deepspeed_config_for_rl(rl: RLConfig, *, rows_per_minibatch: int, world_size
         lr=rl.lr,
         weight_decay=rl.weight_decay,
         world_size=world_size,
+        zero_stage=zero_stage,
     )
 
 
@@ -109,9 +111,12 @@ class DeepSpeedTrainer(TorchTrainer):
         rl: RLConfig,
         device: str | torch.device | None = None,
         rows_per_minibatch: int | None = None,
+        zero_stage: int = 2,
         **trainer_options: Any,
     ) -> None:
-        """`trainer_options` are TorchTrainer's (algo, sft, max_response_len, dtype, ...)."""
+        """`trainer_options` are TorchTrainer's (algo, sft, max_response_len, dtype, ...).
+        `zero_stage` 3 also partitions the weights (cluster.trainer_strategy=deepspeed_zero3);
+        with several ranks each computes its share of every mini-batch's micro-batches."""
         try:
             import deepspeed
         except ImportError as e:
@@ -121,6 +126,7 @@ class DeepSpeedTrainer(TorchTrainer):
             ) from e
         self._deepspeed = deepspeed
         self._rows_per_minibatch = rows_per_minibatch or rl.mini_batch_size
+        self.zero_stage = zero_stage
         if device is None:
             device = f"cuda:{torch.cuda.current_device()}"
         # The base __init__ moves the model and calls _build_optimizers, which builds the engine.
@@ -132,8 +138,10 @@ class DeepSpeedTrainer(TorchTrainer):
         if not torch.distributed.is_initialized():
             self._deepspeed.init_distributed()
         self.world_size = torch.distributed.get_world_size()
+        self.rank = torch.distributed.get_rank()
         config = deepspeed_config_for_rl(
-            self.rl, rows_per_minibatch=self._rows_per_minibatch, world_size=self.world_size
+            self.rl, rows_per_minibatch=self._rows_per_minibatch, world_size=self.world_size,
+            zero_stage=self.zero_stage,
         )
         self.engine, optimizer, _, _ = self._deepspeed.initialize(
             model=self.model, model_parameters=self.trainable_parameters(), config=config
@@ -169,10 +177,21 @@ class DeepSpeedTrainer(TorchTrainer):
     def _zero_grad(self, kind: UpdateKind) -> None:
         self.engine.zero_grad()
 
+    def _local_micro_batches(self, count: int) -> list[int]:
+        return list(range(self.rank, count, self.world_size))
+
+    def _across_ranks(self, loss_finite, means):
+        if self.world_size == 1:
+            return loss_finite, means
+        from relift_core.runtime.sharded_trainer import combine_across_ranks
+
+        return combine_across_ranks(loss_finite, means, self.world_size)
+
     def _backward(self, loss: Tensor, *, last_micro_batch: bool) -> None:
-        # Our micro-batch weights already make the sum the mini-batch loss: no 1/gas scaling.
+        # Our micro-batch weights already make the sum the mini-batch loss: no 1/gas scaling;
+        # DeepSpeed averages gradients over the ranks, our weights want their sum.
         self.engine.set_gradient_accumulation_boundary(last_micro_batch)
-        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def _clip_and_step(self, kind: UpdateKind, grad_clip: float) -> float:
         self._use_settings_of(kind, grad_clip)
@@ -186,15 +205,19 @@ class DeepSpeedTrainer(TorchTrainer):
 
     # ------------------------------------------------------------------------- checkpointing
 
+    def full_weights(self) -> dict[str, Tensor]:
+        """The whole model's weights (under ZeRO-3 gathered from every rank: call on all)."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.model.state_dict()
+
     def state_dict(self) -> dict:
-        if self.world_size > 1:
-            raise NotImplementedError(
-                "with several ranks the ZeRO optimizer state is partitioned; save it with "
-                "DeepSpeed's engine.save_checkpoint instead of checkpoint.save_checkpoint"
-            )
+        """This rank's optimizer partition (ZeRO): a run resumes with as many ranks."""
         return {
             "version": STATE_VERSION,
             "engine": "deepspeed",
+            "rank": self.rank,
+            "world_size": self.world_size,
             "optimizer": self.engine.optimizer.state_dict(),
             "rl_optimizer_steps": self.rl_optimizer_steps,
             "sft_optimizer_steps": self.sft_optimizer_steps,
@@ -203,6 +226,12 @@ class DeepSpeedTrainer(TorchTrainer):
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("engine") != "deepspeed":
             raise ValueError("not a DeepSpeedTrainer state (saved by another trainer or version)")
+        if (state.get("world_size", 1), state.get("rank", 0)) != (self.world_size, self.rank):
+            from relift_core.runtime.sharded_trainer import ShardCountError
+
+            raise ShardCountError(
+                f"this ZeRO partition was written by rank {state.get('rank', 0)} of "
+                f"{state.get('world_size', 1)}; this is rank {self.rank} of {self.world_size}")
         self.engine.optimizer.load_state_dict(state["optimizer"])
         self.rl_optimizer_steps = int(state["rl_optimizer_steps"])
         self.sft_optimizer_steps = int(state["sft_optimizer_steps"])

@@ -81,11 +81,16 @@ class TrainerRank:
         self.device = torch.device("cuda:0" if on_gpu else "cpu")
         self.model, self.tokenizer = load_policy(cfg.model, device=str(self.device),
                                                  seed=cfg.run.seed)
-        self.trainer = ShardedTrainer(
-            self.model, algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
-            max_response_len=cfg.rollout.max_new_tokens, device=str(self.device),
-            dtype=cfg.model.dtype, max_bad_steps=cfg.run.max_bad_steps,
-            gradient_checkpointing=cfg.model.gradient_checkpointing)
+        options = {"algo": cfg.algorithm, "rl": cfg.rl, "sft": cfg.sft,
+                   "max_response_len": cfg.rollout.max_new_tokens, "device": str(self.device),
+                   "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
+                   "gradient_checkpointing": cfg.model.gradient_checkpointing}
+        if cfg.cluster.trainer_strategy == "deepspeed_zero3":  # GPU only; not yet run on one
+            from relift_core.runtime.deepspeed_trainer import DeepSpeedTrainer
+
+            self.trainer = DeepSpeedTrainer(self.model, zero_stage=3, **options)
+        else:
+            self.trainer = ShardedTrainer(self.model, **options)
         self.engine = build_engine(cfg, self.model, self.tokenizer, self.device)
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -93,7 +98,16 @@ class TrainerRank:
             self.model.load_state_dict(weights)
         self.engine.sync_weights(self.model)
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def weights(self) -> dict[str, torch.Tensor] | None:
+        """The whole weights on rank 0 (None elsewhere); every rank must be called (ZeRO-3
+        gathers its partitions collectively)."""
+        full = self.trainer.full_weights()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in full.items()}
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """This rank's own copy (a ZeRO-3 rank holds only its partition)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def rl_step(self, batch: TokenBatch, rows_per_minibatch: int | None) -> dict[str, float]:
@@ -213,8 +227,7 @@ class RayTrainer:
         return self.ranks.call("default_rl_rows_per_minibatch", rows)[0]
 
     def gather_weights(self) -> None:
-        ray = _ray()
-        weights = ray.get(self.ranks.actors[0].weights.remote())
+        weights = self.ranks.call("weights")[0]
         with torch.no_grad():
             self.model.load_state_dict(weights)
 

@@ -45,6 +45,19 @@ def owners_by_size(sizes: list[int], world_size: int) -> list[int]:
     return owner
 
 
+def combine_across_ranks(loss_finite: bool, means: _WeightedMeans,
+                         world_size: int) -> tuple[bool, _WeightedMeans]:
+    """Finite only if finite on every rank; the stats as if one process had computed them all."""
+    verdict = torch.tensor([1 if loss_finite else 0], dtype=torch.int64)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+    gathered: list[dict] = [{} for _ in range(world_size)]
+    dist.all_gather_object(gathered, means.sums())
+    combined = _WeightedMeans()
+    for sums in gathered:
+        combined.merge(sums)
+    return bool(verdict.item()), combined
+
+
 class ShardedTrainer(TorchTrainer):
     """The trainer of one rank; construct it on every rank of an initialised process group."""
 
@@ -72,14 +85,7 @@ class ShardedTrainer(TorchTrainer):
 
     def _across_ranks(self, loss_finite: bool,
                       means: _WeightedMeans) -> tuple[bool, _WeightedMeans]:
-        verdict = torch.tensor([1 if loss_finite else 0], dtype=torch.int64)
-        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
-        gathered: list[dict] = [{} for _ in range(self.world_size)]
-        dist.all_gather_object(gathered, means.sums())
-        combined = _WeightedMeans()
-        for sums in gathered:
-            combined.merge(sums)
-        return bool(verdict.item()), combined
+        return combine_across_ranks(loss_finite, means, self.world_size)
 
     def _zero_grad(self, kind) -> None:
         # Every parameter's: the optimizer only knows this rank's share, and a gradient left on
@@ -112,6 +118,9 @@ class ShardedTrainer(TorchTrainer):
                 dist.broadcast(flat, src=rank)
                 for p, new in zip(owned, _unflatten_dense_tensors(flat, owned), strict=True):
                     p.copy_(new)
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rank": self.rank, "world_size": self.world_size}
