@@ -245,6 +245,9 @@ def sweep(
     seeds: Annotated[str, typer.Option(help="comma-separated")] = "0",
     grid: Annotated[list[str] | None, typer.Option(help="key=v1,v2 (repeatable)")] = None,
     name: Annotated[str, typer.Option(help="sweep name")] = "sweep",
+    deployment: Annotated[str | None, typer.Option(
+        help="a `train` deployment (e.g. train/train): each point becomes a flow run of it, "
+             "run by that work pool's workers in parallel")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
@@ -256,6 +259,10 @@ def sweep(
     from flows.temporary_server import prefect_api
     from tasks.progress import terminal_progress
 
+    if deployment and not os.environ.get("PREFECT_API_URL"):
+        console.print("error: --deployment needs PREFECT_API_URL set to the Prefect server whose "
+                      "workers run the deployment (README \"Scaling out\")")
+        raise typer.Exit(2)
     grid_dict = {}
     for item in grid or []:
         key, _, values = item.partition("=")
@@ -270,7 +277,8 @@ def sweep(
     with prefect_api(), terminal_progress():
         result = sweep_flow(preset=preset, algorithms=_csv(algorithms),
                             seeds=seed_list, grid=grid_dict,
-                            overrides=overrides or [], name=name)
+                            overrides=overrides or [], name=name,
+                            train_deployment=deployment)
     console.print(f"MLflow parent run {result['mlflow_run_id']}: {len(result['runs'])} runs")
 
 

@@ -18,6 +18,8 @@ from flows.train import train
 from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from tasks.tracking import close_run, open_run
 
+FAN_OUT_POLL_S = 2.0
+
 
 def sweep_points(algorithms: list[str], seeds: list[int],
                  grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -62,7 +64,8 @@ def _sweep_run_name() -> str:
 @flow(name="sweep", log_prints=True, flow_run_name=_sweep_run_name)
 def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[int] | None = None,
           grid: dict[str, list[Any]] | None = None, overrides: list[str] | None = None,
-          name: str = "sweep", dated: bool = False) -> dict[str, Any]:
+          name: str = "sweep", dated: bool = False,
+          train_deployment: str | None = None) -> dict[str, Any]:
     """Runs `train` once per point of algorithms x seeds x grid (e.g. grid =
     {"algorithm.sft_buffer_threshold": [4, 8]}) as child flow runs.
 
@@ -74,6 +77,9 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
         overrides: dotted `key=value` overrides for every point.
         name: the sweep's name, first part of every run name.
         dated: add the scheduled date to the run names (scheduled sweeps: train anew each time).
+        train_deployment: a deployment of the `train` flow (e.g. "train/train"): every point
+            becomes its own flow run of it, picked up by that work pool's workers, all at once.
+            Empty: the points run here, one after another.
     """
     algorithms = algorithms or ["rl", "sft", "relift"]
     seeds = seeds or [0]
@@ -83,17 +89,91 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
                       tags={"relift.kind": "sweep"})
     parent.log_params({"preset": preset, "algorithms": ",".join(algorithms),
                        "seeds": ",".join(map(str, seeds)), "grid": str(grid or {})})
-    results = {}
+    children = {}
+    for point in sweep_points(algorithms, seeds, grid or {}):
+        run_name = point_name(prefix, point)
+        children[run_name] = [*(overrides or []), *(f"{k}={v}" for k, v in point.items()),
+                              f"run.name={run_name}"]
     try:
-        for point in sweep_points(algorithms, seeds, grid or {}):
-            run_name = point_name(prefix, point)
-            child_overrides = list(overrides or []) + [f"{k}={v}" for k, v in point.items()]
-            child_overrides.append(f"run.name={run_name}")
-            get_run_logger().info(f"sweep point {run_name}")
-            results[run_name] = train.with_options(flow_run_name=f"train-{run_name}")(
-                preset=preset, overrides=child_overrides, parent_mlflow_run_id=parent.run_id)
-        close_run(parent)
+        if train_deployment:
+            results = _fan_out(train_deployment, preset, children, parent)
+        else:
+            results = {}
+            for run_name, child_overrides in children.items():
+                get_run_logger().info(f"sweep point {run_name}")
+                state = train.with_options(flow_run_name=f"train-{run_name}")(
+                    preset=preset, overrides=child_overrides, parent_mlflow_run_id=parent.run_id,
+                    return_state=True)
+                results[run_name] = (state.result() if state.is_completed()
+                                     else {"state": state.type.value, "message": state.message})
     except BaseException:
         close_run(parent, "FAILED")
         raise
+    failed = {k: r for k, r in results.items() if r.get("state") not in (None, "COMPLETED")}
+    _report(results)
+    close_run(parent, "FAILED" if failed else "FINISHED")
+    if failed:
+        # Every other child's result is in MLflow and in the artifact; the flow run fails.
+        raise RuntimeError(f"{len(failed)} of {len(results)} sweep runs failed: "
+                           + "; ".join(f"{k}: {r.get('message') or r['state']}"
+                                       for k, r in failed.items()))
     return {"mlflow_run_id": parent.run_id, "runs": results}
+
+
+def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], parent) -> dict:
+    """Every child a flow run of `deployment` (the work pool's workers take them in parallel);
+    waits for all of them. A child whose MLflow run already finished under this parent (the same
+    run name: the same config) is not run again."""
+    from prefect.client.orchestration import get_client as prefect_client
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    finished = finished_children(parent)
+    results: dict[str, dict] = {}
+    submitted = {}
+    for run_name, child_overrides in children.items():
+        if run_name in finished:
+            logger.info(f"sweep point {run_name}: finished earlier, not run again")
+            results[run_name] = {"state": "COMPLETED", "skipped": True,
+                                 "mlflow_run_id": finished[run_name]}
+            continue
+        flow_run = run_deployment(
+            name=deployment, timeout=0, flow_run_name=f"train-{run_name}",
+            parameters={"preset": preset, "overrides": child_overrides,
+                        "parent_mlflow_run_id": parent.run_id})
+        logger.info(f"sweep point {run_name}: flow run {flow_run.id} of {deployment}")
+        submitted[run_name] = flow_run.id
+    with prefect_client(sync_client=True) as client:
+        while submitted:
+            for run_name, flow_run_id in list(submitted.items()):
+                state = client.read_flow_run(flow_run_id).state
+                if state is not None and state.is_final():
+                    results[run_name] = {"state": state.type.value, "message": state.message,
+                                         "flow_run_id": str(flow_run_id)}
+                    logger.info(f"sweep point {run_name}: {state.type.value}")
+                    del submitted[run_name]
+            if submitted:
+                time.sleep(FAN_OUT_POLL_S)
+    for run_name, run_id in finished_children(parent).items():
+        results.get(run_name, {}).setdefault("mlflow_run_id", run_id)
+    return results
+
+
+def finished_children(parent) -> dict[str, str]:
+    """Run name -> MLflow run id of this sweep's children that finished."""
+    runs = parent.client.search_runs(
+        [parent.client.get_run(parent.run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and "
+                      "attributes.status = 'FINISHED'")
+    return {r.info.run_name: r.info.run_id for r in runs}
+
+
+def _report(results: dict[str, dict]) -> None:
+    """The children's outcomes as a Prefect table artifact (the sweep's page in the UI)."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"run": k, "state": r.get("state", "COMPLETED"),
+             "mlflow_run_id": r.get("mlflow_run_id", ""),
+             "note": "finished earlier" if r.get("skipped") else (r.get("message") or "")}
+            for k, r in results.items()]
+    create_table_artifact(rows, key="sweep-runs", description="Each sweep point's outcome")

@@ -1,0 +1,148 @@
+"""A sweep fanned out over Prefect workers, deployed the way a team deploys it: a `prefect
+server` on PostgreSQL, an MLflow tracking server on PostgreSQL serving the artifacts, the
+project's `train` deployment on a process pool and two workers taking one run each. The children
+must run at the same time, land under one MLflow parent, survive a failed sibling, and not run
+again when the sweep is re-run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flows.temporary_server import free_port, stop_process, wait_healthy
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+def _psql(sql: str) -> None:
+    subprocess.run(["psql", f"{PG}/postgres", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                   check=True, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def databases():
+    """Two fresh PostgreSQL databases (Prefect's and MLflow's), dropped afterwards."""
+    names = [f"relift_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow")]
+    try:
+        for name in names:
+            _psql(f"CREATE DATABASE {name}")
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is needed (a team's deployment): {e}")
+    yield names
+    for name in names:
+        _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def team_stack(tmp_path_factory, databases):
+    """Prefect server + MLflow server on PostgreSQL, `train` deployed, two process workers."""
+    prefect_db, mlflow_db = databases
+    home = tmp_path_factory.mktemp("stack")
+    prefect_port, mlflow_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
+    env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_API_DATABASE_CONNECTION_URL":
+               f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefect_db}",
+           "RELIFT_REPO_DIR": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_CLI_PROMPT": "false", "PREFECT_UI_ENABLED": "false",
+           "MLFLOW_TRACKING_URI": mlflow_uri, "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_KEY", None)
+    procs, logs = [], []
+
+    def start(name: str, args: list[str]) -> subprocess.Popen:
+        log = open(home / f"{name}.log", "w")  # noqa: SIM115  (closed at teardown)
+        logs.append(log)
+        proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    def prefect(*args: str) -> None:
+        r = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=300, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    try:
+        server = start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
+                                          "127.0.0.1", "--port", str(prefect_port)])
+        tracking = start("mlflow-server", [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--backend-store-uri", f"{PG}/{mlflow_db}", "--serve-artifacts",
+            "--artifacts-destination", (home / "mlflow-artifacts").as_uri(), "--workers", "1"])
+        wait_healthy(api, server, timeout_s=180)
+        wait_healthy(mlflow_uri, tracking, timeout_s=180)  # MLflow answers /health too
+        prefect("work-pool", "create", "relift-local", "--type", "process")
+        prefect("--no-prompt", "deploy", "--name", "train")
+        for i in range(2):  # two machines' workers, one run at a time each
+            start(f"worker-{i}", [str(BIN / "prefect"), "worker", "start", "--pool",
+                                  "relift-local", "--limit", "1", "--name", f"worker-{i}"])
+        yield {"env": env, "api": api, "mlflow_uri": mlflow_uri, "home": home}
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc, grace_s=20)
+        for log in logs:
+            log.close()
+
+
+def _logs(home: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(home.glob("*.log")))
+
+
+def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.sweep import sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack["mlflow_uri"])
+    overrides = [*tiny_overrides, "run.iterations=2", "eval.benchmarks=[]",
+                 f"run.workdir={tmp_path / 'runs'}"]
+    # The second threshold fails in its child (validation), after the sweep has started.
+    grid = {"algorithm.sft_buffer_threshold": [3, 0]}
+
+    def run_sweep():
+        with temporary_settings({PREFECT_API_URL: team_stack["api"]}):
+            state = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0], grid=grid,
+                          overrides=overrides, name="fan", train_deployment="train/train",
+                          return_state=True)
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs()
+        return state, [r for r in runs if r.name.startswith("train-fan")]
+
+    state, children = run_sweep()
+    assert state.is_failed(), state  # one point cannot run: the sweep says so ...
+    assert "2 of 4 sweep runs failed" in state.message and "threshold0" in state.message
+    done = {r.name: r for r in children if r.state.is_completed()}
+    assert len(done) == 2, (
+        [(r.name, r.state.type) for r in children], _logs(team_stack["home"]))
+    # ... the others ran; and the two workers ran children at the same time.
+    a, b, *_ = sorted(children, key=lambda r: r.start_time)
+    assert b.start_time < a.end_time, [(r.name, r.start_time, r.end_time) for r in children]
+
+    client = MlflowClient(team_stack["mlflow_uri"])
+    exp = client.get_experiment_by_name("relift")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("relift.kind") == "sweep"]
+    assert len(parents) == 1
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert {r.info.run_name for r in nested if r.info.status == "FINISHED"} == {
+        n.removeprefix("train-") for n in done}
+    # Artifacts went to the tracking server, not to the workers' disks.
+    finished = next(r for r in nested if r.info.status == "FINISHED")
+    assert finished.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert "config.yaml" in {f.path for f in client.list_artifacts(finished.info.run_id)}
+
+    # Re-run: the finished children are not run again; only the failing ones are retried.
+    state, again = run_sweep()
+    assert state.is_failed()
+    assert sum(r.name in done for r in again) == len(done)  # no new run of a finished point
+    assert len(again) == len(children) + 2
