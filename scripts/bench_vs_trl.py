@@ -39,22 +39,27 @@ sys.path.insert(0, str(REPO))
 PROMPTS, SAMPLES, MAX_NEW_TOKENS, TEMPERATURE, LR = 16, 8, 48, 1.0, 1e-6
 SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 512, "max_position_embeddings": 512}
-WARMUP = {"steps": 300, "batch": 32, "lr": 3e-3}
+WARMUP = {"steps": 400, "batch": 32, "lr": 3e-3}
+
+
+# One- and two-digit addition and subtraction: after the warm-up the policy gets most one-digit
+# questions right and few two-digit ones, so groups hold both rewards and every step updates.
+WORLD = ["data.world.cells=[add/1,sub/1,add/2,sub/2]", "data.world.train_per_cell=64"]
 
 
 def world_records() -> list[dict]:
-    """The proof-world's training questions (the toy preset's world) as verl-layout records."""
+    """The benchmark's questions, from the proof-world, as verl-layout records."""
     from relift_core.config import load_config
     from relift_core.proofworld.problems import build_world, problem_to_record
 
-    world = build_world(load_config("toy", []).data.world)
+    world = build_world(load_config("toy", WORLD).data.world)
     return [problem_to_record(p, index=i) for i, p in enumerate(world["train"])]
 
 
 def warmed_up_policy(cache: Path, threads: int) -> Path:
     """The benchmark's policy, built once and cached: fresh tiny Qwen2 weights on SmolLM2's
     tokenizer, then WARMUP supervised steps on the world's demonstrations."""
-    key = hashlib.sha256(json.dumps([SHAPE, WARMUP]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([SHAPE, WARMUP, WORLD]).encode()).hexdigest()[:10]
     out = cache / f"tiny-qwen2-smollm2-{key}"
     if (out / "config.json").exists():
         return out
