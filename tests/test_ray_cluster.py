@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -104,8 +103,10 @@ def test_two_ranks_take_the_same_rl_and_sft_steps_as_one_process(local_ray, tiny
 
 
 # A 3-iteration ReLIFT run on two ranks; prints the end state as JSON. Joins the test's Ray.
+# With a 4th argument k it stops after k iterations (checkpoint written), holding its ranks,
+# until it is killed.
 RUN = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     import ray
     from relift_core.config import load_config
     from relift_core.data.examples import load_examples
@@ -121,6 +122,9 @@ RUN = textwrap.dedent("""
         for i in range(session.state.iteration, cfg.run.iterations):
             run_iteration(session, i)
             print("done", i, flush=True)
+            if len(sys.argv) > 4 and i + 1 == int(sys.argv[4]):
+                print("holding", flush=True)
+                time.sleep(3600)
         s = session.state
         print(json.dumps({"buffer": s.buffer.state_dict(), "ledger": s.ledger.state_dict(),
                           "stream": s.stream.state_dict(), "demos_used": s.demos_used,
@@ -141,9 +145,9 @@ def test_two_rank_relift_run_resumes_after_a_kill_to_the_same_state(local_ray, t
     train = write_world(cfg.data.world, tmp_path / "world")["train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def launch(name: str) -> subprocess.Popen:
+    def launch(name: str, *hold: str) -> subprocess.Popen:
         args = json.dumps([*base, f"run.name={name}"])
-        return subprocess.Popen([sys.executable, "-c", RUN, args, str(train), address],
+        return subprocess.Popen([sys.executable, "-c", RUN, args, str(train), address, *hold],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env)
 
@@ -154,14 +158,15 @@ def test_two_rank_relift_run_resumes_after_a_kill_to_the_same_state(local_ray, t
 
     _, whole = finish(launch("whole"))
 
-    killed = launch("killed")
-    # Kill it once the checkpoint after two iterations is on disk (renamed into place whole).
-    second = tmp_path / "killed" / "checkpoints" / "step_000002"
-    deadline = time.monotonic() + 600
-    while not second.exists():
-        assert killed.poll() is None, killed.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    # Killed, ranks and all, after two iterations' checkpoint and before the third iteration.
+    killed = launch("killed", "2")
+    lines = []
+    for line in killed.stdout:
+        lines.append(line)
+        if line.startswith("holding"):
+            break
+    assert lines and lines[-1].startswith("holding"), "".join(lines)[-3000:]
+    assert (tmp_path / "killed" / "checkpoints" / "step_000002").is_dir()
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
 
