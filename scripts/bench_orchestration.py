@@ -36,7 +36,10 @@ OVERRIDES = [
 ]
 
 
-def plain_loop(cfg, data) -> list[float]:
+PHASES = ("rollout", "grade", "rl_update", "sft_update")
+
+
+def plain_loop(cfg, data) -> tuple[list[float], dict[str, list[float]]]:
     """The iterations as plain Python: relift_core's own loop (run_iteration with its direct
     phases), an in-memory tracker, no Prefect, no MLflow. Seconds per iteration, checkpoint
     included (as in the flow)."""
@@ -54,7 +57,7 @@ def plain_loop(cfg, data) -> list[float]:
             times.append(time.perf_counter() - start)
     finally:
         session.close()
-    return times
+    return times, {k: tracker.history(f"time/{k}") for k in PHASES}
 
 
 def main() -> None:
@@ -76,7 +79,7 @@ def main() -> None:
     with prefect_test_harness(server_startup_timeout=180):
         plain_cfg = load_config("toy", overrides + ["run.name=plain"])
         data = prepare_data(plain_cfg.model_dump(mode="json"))
-        plain = plain_loop(plain_cfg, data)
+        plain, plain_phases = plain_loop(plain_cfg, data)
         result = train(preset="toy", overrides=overrides + ["run.name=flow"])
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     stamps = [m.timestamp for m in sorted(client.get_metric_history(result["mlflow_run_id"], "accuracy"),
@@ -88,6 +91,15 @@ def main() -> None:
     print(f"plain relift_core loop : {p:.2f} s/iteration")
     print(f"Prefect + MLflow flow  : {f:.2f} s/iteration")
     print(f"orchestration overhead : {f - p:.2f} s/iteration = {100 * (f - p) / f:.1f}% of an iteration")
+    # Inside the phases (as each measures itself): what the flow spends beyond the work itself
+    # is outside them (task-run bookkeeping, metric logging) or slows them (busy threads).
+    for key in PHASES:
+        flow_phase = [m.value for m in sorted(client.get_metric_history(result["mlflow_run_id"],
+                                                                        f"time/{key}"),
+                                              key=lambda m: m.step)][1:]
+        if plain_phases[key][1:] and flow_phase:
+            print(f"  {key:11s} plain {statistics.mean(plain_phases[key][1:]):.3f} s, "
+                  f"flow {statistics.mean(flow_phase):.3f} s")
 
 
 if __name__ == "__main__":
