@@ -15,7 +15,7 @@ same math-verify grader as reward.
 Both: the median over the timed steps; the first step warms up and is not counted.
 
     .venv/bin/pip install -e '.[bench]'          # TRL (never part of the base install)
-    .venv/bin/python scripts/bench_vs_trl.py     # ~5 min on 2 cores
+    .venv/bin/python scripts/bench_vs_trl.py     # ~3 min on 2 cores, +8 the first time (warm-up)
     .venv/bin/python scripts/bench_vs_trl.py --steps 2 --skip-trl
 """
 
