@@ -60,9 +60,25 @@ def plain_loop(cfg, data) -> tuple[list[float], dict[str, list[float]]]:
     return times, {k: tracker.history(f"time/{k}") for k in PHASES}
 
 
+def toy_overrides() -> list[str]:
+    """The toy preset as the demo trains it: its world, sizes and pretrained base model."""
+    from relift_core.config import load_config
+    from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
+
+    cfg = load_config("toy", [])
+    base_dir = Path(__file__).resolve().parent.parent / "runs" / "bench" / base_model_key(cfg)
+    if not (base_dir / "config.json").exists():
+        pretrain_base_model(cfg.data.world, cfg.model.tiny, base_dir)
+    return [f"model.init_from={base_dir}", "algorithm.name=relift", "eval.benchmarks=[]",
+            "run.checkpoint_every=1", "run.device=cpu", "run.grader_workers=1"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--toy", action="store_true",
+                        help="the toy preset's own iteration (64 prompts x 8, its pretrained base "
+                             "model, built once under runs/bench) instead of the pinned small run")
     args = parser.parse_args()
     if args.iterations < 2:
         parser.error("--iterations must be at least 2 (the first one is warm-up and dropped)")
@@ -75,7 +91,10 @@ def main() -> None:
     from relift_core.config import load_config
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-orch-"))
-    overrides = OVERRIDES + [f"run.iterations={args.iterations}", f"run.workdir={workdir}"]
+    base = OVERRIDES
+    if args.toy:
+        base = toy_overrides()
+    overrides = base + [f"run.iterations={args.iterations}", f"run.workdir={workdir}"]
     with prefect_test_harness(server_startup_timeout=180):
         plain_cfg = load_config("toy", overrides + ["run.name=plain"])
         data = prepare_data(plain_cfg.model_dump(mode="json"))
