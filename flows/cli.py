@@ -26,7 +26,7 @@ err_console = Console(stderr=True)
 # one imports nothing: one line each, no traceback. Anything else is a bug: full traceback.
 USER_ERRORS = {"ConfigError": 2, "ValidationError": 2, "DataError": 1, "BenchmarkError": 1,
                "DivergenceError": 1, "CheckpointError": 1, "ResumeRefused": 1, "ResumeError": 1,
-               "RunLockedError": 1}
+               "RunLockedError": 1, "ShardCountError": 1, "RayUnavailableError": 1}
 _debug = False
 
 

@@ -212,9 +212,8 @@ def render_plan(cfg: ExperimentConfig, preset: str) -> str:
 
 def check_fits(cfg: ExperimentConfig) -> None:
     """Raises ConfigError, before anything is allocated, when a GPU run cannot fit."""
-    if cfg.run.device == "cpu" or (cfg.cluster.backend == "local" and cfg.run.device == "auto"
-                                   and cfg.cluster.gpus_per_node == 0):
-        return
+    if cfg.run.device != "cuda" and cfg.cluster.gpus_per_node == 0:
+        return  # a CPU run: nothing to plan
     try:
         plan = plan_memory(cfg)
     except PlanError:

@@ -135,9 +135,6 @@ class TrainerRank:
     def load_state_dict(self, state: dict) -> None:
         self.trainer.load_state_dict(state)
 
-    def default_rl_rows_per_minibatch(self, rows: int) -> int:
-        return self.trainer.default_rl_rows_per_minibatch(rows)
-
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -222,9 +219,6 @@ class RayTrainer:
         stats = self.ranks.call("sft_step", batch)[0]
         self.sft_optimizer_steps += int(stats.get("optimizer_steps", 0))
         return stats
-
-    def default_rl_rows_per_minibatch(self, rows: int) -> int:
-        return self.ranks.call("default_rl_rows_per_minibatch", rows)[0]
 
     def gather_weights(self) -> None:
         weights = self.ranks.call("weights")[0]
