@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from relift_core.config import ExperimentConfig
+from relift_core.iteration import engine_asleep
 from relift_core.runtime.batches import TokenBatch
 from relift_core.runtime.rollout import RolloutEngine, Sample, SamplingRequest
 from relift_core.runtime.trainer import STATE_VERSION
@@ -69,7 +70,7 @@ class TrainerRank:
         import torch.distributed as dist
 
         from relift_core.runtime.models import load_policy
-        from relift_core.runtime.session import build_engine, seed_everything
+        from relift_core.runtime.session import build_engine, seed_everything, trainer_options
         from relift_core.runtime.sharded_trainer import ShardedTrainer
 
         cfg = self.cfg
@@ -81,10 +82,7 @@ class TrainerRank:
         self.device = torch.device("cuda:0" if on_gpu else "cpu")
         self.model, self.tokenizer = load_policy(cfg.model, device=str(self.device),
                                                  seed=cfg.run.seed)
-        options = {"algo": cfg.algorithm, "rl": cfg.rl, "sft": cfg.sft,
-                   "max_response_len": cfg.rollout.max_new_tokens, "device": str(self.device),
-                   "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
-                   "gradient_checkpointing": cfg.model.gradient_checkpointing}
+        options = trainer_options(cfg, self.device)
         if cfg.cluster.trainer_strategy == "deepspeed_zero3":  # GPU only; not yet run on one
             from relift_core.runtime.deepspeed_trainer import DeepSpeedTrainer
 
@@ -111,19 +109,17 @@ class TrainerRank:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def rl_step(self, batch: TokenBatch, rows_per_minibatch: int | None) -> dict[str, float]:
-        self.engine.sleep()
         try:
-            return self.trainer.rl_step(batch, rows_per_minibatch=rows_per_minibatch)
+            with engine_asleep(self.engine):
+                return self.trainer.rl_step(batch, rows_per_minibatch=rows_per_minibatch)
         finally:
-            self.engine.wake()
             self.engine.sync_weights(self.model)
 
     def sft_step(self, batch: TokenBatch) -> dict[str, float]:
-        self.engine.sleep()
         try:
-            return self.trainer.sft_step(batch)
+            with engine_asleep(self.engine):
+                return self.trainer.sft_step(batch)
         finally:
-            self.engine.wake()
             self.engine.sync_weights(self.model)
 
     def sample(self, request: SamplingRequest) -> list[list[Sample]]:

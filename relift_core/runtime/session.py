@@ -98,6 +98,14 @@ def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, devic
                                  require_think=cfg.algorithm.require_think)
 
 
+def trainer_options(cfg: ExperimentConfig, device) -> dict:
+    """The config's trainer settings, as TorchTrainer (and its subclasses) take them."""
+    return {"algo": cfg.algorithm, "rl": cfg.rl, "sft": cfg.sft,
+            "max_response_len": cfg.rollout.max_new_tokens, "device": str(device),
+            "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
+            "gradient_checkpointing": cfg.model.gradient_checkpointing}
+
+
 def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
     """This process's trainer and engine, or (cluster.backend=ray) handles on the Ray ranks."""
     if cfg.cluster.backend == "ray":
@@ -105,10 +113,7 @@ def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
 
         ranks = RayRanks(cfg, model)
         return RayTrainer(ranks, model), RayRolloutEngine(ranks, tokenizer)
-    trainer = TorchTrainer(model, algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
-                           max_response_len=cfg.rollout.max_new_tokens, device=str(device),
-                           dtype=cfg.model.dtype, max_bad_steps=cfg.run.max_bad_steps,
-                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+    trainer = TorchTrainer(model, **trainer_options(cfg, device))
     return trainer, build_engine(cfg, model, tokenizer, device)
 
 
