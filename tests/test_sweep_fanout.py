@@ -95,6 +95,16 @@ def team_stack(tmp_path_factory, databases):
             log.close()
 
 
+def _held(flow_run) -> tuple:
+    """(claimed, ended): from the worker's PENDING state to the run's final state."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(flow_run.id)
+    claimed = min(s.timestamp for s in states if s.type.value == "PENDING")
+    return claimed, flow_run.end_time
+
+
 def _logs(home: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(home.glob("*.log")))
 
@@ -127,10 +137,13 @@ def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, m
     done = {r.name: r for r in children if r.state.is_completed()}
     assert len(done) == 2, (
         [(r.name, r.state.type) for r in children], _logs(team_stack["home"]))
-    # ... the others ran; and the two workers ran children at the same time.
-    spans = sorted((r.start_time, r.end_time) for r in children)
-    assert any(later[0] < earlier[1] for earlier, later in itertools.combinations(spans, 2)), [
-        (r.name, r.start_time, r.end_time) for r in children]
+    # ... the others ran; and the two workers held children at the same time. A child holds
+    # its worker from PENDING (the worker claimed it and starts its process, ~10 s on 2 cores)
+    # to its end; the flow bodies alone (~4 s) are too short to overlap reliably.
+    with temporary_settings({PREFECT_API_URL: team_stack["api"]}):
+        held = {r.name: _held(r) for r in children}
+    spans = sorted(held.values())
+    assert any(later[0] < earlier[1] for earlier, later in itertools.combinations(spans, 2)), held
 
     client = MlflowClient(team_stack["mlflow_uri"])
     exp = client.get_experiment_by_name("relift")
