@@ -101,17 +101,20 @@ class _ForceEos:
     """Forward hook on lm_head: row r emits eos as its (r+1)-th token; eos is banned otherwise.
 
     So in one batch the rows stop at different steps, and `generate` pads the early finishers.
+    Where finished rows leave the batch (`rows_leave`), the row still running longest is always
+    at index 0 by step r, so the hook stops that one.
     """
 
-    def __init__(self, eos_id: int) -> None:
+    def __init__(self, eos_id: int, rows_leave: bool) -> None:
         self.eos_id = eos_id
+        self.rows_leave = rows_leave
         self.step = 0
 
     def __call__(self, module, inputs, logits: torch.Tensor) -> torch.Tensor:
         bias = torch.zeros_like(logits[:, -1])
         bias[:, self.eos_id] = -1e4
         rows = torch.arange(logits.shape[0])
-        bias[rows == self.step, self.eos_id] = 1e4
+        bias[rows == (0 if self.rows_leave else self.step), self.eos_id] = 1e4
         self.step += 1
         logits = logits.clone()
         logits[:, -1] += bias
@@ -125,16 +128,21 @@ def test_engine_satisfies_the_protocol(tiny):
     assert isinstance(HFRolloutEngine(*tiny), RolloutEngine)
 
 
-def test_shapes_prompt_ids_and_finish_reasons(tiny, prompts):
+def test_shapes_prompt_ids_and_finish_reasons(tiny, prompts, drop_finished):
     model, tok = tiny
-    engine = HFRolloutEngine(model, tok, batch_size=5)  # 3 prompts x 4 = 12 rows: 3 chunks
+    engine = HFRolloutEngine(model, tok, batch_size=5, drop_finished=drop_finished)  # 3 prompts x 4 = 12 rows: 3 chunks
     groups = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=12, seed=0)
     _check_invariants(groups, prompts, tok, 4, 12, engine.stop_token_ids)
 
 
-def _three_rows_stopping_at_steps_1_2_3(model, tok, prompt, max_new_tokens):
-    engine = HFRolloutEngine(model, tok)
-    hook = model.lm_head.register_forward_hook(_ForceEos(tok.eos_token_id))
+@pytest.fixture(params=[True, False], ids=["drop-finished", "generate"])
+def drop_finished(request) -> bool:
+    return request.param
+
+
+def _three_rows_stopping_at_steps_1_2_3(model, tok, prompt, max_new_tokens, drop_finished):
+    engine = HFRolloutEngine(model, tok, drop_finished=drop_finished)
+    hook = model.lm_head.register_forward_hook(_ForceEos(tok.eos_token_id, drop_finished))
     try:
         (group,) = engine.generate([prompt], n=3, temperature=1.0, max_new_tokens=max_new_tokens,
                                    seed=0)
@@ -143,25 +151,27 @@ def _three_rows_stopping_at_steps_1_2_3(model, tok, prompt, max_new_tokens):
     return group
 
 
-def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts):
+def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts, drop_finished):
     model, tok = tiny
-    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=6)
+    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=6,
+                                                drop_finished=drop_finished)
     assert [s.length for s in group] == [1, 2, 3]
     assert all(s.finish_reason == "eos" and s.response_ids[-1] == tok.eos_token_id for s in group)
     assert group[0].text == ""  # the eos itself is a special token
     assert tok.pad_token_id not in {t for s in group for t in s.response_ids}
 
 
-def test_length_when_max_new_tokens_is_hit(tiny, prompts):
+def test_length_when_max_new_tokens_is_hit(tiny, prompts, drop_finished):
     model, tok = tiny
     # Rows 0..2 would stop at steps 1..3, but only 2 tokens are allowed.
-    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=2)
+    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=2,
+                                                drop_finished=drop_finished)
     assert [(s.length, s.finish_reason) for s in group] == [(1, "eos"), (2, "eos"), (2, "length")]
 
 
-def test_same_seed_same_samples_and_global_rng_untouched(tiny, prompts):
+def test_same_seed_same_samples_and_global_rng_untouched(tiny, prompts, drop_finished):
     model, tok = tiny
-    engine = HFRolloutEngine(model, tok, batch_size=4)
+    engine = HFRolloutEngine(model, tok, batch_size=4, drop_finished=drop_finished)
     rng = torch.get_rng_state()
     a = engine.generate(prompts, n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
     b = engine.generate(prompts, n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
@@ -172,9 +182,10 @@ def test_same_seed_same_samples_and_global_rng_untouched(tiny, prompts):
     assert a[0][0].response_ids != a[0][1].response_ids  # the n samples of a prompt differ
 
 
-def test_greedy_is_deterministic_and_independent_of_padding_and_chunking(tiny, prompts):
+def test_greedy_is_deterministic_and_independent_of_padding_and_chunking(tiny, prompts,
+                                                                         drop_finished):
     model, tok = tiny
-    batched = HFRolloutEngine(model, tok, batch_size=64)
+    batched = HFRolloutEngine(model, tok, batch_size=64, drop_finished=drop_finished)
     greedy = {"temperature": 0.0, "max_new_tokens": 12}
     together = batched.generate(prompts, n=2, **greedy)
     # The prompts differ in length, so together they are left-padded; alone they are not.
@@ -182,8 +193,27 @@ def test_greedy_is_deterministic_and_independent_of_padding_and_chunking(tiny, p
     assert len({s.text for s in alone}) == len(prompts)  # a model that reads its prompt
     for group, single in zip(together, alone, strict=True):
         assert [s.response_ids for s in group] == [single.response_ids] * 2
-    one_row_chunks = HFRolloutEngine(model, tok, batch_size=1).generate(prompts, n=2, **greedy)
+    one_row_chunks = HFRolloutEngine(model, tok, batch_size=1, drop_finished=drop_finished
+                                     ).generate(prompts, n=2, **greedy)
     assert _ids(one_row_chunks) == _ids(together)
+
+
+def test_dropping_finished_rows_decodes_what_generate_decodes(tiny, prompts):
+    """Greedy: our loop and transformers `generate` give every row the same tokens, on prompts
+    of different lengths (left padding) with rows stopping at different steps (eos forced)."""
+    model, tok = tiny
+    greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": 16}
+    free = HFRolloutEngine(model, tok, drop_finished=False).generate(prompts, **greedy)
+    # Stop tokens each row meets at a different step: row r's token at step 2r.
+    stops = list({group[0].response_ids[2 * r] for r, group in enumerate(free)})
+
+    def decode(drop: bool):
+        return _ids(HFRolloutEngine(model, tok, batch_size=6, stop_token_ids=stops,
+                                    drop_finished=drop).generate(prompts, **greedy))
+
+    ours = decode(True)
+    assert len({len(group[0]) for group in ours}) > 1  # rows did stop at different steps
+    assert ours == decode(False)
 
 
 def test_progress_reports_rows_done(tiny, prompts):

@@ -138,9 +138,14 @@ class HFRolloutEngine(RolloutEngine):
         batch_size: int = 64,
         device: str | torch.device | None = None,
         stop_token_ids: list[int] | None = None,
+        drop_finished: bool = True,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        # True: our own decoding loop (`decode_dropping_finished`), which drops a row from the
+        # batch and its KV cache once it has stopped. False: transformers `generate`, which
+        # keeps computing finished rows until the longest one stops (the reference).
+        self.drop_finished = drop_finished
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -167,7 +172,15 @@ class HFRolloutEngine(RolloutEngine):
             with _seeded(request.seed, self._device()), torch.no_grad():
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
-                    generated = self._generate_rows([prompt_ids[i] for i in chunk], config)
+                    batch = [prompt_ids[i] for i in chunk]
+                    if self.drop_finished:
+                        generated = decode_dropping_finished(
+                            self.model, batch, pad_token_id=self.pad_token_id,
+                            stop_token_ids=self.stop_token_ids,
+                            temperature=request.temperature, top_p=request.top_p,
+                            max_new_tokens=request.max_new_tokens, device=self._device())
+                    else:
+                        generated = self._generate_rows(batch, config)
                     for prompt_index, row in zip(chunk, generated, strict=True):
                         samples[prompt_index].append(self._sample(prompt_index, prompt_ids, row))
                     if progress is not None:
@@ -229,14 +242,9 @@ class HFRolloutEngine(RolloutEngine):
 
     def _generate_rows(self, rows: list[list[int]], config: GenerationConfig) -> list[list[int]]:
         """Generate for a batch of unpadded prompts; return each row's generated tokens."""
-        width = max(len(r) for r in rows)
         device = self._device()
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(rows):  # left padding: every prompt ends at column `width`
-            if ids:
-                input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[i, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad(rows, self.pad_token_id)
+        width = input_ids.shape[1]
         output = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -254,6 +262,88 @@ class HFRolloutEngine(RolloutEngine):
             length=len(response),
             finish_reason=finish_reason,
         )
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every prompt ending at the last column."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if ids:
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from the last position's logits: greedy at temperature 0, otherwise
+    plain sampling at `temperature`, restricted to the top-p nucleus when top_p < 1 (the same
+    distribution `generate` samples with top_k=0)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def decode_dropping_finished(
+    model: PreTrainedModel,
+    rows: list[list[int]],
+    *,
+    pad_token_id: int,
+    stop_token_ids: list[int],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    device: torch.device,
+) -> list[list[int]]:
+    """Each row's generated tokens (through its first stop token, or `max_new_tokens` of them).
+
+    A KV-cached decoding loop like `generate`'s, with one difference that matters for RL: a row
+    that has stopped leaves the batch (and the cache) at once, so a batch of short answers and
+    a few long ones costs the short ones' tokens, not the longest row's times the batch. The
+    first forward computes logits only at the last position (`logits_to_keep=1`).
+    """
+    from transformers import DynamicCache
+
+    input_ids, attention_mask = left_pad(rows, pad_token_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    # Left padding: a row's positions count its own tokens only, as in `generate`.
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    stops = torch.tensor(stop_token_ids, device=device)
+    active = torch.arange(len(rows), device=device)  # the original row of each batch row
+    next_position = positions[:, -1] + 1
+    generated: list[list[int]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        tokens = sample_next(logits, temperature, top_p)
+        for row, token in zip(active.tolist(), tokens.tolist(), strict=True):
+            generated[row].append(token)
+        if step == max_new_tokens - 1:
+            break
+        running = ~torch.isin(tokens, stops)
+        if not running.all():
+            keep = running.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)
+            active, tokens = active[keep], tokens[keep]
+            attention_mask, next_position = attention_mask[keep], next_position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))],
+                                   dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                       position_ids=next_position[:, None], past_key_values=cache,
+                       use_cache=True).logits[:, -1, :]
+        next_position = next_position + 1
+    return generated
 
 
 @contextlib.contextmanager
