@@ -76,11 +76,17 @@ class WorldConfig(_Section):
     # known steps: `add_carry_out` leaves out multi-digit additions whose sum is longer than
     # their operands (47+58=105), `mul_carry_out` the same for products (64*3=192): every step
     # is a known fact, only writing the final carry into the answer is new.
-    pretrain_holdout: list[Literal["add_carry_out", "mul_carry_out"]] = []
+    pretrain_holdout: list[Literal["add_carry_out", "add1_carry_out", "mul_carry_out",
+                                   "long_answer"]] = []
     # Share of pretraining demonstrations whose final answer has one digit miscopied (the steps
     # stay right), as a web corpus holds careless solutions: the base model is unsure where it
     # should not be, and sampling at temperature 1 shows it -- what RL sharpens away.
     pretrain_noise: float = Field(0.0, ge=0, lt=1)
+    # miscopy: one digit of the answer replaced by a random other digit (a different slip each
+    # time). last_digit_slip: the answer's last digit written one too high (9 -> 0), the same
+    # habitual slip every time, so the base model keeps it as a steady share of its answers
+    # even at a low sampling temperature.
+    pretrain_noise_style: Literal["miscopy", "last_digit_slip"] = "miscopy"
     pretrain_examples: int = Field(4000, ge=0)
     # The base model's pretraining (relift_core.proofworld.pretrain): next-token loss on the pretrain split.
     pretrain_steps: int = Field(1000, ge=0)

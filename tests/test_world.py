@@ -110,3 +110,41 @@ def test_exhausted_pretraining_cell_is_dropped_quickly_with_a_warning():
     with pytest.warns(UserWarning, match="pretraining"):
         world = build_world(cfg)
     assert world["pretrain"] == [] and len(world["train"]) + len(world["eval"]) == 100
+
+
+def test_long_answer_holdout_keeps_every_longer_answer_out_of_pretraining():
+    """The demo's gap: pretraining never shows an add or mul answer longer than its operands
+    (7+8=15, 7*8=56, 47+58=105), while train questions with one stay in the world."""
+    cfg = WorldConfig(cells=["add/2"], train_per_cell=64, eval_per_cell=16,
+                      pretrain_cells={"add/1": 1.0, "mul/1": 1.0, "add/2": 1.0, "mul/2": 1.0,
+                                      "sub/2": 1.0},
+                      pretrain_holdout=["long_answer"], pretrain_examples=1500, seed=3)
+    world = build_world(cfg)
+    pretrain = world["pretrain"]
+    assert {(p.family, p.size) for p in pretrain} == {("add", 1), ("mul", 1), ("add", 2),
+                                                      ("mul", 2), ("sub", 2)}
+    assert not [p for p in pretrain if p.family in ("add", "mul") and len(p.answer) > p.size]
+    assert any(len(p.answer) > p.size for p in world["train"])  # what the demos must teach
+
+
+@pytest.mark.parametrize("style", ["last_digit_slip", "miscopy"])
+def test_pretraining_noise_changes_only_answers_in_its_style(style):
+    cfg = WorldConfig(cells=["sub/2"], train_per_cell=8, eval_per_cell=8,
+                      pretrain_cells={"add/2": 1.0, "sub/2": 1.0}, pretrain_noise=0.3,
+                      pretrain_noise_style=style, pretrain_examples=2000, seed=5)
+    pretrain = build_world(cfg)["pretrain"]
+    wrong = 0
+    for p in pretrain:
+        truth = str(evaluate(p.question))
+        m = DEMO.match(p.demonstration)
+        assert m and m["answer"] == p.answer  # the demonstration boxes the (noisy) answer
+        if p.answer == truth:
+            continue
+        wrong += 1
+        assert len(p.answer) == len(truth)
+        if style == "last_digit_slip":  # always the same slip: the last digit one too high
+            assert p.answer[:-1] == truth[:-1]
+            assert int(p.answer[-1]) == (int(truth[-1]) + 1) % 10
+        else:  # one digit, anywhere, replaced by another
+            assert sum(a != b for a, b in zip(p.answer, truth)) == 1
+    assert 0.25 < wrong / len(pretrain) < 0.35

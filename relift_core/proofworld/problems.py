@@ -203,6 +203,13 @@ def miscopy_answer(p: Problem, rng: random.Random) -> Problem:
     return Problem(p.uid, p.family, p.size, p.question, answer, f"{head}\\boxed{{{answer}}}")
 
 
+def slip_last_digit(p: Problem) -> Problem:
+    """`p` with the last digit of its boxed answer one too high, 9 wrapping to 0 (steps unchanged)."""
+    answer = p.answer[:-1] + str((int(p.answer[-1]) + 1) % 10)
+    head = p.demonstration.rsplit("\\boxed{", 1)[0]
+    return Problem(p.uid, p.family, p.size, p.question, answer, f"{head}\\boxed{{{answer}}}")
+
+
 def has_carry_out(p: Problem, family: str) -> bool:
     """A multi-digit `family` problem whose answer has more digits than its operands."""
     return p.family == family and p.size >= 2 and len(p.answer) > p.size
@@ -210,6 +217,10 @@ def has_carry_out(p: Problem, family: str) -> bool:
 
 HOLDOUT_SKILLS: dict[str, Callable[[Problem], bool]] = {
     "add_carry_out": lambda p: has_carry_out(p, "add"),
+    # 7+8=15: the one-digit case, where the answer is the whole last step.
+    "add1_carry_out": lambda p: p.family == "add" and p.size == 1 and len(p.answer) > 1,
+    # Any add or mul answer longer than its operands, one digit included (7*8=56, 64*3=192).
+    "long_answer": lambda p: p.family in ("add", "mul") and len(p.answer) > p.size,
     "mul_carry_out": lambda p: has_carry_out(p, "mul"),
 }
 
@@ -251,7 +262,9 @@ def build_world(cfg: WorldConfig) -> dict[str, list[Problem]]:
         elif not any(skill(drawn[0]) for skill in held_out):
             problem = drawn[0]
             if cfg.pretrain_noise and rng.random() < cfg.pretrain_noise:
-                problem = miscopy_answer(problem, rng)
+                problem = (slip_last_digit(problem)
+                           if cfg.pretrain_noise_style == "last_digit_slip"
+                           else miscopy_answer(problem, rng))
             pretrain.append(problem)
     if len(pretrain) < cfg.pretrain_examples:
         warnings.warn(f"world: only {len(pretrain)} of {cfg.pretrain_examples} pretraining "
