@@ -17,6 +17,7 @@ difficulty ledger, data position and RNG are restored together.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -111,6 +112,7 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         progress_id = create_progress_artifact(
             progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
             description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
+        progress_shown = time.monotonic()
         bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
                              completed=session.state.iteration)
         if cfg.eval.at_start and session.state.iteration == 0 and cfg.run.iterations > 0:
@@ -121,7 +123,8 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
                 evaluate=lambda step: evaluate_policy(session, tracker, step, data))
             logger.info(_summary_line(i, metrics))
             terminal.advance(bar, f"acc {metrics['accuracy']:.2f} demos {metrics['demos_used']:.0f}")
-            update_progress_artifact(progress_id, 100.0 * (i + 1) / max(cfg.run.iterations, 1))
+            progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
+                                            progress_shown)
         final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
         tracker.log_text("\n".join(json.dumps(x) for x in session.state.sft_log),
                          "sft_demonstrations.jsonl")
@@ -137,6 +140,19 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
             "prefect_url": prefect_flow_run_url(str(get_run_context().flow_run.id)),
             "demos_used": session.state.demos_used,
             "demonstration_counts": session.demonstration_source.counts(), "eval": final}
+
+
+PROGRESS_ARTIFACT_EVERY_S = 5.0
+
+
+def _show_progress(progress_id, done: int, total: int, last_shown: float) -> float:
+    """Update the Prefect UI's progress artifact at most every few seconds, and at the end: each
+    update is an API round trip (~30 ms), a tenth of a small iteration if done every time."""
+    now = time.monotonic()
+    if done < total and now - last_shown < PROGRESS_ARTIFACT_EVERY_S:
+        return last_shown
+    update_progress_artifact(progress_id, 100.0 * done / max(total, 1))
+    return now
 
 
 def log_final_policy(tracker: MlflowTracker, session) -> None:

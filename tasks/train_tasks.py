@@ -23,7 +23,6 @@ ENGINE_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10],
                   "retry_condition_fn": retry_unless_permanent}
 _CORE = Phases()
 
-draw_questions_task = task(name="draw-questions", cache_policy=NO_CACHE)(_CORE.draw_questions)
 rollout_task = task(name="rollout", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.rollout)
 grade_task = task(name="grade", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.grade)
 classify_task = task(name="classify-difficulty", cache_policy=NO_CACHE)(_CORE.classify)
@@ -37,10 +36,9 @@ checkpoint_task = task(name="checkpoint", cache_policy=NO_CACHE, retries=2,
 
 
 class PrefectPhases(Phases):
-    """Each phase as its Prefect task run (arguments quoted, see the module docstring)."""
-
-    def draw_questions(self, session):
-        return draw_questions_task(quote(session))
+    """Each phase as its Prefect task run (arguments quoted, see the module docstring), except
+    drawing the next questions: an in-memory read of the question stream that cannot fail or
+    be retried usefully, so a task run (~6-10 ms of bookkeeping) would only cost time."""
 
     def rollout(self, session, questions, iteration):
         return rollout_task(quote(session), quote(questions), iteration)
