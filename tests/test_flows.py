@@ -124,6 +124,9 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     links = [a for a in asyncio.run(link_artifacts()) if a.key == "mlflow-run"]
     assert any(result["mlflow_run_id"] in a.data and "workflowType=machine_learning" in a.data
                for a in links), [a.data for a in links]
+    # The progress artifact (updated at most every few seconds) ends at 100%.
+    progress = [a for a in asyncio.run(link_artifacts()) if a.type == "progress"]
+    assert [a.data for a in progress] == [100.0], [(a.type, a.data) for a in progress]
     assert flow_run_name_of(flow_run_id) == f"train-{algo}"
     assert {"rollout", "grade", "classify-difficulty", "collect-demonstrations", "checkpoint"} <= names
     assert ("rl-update" in names) == (algo != "sft")
