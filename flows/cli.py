@@ -17,6 +17,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tasks.progress import HideRoutineTaskStates  # imports only rich: the CLI starts fast
+
 app = typer.Typer(help="ReLIFT experiment platform: RL interleaved with online fine-tuning.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
@@ -56,18 +58,8 @@ class _HideUserErrorTracebacks(logging.Filter):
         return exc is None or user_error_exit_code(exc) is None
 
 
-class _HideRoutineTaskStates(logging.Filter):
-    """On the console only: a task run that completed says nothing a user needs (about ten per
-    iteration buried the one `iter i:` line); failures, retries and flow runs still print, and
-    the Prefect UI keeps every state."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("prefect.task_runs")
-                    and record.getMessage().startswith("Finished in state Completed"))
-
-
 def quiet_prefect_tracebacks() -> None:
-    """Unless --debug: attach _HideUserErrorTracebacks (and _HideRoutineTaskStates) to
+    """Unless --debug: attach _HideUserErrorTracebacks (and HideRoutineTaskStates) to
     Prefect's console handlers."""
     if _debug:
         return
@@ -79,7 +71,7 @@ def quiet_prefect_tracebacks() -> None:
             if is_console and not any(isinstance(f, _HideUserErrorTracebacks)
                                       for f in handler.filters):
                 handler.addFilter(_HideUserErrorTracebacks())
-                handler.addFilter(_HideRoutineTaskStates())
+                handler.addFilter(HideRoutineTaskStates())
 
 
 def validated_config(preset: str, overrides: list[str] | None):

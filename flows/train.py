@@ -38,7 +38,7 @@ from relift_core.runtime.session import build_session
 from tasks import progress as terminal
 from tasks.eval_tasks import evaluate_policy
 from tasks.tracking import MlflowTracker, close_run, open_run
-from tasks.train_tasks import PREFECT_PHASES
+from tasks.train_tasks import PREFECT_PHASES, quiet_completed_phases
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 
@@ -117,14 +117,16 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
                              completed=session.state.iteration)
         if cfg.eval.at_start and session.state.iteration == 0 and cfg.run.iterations > 0:
             evaluate_policy(session, tracker, 0, data)  # the starting point of every curve
-        for i in range(session.state.iteration, cfg.run.iterations):
-            metrics = run_iteration(
-                session, i, phases=PREFECT_PHASES, tracker=tracker,
-                evaluate=lambda step: evaluate_policy(session, tracker, step, data))
-            logger.info(_summary_line(i, metrics))
-            terminal.advance(bar, f"acc {metrics['accuracy']:.2f} demos {metrics['demos_used']:.0f}")
-            progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
-                                            progress_shown)
+        with quiet_completed_phases():
+            for i in range(session.state.iteration, cfg.run.iterations):
+                metrics = run_iteration(
+                    session, i, phases=PREFECT_PHASES, tracker=tracker,
+                    evaluate=lambda step: evaluate_policy(session, tracker, step, data))
+                logger.info(_summary_line(i, metrics))
+                terminal.advance(bar, f"acc {metrics['accuracy']:.2f} "
+                                      f"demos {metrics['demos_used']:.0f}")
+                progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
+                                                progress_shown)
         final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
         tracker.log_text("\n".join(json.dumps(x) for x in session.state.sft_log),
                          "sft_demonstrations.jsonl")

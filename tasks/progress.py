@@ -4,6 +4,7 @@ and task states carry the same information."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -44,3 +45,13 @@ def callback(description: str):
         _progress.update(task_id, completed=done, total=total)
 
     return update
+
+
+class HideRoutineTaskStates(logging.Filter):
+    """Drops a task run's "Finished in state Completed()" record; failures, retries and flow
+    runs pass. A task run that completed says nothing a user needs (seven per iteration buried
+    the one `iter i:` line), and the Prefect UI keeps every task run's state."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect.task_runs")
+                    and record.getMessage().startswith("Finished in state Completed"))

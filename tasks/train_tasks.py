@@ -11,11 +11,16 @@ with backoff; a task that still fails fails the flow, and its error shows in the
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from relift_core.iteration import Phases
+from tasks.progress import HideRoutineTaskStates
 from tasks.retry import retry_unless_permanent
 
 # An engine hiccup may pass on a retry; bad data or a diverged update never does.
@@ -63,3 +68,17 @@ class PrefectPhases(Phases):
 
 
 PREFECT_PHASES = PrefectPhases()
+
+
+@contextlib.contextmanager
+def quiet_completed_phases() -> Iterator[None]:
+    """Within the training loop, a phase's successful end is not logged at all (the CLI hides
+    it from the console anyway, HideRoutineTaskStates): under a worker or a direct call each line
+    is printed through rich and sent to the API, ~2.3 ms, 40% of a task run's bookkeeping."""
+    logger = logging.getLogger("prefect.task_runs")
+    drop = HideRoutineTaskStates()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)

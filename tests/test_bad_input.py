@@ -288,12 +288,12 @@ def test_prefect_console_tracebacks_of_user_errors_are_hidden():
 
 
 def test_routine_task_completions_are_quiet_on_the_console_but_failures_are_not():
-    from flows.cli import _HideRoutineTaskStates
+    from tasks.progress import HideRoutineTaskStates
 
     def record(name, message, level=logging.INFO):
         return logging.LogRecord(name, level, __file__, 1, message, None, None)
 
-    quiet = _HideRoutineTaskStates()
+    quiet = HideRoutineTaskStates()
     assert not quiet.filter(record("prefect.task_runs", "Finished in state Completed()"))
     assert quiet.filter(record("prefect.task_runs", "Finished in state Failed('boom')",
                                logging.ERROR))
