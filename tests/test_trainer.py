@@ -130,6 +130,37 @@ def test_token_logprobs_equal_an_independent_unpadded_forward(tokenizer):
     assert (entropy[batch.loss_mask.bool()] > 0).all()
 
 
+def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16_and_scores_in_fp32(tokenizer):
+    """model.bf16_autocast=True: the trainer's and the engine's forwards run their matmuls in
+    bf16 on CPU (as TRL's bf16=True does), while log-probs stay fp32 and close to the fp32 ones;
+    the default (None) keeps CPU in fp32."""
+    model = _model(tokenizer)
+    seen: list[torch.dtype] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    prompts, responses = _rows(tokenizer)
+    batch = pack_rows(prompts, responses, tokenizer.pad_token_id)
+    try:
+        exact = _trainer(model).token_logprobs(batch)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        bf16 = TorchTrainer(model, algo=AlgorithmConfig(entropy_coef=0.0), rl=RLConfig(),
+                            sft=SFTConfig(), max_response_len=MAX_LEN, bf16_autocast=True)
+        approx = bf16.token_logprobs(batch)
+        assert set(seen) == {torch.bfloat16}
+        assert approx.dtype == torch.float32
+        torch.testing.assert_close(approx, exact, atol=0.1, rtol=0.05)
+        assert not torch.equal(approx, exact)
+        seen.clear()
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+1"}],
+                                               tokenize=False, add_generation_prompt=True)
+        HFRolloutEngine(model, tokenizer, bf16_autocast=True).generate(
+            [prompt], n=2, temperature=1.0, max_new_tokens=3, seed=0)
+        assert set(seen) == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # weights untouched
+    finally:
+        hook.remove()
+
+
 def test_token_logprobs_equal_the_scores_of_hf_generate(tokenizer):
     """What generate (left padding, KV cache) scored is what the trainer scores (full forward,
     right padding) for the same tokens: the on-policy ratio starts at 1."""

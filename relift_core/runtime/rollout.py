@@ -139,6 +139,7 @@ class HFRolloutEngine(RolloutEngine):
         device: str | torch.device | None = None,
         stop_token_ids: list[int] | None = None,
         drop_finished: bool = True,
+        bf16_autocast: bool | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -146,6 +147,8 @@ class HFRolloutEngine(RolloutEngine):
         # batch and its KV cache once it has stopped. False: transformers `generate`, which
         # keeps computing finished rows until the longest one stops (the reference).
         self.drop_finished = drop_finished
+        # As the trainer's forward (model.bf16_autocast): None means on CUDA only.
+        self.bf16_autocast = bf16_autocast
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -169,7 +172,7 @@ class HFRolloutEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling; gradient checkpointing off, cache on
         try:
-            with _seeded(request.seed, self._device()), torch.no_grad():
+            with _seeded(request.seed, self._device()), torch.no_grad(), self._autocast():
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
                     batch = [prompt_ids[i] for i in chunk]
@@ -199,6 +202,11 @@ class HFRolloutEngine(RolloutEngine):
 
     def wake(self) -> None:
         """Nothing to reacquire (see `sleep`)."""
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        device = self._device()
+        on = device.type == "cuda" if self.bf16_autocast is None else self.bf16_autocast
+        return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def _device(self) -> torch.device:
         if self.device is not None:

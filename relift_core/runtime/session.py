@@ -83,7 +83,8 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngi
 
         return VLLMRolloutEngine.from_config(cfg, model, tokenizer)
     # The HF engine samples from the trainer's own model object: no weight sync needed.
-    return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device)
+    return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
+                           bf16_autocast=cfg.model.bf16_autocast)
 
 
 def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
@@ -103,7 +104,8 @@ def trainer_options(cfg: ExperimentConfig, device) -> dict:
     return {"algo": cfg.algorithm, "rl": cfg.rl, "sft": cfg.sft,
             "max_response_len": cfg.rollout.max_new_tokens, "device": str(device),
             "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
-            "gradient_checkpointing": cfg.model.gradient_checkpointing}
+            "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "bf16_autocast": cfg.model.bf16_autocast}
 
 
 def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):

@@ -143,12 +143,13 @@ class TorchTrainer:
         device: str | torch.device = "cpu",
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        bf16_autocast: bool | None = None,
         max_bad_steps: int = 3,
         max_abs_weight: float = 1e4,
         max_norm_growth: float = 100.0,
     ) -> None:
-        """`dtype` is the dtype the weights are held in; on CUDA the forward also runs under bf16
-        autocast. `gradient_checkpointing` recomputes activations in backward (model.gradient_checkpointing).
+        """`dtype` is the dtype the weights are held in; the forward runs under bf16 autocast on
+        CUDA, and on CPU too with `bf16_autocast=True` (False: never). `gradient_checkpointing` recomputes activations in backward (model.gradient_checkpointing).
         `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
         `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
         if algo.kl_coef > 0:
@@ -175,6 +176,7 @@ class TorchTrainer:
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=_DTYPES[dtype])
         self._on_cuda = self.device.type == "cuda"
+        self._bf16_autocast = self._on_cuda if bf16_autocast is None else bf16_autocast
         if gradient_checkpointing:
             # Activations dominate GPU memory at long responses; recompute them in backward.
             self.model.gradient_checkpointing_enable(
@@ -199,8 +201,8 @@ class TorchTrainer:
     # --------------------------------------------------------------------------------- scoring
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self._on_cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self._bf16_autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
