@@ -104,12 +104,16 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
                 state = train.with_options(flow_run_name=f"train-{run_name}")(
                     preset=preset, overrides=child_overrides, parent_mlflow_run_id=parent.run_id,
                     return_state=True)
-                results[run_name] = (state.result() if state.is_completed()
-                                     else {"state": state.type.value, "message": state.message})
+                # The same keys as a fanned-out child's (state, message, flow_run_id), plus
+                # the training's own result when it completed.
+                outcome = {"state": state.type.value, "message": state.message,
+                           "flow_run_id": str(state.state_details.flow_run_id or "")}
+                results[run_name] = ({**state.result(), **outcome, "message": None}
+                                     if state.is_completed() else outcome)
     except BaseException:
         close_run(parent, "FAILED")
         raise
-    failed = {k: r for k, r in results.items() if r.get("state") not in (None, "COMPLETED")}
+    failed = {k: r for k, r in results.items() if r["state"] != "COMPLETED"}
     _report(results)
     close_run(parent, "FAILED" if failed else "FINISHED")
     if failed:
@@ -172,7 +176,7 @@ def _report(results: dict[str, dict]) -> None:
     """The children's outcomes as a Prefect table artifact (the sweep's page in the UI)."""
     from prefect.artifacts import create_table_artifact
 
-    rows = [{"run": k, "state": r.get("state", "COMPLETED"),
+    rows = [{"run": k, "state": r["state"],
              "mlflow_run_id": r.get("mlflow_run_id", ""),
              "note": "finished earlier" if r.get("skipped") else (r.get("message") or "")}
             for k, r in results.items()]

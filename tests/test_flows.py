@@ -141,6 +141,10 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
                    grid={"algorithm.sft_buffer_threshold": [2, 4]}, overrides=overrides,
                    name="abl")
     assert len(result["runs"]) == 4
+    # Each point says how it ended, as a fanned-out sweep's points do (test_sweep_fanout).
+    for r in result["runs"].values():
+        assert r["state"] == "COMPLETED" and r["message"] is None and r["flow_run_id"]
+        assert r["mlflow_run_id"] and r["run_name"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     children = client.search_runs(
