@@ -149,7 +149,7 @@ PROGRESS_ARTIFACT_EVERY_S = 5.0
 
 def _show_progress(progress_id, done: int, total: int, last_shown: float) -> float:
     """Update the Prefect UI's progress artifact at most every few seconds, and at the end: each
-    update is an API round trip (~30 ms), a tenth of a small iteration if done every time."""
+    update is an API round trip (`scripts/bench_orchestration.py --parts` times one)."""
     now = time.monotonic()
     if done < total and now - last_shown < PROGRESS_ARTIFACT_EVERY_S:
         return last_shown

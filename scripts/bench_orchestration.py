@@ -7,7 +7,9 @@ server with MLflow's SQLite store. Iteration wall times in the flow come from th
 timestamps (so they include task-run bookkeeping and metric logging). Prints both and the
 orchestration share of an iteration.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_orchestration.py [--iterations 6]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_orchestration.py [--iterations 6] [--toy] [--parts]
+
+--parts also times each piece of the per-iteration bookkeeping on its own.
 """
 
 from __future__ import annotations
@@ -73,12 +75,57 @@ def toy_overrides() -> list[str]:
             "run.checkpoint_every=1", "run.device=cpu", "run.grader_workers=1"]
 
 
+def orchestration_parts(n: int = 50) -> None:
+    """What each piece of per-iteration bookkeeping costs, in a flow on the harness's server:
+    a task run (with and without its "Finished in state Completed()" line, which the train flow
+    drops inside its loop), a progress-artifact update, and one MLflow metric batch (45 metrics,
+    SQLite) as the tracker logs an iteration's metrics."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from prefect import flow, task
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.cache_policies import NO_CACHE
+
+    from tasks.train_tasks import ENGINE_RETRIES, quiet_completed_phases
+
+    @task(cache_policy=NO_CACHE, **ENGINE_RETRIES)
+    def phase(x):
+        return x
+
+    def per_call(fn) -> float:
+        fn(-1)  # warm-up
+        start = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        return 1000 * (time.perf_counter() - start) / n
+
+    @flow
+    def parts() -> dict[str, float]:
+        out = {"task run, completion logged": per_call(phase)}
+        with quiet_completed_phases():
+            out["task run, completion dropped"] = per_call(phase)
+        progress = create_progress_artifact(progress=0.0)
+        out["progress artifact update"] = per_call(lambda i: update_progress_artifact(progress, i))
+        return out
+
+    result = parts()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
+    run = client.create_run(client.create_experiment("bench")).info.run_id
+    names = [f"metric/{k}" for k in range(45)]
+    result["MLflow metric batch (45, SQLite)"] = per_call(lambda i: client.log_batch(
+        run, metrics=[Metric(k, 1.0, int(time.time() * 1000), i + 1) for k in names]))
+    for key, ms in result.items():
+        print(f"  {key:34s} {ms:6.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--toy", action="store_true",
                         help="the toy preset's own iteration (64 prompts x 8, its pretrained base "
                              "model, built once under runs/bench) instead of the pinned small run")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time each piece of per-iteration bookkeeping on its own")
     args = parser.parse_args()
     if args.iterations < 2:
         parser.error("--iterations must be at least 2 (the first one is warm-up and dropped)")
@@ -100,6 +147,9 @@ def main() -> None:
         data = prepare_data(plain_cfg.model_dump(mode="json"))
         plain, plain_phases = plain_loop(plain_cfg, data)
         result = train(preset="toy", overrides=overrides + ["run.name=flow"])
+        if args.parts:
+            print("per call:")
+            orchestration_parts()
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     stamps = [m.timestamp for m in sorted(client.get_metric_history(result["mlflow_run_id"], "accuracy"),
                                           key=lambda m: m.step)]

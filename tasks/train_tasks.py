@@ -43,7 +43,7 @@ checkpoint_task = task(name="checkpoint", cache_policy=NO_CACHE, retries=2,
 class PrefectPhases(Phases):
     """Each phase as its Prefect task run (arguments quoted, see the module docstring), except
     drawing the next questions: an in-memory read of the question stream that cannot fail or
-    be retried usefully, so a task run (~6-10 ms of bookkeeping) would only cost time."""
+    be retried usefully, so a task run's bookkeeping would only cost time."""
 
     def rollout(self, session, questions, iteration):
         return rollout_task(quote(session), quote(questions), iteration)
@@ -74,7 +74,8 @@ PREFECT_PHASES = PrefectPhases()
 def quiet_completed_phases() -> Iterator[None]:
     """Within the training loop, a phase's successful end is not logged at all (the CLI hides
     it from the console anyway, HideRoutineTaskStates): under a worker or a direct call each line
-    is printed through rich and sent to the API, ~2.3 ms, 40% of a task run's bookkeeping."""
+    would be printed and sent to the API, seven times an iteration
+    (`scripts/bench_orchestration.py --parts` times a task run with and without it)."""
     logger = logging.getLogger("prefect.task_runs")
     drop = HideRoutineTaskStates()
     logger.addFilter(drop)

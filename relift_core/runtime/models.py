@@ -51,6 +51,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def bf16_autocast(device: torch.device, enabled: bool | None) -> contextlib.AbstractContextManager:
+    """Forward passes under bf16 autocast (model.bf16_autocast): None means on CUDA only; the
+    trainer and the HF rollout engine both take it from here, so they always agree."""
+    on = device.type == "cuda" if enabled is None else enabled
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 def build_tiny_model(
     cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
 ) -> PreTrainedModel:

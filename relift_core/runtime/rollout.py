@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from relift_core.runtime.models import resolve_device
+from relift_core.runtime.models import bf16_autocast, resolve_device
 
 FinishReason = Literal["eos", "length"]
 ProgressCallback = Callable[[int, int], None]
@@ -172,7 +172,8 @@ class HFRolloutEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling; gradient checkpointing off, cache on
         try:
-            with _seeded(request.seed, self._device()), torch.no_grad(), self._autocast():
+            with (_seeded(request.seed, self._device()), torch.no_grad(),
+                  bf16_autocast(self._device(), self.bf16_autocast)):
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
                     batch = [prompt_ids[i] for i in chunk]
@@ -202,11 +203,6 @@ class HFRolloutEngine(RolloutEngine):
 
     def wake(self) -> None:
         """Nothing to reacquire (see `sleep`)."""
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        device = self._device()
-        on = device.type == "cuda" if self.bf16_autocast is None else self.bf16_autocast
-        return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def _device(self) -> torch.device:
         if self.device is not None:

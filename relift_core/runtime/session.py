@@ -92,7 +92,8 @@ def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, devic
         return DatasetDemonstrations()
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
     teacher, tokenizer = load_policy(teacher_cfg, device=str(device), seed=cfg.run.seed)
-    engine = HFRolloutEngine(teacher, tokenizer, batch_size=cfg.rollout.batch_size, device=device)
+    engine = HFRolloutEngine(teacher, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
+                             bf16_autocast=cfg.model.bf16_autocast)
     return TeacherDemonstrations(engine, tokenizer, grader, attempts=cfg.algorithm.teacher_attempts,
                                  temperature=cfg.eval.temperature,
                                  max_new_tokens=cfg.rollout.max_new_tokens,

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from relift_core.algorithm import objectives as algorithms
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
 from relift_core.runtime.batches import TokenBatch, shift_targets
+from relift_core.runtime.models import bf16_autocast
 
 UpdateKind = Literal["rl", "sft"]
 # A micro-batch -> (loss to backpropagate, stats to average).
@@ -149,7 +150,8 @@ class TorchTrainer:
         max_norm_growth: float = 100.0,
     ) -> None:
         """`dtype` is the dtype the weights are held in; the forward runs under bf16 autocast on
-        CUDA, and on CPU too with `bf16_autocast=True` (False: never). `gradient_checkpointing` recomputes activations in backward (model.gradient_checkpointing).
+        CUDA, and on CPU too with `bf16_autocast=True` (False: never). `gradient_checkpointing`
+        recomputes activations in backward (model.gradient_checkpointing).
         `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
         `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
         if algo.kl_coef > 0:
@@ -175,8 +177,7 @@ class TorchTrainer:
         self.max_response_len = max_response_len
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=_DTYPES[dtype])
-        self._on_cuda = self.device.type == "cuda"
-        self._bf16_autocast = self._on_cuda if bf16_autocast is None else bf16_autocast
+        self._bf16_autocast = bf16_autocast
         if gradient_checkpointing:
             # Activations dominate GPU memory at long responses; recompute them in backward.
             self.model.gradient_checkpointing_enable(
@@ -201,9 +202,7 @@ class TorchTrainer:
     # --------------------------------------------------------------------------------- scoring
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self._bf16_autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return bf16_autocast(self.device, self._bf16_autocast)
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits of the T - 1 predicting positions: [B, T - 1, V] (see batches.py on the shift)."""
