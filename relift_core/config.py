@@ -51,10 +51,13 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = TinyModelConfig()
     # A directory holding an already trained starting policy (e.g. the demo's base model).
     init_from: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The compute dtype: forwards/backwards under autocast in it, rollout engines and exported
+    # models get weights in it. Trainable weights and optimizer states are float32 either way
+    # (a bf16 weight cannot take the paper's 1e-6 step). float16 would need loss scaling.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     # Recompute activations in backward: GPU memory for compute (the 7B preset needs it).
     gradient_checkpointing: bool = False
-    # Forward passes (training and HF rollouts) under bf16 autocast, weights kept in `dtype`.
+    # With dtype float32: forward passes (training and HF rollouts) under bf16 autocast anyway.
     # None: on CUDA only. True: on CPU too, where a CPU with bf16 instructions (AVX512-BF16,
     # AMX) runs a 135M model's matmuls ~2x faster; this is what TRL/transformers' `bf16=True`
     # does. False: never.
@@ -266,10 +269,11 @@ class ClusterConfig(_Section):
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
     cpu_ranks_per_node: int = Field(1, gt=0)  # ranks per node when gpus_per_node is 0
-    # zero1: weights replicated, gradients all-reduced, optimizer states sharded over the ranks
-    # (runs on CPU with gloo; tested). deepspeed_zero3: weights, gradients and optimizer states
-    # sharded by DeepSpeed (GPU only, not yet run on a GPU).
-    trainer_strategy: Literal["zero1", "deepspeed_zero3"] = "zero1"
+    # fsdp2 (default, as verl): torch's fully_shard per decoder layer and the root; float32
+    # sharded masters, compute in model.dtype. deepspeed_zero3: DeepSpeed ZeRO-3 (needs the
+    # `deepspeed` package: the gpu or dev extra). Both shard weights, gradients and both
+    # optimizers' states over the ranks; both run on CPU ranks (gloo) in the tests.
+    trainer_strategy: Literal["fsdp2", "deepspeed_zero3"] = "fsdp2"
     gpu_memory_gib: float = Field(80.0, gt=0)  # per GPU, for `relift plan` and the fit check
 
     @property

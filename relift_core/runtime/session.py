@@ -30,7 +30,7 @@ from relift_core.runtime.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from relift_core.runtime.models import load_policy, resolve_device
+from relift_core.runtime.models import compute_autocast, load_policy, resolve_device
 from relift_core.runtime.rollout import HFRolloutEngine, RolloutEngine
 from relift_core.runtime.run_lock import RunLock
 from relift_core.runtime.trainer import TorchTrainer
@@ -62,7 +62,9 @@ class TrainSession:
         extra = {**self.state.extra_state(), "config": self.cfg.experiment_params()}
         return save_checkpoint(self.checkpoint_dir, model=self.model, tokenizer=self.tokenizer,
                                trainer_state=self.trainer.state_dict(), step=self.state.iteration,
-                               extra_state=extra)
+                               extra_state=extra,
+                               # Sharded engines' ranks write their own optimizer shards.
+                               write_shards=getattr(self.trainer, "save_sharded", None))
 
     def close(self) -> None:
         self.trainer.close()
@@ -84,7 +86,7 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngi
         return VLLMRolloutEngine.from_config(cfg, model, tokenizer)
     # The HF engine samples from the trainer's own model object: no weight sync needed.
     return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
-                           bf16_autocast=cfg.model.bf16_autocast)
+                           bf16_autocast=compute_autocast(cfg.model))
 
 
 def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
@@ -93,7 +95,7 @@ def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, devic
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
     teacher, tokenizer = load_policy(teacher_cfg, device=str(device), seed=cfg.run.seed)
     engine = HFRolloutEngine(teacher, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
-                             bf16_autocast=cfg.model.bf16_autocast)
+                             bf16_autocast=compute_autocast(cfg.model))
     return TeacherDemonstrations(engine, tokenizer, grader, attempts=cfg.algorithm.teacher_attempts,
                                  temperature=cfg.eval.temperature,
                                  max_new_tokens=cfg.rollout.max_new_tokens,
@@ -106,7 +108,7 @@ def trainer_options(cfg: ExperimentConfig, device) -> dict:
             "max_response_len": cfg.rollout.max_new_tokens, "device": str(device),
             "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "bf16_autocast": cfg.model.bf16_autocast}
+            "bf16_autocast": compute_autocast(cfg.model)}
 
 
 def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
@@ -115,7 +117,8 @@ def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
         from relift_core.runtime.ray_cluster import RayRanks, RayRolloutEngine, RayTrainer
 
         ranks = RayRanks(cfg, model)
-        return RayTrainer(ranks, model), RayRolloutEngine(ranks, tokenizer)
+        return (RayTrainer(ranks, model, cfg.cluster.trainer_strategy),
+                RayRolloutEngine(ranks, tokenizer))
     trainer = TorchTrainer(model, **trainer_options(cfg, device))
     return trainer, build_engine(cfg, model, tokenizer, device)
 

@@ -43,13 +43,13 @@ from torch import Tensor, nn
 from relift_core.algorithm import objectives as algorithms
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
 from relift_core.runtime.batches import TokenBatch, shift_targets
-from relift_core.runtime.models import bf16_autocast
+from relift_core.runtime.models import MASTER_DTYPE, bf16_autocast
 
 UpdateKind = Literal["rl", "sft"]
 # A micro-batch -> (loss to backpropagate, stats to average).
 MicroLoss = Callable[[TokenBatch], tuple[Tensor, dict[str, float]]]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COMPUTE_DTYPES = ("float32", "bfloat16")
 STATE_VERSION = 1
 # Per-step counters; summed (not averaged) over a batch's optimizer steps.
 _SKIP_KEYS = ("skipped_steps", "skipped_nonfinite", "skipped_explosive")
@@ -130,6 +130,25 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
+                   autocast: contextlib.AbstractContextManager) -> Tensor:
+    """Logits [N, V] where `where` is set, through the root module's own forward: a sharding
+    engine (FSDP2, ZeRO-3) gathers the embeddings, final norm and head in its hooks there, so
+    the decoder and head cannot be called apart. Only the columns from the first target on
+    reach the head (`logits_to_keep`)."""
+    first = int(where.any(0).nonzero()[0]) if bool(where.any()) else where.shape[1] - 1
+    keep = where.shape[1] - first
+    with autocast:
+        logits = root(
+            input_ids=micro.input_ids,
+            attention_mask=micro.attention_mask,
+            position_ids=position_ids_from_mask(micro.attention_mask),
+            use_cache=False,
+            logits_to_keep=keep + 1,  # + the last column, which predicts nothing
+        ).logits
+    return logits[:, :-1][where[:, first:]]
+
+
 class TorchTrainer:
     """`rl_step` and `sft_step` on a causal LM; see the module docstring for the update loop."""
 
@@ -149,8 +168,10 @@ class TorchTrainer:
         max_abs_weight: float = 1e4,
         max_norm_growth: float = 100.0,
     ) -> None:
-        """`dtype` is the dtype the weights are held in; the forward runs under bf16 autocast on
-        CUDA, and on CPU too with `bf16_autocast=True` (False: never). `gradient_checkpointing`
+        """`dtype` is the compute dtype (model.dtype): the weights and both optimizers' states
+        are float32 masters whatever it is, and forwards and backwards run under bf16 autocast
+        when it is bfloat16 (and otherwise as `bf16_autocast` says: None on CUDA only, True on
+        CPU too, False never). `gradient_checkpointing`
         recomputes activations in backward (model.gradient_checkpointing).
         `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
         `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
@@ -160,8 +181,9 @@ class TorchTrainer:
                 f"algorithm.kl_coef={algo.kl_coef}: a KL penalty needs a reference model, which "
                 "this trainer does not hold; set algorithm.kl_coef=0 (the paper's setting)"
             )
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_COMPUTE_DTYPES)}, got {dtype!r} "
+                             "(float16 would need loss scaling, which this trainer does not do)")
         if max_response_len <= 0:
             raise ValueError(f"max_response_len must be positive, got {max_response_len}")
         if max_bad_steps < 1:
@@ -176,8 +198,10 @@ class TorchTrainer:
         self.algo, self.rl, self.sft = algo, rl, sft
         self.max_response_len = max_response_len
         self.device = torch.device(device)
-        self.model = model.to(device=self.device, dtype=_DTYPES[dtype])
-        self._bf16_autocast = bf16_autocast
+        self.compute_dtype = dtype
+        # float32 masters (models.MASTER_DTYPE): a bf16 weight cannot take a 1e-6 step.
+        self.model = model.to(device=self.device, dtype=MASTER_DTYPE)
+        self._bf16_autocast = True if dtype == "bfloat16" else bf16_autocast
         if gradient_checkpointing:
             # Activations dominate GPU memory at long responses; recompute them in backward.
             self.model.gradient_checkpointing_enable(
@@ -425,9 +449,13 @@ class TorchTrainer:
         mine = self._local_micro_batches(len(micros))
         loss_finite = True
         for position, index in enumerate(mine):
-            micro = micros[index].trimmed().to(self.device)
+            # None: a rank short of real micro-batches runs a zero-weight copy of the first, so
+            # every rank runs as many forwards and backwards (collectives) as the others.
+            micro = micros[0 if index is None else index].trimmed().to(self.device)
             # This micro-batch's share of the mini-batch loss (see the module docstring).
-            if loss_agg == "token_mean":
+            if index is None:
+                weight = 0.0
+            elif loss_agg == "token_mean":
                 weight = micro.num_target_tokens / total_targets
             else:
                 weight = len(micro) / len(minibatch)
@@ -479,16 +507,21 @@ class TorchTrainer:
             "the data"
         )
 
-    # Hooks a distributed engine overrides (deepspeed_trainer.py, sharded_trainer.py).
+    # Hooks a distributed engine overrides (fsdp_trainer.py, deepspeed_trainer.py).
 
-    def _local_micro_batches(self, count: int) -> list[int]:
-        """Which of a mini-batch's `count` micro-batches this process computes: all of them."""
+    def _local_micro_batches(self, count: int) -> list[int | None]:
+        """Which of a mini-batch's `count` micro-batches this process computes: all of them
+        (None would be a zero-weight padding micro-batch; see distributed.rank_micro_batches)."""
         return list(range(count))
 
     def _across_ranks(self, loss_finite: bool,
                       means: _WeightedMeans) -> tuple[bool, _WeightedMeans]:
         """Every rank's verdict and stats combined (one process: its own)."""
         return loss_finite, means
+
+    def _weight_stats(self, params: list[nn.Parameter]) -> tuple[float, float]:
+        """(max |w|, ||w||) over the whole model (a sharding engine combines its ranks')."""
+        return _weight_stats(params)
 
     def _after_optimizer_step(self) -> None:
         """Runs right after optimizer.step(), before the weights are checked."""
@@ -516,13 +549,13 @@ class TorchTrainer:
         if not math.isfinite(norm):
             self._step_outcome = "nonfinite"
         else:
-            before = _weight_stats(params)
+            before = self._weight_stats(params)
             snapshot = None
             if self._step_may_explode(optimizer, before, params):
                 snapshot = self._take_snapshot(optimizer, params)
             optimizer.step()
             self._after_optimizer_step()
-            problem = self._weight_problem(before, _weight_stats(params))
+            problem = self._weight_problem(before, self._weight_stats(params))
             if problem is not None:
                 if snapshot is None:
                     # _step_may_explode's bound is wrong for this optimizer: nothing to go back to.
