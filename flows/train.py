@@ -34,6 +34,7 @@ from relift_core.config import ConfigError, ExperimentConfig, load_config
 from relift_core.iteration import run_iteration
 from relift_core.runtime.checkpoint import latest_checkpoint
 from relift_core.runtime.memory_plan import check_fits
+from relift_core.runtime.models import export_dtype
 from relift_core.runtime.session import build_session
 from tasks import progress as terminal
 from tasks.eval_tasks import evaluate_policy
@@ -164,7 +165,10 @@ def log_final_policy(tracker: MlflowTracker, session) -> None:
     if final is not None:
         tracker.set_tags({"relift.final_checkpoint": str(final.resolve())})
     if session.cfg.tracking.log_checkpoints:
-        uri = tracker.log_policy(session.model, session.tokenizer, session.state.iteration)
+        # The exported model is in the compute dtype (the float32 masters stay in the
+        # checkpoint); this is the session's last use of its weights.
+        model = session.model.to(export_dtype(session.cfg.model))
+        uri = tracker.log_policy(model, session.tokenizer, session.state.iteration)
         tracker.set_tags({"relift.policy_model_uri": uri})
 
 

@@ -139,13 +139,14 @@ def policy_levels(cfg: ExperimentConfig, questions: list[Example],
                   init_from: str | None = None) -> dict[str, Level]:
     """uid -> level of each question under a saved policy (`init_from`, default the config's
     model), loaded fresh on cfg.run.device: the demo's and the difficulty-dynamics' measure."""
-    from relift_core.runtime.models import load_policy, resolve_device
+    from relift_core.runtime.models import export_dtype, load_policy, resolve_device
     from relift_core.runtime.session import build_engine, seed_everything
 
     model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
-    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed)
+    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed,
+                                   dtype=export_dtype(cfg.model))
     engine = build_engine(cfg, model, tokenizer, device)
     with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
         return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)

@@ -281,3 +281,32 @@ def test_two_rank_relift_run_resumes_after_a_kill_to_the_same_state(local_ray, t
     assert resumed == whole
     assert whole["sft_steps"] > 0 and whole["demos_used"] > 0  # ReLIFT fine-tuned on the ranks
     assert Path(tmp_path / "killed" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_per_rank_bytes_match_the_memory_plan(local_ray, tiny_overrides, strategy):
+    """Parameters, gradients and optimizer states each rank really holds (both optimizers
+    stepped once) equal memory_plan's formulas for that model within 10%."""
+    from relift_core.runtime.memory_plan import plan_memory
+    from relift_core.runtime.ray_cluster import RayRanks, RayTrainer
+
+    cfg = load_config("toy", [*tiny_overrides, *TWO_RANKS, f"cluster.trainer_strategy={strategy}",
+                              "model.dtype=bfloat16", "model.tiny.hidden_size=64",
+                              "model.tiny.num_layers=2", "rl.micro_batch_size=16"])
+    model, tokenizer = load_policy(cfg.model, device="cpu", seed=0)
+    rl, sft = _batches(tokenizer, cfg)
+    ranks = RayRanks(cfg, model)
+    try:
+        trainer = RayTrainer(ranks, model, strategy)
+        trainer.sft_step(sft)
+        trainer.rl_step(rl)
+        measured = ranks.call("memory_bytes")
+    finally:
+        ranks.close()
+    plan = plan_memory(cfg)
+    assert plan.gpus == 2
+    for rank in measured:
+        for key in ("weights", "gradients", "optimizer"):
+            expected = getattr(plan, key)
+            assert rank[key] == pytest.approx(expected, rel=0.10), (key, rank, expected)

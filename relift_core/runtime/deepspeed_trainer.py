@@ -151,6 +151,11 @@ class DeepSpeedTrainer(TorchTrainer):
 
     # ------------------------------------------------------------------------ engine set-up
 
+    def _place(self, model: nn.Module) -> nn.Module:
+        # On the CPU: deepspeed.initialize casts the module to the compute dtype and moves it
+        # to the device itself, so the full float32 model never sits on the GPU.
+        return model.to(device="cpu", dtype=torch.float32)
+
     def _build_optimizers(self) -> None:
         # deepspeed.initialize asserts LOCAL_RANK even when torch.distributed is already up
         # (engine.py, _configure_distributed_model): a Ray actor has no launcher to set it.
@@ -259,6 +264,28 @@ class DeepSpeedTrainer(TorchTrainer):
             for name, param in self._named_parameters():
                 with self._deepspeed.zero.GatheredParameters([param]):
                     targets[name].copy_(param.data.view(targets[name].shape))
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's bytes of compute parameters (partitions), gradient partitions and
+        optimizer states (float32 master partitions + both kinds' moments): what
+        memory_plan.py predicts."""
+        opt = self.engine.optimizer
+
+        def size(tensors) -> int:
+            seen = {}
+            for t in tensors:
+                if torch.is_tensor(t) and t.dim() > 0:
+                    seen[t.data_ptr()] = t.numel() * t.element_size()
+            return sum(seen.values())
+
+        compute = list(opt.fp16_partitioned_groups_flat)
+        compute_ptrs = {t.data_ptr() for t in compute}
+        masters = [t for t in opt.fp32_partitioned_groups_flat if t.data_ptr() not in compute_ptrs]
+        moments = [v for kind in self._moments.values() for state in kind.values()
+                   for v in state.values()]
+        gradients = [opt.grad_partitions_flat_buffer] if opt.grad_partitions_flat_buffer is not None else []
+        return {"weights": size(compute), "gradients": size(gradients),
+                "optimizer": size(masters) + size(moments)}
 
     # ------------------------------------------------------------------------- checkpointing
 

@@ -26,7 +26,6 @@ by every rank into the checkpoint directory (DCP), which reshards on load.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -110,7 +109,18 @@ class FSDPTrainer(TorchTrainer):
         for p in self.trainable_parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        self.measured_gradient_bytes = sum(_local_bytes(p.grad) for p in self.trainable_parameters())
         return super()._clip_and_step(kind, grad_clip)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameters (float32 shards), gradients (float32 shards, as of
+        the last step) and both optimizers' states: what memory_plan.py predicts."""
+        optimizer = sum(_local_bytes(v) for opt in self.optimizers.values()
+                        for state in opt.state.values() for v in state.values()
+                        if torch.is_tensor(v) and v.dim() > 0)
+        return {"weights": sum(_local_bytes(p) for p in self.model.parameters()),
+                "gradients": getattr(self, "measured_gradient_bytes", 0),
+                "optimizer": optimizer}
 
     # ------------------------------------------------------------------------- weights in and out
 
@@ -179,7 +189,6 @@ class FSDPTrainer(TorchTrainer):
     STATE_VERSION_SHARDED = 1
 
 
-def unsharded_copy(model: nn.Module, dtype: str) -> nn.Module:
-    """A full copy of `model` in `dtype`, made before `model` is sharded."""
-    return copy.deepcopy(model).to(_DTYPES[dtype])
-
+def _local_bytes(tensor: Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()

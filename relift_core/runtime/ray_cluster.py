@@ -143,6 +143,9 @@ class TrainerRank:
     def state_dict(self) -> dict:
         return self.trainer.state_dict()
 
+    def memory_bytes(self) -> dict[str, int]:
+        return self.trainer.memory_bytes()
+
     def save_sharded(self, directory: str) -> None:
         self.trainer.save_sharded(Path(directory))
 

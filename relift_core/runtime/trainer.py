@@ -199,8 +199,7 @@ class TorchTrainer:
         self.max_response_len = max_response_len
         self.device = torch.device(device)
         self.compute_dtype = dtype
-        # float32 masters (models.MASTER_DTYPE): a bf16 weight cannot take a 1e-6 step.
-        self.model = model.to(device=self.device, dtype=MASTER_DTYPE)
+        self.model = self._place(model)
         self._bf16_autocast = True if dtype == "bfloat16" else bf16_autocast
         if gradient_checkpointing:
             # Activations dominate GPU memory at long responses; recompute them in backward.
@@ -212,6 +211,10 @@ class TorchTrainer:
         self._build_optimizers()
 
     # ----------------------------------------------------------------------------- set-up hooks
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        # float32 masters (models.MASTER_DTYPE): a bf16 weight cannot take a 1e-6 step.
+        return model.to(device=self.device, dtype=MASTER_DTYPE)
 
     def _build_optimizers(self) -> None:
         params = self.trainable_parameters()
