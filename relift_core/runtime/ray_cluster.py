@@ -109,7 +109,8 @@ class TrainerRank:
         copy_device = "cpu" if cfg.rollout.engine == "vllm" else self.device
         self.generation_model = copy.deepcopy(model).to(copy_device, export_dtype(cfg.model))
         self.trainer = build_rank_trainer(cfg, model, trainer_options(cfg, self.device))
-        self.engine = build_engine(cfg, self.generation_model, self.tokenizer, self.device)
+        self.engine = build_engine(cfg, self.generation_model, self.tokenizer, self.device,
+                                   vllm_model_dir=cfg.run_dir() / f"vllm_model_rank{self.rank}")
 
     def _weights_changed(self) -> None:
         self.trainer.refresh_generation_copy(self.generation_model)

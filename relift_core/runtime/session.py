@@ -79,11 +79,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngine:
+def build_engine(cfg: ExperimentConfig, model, tokenizer, device,
+                 vllm_model_dir: Path | None = None) -> RolloutEngine:
+    """`vllm_model_dir`: where vLLM's starting weights are saved (one directory per process
+    that builds an engine: each Ray rank has its own)."""
     if cfg.rollout.engine == "vllm":
         from relift_core.runtime.vllm_engine import VLLMRolloutEngine
 
-        return VLLMRolloutEngine.from_config(cfg, model, tokenizer)
+        return VLLMRolloutEngine.from_config(cfg, model, tokenizer, model_dir=vllm_model_dir)
     # The HF engine samples from the trainer's own model object: no weight sync needed.
     return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
                            bf16_autocast=compute_autocast(cfg.model))
