@@ -203,8 +203,10 @@ class VLLMRolloutEngine(RolloutEngine):
 
 
 def engine_context(cfg: ExperimentConfig) -> int:
-    """vLLM's `max_model_len`: the longest prompt plus the longest response it is asked for
-    (rollouts and evaluations share the engine)."""
+    """vLLM's `max_model_len`: `rollout.max_model_len`, by default the longest prompt plus the
+    longest response it is asked for (rollouts and evaluations share the engine)."""
+    if cfg.rollout.max_model_len is not None:
+        return cfg.rollout.max_model_len
     return cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
 
 
