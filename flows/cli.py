@@ -109,7 +109,8 @@ def presets() -> None:
 def config(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     """Print the resolved config of a preset with overrides (validates it)."""
     cfg = validated_config(preset, overrides)
-    console.print(cfg.to_yaml())
+    # Verbatim: no wrapping, markup or highlighting, so the output is the YAML itself.
+    console.print(cfg.to_yaml(), soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

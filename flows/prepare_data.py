@@ -79,10 +79,16 @@ def tokenizer_identity(model: ModelConfig | None) -> dict[str, Any] | None:
     """What prompt token counts depend on: which tokenizer the policy uses."""
     if model is None:
         return None
+    # The prompt format changes the rendered prompt's length (only named when set, so the
+    # keys of data prepared before it existed still match).
+    prompt_format = {k: v for k, v in (("chat_template", model.chat_template),
+                                       ("system_prompt", model.system_prompt),
+                                       ("prefill", model.prefill or None)) if v is not None}
     if model.source == "tiny":
-        return {"source": "tiny"}  # always the character tokenizer, whatever init_from holds
+        # always the character tokenizer, whatever init_from holds
+        return {"source": "tiny", **prompt_format}
     return {"source": model.source, "name_or_path": model.name_or_path,
-            "gguf_path": model.gguf_path, "init_from": model.init_from}
+            "gguf_path": model.gguf_path, "init_from": model.init_from, **prompt_format}
 
 
 def data_key(data: DataConfig, seed: int, model: ModelConfig | None = None) -> str:
@@ -93,6 +99,14 @@ def data_key(data: DataConfig, seed: int, model: ModelConfig | None = None) -> s
 
 def load_tokenizer(model: ModelConfig) -> Any:
     """The policy's tokenizer without its weights (the one `relift_core.runtime.models.load_policy` uses)."""
+    from relift_core.runtime.models import apply_prompt_format
+
+    tokenizer = _load_raw_tokenizer(model)
+    apply_prompt_format(tokenizer, model)
+    return tokenizer
+
+
+def _load_raw_tokenizer(model: ModelConfig) -> Any:
     if model.source == "tiny":
         from relift_core.runtime.char_tokenizer import build_char_tokenizer
 

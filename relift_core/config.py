@@ -63,6 +63,14 @@ class ModelConfig(_Section):
     # does. False: never.
     bf16_autocast: bool | None = None
     cache_dir: str | None = None  # where converted GGUF models are cached (default ~/.cache/relift)
+    # How a question becomes the text the policy continues, in training and evaluation alike
+    # (relift_core.runtime.models.apply_prompt_format): the chat template (None: the
+    # tokenizer's own; "chatml"; or a Jinja template), the system message a prompt without one
+    # gets, and the text the assistant's turn opens with (the reference's "<think>\n"; a
+    # demonstration that repeats it loses it, as in the reference's dataset).
+    chat_template: str | None = None
+    system_prompt: str | None = None
+    prefill: str = ""
 
 
 class WorldConfig(_Section):
@@ -135,6 +143,9 @@ class RolloutConfig(_Section):
     batch_size: int = Field(64, gt=0)  # prompts per generate call
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     tensor_parallel_size: int = Field(1, gt=0)
+    # vLLM's context (`max_model_len`): None is the longest prompt plus the longest response
+    # (rollout or evaluation); vLLM's own default, the checkpoint's context, can be shorter.
+    max_model_len: int | None = Field(None, gt=0)
 
 
 class AlgorithmConfig(_Section):
@@ -301,6 +312,16 @@ class ExperimentConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _context_holds_prompt_and_response(self) -> ExperimentConfig:
+        needed = self.data.max_prompt_tokens + max(self.rollout.max_new_tokens,
+                                                   self.eval.max_new_tokens)
+        if self.rollout.max_model_len is not None and self.rollout.max_model_len < needed:
+            raise ValueError(
+                f"rollout.max_model_len={self.rollout.max_model_len} cannot hold "
+                f"data.max_prompt_tokens + the longest response ({needed} tokens)")
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.run.workdir) / self.run.name

@@ -197,9 +197,11 @@ def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, norm_adv_by_std: bool
     return trainer.rl_step(rl_batch(samples, advantages, pad_id))
 
 
-def sft_update(trainer, tokenizer, entries: list[DemoEntry], *, max_target_tokens: int) -> dict[str, float]:
+def sft_update(trainer, tokenizer, entries: list[DemoEntry], *, max_target_tokens: int,
+               prefill: str = "") -> dict[str, float]:
     prompts = [render_prompt(tokenizer, e.prompt) for e in entries]
-    batch = sft_batch(tokenizer, prompts, [e.demonstration for e in entries], max_target_tokens)
+    batch = sft_batch(tokenizer, prompts, [e.demonstration for e in entries], max_target_tokens,
+                      prefill=prefill)
     return trainer.sft_step(batch)
 
 
@@ -281,7 +283,8 @@ class Phases:
         entries = state.buffer.peek(k)
         with engine_asleep(session.engine):
             stats = sft_update(session.trainer, session.tokenizer, entries,
-                               max_target_tokens=session.cfg.sft.max_target_tokens)
+                               max_target_tokens=session.cfg.sft.max_target_tokens,
+                               prefill=session.cfg.model.prefill)
         state.buffer.take(k)
         state.demos_used += k
         state.sft_log.extend(

@@ -160,14 +160,20 @@ def sft_batch(
     prompts: Sequence[str],
     demonstrations: Sequence[str],
     max_target_tokens: int,
+    prefill: str = "",
 ) -> TokenBatch:
     """Rows of chat-rendered prompt + demonstration + EOS; the NLL is taken on the latter only.
 
     Prompts are already rendered by the chat template (special tokens included as text), so
     neither side gets the tokenizer's own special tokens. The target is `demo + [eos]` cut to
     `max_target_tokens`: a truncated demonstration loses its EOS rather than teaching the model
-    to stop mid-solution.
+    to stop mid-solution. A demonstration that opens with the `prefill` the prompt already ends
+    with (an R1 solution's "<think>\n") loses it, as the reference's dataset does: the model
+    never learns to write the prefill twice, and the prefill is prompt, never target.
     """
+    if prefill:
+        demonstrations = [d[len(prefill):] if p.endswith(prefill) and d.startswith(prefill)
+                          else d for p, d in zip(prompts, demonstrations, strict=True)]
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; SFT targets end with EOS")
     pad_id = (

@@ -210,6 +210,7 @@ def load_policy(
     else:  # unreachable through a validated config
         raise ValueError(f"unknown model.source {cfg.source!r}")
 
+    apply_prompt_format(tokenizer, cfg)
     tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -219,6 +220,45 @@ def load_policy(
     torch_device = resolve_device(device)
     model.to(torch_device)
     return model, tokenizer
+
+
+def apply_prompt_format(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> None:
+    """Give the tokenizer the config's prompt format: `model.chat_template`, a default
+    `model.system_prompt` and the `model.prefill` that opens the assistant's turn.
+
+    All of it goes into the tokenizer's chat template, so every rendering (rollouts, SFT,
+    evaluation, the prompt-length filter) and every saved checkpoint carries the same format,
+    as the reference's checkpoints carry theirs. Applying it twice changes nothing."""
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = (CHATML_TEMPLATE if cfg.chat_template == "chatml"
+                                   else cfg.chat_template)
+    template = tokenizer.chat_template
+    if cfg.system_prompt is not None:
+        if not template:
+            raise ValueError("model.system_prompt needs a chat template (model.chat_template)")
+        default_system = (
+            "{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = "
+            f"[{{'role': 'system', 'content': {_jinja_literal(cfg.system_prompt)}}}] + messages"
+            " %}{%- endif %}")
+        if not template.startswith(default_system):
+            template = default_system + template
+    if cfg.prefill:
+        if not template:
+            raise ValueError("model.prefill needs a chat template (model.chat_template)")
+        probe = [{"role": "user", "content": "1+1"}]
+        rendered = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        if not rendered.endswith(cfg.prefill):
+            template += ("{%- if add_generation_prompt %}{{ "
+                         f"{_jinja_literal(cfg.prefill)} }}}}{{%- endif %}}")
+    tokenizer.chat_template = template
+
+
+def _jinja_literal(text: str) -> str:
+    """`text` as a Jinja string literal (JSON's escapes are Jinja's)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
 
 
 def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:

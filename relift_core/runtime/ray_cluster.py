@@ -316,8 +316,10 @@ class RayRolloutEngine(RolloutEngine):
             lo, hi = bounds[r], bounds[r + 1]
             if lo == hi:
                 continue
+            # Offset by the shard's first prompt: prompt i is seeded as one engine seeds it
+            # (seed + i * n, its samples + j), so no two ranks' samples share a stream.
             shard = replace(request, prompt_ids=request.prompt_ids[lo:hi], progress=None,
-                            seed=None if request.seed is None else request.seed + r)
+                            seed=None if request.seed is None else request.seed + lo * request.n)
             refs.append((lo, actor.sample.remote(shard)))
         out: list[list[Sample]] = []
         for lo, ref in refs:

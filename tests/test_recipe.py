@@ -1,0 +1,85 @@
+"""The GPU presets follow the ReLIFT reference (docs/recipe.md), and its prompt format works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relift_core.config import ConfigError, ModelConfig, load_config
+from relift_core.runtime.batches import sft_batch
+from relift_core.runtime.char_tokenizer import build_char_tokenizer
+from relift_core.runtime.models import apply_prompt_format
+from relift_core.runtime.vllm_engine import engine_context
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_SYSTEM_PROMPT_START = "Your task is to follow a systematic, thorough reasoning process"
+
+
+@pytest.mark.parametrize("size", ["7B", "1.5B"])
+def test_gpu_presets_start_where_the_reference_starts(size):
+    cfg = load_config(f"qwen2.5-math-{size.lower()}")
+    assert cfg.model.name_or_path == f"RoadQAQ/Qwen2.5-Math-{size}-16k-think"
+    assert cfg.model.chat_template == "chatml" and cfg.model.prefill == "<think>\n"
+    assert cfg.model.system_prompt.startswith(REFERENCE_SYSTEM_PROMPT_START)
+    assert engine_context(cfg) == cfg.rollout.max_model_len == 1024 + 8192
+    # train.sh: grad_clip=0.7 for RL, sft_grad_clip 1.0 (relift_trainer.yaml), AdamW weight
+    # decay 0.01 (fsdp_worker.py), total_epochs=3.
+    assert cfg.rl.grad_clip == 0.7 and cfg.sft.grad_clip == 1.0 and cfg.rl.weight_decay == 0.01
+    assert cfg.run.iterations == 1071
+
+
+def test_rl_baseline_preset_is_train_rl_sh():
+    relift, rl = load_config("qwen2.5-math-7b"), load_config("qwen2.5-math-7b-rl")
+    assert rl.algorithm.name == "rl" and rl.algorithm.clip_ratio == 0.2 and rl.rl.grad_clip == 1.0
+    same = {k: v for k, v in rl.flat_params().items()
+            if k not in ("algorithm.name", "algorithm.clip_ratio", "rl.grad_clip", "run.name")}
+    assert same == {k: v for k, v in relift.flat_params().items() if k in same}
+
+
+def test_relift_config_shows_checkpoint_template_prefill_and_context():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "config", "-p", "qwen2.5-math-7b"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    shown = yaml.safe_load(out)  # the printed config is YAML as it stands, unwrapped
+    assert shown["model"]["name_or_path"] == "RoadQAQ/Qwen2.5-Math-7B-16k-think"
+    assert shown["model"]["chat_template"] == "chatml" and shown["model"]["prefill"] == "<think>\n"
+    assert shown["model"]["system_prompt"].startswith(REFERENCE_SYSTEM_PROMPT_START)
+    assert shown["rollout"]["max_model_len"] >= 9216
+
+
+def test_a_context_too_short_for_prompt_and_response_is_refused():
+    with pytest.raises(ConfigError, match=r"rollout.max_model_len=4096 .* \(9216 tokens\)"):
+        load_config("qwen2.5-math-7b", ["rollout.max_model_len=4096"])
+
+
+def test_prompt_format_renders_system_prompt_and_prefill_once():
+    tok = build_char_tokenizer()
+    cfg = ModelConfig(chat_template="chatml", system_prompt="Think first.", prefill="<think>\n")
+    apply_prompt_format(tok, cfg)
+    apply_prompt_format(tok, cfg)  # a reloaded checkpoint's tokenizer already carries it
+    render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False,
+                                                  add_generation_prompt=True)
+    assert render([{"role": "user", "content": "1+1"}]) == (
+        "<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\n1+1<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n")
+    # The data's own system message wins, as in the reference's training prompts.
+    assert render([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n")
+
+
+def test_sft_targets_mask_the_prompt_and_do_not_repeat_the_prefill():
+    tok = build_char_tokenizer()
+    apply_prompt_format(tok, ModelConfig(chat_template="chatml", prefill="<think>\n"))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "1+1"}], tokenize=False,
+                                     add_generation_prompt=True)
+    demo = "<think>\n1+1=2</think>2"
+    batch = sft_batch(tok, [prompt], [demo], 64, prefill="<think>\n")
+    ids = batch.input_ids[0].tolist()
+    targets = [ids[j + 1] for j, on in enumerate(batch.loss_mask[0].tolist()) if on]
+    assert tok.decode(targets) == "1+1=2</think>2" + tok.eos_token  # the prefill is prompt only
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids and batch.loss_mask[0, : len(prompt_ids) - 1].sum() == 0
