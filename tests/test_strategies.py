@@ -1,50 +1,94 @@
-"""The three decisions that make RL, SFT and ReLIFT different (relift_core.algorithm.strategies), and the
-loop's use of them (relift_core.iteration.run_iteration) on a real tiny session."""
+"""The methods as rows of one table (relift_core.algorithm.strategies), and the loop's use of
+them (relift_core.iteration.run_iteration) on a real tiny session."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import typing
+
 import pytest
 
+from relift_core.algorithm import strategies
 from relift_core.algorithm.difficulty import Level
-from relift_core.algorithm.strategies import strategy_for
+from relift_core.algorithm.strategies import METHODS, Strategy, strategy_from_config
+from relift_core.config import AlgorithmConfig
+
+
+def strategy(name: str, **settings) -> Strategy:
+    return strategy_from_config(AlgorithmConfig(name=name, **settings))
 
 
 def test_relift_collects_only_hardest_and_runs_rl():
-    s = strategy_for("relift", sft_threshold=4)
-    assert s.runs_rl(0)
+    s = strategy("relift", sft_buffer_threshold=4)
+    assert s.runs_rl(0) and not s.mixes_demonstrations(0)
     assert [s.collects(0, lv) for lv in Level] == [lv is Level.HARDEST for lv in Level]
 
 
 def test_relift_fine_tunes_once_per_iteration_on_threshold_entries():
-    s = strategy_for("relift", sft_threshold=4)
+    s = strategy("relift", sft_buffer_threshold=4)
     assert s.sft_batch_size(0, 3) == 0  # not enough yet
     assert s.sft_batch_size(0, 4) == 4 and s.sft_batch_size(0, 11) == 4
     assert s.max_sft_steps(0) == 1  # the paper: at most one step per iteration
-    drain = strategy_for("relift", sft_threshold=4, relift_steps_per_iteration=None)
-    assert drain.max_sft_steps(0) > 2  # the ablation drains in steps of the threshold
+    drain = strategy("relift", sft_buffer_threshold=4, sft_steps_per_iteration="drain")
+    assert drain.max_sft_steps(0) is None  # the ablation: bounded only by the buffer
+    assert drain.sft_batch_size(0, 11) == 4
 
 
-def test_rl_never_collects_or_fine_tunes():
-    s = strategy_for("rl", sft_threshold=4)
-    assert s.runs_rl(0) and not any(s.collects(0, lv) for lv in Level)
-    assert s.sft_batch_size(0, 100) == 0 and s.max_sft_steps(0) == 0
+def test_rl_and_dapo_never_collect_or_fine_tune():
+    for name in ("rl", "dapo"):
+        s = strategy(name, sft_buffer_threshold=4)
+        assert s.runs_rl(0) and not any(s.collects(0, lv) for lv in Level)
+        assert s.sft_batch_size(0, 100) == 0 and s.max_sft_steps(0) == 0
+
+
+def test_luffy_mixes_demonstrations_into_rl_groups_and_buffers_nothing():
+    s = strategy("luffy")
+    assert s.runs_rl(0) and s.mixes_demonstrations(0)
+    assert not any(s.collects(0, lv) for lv in Level) and s.max_sft_steps(0) == 0
 
 
 def test_sft_collects_everything_and_consumes_it_in_one_step():
-    s = strategy_for("sft", sft_threshold=128)
-    assert not s.runs_rl(0) and all(s.collects(0, lv) for lv in Level)
+    s = strategy("sft", sft_buffer_threshold=128)
+    assert not s.runs_rl(0) and not s.runs_rl(10**6) and all(s.collects(0, lv) for lv in Level)
     assert s.sft_batch_size(0, 7) == 7 and s.max_sft_steps(0) == 1
 
 
-def test_sft_then_rl_switches():
-    s = strategy_for("sft_then_rl", sft_threshold=4, sft_then_rl_switch=2)
+def test_sft_then_rl_switches_at_the_configured_iteration():
+    s = strategy("sft_then_rl", sft_buffer_threshold=4, sft_then_rl_switch=2)
     assert [s.runs_rl(i) for i in range(4)] == [False, False, True, True]
     assert s.collects(1, Level.EASY) and not s.collects(2, Level.HARDEST)
+    # One default, the config's: one SFT iteration.
+    assert [strategy("sft_then_rl").runs_rl(i) for i in range(2)] == [False, True]
 
 
-def test_unknown_algorithm_is_refused():
-    with pytest.raises(ValueError, match="unknown algorithm"):
-        strategy_for("ppo", sft_threshold=4)
+def test_the_table_and_the_config_know_the_same_methods():
+    names = typing.get_args(AlgorithmConfig.model_fields["name"].annotation)
+    assert set(names) == set(METHODS)
+    for name, method in METHODS.items():
+        for key in method.settings:
+            assert key in AlgorithmConfig.model_fields, (name, key)
+
+
+def test_strategy_never_branches_on_a_method_name():
+    """Strategy holds no name, and its source compares no string with anything."""
+    assert "name" not in {f for f in Strategy.__dataclass_fields__}
+    tree = ast.parse(inspect.getsource(Strategy))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            assert not any(isinstance(o, ast.Constant) and isinstance(o.value, str)
+                           for o in operands), ast.unparse(node)
+    assert "1_000_000" not in inspect.getsource(strategies)
+
+
+def test_method_settings_apply_unless_given():
+    dapo = AlgorithmConfig(name="dapo")
+    assert (dapo.clip_ratio, dapo.clip_ratio_high, dapo.loss_agg) == (0.2, 0.28, "token_mean")
+    assert dapo.dynamic_sampling and dapo.overlong == "soft_penalty"
+    assert AlgorithmConfig(name="dapo", clip_ratio_high=0.3).clip_ratio_high == 0.3
+    rl = AlgorithmConfig(name="rl")
+    assert rl.clip_ratio is None and not rl.dynamic_sampling and rl.overlong == "off"
 
 
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
