@@ -161,10 +161,12 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator) -> Tensor
     """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs, named
     as in verl's core_algos.kl_penalty (Schulman's k1 / k3).
 
-    k1: log p - log p_ref, unbiased but of either sign per token.
+    k1: log p - log p_ref, unbiased but of either sign per token; as a loss its gradient is
+      grad log p even where p == p_ref (zero only in expectation over sampled tokens).
     k3: p_ref / p - log(p_ref / p) - 1 (verl's low_var_kl), never negative, lower variance;
       computed from the log-ratio clamped to +-20 and clamped to <= 10 as verl does, so one
-      far-off token cannot dominate. Both are exactly 0 where logp == ref_logp.
+      far-off token cannot dominate; its gradient vanishes where p == p_ref. Both are exactly
+      0 where logp == ref_logp.
     """
     if estimator == "k1":
         return logp - ref_logp
