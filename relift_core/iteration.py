@@ -291,6 +291,8 @@ def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig
     if any(off_policy):
         batch.off_policy = torch.tensor(off_policy)
     stats = trainer.rl_step(batch)
+    if any(off_policy):
+        stats["off_policy_rows"] = float(sum(off_policy))
     if algo.overlong != "off":
         stats["overlong_rows"] = float(sum(s.finish_reason == "length" for s in samples))
     return stats
@@ -376,6 +378,8 @@ class Phases:
             stats = rl_update(session.trainer, rollouts, pad_id=session.tokenizer.pad_token_id,
                               algo=session.cfg.algorithm,
                               max_new_tokens=session.cfg.rollout.max_new_tokens)
+        # LUFFY's demonstrations are trained on in the RL step: they count as used.
+        session.state.demos_used += int(stats.get("off_policy_rows", 0))
         session.engine.sync_weights(session.model)
         return {**stats, "seconds": time.perf_counter() - start}
 

@@ -306,7 +306,8 @@ def test_run_iteration_luffy_learns_from_the_demonstration_when_no_rollout_is_ri
     assert m["frac_hardest"] == 1.0 and "rl/rl_skipped" not in m
     assert m["rl/optimizer_steps"] == 1 and 0 < m["rl/off_policy_prob"] < 1
     assert m["rl/kl_to_reference"] == 0.0
-    assert m["demos_used"] == 0 and m["buffer_size"] == 0  # nothing buffered
+    # One demonstration per question, used in the RL step; nothing buffered.
+    assert m["demos_used"] == 6 and m["rl/off_policy_rows"] == 6 and m["buffer_size"] == 0
 
 
 def test_run_iteration_dapo_draws_until_the_bound_and_logs_it(tiny_session):
