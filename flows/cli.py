@@ -129,7 +129,7 @@ def _csv(value: str | None) -> list[str] | None:
 
 @app.command()
 def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
-    """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl)."""
+    """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl|luffy|dapo)."""
     from relift_core.runtime.memory_plan import check_fits
 
     check_fits(validated_config(preset, overrides))

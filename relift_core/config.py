@@ -149,13 +149,35 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["relift", "rl", "sft", "sft_then_rl"] = "relift"
+    # A row of relift_core.algorithm.strategies.METHODS (a test keeps the two in step).
+    name: Literal["relift", "rl", "sft", "sft_then_rl", "luffy", "dapo"] = "relift"
     norm_adv_by_std: bool = False  # the paper: no std normalisation
-    # seq_sum_div_max_len: the paper's `loss_remove_token_mean`; token_mean: verl's default.
+    # seq_sum_div_max_len: the paper's `loss_remove_token_mean`; token_mean: verl's default
+    # (DAPO's token-level loss).
     loss_agg: Literal["seq_sum_div_max_len", "token_mean"] = "seq_sum_div_max_len"
-    clip_ratio: float | None = Field(None, gt=0)  # None: no ratio clipping (the paper)
-    entropy_coef: float = 0.001
-    kl_coef: float = Field(0.0, ge=0)
+    # PPO's ratio clipping to [1 - clip_ratio, 1 + clip_ratio_high]; None: no clipping (the
+    # paper). clip_ratio_high None: the symmetric 1 + clip_ratio. DAPO's clip-higher: 0.2 / 0.28.
+    clip_ratio: float | None = Field(None, gt=0, allow_inf_nan=False)
+    clip_ratio_high: float | None = Field(None, gt=0, allow_inf_nan=False)
+    entropy_coef: float = Field(0.001, allow_inf_nan=False)
+    # KL to a frozen copy of the starting policy, added to the loss (verl's use_kl_loss): the
+    # reference's log-probs are only computed when kl_coef > 0. k1: log p - log p_ref; k3:
+    # p_ref / p - log(p_ref / p) - 1 (verl's low_var_kl), never negative.
+    kl_coef: float = Field(0.0, ge=0, allow_inf_nan=False)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    # DAPO's dynamic sampling: groups whose samples all got the same reward are dropped and more
+    # prompts drawn until rl.prompts_per_step groups have signal, at most this many draws of
+    # rl.prompts_per_step prompts an iteration (verl's max_num_gen_batches).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = Field(10, gt=0)
+    # Samples cut at rollout.max_new_tokens: `mask` leaves them out of the loss (DAPO's overlong
+    # filtering); `soft_penalty` adds DAPO's penalty to the reward, 0 up to max_new_tokens -
+    # overlong_buffer_len tokens, then falling linearly to -overlong_penalty_factor.
+    overlong: Literal["off", "mask", "soft_penalty"] = "off"
+    overlong_buffer_len: int = Field(4096, gt=0)
+    overlong_penalty_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+    # LUFFY's policy shaping of the off-policy (demonstration) tokens: p / (p + gamma).
+    off_policy_shaping_gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
     require_think: bool = True  # the answer is read after </think>; missing tag = format failure
     sft_buffer_threshold: int = Field(128, gt=0)
     # The paper's reference code: new demonstrations go in front, one fine-tuning step per
@@ -171,10 +193,25 @@ class AlgorithmConfig(_Section):
     teacher_model: str | None = None
     teacher_attempts: int = Field(4, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_settings(cls, data: Any) -> Any:
+        """The settings a method brings (its row's), where the config does not give them."""
+        if isinstance(data, dict):
+            from relift_core.algorithm.strategies import METHODS
+
+            method = METHODS.get(data.get("name", "relift"))
+            if method is not None:
+                data = {**method.settings, **data}
+        return data
+
     @model_validator(mode="after")
     def _teacher_named(self) -> AlgorithmConfig:
         if self.demonstrations == "teacher" and not self.teacher_model:
             raise ValueError("algorithm.demonstrations=teacher needs algorithm.teacher_model")
+        if self.clip_ratio_high is not None and self.clip_ratio is None:
+            raise ValueError("algorithm.clip_ratio_high needs algorithm.clip_ratio (the lower "
+                             "bound); set both or neither")
         return self
 
 
@@ -323,6 +360,16 @@ class ExperimentConfig(_Section):
                 f"data.max_prompt_tokens + the longest response ({needed} tokens)")
         return self
 
+    @model_validator(mode="after")
+    def _overlong_buffer_fits(self) -> ExperimentConfig:
+        if (self.algorithm.overlong == "soft_penalty"
+                and self.algorithm.overlong_buffer_len >= self.rollout.max_new_tokens):
+            raise ValueError(
+                f"algorithm.overlong_buffer_len={self.algorithm.overlong_buffer_len} must be "
+                f"below rollout.max_new_tokens={self.rollout.max_new_tokens} (the soft overlong "
+                "penalty starts that many tokens before the limit)")
+        return self
+
     def run_dir(self) -> Path:
         return Path(self.run.workdir) / self.run.name
 
@@ -419,11 +466,30 @@ def load_config(
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
+    items = list(overrides.items() if isinstance(overrides, dict)
+                 else map(parse_override, overrides or []))
+    data = apply_overrides(_switch_method(data, items), overrides or [])
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_explain(e, path)) from None
+
+
+def _switch_method(data: dict[str, Any], items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An override that changes algorithm.name brings the new method's settings (its row in
+    relift_core.algorithm.strategies.METHODS) in place of the preset's values for those keys:
+    `-p toy algorithm.name=dapo` is DAPO, not the toy preset's GRPO loss under DAPO's name.
+    Overrides of those keys still win (they are applied after)."""
+    from relift_core.algorithm.strategies import METHODS
+
+    names = [v for k, v in items if k == "algorithm.name"]
+    section = data.get("algorithm")
+    if not names or not isinstance(section, dict) or section.get("name") == names[-1]:
+        return data
+    method = METHODS.get(names[-1]) if isinstance(names[-1], str) else None
+    if method is None:
+        return data  # validation names the bad value
+    return {**data, "algorithm": {k: v for k, v in section.items() if k not in method.settings}}
 
 
 def _explain(e: ValidationError, path: Path) -> str:

@@ -359,13 +359,38 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, mode):
         assert stats["grad_norm"] == pytest.approx(stats_1["grad_norm"], rel=1e-5)
 
 
-def test_rl_step_refuses_missing_advantages_and_kl(tokenizer):
-    model = _model(tokenizer)
-    trainer = _trainer(model)
+def test_rl_step_refuses_missing_advantages(tokenizer):
+    trainer = _trainer(_model(tokenizer))
     with pytest.raises(ValueError, match="advantages"):
         trainer.rl_step(pack_rows([[1]], [[2]], pad_id=0))
-    with pytest.raises(ValueError, match="kl_coef"):
-        _trainer(model, algo=AlgorithmConfig(kl_coef=0.1))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_to_a_frozen_reference(tokenizer, estimator):
+    """kl_coef > 0: a frozen copy of the starting policy. Its KL is 0 while the policy equals
+    it (k3 then changes nothing at all), and not once the policy moved; the reference never
+    moves."""
+    prompts, responses = _rows(tokenizer)
+    batch = pack_rows(prompts, responses, tokenizer.pad_token_id, advantages=[1.0, -1.0, 0.5, 2.0])
+    assert _trainer(_model(tokenizer)).reference is None  # kl_coef 0: no copy, no passes
+    plain = _trainer(_model(tokenizer))
+    trainer = _trainer(_model(tokenizer), algo=AlgorithmConfig(
+        entropy_coef=0.0, kl_coef=0.5, kl_estimator=estimator))
+    assert trainer.reference is not None
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+    reference_before = [p.detach().clone() for p in trainer.reference.parameters()]
+    one_step = {"rows_per_minibatch": len(batch)}
+    first, first_plain = trainer.rl_step(batch, **one_step), plain.rl_step(batch, **one_step)
+    assert first["kl_to_reference"] == 0.0
+    assert first["policy_loss"] == pytest.approx(first_plain["policy_loss"])
+    if estimator == "k3":  # k3's gradient is 0 there too; k1's is grad log p (0 only on average)
+        assert first["grad_norm"] == pytest.approx(first_plain["grad_norm"], rel=1e-6)
+    second = trainer.rl_step(batch, **one_step)
+    assert second["kl_to_reference"] != 0.0
+    if estimator == "k3":
+        assert second["kl_to_reference"] > 0
+    for before, p in zip(reference_before, trainer.reference.parameters(), strict=True):
+        assert torch.equal(before, p)
 
 
 def test_trainer_state_dict_round_trip(tokenizer):

@@ -50,6 +50,8 @@ class TokenBatch:
     loss_mask: Tensor  # [B, T - 1] float, 1 = this column's predicted token is trained on
     advantages: Tensor | None = None  # [B] float, one per row (GRPO: per sequence)
     old_logp: Tensor | None = None  # [B, T - 1] float, log-probs under the rollout policy
+    # [B] bool: rows another policy wrote (LUFFY's demonstration in an RL group); None: none.
+    off_policy: Tensor | None = None
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
@@ -61,6 +63,8 @@ class TokenBatch:
             raise ValueError(f"advantages {tuple(self.advantages.shape)} != {(b,)}")
         if self.old_logp is not None and self.old_logp.shape != (b, t - 1):
             raise ValueError(f"old_logp {tuple(self.old_logp.shape)} != {(b, t - 1)} (shifted)")
+        if self.off_policy is not None and self.off_policy.shape != (b,):
+            raise ValueError(f"off_policy {tuple(self.off_policy.shape)} != {(b,)}")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -174,12 +178,23 @@ def sft_batch(
     if prefill:
         demonstrations = [d[len(prefill):] if p.endswith(prefill) and d.startswith(prefill)
                           else d for p, d in zip(prompts, demonstrations, strict=True)]
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; SFT targets end with EOS")
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    targets = demonstration_ids(tokenizer, demonstrations, max_target_tokens)
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    demo_ids = tokenizer(list(demonstrations), add_special_tokens=False)["input_ids"]
-    targets = [(list(d) + [tokenizer.eos_token_id])[:max_target_tokens] for d in demo_ids]
     return pack_rows(prompt_ids, targets, pad_id)
+
+
+def demonstration_ids(
+    tokenizer: PreTrainedTokenizerBase, demonstrations: Sequence[str], max_tokens: int
+) -> list[list[int]]:
+    """Each demonstration's tokens + EOS, cut to `max_tokens` (a cut one loses its EOS rather
+    than teaching the model to stop mid-solution). No special tokens of the tokenizer's own:
+    the text follows a prompt the chat template already rendered."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; demonstrations end with EOS")
+    if not demonstrations:
+        return []
+    demo_ids = tokenizer(list(demonstrations), add_special_tokens=False)["input_ids"]
+    return [(list(d) + [tokenizer.eos_token_id])[:max_tokens] for d in demo_ids]

@@ -194,7 +194,10 @@ class DeepSpeedTrainer(TorchTrainer):
             self.engine.optimizer.clip_grad = grad_clip
 
     def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
-        return root_logits_at(self.engine, micro, where, self._autocast())
+        # Through the engine for the policy; a KL reference (TorchTrainer swaps it in as
+        # self.model) is an ordinary unpartitioned module.
+        root = self.engine if self.model is self.engine.module else self.model
+        return root_logits_at(root, micro, where, self._autocast())
 
     # ------------------------------------------------------------------------ gradient hooks
 

@@ -18,7 +18,7 @@ from relift_core.algorithm.demonstrations import (
     TeacherDemonstrations,
 )
 from relift_core.algorithm.difficulty import DifficultyLedger
-from relift_core.algorithm.strategies import Strategy, strategy_for
+from relift_core.algorithm.strategies import Strategy, strategy_from_config
 from relift_core.config import ExperimentConfig, config_differences
 from relift_core.data.examples import Example
 from relift_core.data.question_stream import QuestionStream
@@ -199,10 +199,7 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
         cfg=cfg, model=model, tokenizer=tokenizer, engine=engine, trainer=trainer,
         grader=grader,
         demonstration_source=source,
-        strategy=strategy_for(cfg.algorithm.name, sft_threshold=cfg.algorithm.sft_buffer_threshold,
-                              sft_then_rl_switch=cfg.algorithm.sft_then_rl_switch,
-                              relift_steps_per_iteration=(
-                                  1 if cfg.algorithm.sft_steps_per_iteration == "one" else None)),
+        strategy=strategy_from_config(cfg.algorithm),
         state=state, dataset=dataset, resumed_from=resumed_from, resumed_with_changes=changes,
         lock=run_lock,
     )

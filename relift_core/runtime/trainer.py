@@ -149,6 +149,14 @@ def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
     return logits[:, :-1][where[:, first:]]
 
 
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` that no optimizer sees and no gradient reaches (KL's reference)."""
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
 class TorchTrainer:
     """`rl_step` and `sft_step` on a causal LM; see the module docstring for the update loop."""
 
@@ -175,12 +183,6 @@ class TorchTrainer:
         recomputes activations in backward (model.gradient_checkpointing).
         `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
         `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
-        if algo.kl_coef > 0:
-            # A KL term needs a frozen reference policy, which the paper's recipe does not use.
-            raise ValueError(
-                f"algorithm.kl_coef={algo.kl_coef}: a KL penalty needs a reference model, which "
-                "this trainer does not hold; set algorithm.kl_coef=0 (the paper's setting)"
-            )
         if dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_COMPUTE_DTYPES)}, got {dtype!r} "
                              "(float16 would need loss scaling, which this trainer does not do)")
@@ -209,6 +211,9 @@ class TorchTrainer:
         self.rl_optimizer_steps = 0
         self.sft_optimizer_steps = 0
         self._build_optimizers()
+        # algorithm.kl_coef > 0: a frozen copy of the starting policy to stay close to; none
+        # (and no reference forward passes) otherwise, the paper's setting.
+        self.reference = _frozen_copy(self.model) if algo.kl_coef > 0 else None
 
     # ----------------------------------------------------------------------------- set-up hooks
 
@@ -409,10 +414,24 @@ class TorchTrainer:
             micro.advantages,
             micro.loss_mask,
             clip_ratio=self.algo.clip_ratio,
+            clip_ratio_high=self.algo.clip_ratio_high,
             loss_agg=self.algo.loss_agg,
             max_len=self.max_response_len,
+            off_policy=micro.off_policy,
+            off_policy_gamma=self.algo.off_policy_shaping_gamma,
         )
         loss = pg_loss
+        extra: dict[str, float] = {}
+        if "off_policy_prob" in stats:
+            extra["off_policy_prob"] = stats["off_policy_prob"]
+        if self.reference is not None:
+            kl = algorithms.kl_penalty(logp, self._reference_logprobs(micro),
+                                       self.algo.kl_estimator)
+            # Aggregated like the policy loss, as verl's kl_loss is.
+            kl_loss = algorithms.aggregate_loss(kl, micro.loss_mask, self.algo.loss_agg,
+                                                self.max_response_len)
+            loss = loss + self.algo.kl_coef * kl_loss
+            extra["kl_to_reference"] = algorithms.masked_mean(kl.detach(), micro.loss_mask).item()
         if coef != 0.0:
             # Entropy bonus, aggregated exactly like the policy loss so the coefficient means
             # the same thing under either aggregation.
@@ -424,8 +443,20 @@ class TorchTrainer:
             "entropy": algorithms.masked_mean(entropy.detach(), micro.loss_mask).item(),
             "clip_frac": stats["clip_frac"],
             "approx_kl": stats["approx_kl"],
+            **extra,
         }
         return loss, stats
+
+    @torch.no_grad()
+    def _reference_logprobs(self, micro: TokenBatch) -> Tensor:
+        """Log-probs of `micro`'s target tokens under the frozen reference (0 elsewhere)."""
+        assert self.reference is not None
+        policy, self.model = self.model, self.reference  # _score reads self.model
+        try:
+            logp, _ = self._score(micro, with_entropy=False)
+        finally:
+            self.model = policy
+        return logp
 
     def _sft_micro_loss(self, micro: TokenBatch) -> tuple[Tensor, dict[str, float]]:
         logp, _ = self._score(micro, with_entropy=False)
