@@ -31,6 +31,7 @@ from prefect.context import get_run_context
 from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
 from relift_core.config import ConfigError, ExperimentConfig, load_config
+from relift_core.data.preflight import settings_against_data
 from relift_core.iteration import run_iteration
 from relift_core.runtime.checkpoint import latest_checkpoint
 from relift_core.runtime.memory_plan import check_fits
@@ -84,9 +85,14 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
     logger = get_run_logger()
     data = prepare_data.with_options(flow_run_name=f"prepare-data-{cfg.run.name}")(
         cfg.model_dump(mode="json"))
+    examples = data.train_examples()
+    # Checked again here (the CLI checks before any server starts): a deployment's run has no
+    # CLI in front of it.
+    for warning in settings_against_data(cfg, examples, data.train_path):
+        logger.warning(warning)
     # The session first: it locks the run directory and refuses to resume another experiment's
     # checkpoints before anything is written to MLflow.
-    session = build_session(cfg, data.train_examples())
+    session = build_session(cfg, examples)
     try:
         # The run directory remembers its MLflow run, so a moved or copied run store resumes
         # into the same MLflow run (its absolute path, the run key, has changed).

@@ -108,7 +108,7 @@ class WorldConfig(_Section):
     pretrain_steps: int = Field(1000, ge=0)
     pretrain_lr: float = Field(5e-3, gt=0)
     pretrain_batch_size: int = Field(32, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
 
 
 class DataConfig(_Section):
@@ -259,6 +259,17 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, gt=0)  # questions per benchmark (smoke runs)
     benchmarks_dir: str | None = None  # local verl-layout parquet files
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _distinct_names(cls, v: list[str]) -> list[str]:
+        # A file path is logged under its stem (`/data/aime.parquet` -> eval/aime/...): two
+        # entries with one name would write over each other's metrics.
+        names = [Path(b).stem if Path(b).suffix.lower() in (".parquet", ".jsonl") else b for b in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two benchmarks would be logged as {repeated[0]!r}: rename a file")
+        return v
+
 
 class TrackingConfig(_Section):
     # None: sqlite:///<workdir>/mlflow.db (embedded). MLFLOW_TRACKING_URI overrides when set.
@@ -270,9 +281,13 @@ class TrackingConfig(_Section):
     log_checkpoints: bool = True
 
 
+# numpy's generator takes seeds in [0, 2**32): anything else crashed after the config passed.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class RunConfig(_Section):
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     iterations: int = Field(10, ge=0)
     workdir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -370,6 +385,26 @@ class ExperimentConfig(_Section):
                 "penalty starts that many tokens before the limit)")
         return self
 
+    @model_validator(mode="after")
+    def _rl_can_learn(self) -> ExperimentConfig:
+        """Settings under which GRPO's group advantages are always 0, so RL never updates:
+        refused with the reason rather than run as a silent no-op."""
+        if self.algorithm.name == "sft":
+            return self  # no RL step
+        if self.rollout.n == 1:
+            raise ValueError(
+                f"rollout.n=1 with algorithm.name={self.algorithm.name}: a GRPO advantage is a "
+                "sample's reward minus its group's mean, always 0 for a group of one, so RL "
+                "would never update; use rollout.n >= 2"
+            )
+        if self.rollout.temperature == 0:
+            raise ValueError(
+                f"rollout.temperature=0 with rollout.n={self.rollout.n}: greedy decoding makes "
+                "the n samples of a question identical, so every group's advantages are 0 and "
+                "RL would never update; sample with rollout.temperature > 0"
+            )
+        return self
+
     def run_dir(self) -> Path:
         return Path(self.run.workdir) / self.run.name
 
@@ -456,14 +491,44 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"key {key!r} appears twice (again on line {line})")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping with a repeated key: PyYAML keeps the last value, so a
+    second `rl:` silently replaced the whole first section."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content (safe: no Python tags), refusing repeated keys; ConfigError naming
+    the file (and the key) otherwise."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the preset: {e}") from e
+
+
 def load_config(
     preset: str | Path = "toy", overrides: list[str] | dict[str, Any] | None = None
 ) -> ExperimentConfig:
     path = preset_path(preset)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     items = list(overrides.items() if isinstance(overrides, dict)
@@ -498,6 +563,8 @@ def _explain(e: ValidationError, path: Path) -> str:
         key = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'")
+        elif not key:  # a check across sections: its message names the keys, the input is all
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  '{key}': {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

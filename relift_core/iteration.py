@@ -118,7 +118,7 @@ def grade(rollouts: Rollouts, grader: BatchGrader, *, require_think: bool) -> Ro
         for s in group:
             texts.append(s.text)
             golds.append(q.ground_truth)
-            types.append(answer_type_for(q.data_source))
+            types.append(answer_type_for(q.data_source, q.ground_truth))
     flat = grader.grade(texts, golds, types, require_think=require_think)
     grades, i = [], 0
     for group in rollouts.samples:
