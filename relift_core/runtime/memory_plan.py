@@ -37,6 +37,8 @@ n trainer ranks (1 without Ray), c bytes of the compute dtype (model.dtype):
                                     (+ the HF engine's copy)
                 and, for ZeRO-3, the moment deepspeed.initialize holds the whole module in the
                 compute dtype before partitioning it (cP + the float32 partitions, 4P/n).
+    reference   with algorithm.kl_coef > 0, the frozen starting policy, whole and float32: 4P,
+                resident in every phase (counted with the rollout copy).
 
 `relift_core` code, no torch: plans are made before anything is imported onto a GPU."""
 
@@ -210,6 +212,8 @@ def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
     vllm = cfg.rollout.engine == "vllm"
     rollout = cfg.rollout.gpu_memory_utilization * gpu_bytes if vllm else 0.0
     resident = 0.0 if vllm else params * c
+    if cfg.algorithm.kl_coef > 0:
+        resident += params * 4  # the frozen float32 reference policy (trainer.py), whole
     return MemoryPlan(gpus=n, parameters=params, weights=weights, gradients=gradients,
                       optimizer=optimizer, compute=compute, activations=activations,
                       rollout=rollout, resident_rollout=resident,

@@ -210,10 +210,13 @@ class TorchTrainer:
             )
         self.rl_optimizer_steps = 0
         self.sft_optimizer_steps = 0
-        self._build_optimizers()
         # algorithm.kl_coef > 0: a frozen copy of the starting policy to stay close to; none
-        # (and no reference forward passes) otherwise, the paper's setting.
-        self.reference = _frozen_copy(self.model) if algo.kl_coef > 0 else None
+        # (and no reference forward passes) otherwise, the paper's setting. Copied before a
+        # sharding engine partitions the model (_build_optimizers): the reference is whole,
+        # float32, on this process's device (memory_plan.py counts it).
+        self.reference = (_frozen_copy(self.model).to(self.device) if algo.kl_coef > 0
+                          else None)
+        self._build_optimizers()
 
     # ----------------------------------------------------------------------------- set-up hooks
 
