@@ -88,6 +88,13 @@ KNOWN_ARCHITECTURES = {
                                            intermediate=8960, vocab=151936, tied_embeddings=True),
     "Qwen/Qwen2.5-Math-7B": Architecture(hidden=3584, layers=28, heads=28, kv_heads=4,
                                          intermediate=18944, vocab=152064, tied_embeddings=False),
+    # The reference's starting points: the same networks with rope_theta 40k and a 16k context.
+    "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": Architecture(
+        hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936,
+        tied_embeddings=True),
+    "RoadQAQ/Qwen2.5-Math-7B-16k-think": Architecture(
+        hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
+        tied_embeddings=False),
     # SmolLM2-135M-Instruct (Llama): the GGUF the smollm2-135m preset converts.
     "HuggingFaceTB/SmolLM2-135M-Instruct": Architecture(
         hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
