@@ -57,6 +57,13 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Recompute activations in backward: GPU memory for compute (the 7B preset needs it).
     gradient_checkpointing: bool = False
+    # Forwards over the real tokens only, rows packed into one sequence with position ids
+    # restarting per row (verl's use_remove_padding; Qwen2/Qwen3/Llama/Mistral models).
+    remove_padding: bool = False
+    # Score target tokens this many at a time: the head and log-softmax (and entropy) of one
+    # chunk at a time, recomputed in backward, never the whole [tokens, vocab] matrix (as
+    # Liger's fused linear cross-entropy). None: all at once.
+    logit_chunk_tokens: int | None = Field(None, gt=0)
     # With dtype float32: forward passes (training and HF rollouts) under bf16 autocast anyway.
     # None: on CUDA only. True: on CPU too, where a CPU with bf16 instructions (AVX512-BF16,
     # AMX) runs a 135M model's matmuls ~2x faster; this is what TRL/transformers' `bf16=True`
@@ -234,6 +241,9 @@ class RLConfig(_Section):
     prompts_per_step: int = Field(128, gt=0)
     mini_batch_size: int = Field(64, gt=0)  # prompts per optimizer step
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward (gradient accumulation)
+    # A token budget per forward instead of a row count (verl's use_dynamic_bsz /
+    # ppo_max_token_len_per_gpu): rows packed greedily by length; the loss is the same.
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)
     ppo_epochs: int = Field(1, gt=0)
     grad_clip: float = Field(0.7, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -243,6 +253,7 @@ class SFTConfig(_Section):
     lr: LearningRate = 1e-6
     mini_batch_size: int = Field(128, gt=0)
     micro_batch_size: int = Field(8, gt=0)
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)  # as rl.max_tokens_per_micro_batch
     epochs: int = Field(1, gt=0)
     grad_clip: float = Field(0.7, gt=0)
     max_target_tokens: int = Field(8192, gt=0)

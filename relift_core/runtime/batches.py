@@ -97,6 +97,28 @@ class TokenBatch:
             for i in range(0, len(self), micro_batch_size)
         ]
 
+    def split_by_tokens(self, max_tokens: int) -> list[Tensor]:
+        """Row indices of micro-batches holding at most `max_tokens` real tokens each (a row
+        longer than that goes alone): rows longest first, each into the first micro-batch it
+        fits (first-fit decreasing), so micro-batches are few and full -- verl's dynamic batch
+        size. Deterministic, so every rank of a group computes the same split."""
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for row in order:
+            for b, left in enumerate(room):
+                if lengths[row] <= left:
+                    bins[b].append(row)
+                    room[b] -= lengths[row]
+                    break
+            else:
+                bins.append([row])
+                room.append(max_tokens - lengths[row])
+        return [torch.tensor(sorted(b), dtype=torch.long) for b in bins]
+
     def trimmed(self) -> TokenBatch:
         """Drop trailing columns that are padding in every row (saves compute on right padding).
 
@@ -114,6 +136,31 @@ class TokenBatch:
             loss_mask=self.loss_mask[:, : width - 1],
             old_logp=None if self.old_logp is None else self.old_logp[:, : width - 1],
         )
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """A batch's real tokens as one sequence, without padding (verl's remove-padding): every
+    row's tokens one after the other, position ids restarting at each row, which transformers
+    reads as packed sequences (a block-diagonal causal mask with SDPA, varlen flash attention on
+    GPU) when no attention mask is given."""
+
+    input_ids: Tensor  # [1, L] long, L = the batch's real tokens
+    position_ids: Tensor  # [1, L] long
+    targets: Tensor  # [N] long: packed positions predicting `loss_mask`'s columns, row-major
+
+
+def pack_for_scoring(batch: TokenBatch, where: Tensor) -> PackedRows:
+    """`batch` packed; `targets[k]` is the packed position whose output scores the k-th set
+    column of `where` ([B, T - 1] bool, row-major order, as `tensor[where]` reads it)."""
+    real = batch.attention_mask.bool()
+    if not bool(real[:, :-1][where].all()):
+        raise ValueError("a scored column's predicting token is padding")
+    positions = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    packed_index = (real.flatten().long().cumsum(0) - 1).view(real.shape)
+    return PackedRows(input_ids=batch.input_ids[real].unsqueeze(0),
+                      position_ids=positions[real].unsqueeze(0),
+                      targets=packed_index[:, :-1][where])
 
 
 def pack_rows(

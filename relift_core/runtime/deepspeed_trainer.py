@@ -193,11 +193,16 @@ class DeepSpeedTrainer(TorchTrainer):
         if hasattr(self.engine.optimizer, "clip_grad"):
             self.engine.optimizer.clip_grad = grad_clip
 
+    def _target_hidden(self, micro: TokenBatch, where: Tensor) -> None:
+        if self.model is not self.engine.module:  # the KL reference: an ordinary module
+            return super()._target_hidden(micro, where)
+        return None  # ZeRO-3 gathers the head inside the engine's forward only: _logits_at
+
     def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
         # Through the engine for the policy; a KL reference (TorchTrainer swaps it in as
         # self.model) is an ordinary unpartitioned module.
         root = self.engine if self.model is self.engine.module else self.model
-        return root_logits_at(root, micro, where, self._autocast())
+        return root_logits_at(root, micro, where, self._autocast(), packed=self.remove_padding)
 
     # ------------------------------------------------------------------------ gradient hooks
 

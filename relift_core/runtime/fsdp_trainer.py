@@ -81,8 +81,12 @@ class FSDPTrainer(TorchTrainer):
 
     # ------------------------------------------------------------------------- scoring
 
+    def _target_hidden(self, micro: TokenBatch, where: Tensor) -> None:
+        return None  # the head is gathered inside the root forward only: see _logits_at
+
     def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
-        return root_logits_at(self.model, micro, where, self._autocast())
+        return root_logits_at(self.model, micro, where, self._autocast(),
+                              packed=self.remove_padding)
 
     # ------------------------------------------------------------------------- rank hooks
 

@@ -111,7 +111,9 @@ def trainer_options(cfg: ExperimentConfig, device) -> dict:
             "max_response_len": cfg.rollout.max_new_tokens, "device": str(device),
             "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "bf16_autocast": compute_autocast(cfg.model)}
+            "bf16_autocast": compute_autocast(cfg.model),
+            "remove_padding": cfg.model.remove_padding,
+            "logit_chunk_tokens": cfg.model.logit_chunk_tokens}
 
 
 def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):

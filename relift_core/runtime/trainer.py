@@ -39,10 +39,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from relift_core.algorithm import objectives as algorithms
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
-from relift_core.runtime.batches import TokenBatch, shift_targets
+from relift_core.runtime.batches import TokenBatch, pack_for_scoring, shift_targets
 from relift_core.runtime.models import MASTER_DTYPE, bf16_autocast
 
 UpdateKind = Literal["rl", "sft"]
@@ -130,12 +131,28 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+def _scores_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool,
+                        entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    logp = algorithms.token_logprobs(logits, labels).float()
+    if not with_entropy:
+        return logp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, algorithms.entropy_from_logits(logits).float()
+
+
 def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
-                   autocast: contextlib.AbstractContextManager) -> Tensor:
+                   autocast: contextlib.AbstractContextManager, packed: bool = False) -> Tensor:
     """Logits [N, V] where `where` is set, through the root module's own forward: a sharding
     engine (FSDP2, ZeRO-3) gathers the embeddings, final norm and head in its hooks there, so
     the decoder and head cannot be called apart. Only the columns from the first target on
-    reach the head (`logits_to_keep`)."""
+    reach the head (`logits_to_keep`); `packed` (model.remove_padding): the real tokens as one
+    sequence, and exactly the target positions reach the head."""
+    if packed:
+        rows = pack_for_scoring(micro, where)
+        with autocast:
+            return root(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                        attention_mask=None, use_cache=False,
+                        logits_to_keep=rows.targets).logits[0]
     first = int(where.any(0).nonzero()[0]) if bool(where.any()) else where.shape[1] - 1
     keep = where.shape[1] - first
     with autocast:
@@ -175,6 +192,8 @@ class TorchTrainer:
         max_bad_steps: int = 3,
         max_abs_weight: float = 1e4,
         max_norm_growth: float = 100.0,
+        remove_padding: bool = False,
+        logit_chunk_tokens: int | None = None,
     ) -> None:
         """`dtype` is the compute dtype (model.dtype): the weights and both optimizers' states
         are float32 masters whatever it is, and forwards and backwards run under bf16 autocast
@@ -201,6 +220,8 @@ class TorchTrainer:
         self.max_response_len = max_response_len
         self.device = torch.device(device)
         self.compute_dtype = dtype
+        self.remove_padding = remove_padding  # model.remove_padding
+        self.logit_chunk_tokens = logit_chunk_tokens  # model.logit_chunk_tokens
         self.model = self._place(model)
         self._bf16_autocast = True if dtype == "bfloat16" else bf16_autocast
         if gradient_checkpointing:
@@ -251,24 +272,70 @@ class TorchTrainer:
         return out.logits[:, :-1]
 
     def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
-        """Logits [N, V] of the predicting positions where `where` ([b, t - 1] bool) is set.
+        """Logits [N, V] of the predicting positions where `where` ([b, t - 1] bool) is set,
+        for models whose head cannot be applied apart (see `_target_hidden`)."""
+        if self.remove_padding:
+            return root_logits_at(self.model, micro, where, self._autocast(), packed=True)
+        return self._forward(micro.input_ids, micro.attention_mask)[where]
+
+    def _target_hidden(self, micro: TokenBatch, where: Tensor) -> tuple[Tensor, nn.Module] | None:
+        """The final hidden states [N, H] of the predicting positions and the output layer, for
+        causal LMs whose logits are just `lm_head(decoder(...))`; None for others.
 
         The output layer is most of a small model's cost (49k-token vocabularies) and prompt
-        and padding columns are most of a batch's, so for causal LMs whose logits are just
-        `lm_head(decoder(...))` only the selected hidden states reach the head. Others (and
-        subclasses that wrap the model) take every logit and select."""
+        and padding columns are most of a batch's, so only the selected hidden states reach
+        the head, and `_target_scores` can take them a chunk at a time. With remove_padding
+        the decoder sees the real tokens only, packed into one sequence."""
         parts = _decoder_and_head(self.model)
         if parts is None:
-            return self._forward(micro.input_ids, micro.attention_mask)[where]
+            return None
         decoder, head = parts
         with self._autocast():
+            if self.remove_padding:
+                packed = pack_for_scoring(micro, where)
+                hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                 attention_mask=None, use_cache=False).last_hidden_state
+                return hidden[0, packed.targets], head
             hidden = decoder(
                 input_ids=micro.input_ids,
                 attention_mask=micro.attention_mask,
                 position_ids=position_ids_from_mask(micro.attention_mask),
                 use_cache=False,
             ).last_hidden_state
-            return head(hidden[:, :-1][where])
+        return hidden[:, :-1][where], head
+
+    def _head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor, with_entropy: bool,
+                     entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """log p(label) and (optionally) entropy of `head(hidden)`, one chunk of positions."""
+        with self._autocast():
+            logits = head(hidden)
+        return _scores_from_logits(logits, labels, with_entropy, entropy_grad)
+
+    def _target_scores(self, micro: TokenBatch, where: Tensor, labels: Tensor,
+                       with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [N] (and entropies [N]) of the target tokens. With logit_chunk_tokens the
+        head runs on that many positions at a time and, under autograd, each chunk is
+        recomputed in backward (activation checkpointing), so at most one chunk's
+        [chunk, vocab] logits and their gradient are alive at once."""
+        found = self._target_hidden(micro, where)
+        if found is None:
+            return _scores_from_logits(self._logits_at(micro, where), labels, with_entropy,
+                                       entropy_grad)
+        hidden, head = found
+        chunk = self.logit_chunk_tokens
+        if chunk is None or len(labels) <= chunk:
+            return self._head_scores(head, hidden, labels, with_entropy, entropy_grad)
+        logps, entropies = [], []
+        for start in range(0, len(labels), chunk):
+            part = (head, hidden[start:start + chunk], labels[start:start + chunk],
+                    with_entropy, entropy_grad)
+            if torch.is_grad_enabled():
+                logp, entropy = checkpoint(self._head_scores, *part, use_reentrant=False)
+            else:
+                logp, entropy = self._head_scores(*part)
+            logps.append(logp)
+            entropies.append(entropy)
+        return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
     def _score(
         self, micro: TokenBatch, with_entropy: bool, entropy_grad: bool = True
@@ -277,15 +344,15 @@ class TorchTrainer:
         on the target columns (`loss_mask`) only and 0 elsewhere. `entropy_grad=False` keeps the
         entropy out of the autograd graph (stats only)."""
         where = micro.loss_mask.bool()
-        logits = self._logits_at(micro, where)
         labels = shift_targets(micro.input_ids)[where]
-        logp = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)
-        logp[where] = algorithms.token_logprobs(logits, labels).float()
+        target_logp, target_entropy = self._target_scores(
+            micro, where, labels, with_entropy, entropy_grad and torch.is_grad_enabled())
+        logp = torch.zeros(where.shape, dtype=torch.float32, device=target_logp.device)
+        logp[where] = target_logp
         if not with_entropy:
             return logp, None
         entropy = torch.zeros_like(logp)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy[where] = algorithms.entropy_from_logits(logits).float()
+        entropy[where] = target_entropy
         return logp, entropy
 
     @contextlib.contextmanager
@@ -313,11 +380,10 @@ class TorchTrainer:
         logp_out = torch.zeros((b, t - 1), dtype=torch.float32, device=batch.input_ids.device)
         entropy_out = torch.zeros_like(logp_out) if with_entropy else None
         with self._eval_mode():
-            for start, micro in zip(range(0, b, size), batch.split(size)):
-                micro = micro.trimmed()
+            for rows in self._micro_rows(batch, size, self.rl.max_tokens_per_micro_batch):
+                micro = batch.select(rows).trimmed()
                 width = micro.loss_mask.shape[1]
                 logp, entropy = self._score(micro.to(self.device), with_entropy)
-                rows = slice(start, start + len(micro))
                 logp_out[rows, :width] = logp.to(logp_out.device)
                 if entropy_out is not None and entropy is not None:
                     entropy_out[rows, :width] = entropy.float().to(entropy_out.device)
@@ -370,6 +436,7 @@ class TorchTrainer:
 
         means = self._optimizer_steps("rl", minibatches(), self._rl_micro_loss,
                                       micro_batch_size=self.rl.micro_batch_size,
+                                      max_tokens=self.rl.max_tokens_per_micro_batch,
                                       grad_clip=self.rl.grad_clip, loss_agg=self.algo.loss_agg)
         return self._finish_stats("rl", means, batch, start)
 
@@ -382,8 +449,18 @@ class TorchTrainer:
                        for minibatch in batch.split(self.sft.mini_batch_size))
         means = self._optimizer_steps("sft", minibatches, self._sft_micro_loss,
                                       micro_batch_size=self.sft.micro_batch_size,
+                                      max_tokens=self.sft.max_tokens_per_micro_batch,
                                       grad_clip=self.sft.grad_clip, loss_agg="token_mean")
         return self._finish_stats("sft", means, batch, start)
+
+    @staticmethod
+    def _micro_rows(batch: TokenBatch, rows: int, max_tokens: int | None) -> list[Tensor]:
+        """Row indices of each micro-batch: `rows` at a time, or with a token budget at most
+        `max_tokens` real tokens each (TokenBatch.split_by_tokens). Any partition gives the
+        same loss: micro-batches are weighted by their share (module docstring)."""
+        if max_tokens is not None:
+            return batch.split_by_tokens(max_tokens)
+        return [torch.arange(i, min(i + rows, len(batch))) for i in range(0, len(batch), rows)]
 
     def _optimizer_steps(self, kind: UpdateKind, minibatches: Iterable[TokenBatch],
                          micro_loss: MicroLoss, **step_options: Any) -> _WeightedMeans:
@@ -473,6 +550,7 @@ class TorchTrainer:
         micro_loss: MicroLoss,
         *,
         micro_batch_size: int,
+        max_tokens: int | None,
         grad_clip: float,
         loss_agg: algorithms.LossAgg,
     ) -> dict[str, float]:
@@ -482,7 +560,8 @@ class TorchTrainer:
         self._zero_grad(kind)
         total_targets = max(minibatch.num_target_tokens, 1)
         micro_means = _WeightedMeans()
-        micros = minibatch.split(micro_batch_size)
+        micros = [minibatch.select(rows)
+                  for rows in self._micro_rows(minibatch, micro_batch_size, max_tokens)]
         mine = self._local_micro_batches(len(micros))
         loss_finite = True
         for position, index in enumerate(mine):
