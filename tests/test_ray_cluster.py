@@ -105,23 +105,34 @@ def _ranks_and_single(cfg):
 
     model, tokenizer = load_policy(cfg.model, device="cpu", seed=0)
     _bf16_representable(model)
-    single = TorchTrainer(copy.deepcopy(model), algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
+    # One process with padded micro-batches of a fixed row count, whatever the ranks use.
+    rows = {"max_tokens_per_micro_batch": None}
+    single = TorchTrainer(copy.deepcopy(model), algo=cfg.algorithm,
+                          rl=cfg.rl.model_copy(update=rows), sft=cfg.sft.model_copy(update=rows),
                           max_response_len=cfg.rollout.max_new_tokens, dtype=cfg.model.dtype)
     ranks = RayRanks(cfg, model)
     return model, tokenizer, single, ranks, RayTrainer(ranks, model, cfg.cluster.trainer_strategy)
 
 
+# Packed: the ranks score without padding, in token-budget micro-batches (11 RL, 3 SFT here),
+# with the head in chunks (FSDP2), against one padded, unchunked process.
+PACKED = ["model.remove_padding=true", "model.logit_chunk_tokens=7",
+          "rl.max_tokens_per_micro_batch=20", "sft.max_tokens_per_micro_batch=60"]
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float32 packed"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_ranks_take_the_same_rl_and_sft_steps_as_one_process(local_ray, tiny_overrides,
                                                                  strategy, dtype):
     # 16 RL rows in micro-batches of 6 and 6 SFT rows in micro-batches of 2: 3 micro-batches
     # each, so one rank runs a zero-weight padding micro-batch in both updates.
     lr = 1e-3
+    dtype, *packed = dtype.split()
     cfg = load_config("toy", [*tiny_overrides, *TWO_RANKS, f"cluster.trainer_strategy={strategy}",
                               f"model.dtype={dtype}", "rl.micro_batch_size=6",
-                              "sft.micro_batch_size=2", f"rl.lr={lr}", f"sft.lr={lr}"])
+                              "sft.micro_batch_size=2", f"rl.lr={lr}", f"sft.lr={lr}",
+                              *(PACKED if packed else [])])
     model, tokenizer, single, ranks, trainer = _ranks_and_single(cfg)
     start = copy.deepcopy(model.state_dict())
     rl, sft = _batches(tokenizer, cfg)

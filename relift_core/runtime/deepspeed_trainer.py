@@ -40,7 +40,7 @@ from relift_core.runtime.distributed import (
     combine_across_ranks,
     rank_micro_batches,
 )
-from relift_core.runtime.trainer import TorchTrainer, UpdateKind, _WeightedMeans, root_logits_at
+from relift_core.runtime.trainer import TorchTrainer, UpdateKind, _WeightedMeans
 
 GPU_EXTRA_HINT = "pip install 'relift[gpu]'"
 STATE_VERSION = 2
@@ -148,6 +148,11 @@ class DeepSpeedTrainer(TorchTrainer):
         self.zero_stage = zero_stage
         # The base __init__ moves the model and calls _build_optimizers, which builds the engine.
         super().__init__(model, rl=rl, **trainer_options)
+        # ZeRO-3 gathers a module's parameters at each of its calls: chunks of the head would
+        # make the number of gathers depend on a rank's target count (and again in backward's
+        # recompute), leaving ranks waiting on each other; the head scores all targets at once
+        # (model.logit_chunk_tokens applies to fsdp2 and one process; memory_plan.py agrees).
+        self.logit_chunk_tokens = None
 
     # ------------------------------------------------------------------------ engine set-up
 
@@ -193,16 +198,13 @@ class DeepSpeedTrainer(TorchTrainer):
         if hasattr(self.engine.optimizer, "clip_grad"):
             self.engine.optimizer.clip_grad = grad_clip
 
-    def _target_hidden(self, micro: TokenBatch, where: Tensor) -> None:
+    def _target_scores(self, micro: TokenBatch, where: Tensor, labels: Tensor,
+                       with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
         if self.model is not self.engine.module:  # the KL reference: an ordinary module
-            return super()._target_hidden(micro, where)
-        return None  # ZeRO-3 gathers the head inside the engine's forward only: _logits_at
-
-    def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
-        # Through the engine for the policy; a KL reference (TorchTrainer swaps it in as
-        # self.model) is an ordinary unpartitioned module.
-        root = self.engine if self.model is self.engine.module else self.model
-        return root_logits_at(root, micro, where, self._autocast(), packed=self.remove_padding)
+            return super()._target_scores(micro, where, labels, with_entropy, entropy_grad)
+        # ZeRO-3 gathers the head inside the engine's forward only.
+        return self._root_target_scores(self.engine, micro, where, labels, with_entropy,
+                                        entropy_grad)
 
     # ------------------------------------------------------------------------ gradient hooks
 

@@ -39,7 +39,7 @@ from relift_core.runtime.distributed import (
     rank_micro_batches,
 )
 from relift_core.runtime.models import _DTYPES
-from relift_core.runtime.trainer import TorchTrainer, _WeightedMeans, root_logits_at
+from relift_core.runtime.trainer import TorchTrainer, _WeightedMeans
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -81,12 +81,11 @@ class FSDPTrainer(TorchTrainer):
 
     # ------------------------------------------------------------------------- scoring
 
-    def _target_hidden(self, micro: TokenBatch, where: Tensor) -> None:
-        return None  # the head is gathered inside the root forward only: see _logits_at
-
-    def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
-        return root_logits_at(self.model, micro, where, self._autocast(),
-                              packed=self.remove_padding)
+    def _target_scores(self, micro: TokenBatch, where: Tensor, labels: Tensor,
+                       with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+        # The head is gathered inside the root forward only (the root FSDP unit).
+        return self._root_target_scores(self.model, micro, where, labels, with_entropy,
+                                        entropy_grad)
 
     # ------------------------------------------------------------------------- rank hooks
 

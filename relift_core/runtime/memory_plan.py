@@ -19,7 +19,8 @@ n trainer ranks (1 without Ray), c bytes of the compute dtype (model.dtype):
                 one process under autocast caches a compute-dtype copy of every weight, cP.
                 ZeRO-3 keeps up to stage3_max_live_parameters (1e9) gathered, and a reduce
                 bucket of reduce_bucket_size (5e8) float32 elements; both capped at P.
-    activations one micro-batch of max_prompt_tokens + max_new_tokens tokens:
+    activations one micro-batch: micro_batch_size x (max_prompt_tokens + max_new_tokens)
+                tokens, or the token budget (max_tokens_per_micro_batch, with remove_padding):
                 with gradient checkpointing the layer inputs (layers x tokens x hidden x c bytes)
                 plus one layer's working set recomputed in backward; without it every layer's.
                 A layer's working set is 34 x tokens x hidden bytes at 16-bit activations
@@ -27,7 +28,8 @@ n trainer ranks (1 without Ray), c bytes of the compute dtype (model.dtype):
                 never holds the s x s scores), twice that at float32. The scoring of the target
                 tokens holds, per logit: the logits (c bytes), their float32 upcast, log_softmax,
                 exp and their product in the entropy (4 bytes each), 16 + c bytes in all (16 at
-                float32, where the upcast is a no-op), x micro x new tokens x vocab.
+                float32, where the upcast is a no-op), x vocab x the target tokens scored at
+                once: micro x new tokens, or at most model.logit_chunk_tokens.
     rollout     the HF engine decodes from an unsharded copy in the compute dtype on each rank's
                 device, cP, all the time. vLLM preallocates rollout.gpu_memory_utilization of the
                 GPU (weights + KV cache) and sleeps while the trainer steps (level 2: weights
@@ -179,6 +181,29 @@ def logit_bytes(dtype: str) -> int:
     return 16 + (_DTYPE_BYTES[dtype] if dtype != "float32" else 0)
 
 
+def _micro_batch_tokens(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(tokens one forward holds, target tokens whose logits are alive at once). A token
+    budget (rl/sft.max_tokens_per_micro_batch, with model.remove_padding) bounds the first;
+    model.logit_chunk_tokens bounds the second."""
+    new_tokens = max(cfg.rollout.max_new_tokens, cfg.sft.max_target_tokens)
+    row = cfg.data.max_prompt_tokens + new_tokens
+    per_kind = []
+    for section in (cfg.rl, cfg.sft):
+        budget = section.max_tokens_per_micro_batch
+        if budget is not None:
+            # One row longer than the budget still runs alone.
+            per_kind.append((max(budget, row), max(min(budget, row), new_tokens)))
+        else:
+            per_kind.append((section.micro_batch_size * row,
+                             section.micro_batch_size * new_tokens))
+    tokens = max(t for t, _ in per_kind)
+    logit_tokens = max(n for _, n in per_kind)
+    zero3 = cfg.cluster.backend == "ray" and cfg.cluster.trainer_strategy == "deepspeed_zero3"
+    if cfg.model.logit_chunk_tokens is not None and not zero3:  # ZeRO-3 scores all at once
+        logit_tokens = min(logit_tokens, cfg.model.logit_chunk_tokens)
+    return tokens, logit_tokens
+
+
 def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
     """The plan with `gpus` trainer ranks (default: the config's cluster)."""
     arch = architecture_of(cfg)
@@ -205,16 +230,14 @@ def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
         else:
             compute = params * c if cfg.model.dtype != "float32" else 0.0
         initialization = 0.0
-    micro = max(cfg.rl.micro_batch_size, cfg.sft.micro_batch_size)
-    new_tokens = max(cfg.rollout.max_new_tokens, cfg.sft.max_target_tokens)
-    tokens = micro * (cfg.data.max_prompt_tokens + new_tokens)
+    tokens, logit_tokens = _micro_batch_tokens(cfg)
     layer_working_set = 34 * tokens * arch.hidden * max(c, 2) // 2
     if cfg.model.gradient_checkpointing:
         layer_inputs = arch.layers * tokens * arch.hidden * c
         activations = layer_inputs + layer_working_set
     else:
         activations = arch.layers * layer_working_set
-    activations += micro * new_tokens * arch.vocab * logit_bytes(cfg.model.dtype)
+    activations += logit_tokens * arch.vocab * logit_bytes(cfg.model.dtype)
     gpu_bytes = cfg.cluster.gpu_memory_gib * GIB
     vllm = cfg.rollout.engine == "vllm"
     rollout = cfg.rollout.gpu_memory_utilization * gpu_bytes if vllm else 0.0
@@ -243,8 +266,15 @@ def render_plan(cfg: ExperimentConfig, preset: str) -> str:
     def gib(x: float) -> str:
         return f"{x / GIB:8.2f} GiB"
 
+    tokens, logit_tokens = _micro_batch_tokens(cfg)
+    budgets = {cfg.rl.max_tokens_per_micro_batch, cfg.sft.max_tokens_per_micro_batch} - {None}
     micro = max(cfg.rl.micro_batch_size, cfg.sft.micro_batch_size)
     new_tokens = max(cfg.rollout.max_new_tokens, cfg.sft.max_target_tokens)
+    shape = (f"{tokens:,} tokens per micro-batch (token budget)" if budgets else
+             f"micro-batch {micro} x {cfg.data.max_prompt_tokens}+{new_tokens} tokens")
+    chunked = (cfg.model.logit_chunk_tokens is not None
+               and not (c.trainer_strategy == "deepspeed_zero3" and c.backend == "ray"))
+    logits = f", logits of {logit_tokens:,} tokens at a time" if chunked else ""
     share = cfg.rollout.gpu_memory_utilization if cfg.rollout.engine == "vllm" else 0
     checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
     fewest = smallest if smallest is not None else "none up to 128 (shrink the micro-batch)"
@@ -264,9 +294,8 @@ def render_plan(cfg: ExperimentConfig, preset: str) -> str:
         f"  gradients    {gib(plan.gradients)}  (float32 shards)",
         f"  optimizer    {gib(plan.optimizer)}  ({optimizer_note})",
         f"  compute      {gib(plan.compute)}  ({compute_note})",
-        (f"  activations  {gib(plan.activations)}  (micro-batch {micro} x "
-         f"{cfg.data.max_prompt_tokens}+{new_tokens} tokens, gradient checkpointing "
-         f"{checkpointing})"),
+        (f"  activations  {gib(plan.activations)}  ({shape}{logits}, gradient "
+         f"checkpointing {checkpointing})"),
         (f"  rollout      {gib(plan.rollout + plan.resident_rollout)}  "
          + (f"(vLLM: rollout.gpu_memory_utilization {share})" if share
             else f"(HF engine: an unsharded {cfg.model.dtype} copy)")),

@@ -140,21 +140,50 @@ def _scores_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool,
         return logp, algorithms.entropy_from_logits(logits).float()
 
 
+class _ScoringHead(nn.Module):
+    """Stands in for a causal LM's output layer during one forward: given the final hidden
+    states of the kept positions it returns [..., 2] (log p(target), entropy) from `score`,
+    which applies the real head (a child here, so engines' hooks on it still fire)."""
+
+    def __init__(self, head: nn.Module, score: Callable[[Tensor], tuple[Tensor, Tensor | None]]):
+        super().__init__()
+        self.head = head
+        self._score = score
+        self.selected: Tensor | None = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        logp, entropy = self._score(self.selected_rows(hidden))
+        return torch.stack([logp, torch.zeros_like(logp) if entropy is None else entropy], -1)
+
+    def selected_rows(self, hidden: Tensor) -> Tensor:
+        return hidden.reshape(-1, hidden.shape[-1]) if self.selected is None \
+            else hidden[self.selected]
+
+
 def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
-                   autocast: contextlib.AbstractContextManager, packed: bool = False) -> Tensor:
+                   autocast: contextlib.AbstractContextManager, packed: bool = False,
+                   scorer: _ScoringHead | None = None) -> Tensor:
     """Logits [N, V] where `where` is set, through the root module's own forward: a sharding
     engine (FSDP2, ZeRO-3) gathers the embeddings, final norm and head in its hooks there, so
     the decoder and head cannot be called apart. Only the columns from the first target on
     reach the head (`logits_to_keep`); `packed` (model.remove_padding): the real tokens as one
-    sequence, and exactly the target positions reach the head."""
+    sequence, and exactly the target positions reach the head. With `scorer` installed as the
+    model's head, its [N, 2] scores instead of logits."""
     if packed:
         rows = pack_for_scoring(micro, where)
+        if scorer is not None:
+            scorer.selected = None  # every kept position is a target
         with autocast:
-            return root(input_ids=rows.input_ids, position_ids=rows.position_ids,
-                        attention_mask=None, use_cache=False,
-                        logits_to_keep=rows.targets).logits[0]
+            out = root(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                       attention_mask=None, use_cache=False,
+                       logits_to_keep=rows.targets).logits
+        return out if scorer is not None else out[0]
     first = int(where.any(0).nonzero()[0]) if bool(where.any()) else where.shape[1] - 1
     keep = where.shape[1] - first
+    if scorer is not None:
+        kept = torch.zeros((where.shape[0], keep + 1), dtype=torch.bool, device=where.device)
+        kept[:, :-1] = where[:, first:]
+        scorer.selected = kept
     with autocast:
         logits = root(
             input_ids=micro.input_ids,
@@ -163,7 +192,7 @@ def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
             use_cache=False,
             logits_to_keep=keep + 1,  # + the last column, which predicts nothing
         ).logits
-    return logits[:, :-1][where[:, first:]]
+    return logits if scorer is not None else logits[:, :-1][where[:, first:]]
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -322,6 +351,11 @@ class TorchTrainer:
             return _scores_from_logits(self._logits_at(micro, where), labels, with_entropy,
                                        entropy_grad)
         hidden, head = found
+        return self._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad)
+
+    def _chunked_head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor,
+                             with_entropy: bool, entropy_grad: bool
+                             ) -> tuple[Tensor, Tensor | None]:
         chunk = self.logit_chunk_tokens
         if chunk is None or len(labels) <= chunk:
             return self._head_scores(head, hidden, labels, with_entropy, entropy_grad)
@@ -336,6 +370,29 @@ class TorchTrainer:
             logps.append(logp)
             entropies.append(entropy)
         return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+
+    def _root_target_scores(self, root: nn.Module, micro: TokenBatch, where: Tensor,
+                            labels: Tensor, with_entropy: bool, entropy_grad: bool
+                            ) -> tuple[Tensor, Tensor | None]:
+        """`_target_scores` through the root module's own forward (a sharding engine gathers
+        the embeddings, final norm and head in its hooks there): for the forward's duration
+        the head is wrapped so that, called with the final hidden states, it returns the
+        target tokens' scores, a chunk at a time, instead of the [tokens, vocab] logits."""
+        model = root.module if hasattr(root, "module") else root  # a DeepSpeed engine's
+        head = model.get_output_embeddings()
+        if _decoder_and_head(model) is None or head is None:
+            logits = root_logits_at(root, micro, where, self._autocast(),
+                                    packed=self.remove_padding)
+            return _scores_from_logits(logits, labels, with_entropy, entropy_grad)
+        scorer = _ScoringHead(head, lambda hidden: self._chunked_head_scores(
+            head, hidden, labels, with_entropy, entropy_grad))
+        model.set_output_embeddings(scorer)
+        try:
+            scores = root_logits_at(root, micro, where, self._autocast(),
+                                    packed=self.remove_padding, scorer=scorer)
+        finally:
+            model.set_output_embeddings(head)
+        return scores[:, 0], (scores[:, 1] if with_entropy else None)
 
     def _score(
         self, micro: TokenBatch, with_entropy: bool, entropy_grad: bool = True
