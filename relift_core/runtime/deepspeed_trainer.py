@@ -181,7 +181,7 @@ class DeepSpeedTrainer(TorchTrainer):
         self.optimizers = {"rl": optimizer, "sft": optimizer}
         self._settings: dict[UpdateKind, dict[str, float]] = {
             "rl": {"lr": self.rl.lr, "weight_decay": self.rl.weight_decay},
-            "sft": {"lr": self.sft.lr, "weight_decay": 0.0},  # as TorchTrainer
+            "sft": {"lr": self.sft.lr, "weight_decay": self.sft.weight_decay},
         }
         self._moments: dict[UpdateKind, Any] = {"rl": defaultdict(dict), "sft": defaultdict(dict)}
         self._inner().state = self._moments["rl"]

@@ -27,8 +27,10 @@ n trainer ranks (1 without Ray), c bytes of the compute dtype (model.dtype):
                 (Korthikanti et al. 2022, table 2: already bytes, with a fused attention that
                 never holds the s x s scores), twice that at float32. The scoring of the target
                 tokens holds, per logit: the logits (c bytes), their float32 upcast, log_softmax,
-                exp and their product in the entropy (4 bytes each), 16 + c bytes in all (16 at
-                float32, where the upcast is a no-op), x vocab x the target tokens scored at
+                exp and their product in the entropy (4 bytes each), and in backward the
+                gradients of the float32 logits and of log_softmax (4 each): 24 + c bytes in all
+                (24 at float32, where the upcast is a no-op; scripts/bench_token_budget.py
+                measures it), x vocab x the target tokens scored at
                 once: micro x new tokens, or at most model.logit_chunk_tokens.
     rollout     the HF engine decodes from an unsharded copy in the compute dtype on each rank's
                 device, cP, all the time. vLLM preallocates rollout.gpu_memory_utilization of the
@@ -178,7 +180,20 @@ _ZERO3_REDUCE_BUCKET = 500_000_000
 
 def logit_bytes(dtype: str) -> int:
     """Bytes held per logit element while the target tokens are scored (module docstring)."""
-    return 16 + (_DTYPE_BYTES[dtype] if dtype != "float32" else 0)
+    return 24 + (_DTYPE_BYTES[dtype] if dtype != "float32" else 0)
+
+
+def activation_bytes(arch: Architecture, tokens: int, logit_tokens: int, dtype: str,
+                     gradient_checkpointing: bool) -> float:
+    """One micro-batch's activations (module docstring): `tokens` through the layers,
+    `logit_tokens` target tokens' logits alive at once."""
+    c = _DTYPE_BYTES[dtype]
+    layer_working_set = 34 * tokens * arch.hidden * max(c, 2) // 2
+    if gradient_checkpointing:
+        activations = arch.layers * tokens * arch.hidden * c + layer_working_set
+    else:
+        activations = arch.layers * layer_working_set
+    return activations + logit_tokens * arch.vocab * logit_bytes(dtype)
 
 
 def _micro_batch_tokens(cfg: ExperimentConfig) -> tuple[int, int]:
@@ -231,13 +246,8 @@ def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
             compute = params * c if cfg.model.dtype != "float32" else 0.0
         initialization = 0.0
     tokens, logit_tokens = _micro_batch_tokens(cfg)
-    layer_working_set = 34 * tokens * arch.hidden * max(c, 2) // 2
-    if cfg.model.gradient_checkpointing:
-        layer_inputs = arch.layers * tokens * arch.hidden * c
-        activations = layer_inputs + layer_working_set
-    else:
-        activations = arch.layers * layer_working_set
-    activations += logit_tokens * arch.vocab * logit_bytes(cfg.model.dtype)
+    activations = activation_bytes(arch, tokens, logit_tokens, cfg.model.dtype,
+                                   cfg.model.gradient_checkpointing)
     gpu_bytes = cfg.cluster.gpu_memory_gib * GIB
     vllm = cfg.rollout.engine == "vllm"
     rollout = cfg.rollout.gpu_memory_utilization * gpu_bytes if vllm else 0.0

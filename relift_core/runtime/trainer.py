@@ -278,7 +278,7 @@ class TorchTrainer:
         params = self.trainable_parameters()
         self.optimizers: dict[UpdateKind, torch.optim.Optimizer] = {
             "rl": torch.optim.AdamW(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay),
-            "sft": torch.optim.AdamW(params, lr=self.sft.lr, weight_decay=0.0),
+            "sft": torch.optim.AdamW(params, lr=self.sft.lr, weight_decay=self.sft.weight_decay),
         }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -596,9 +596,15 @@ class TorchTrainer:
         return logp
 
     def _sft_micro_loss(self, micro: TokenBatch) -> tuple[Tensor, dict[str, float]]:
-        logp, _ = self._score(micro, with_entropy=False)
-        loss = algorithms.sft_nll(logp, micro.loss_mask, "token_mean")
-        return loss, {"sft_loss": loss.item()}
+        coef = self.sft.entropy_coef
+        logp, entropy = self._score(micro, with_entropy=coef != 0.0)
+        nll = algorithms.sft_nll(logp, micro.loss_mask, "token_mean")
+        if entropy is None:
+            return nll, {"sft_loss": nll.item()}
+        # The reference's SFT step subtracts an entropy bonus, token-mean like the NLL.
+        mean_entropy = algorithms.masked_mean(entropy, micro.loss_mask)
+        return nll - coef * mean_entropy, {"sft_loss": nll.item(),
+                                           "sft_entropy": mean_entropy.item()}
 
     def _optimizer_step(
         self,
