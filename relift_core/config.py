@@ -218,6 +218,10 @@ class EvalConfig(_Section):
     samples: int | None = Field(None, gt=0)  # override each benchmark's default k
     limit: int | None = Field(None, gt=0)  # questions per benchmark (smoke runs)
     benchmarks_dir: str | None = None  # local verl-layout parquet files
+    # Keep the policy of the best evaluation during training (mean avg@k over the benchmarks)
+    # in <run>/best, tagged in MLflow, as the reference keeps and reports its best validation
+    # checkpoint (relift_core.runtime.best_policy).
+    keep_best: bool = False
 
 
 class TrackingConfig(_Section):
