@@ -136,3 +136,11 @@ def test_the_best_evaluation_keeps_its_policy(tmp_path):
 
 def test_gpu_presets_keep_the_best_validation_checkpoint():
     assert load_config("qwen2.5-math-7b").eval.keep_best is True
+
+
+def test_sft_baseline_preset_is_luffys_offline_recipe():
+    sft, relift = load_config("qwen2.5-math-7b-sft"), load_config("qwen2.5-math-7b")
+    assert sft.algorithm.name == "sft" and sft.sft.lr == 5e-5
+    assert sft.rl.prompts_per_step == sft.sft.mini_batch_size == 64
+    assert sft.run.iterations == 2142 and sft.rollout.max_new_tokens == 1
+    assert (sft.model, sft.data, sft.eval) == (relift.model, relift.data, relift.eval)
