@@ -81,6 +81,16 @@ def validated_config(preset: str, overrides: list[str] | None):
     return load_config(preset, overrides or [])
 
 
+def checked_before_servers(cfg) -> None:
+    """The training rows, the settings only the data can refute and the benchmarks, before a
+    Prefect server starts (relift_core.data.preflight); warnings are printed, one line each."""
+    from relift_core.data.preflight import preflight
+
+    for warning in preflight(cfg):
+        err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
+                          soft_wrap=True)
+
+
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks of errors")] = False,
@@ -129,10 +139,12 @@ def _csv(value: str | None) -> list[str] | None:
 
 @app.command()
 def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
-    """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl)."""
+    """Train one run (ReLIFT or a baseline: algorithm.name=rl|sft|relift|sft_then_rl|luffy|dapo)."""
     from relift_core.runtime.memory_plan import check_fits
 
-    check_fits(validated_config(preset, overrides))
+    cfg = validated_config(preset, overrides)
+    check_fits(cfg)
+    checked_before_servers(cfg)
     from flows.temporary_server import prefect_api
     from flows.train import train as train_flow
     from tasks.progress import terminal_progress
@@ -171,7 +183,7 @@ def demo(
     bootstrap confidence intervals over held-out questions and seeds."""
     import time
 
-    validated_config(preset, overrides)
+    checked_before_servers(validated_config(preset, overrides))
     from flows.demo import demo as demo_flow
     from flows.temporary_server import prefect_api
     from tasks.progress import terminal_progress
@@ -246,7 +258,7 @@ def sweep(
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
     import yaml
 
-    validated_config(preset, overrides)
+    checked_before_servers(validated_config(preset, overrides))
     from flows.sweep import point_name, sweep_points, sweep_prefix
     from flows.sweep import sweep as sweep_flow
     from flows.temporary_server import prefect_api

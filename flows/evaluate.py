@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from flows.prepare_data import prepare_data
 from relift_core.config import load_config
 from relift_core.grading.grader import BatchGrader
-from relift_core.runtime.models import load_policy, resolve_device
+from relift_core.runtime.models import export_dtype, load_policy, resolve_device
 from relift_core.runtime.session import build_engine, seed_everything
 from tasks.eval_tasks import evaluate_all
 from tasks.tracking import close_run, open_run
@@ -44,7 +44,9 @@ def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
     logger = get_run_logger()
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
-    model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed)
+    # Inference only: the weights in the compute dtype (no float32 masters needed).
+    model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed,
+                                   dtype=export_dtype(cfg.model))
     engine = build_engine(cfg, model, tokenizer, device)
     # The proof-world's held-out split is made with the data, not registered: prepare it.
     local_sets = {}

@@ -35,6 +35,7 @@ from relift_core.data.examples import (
     prompt_token_counter,
     write_examples,
 )
+from relift_core.grading.extraction import is_choice_label, names_choice_source
 from tasks.retry import retry_unless_permanent
 
 # Bumped when preparation changes what it writes (2: over-long prompts dropped; 3: JSON
@@ -134,6 +135,21 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
+def warn_numeric_golds_under_choice_sources(examples: list[Example], source: str) -> int:
+    """One warning for rows whose data_source names a multiple-choice set (gpqa*, ...) but whose
+    gold is no choice letter: they are graded as maths (`answer_type_for`), not silently as
+    letters that could never match. Returns how many there are."""
+    rows = [(i, ex) for i, ex in enumerate(examples)
+            if names_choice_source(ex.data_source) and not is_choice_label(ex.ground_truth)]
+    if rows:
+        row, ex = rows[0]
+        _logger().warning(
+            f"{source}: {len(rows)} rows have a multiple-choice data_source but a gold that is no "
+            f"choice letter (first: row {row}, data_source {ex.data_source!r}, gold "
+            f"{ex.ground_truth[:40]!r}); they are graded as maths answers")
+    return len(rows)
+
+
 def prepare_examples(data: DataConfig, out: Path, model: ModelConfig | None = None,
                      over_long: OverLongPolicy = "drop") -> PreparedData:
     """Load, validate, filter and write the training set of `data` into `out`.
@@ -158,6 +174,7 @@ def prepare_examples(data: DataConfig, out: Path, model: ModelConfig | None = No
         evals = {}
     if data.limit and len(train) > data.limit:
         train = train[: data.limit]
+    warn_numeric_golds_under_choice_sources(train, source)
     counter = prompt_token_counter(load_tokenizer(model or ModelConfig()))
     total = len(train)
     train, dropped = filter_long_prompts(train, count_tokens=counter,

@@ -31,9 +31,11 @@ from prefect.context import get_run_context
 from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
 from relift_core.config import ConfigError, ExperimentConfig, load_config
+from relift_core.data.preflight import settings_against_data
 from relift_core.iteration import run_iteration
 from relift_core.runtime.checkpoint import latest_checkpoint
 from relift_core.runtime.memory_plan import check_fits
+from relift_core.runtime.models import export_dtype
 from relift_core.runtime.session import build_session
 from tasks import progress as terminal
 from tasks.eval_tasks import evaluate_policy
@@ -83,9 +85,14 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
     logger = get_run_logger()
     data = prepare_data.with_options(flow_run_name=f"prepare-data-{cfg.run.name}")(
         cfg.model_dump(mode="json"))
+    examples = data.train_examples()
+    # Checked again here (the CLI checks before any server starts): a deployment's run has no
+    # CLI in front of it.
+    for warning in settings_against_data(cfg, examples, data.train_path):
+        logger.warning(warning)
     # The session first: it locks the run directory and refuses to resume another experiment's
     # checkpoints before anything is written to MLflow.
-    session = build_session(cfg, data.train_examples())
+    session = build_session(cfg, examples)
     try:
         # The run directory remembers its MLflow run, so a moved or copied run store resumes
         # into the same MLflow run (its absolute path, the run key, has changed).
@@ -164,7 +171,10 @@ def log_final_policy(tracker: MlflowTracker, session) -> None:
     if final is not None:
         tracker.set_tags({"relift.final_checkpoint": str(final.resolve())})
     if session.cfg.tracking.log_checkpoints:
-        uri = tracker.log_policy(session.model, session.tokenizer, session.state.iteration)
+        # The exported model is in the compute dtype (the float32 masters stay in the
+        # checkpoint); this is the session's last use of its weights.
+        model = session.model.to(export_dtype(session.cfg.model))
+        uri = tracker.log_policy(model, session.tokenizer, session.state.iteration)
         tracker.set_tags({"relift.policy_model_uri": uri})
 
 

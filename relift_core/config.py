@@ -51,10 +51,20 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = TinyModelConfig()
     # A directory holding an already trained starting policy (e.g. the demo's base model).
     init_from: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The compute dtype: forwards/backwards under autocast in it, rollout engines and exported
+    # models get weights in it. Trainable weights and optimizer states are float32 either way
+    # (a bf16 weight cannot take the paper's 1e-6 step). float16 would need loss scaling.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     # Recompute activations in backward: GPU memory for compute (the 7B preset needs it).
     gradient_checkpointing: bool = False
-    # Forward passes (training and HF rollouts) under bf16 autocast, weights kept in `dtype`.
+    # Forwards over the real tokens only, rows packed into one sequence with position ids
+    # restarting per row (verl's use_remove_padding; Qwen2/Qwen3/Llama/Mistral models).
+    remove_padding: bool = False
+    # Score target tokens this many at a time: the head and log-softmax (and entropy) of one
+    # chunk at a time, recomputed in backward, never the whole [tokens, vocab] matrix (as
+    # Liger's fused linear cross-entropy). None: all at once.
+    logit_chunk_tokens: int | None = Field(None, gt=0)
+    # With dtype float32: forward passes (training and HF rollouts) under bf16 autocast anyway.
     # None: on CUDA only. True: on CPU too, where a CPU with bf16 instructions (AVX512-BF16,
     # AMX) runs a 135M model's matmuls ~2x faster; this is what TRL/transformers' `bf16=True`
     # does. False: never.
@@ -105,7 +115,7 @@ class WorldConfig(_Section):
     pretrain_steps: int = Field(1000, ge=0)
     pretrain_lr: float = Field(5e-3, gt=0)
     pretrain_batch_size: int = Field(32, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
 
 
 class DataConfig(_Section):
@@ -146,13 +156,35 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["relift", "rl", "sft", "sft_then_rl"] = "relift"
+    # A row of relift_core.algorithm.strategies.METHODS (a test keeps the two in step).
+    name: Literal["relift", "rl", "sft", "sft_then_rl", "luffy", "dapo"] = "relift"
     norm_adv_by_std: bool = False  # the paper: no std normalisation
-    # seq_sum_div_max_len: the paper's `loss_remove_token_mean`; token_mean: verl's default.
+    # seq_sum_div_max_len: the paper's `loss_remove_token_mean`; token_mean: verl's default
+    # (DAPO's token-level loss).
     loss_agg: Literal["seq_sum_div_max_len", "token_mean"] = "seq_sum_div_max_len"
-    clip_ratio: float | None = Field(None, gt=0)  # None: no ratio clipping (the paper)
-    entropy_coef: float = 0.001
-    kl_coef: float = Field(0.0, ge=0)
+    # PPO's ratio clipping to [1 - clip_ratio, 1 + clip_ratio_high]; None: no clipping (the
+    # paper). clip_ratio_high None: the symmetric 1 + clip_ratio. DAPO's clip-higher: 0.2 / 0.28.
+    clip_ratio: float | None = Field(None, gt=0, allow_inf_nan=False)
+    clip_ratio_high: float | None = Field(None, gt=0, allow_inf_nan=False)
+    entropy_coef: float = Field(0.001, allow_inf_nan=False)
+    # KL to a frozen copy of the starting policy, added to the loss (verl's use_kl_loss): the
+    # reference's log-probs are only computed when kl_coef > 0. k1: log p - log p_ref; k3:
+    # p_ref / p - log(p_ref / p) - 1 (verl's low_var_kl), never negative.
+    kl_coef: float = Field(0.0, ge=0, allow_inf_nan=False)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    # DAPO's dynamic sampling: groups whose samples all got the same reward are dropped and more
+    # prompts drawn until rl.prompts_per_step groups have signal, at most this many draws of
+    # rl.prompts_per_step prompts an iteration (verl's max_num_gen_batches).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = Field(10, gt=0)
+    # Samples cut at rollout.max_new_tokens: `mask` leaves them out of the loss (DAPO's overlong
+    # filtering); `soft_penalty` adds DAPO's penalty to the reward, 0 up to max_new_tokens -
+    # overlong_buffer_len tokens, then falling linearly to -overlong_penalty_factor.
+    overlong: Literal["off", "mask", "soft_penalty"] = "off"
+    overlong_buffer_len: int = Field(4096, gt=0)
+    overlong_penalty_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+    # LUFFY's policy shaping of the off-policy (demonstration) tokens: p / (p + gamma).
+    off_policy_shaping_gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
     require_think: bool = True  # the answer is read after </think>; missing tag = format failure
     sft_buffer_threshold: int = Field(128, gt=0)
     # The paper's reference code: new demonstrations go in front, one fine-tuning step per
@@ -168,10 +200,25 @@ class AlgorithmConfig(_Section):
     teacher_model: str | None = None
     teacher_attempts: int = Field(4, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_settings(cls, data: Any) -> Any:
+        """The settings a method brings (its row's), where the config does not give them."""
+        if isinstance(data, dict):
+            from relift_core.algorithm.strategies import METHODS
+
+            method = METHODS.get(data.get("name", "relift"))
+            if method is not None:
+                data = {**method.settings, **data}
+        return data
+
     @model_validator(mode="after")
     def _teacher_named(self) -> AlgorithmConfig:
         if self.demonstrations == "teacher" and not self.teacher_model:
             raise ValueError("algorithm.demonstrations=teacher needs algorithm.teacher_model")
+        if self.clip_ratio_high is not None and self.clip_ratio is None:
+            raise ValueError("algorithm.clip_ratio_high needs algorithm.clip_ratio (the lower "
+                             "bound); set both or neither")
         return self
 
 
@@ -194,6 +241,9 @@ class RLConfig(_Section):
     prompts_per_step: int = Field(128, gt=0)
     mini_batch_size: int = Field(64, gt=0)  # prompts per optimizer step
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward (gradient accumulation)
+    # A token budget per forward instead of a row count (verl's use_dynamic_bsz /
+    # ppo_max_token_len_per_gpu): rows packed greedily by length; the loss is the same.
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)
     ppo_epochs: int = Field(1, gt=0)
     grad_clip: float = Field(0.7, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -203,6 +253,7 @@ class SFTConfig(_Section):
     lr: LearningRate = 1e-6
     mini_batch_size: int = Field(128, gt=0)
     micro_batch_size: int = Field(8, gt=0)
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)  # as rl.max_tokens_per_micro_batch
     epochs: int = Field(1, gt=0)
     grad_clip: float = Field(0.7, gt=0)
     max_target_tokens: int = Field(8192, gt=0)
@@ -223,6 +274,17 @@ class EvalConfig(_Section):
     # checkpoint (relift_core.runtime.best_policy).
     keep_best: bool = False
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _distinct_names(cls, v: list[str]) -> list[str]:
+        # A file path is logged under its stem (`/data/aime.parquet` -> eval/aime/...): two
+        # entries with one name would write over each other's metrics.
+        names = [Path(b).stem if Path(b).suffix.lower() in (".parquet", ".jsonl") else b for b in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two benchmarks would be logged as {repeated[0]!r}: rename a file")
+        return v
+
 
 class TrackingConfig(_Section):
     # None: sqlite:///<workdir>/mlflow.db (embedded). MLFLOW_TRACKING_URI overrides when set.
@@ -234,9 +296,13 @@ class TrackingConfig(_Section):
     log_checkpoints: bool = True
 
 
+# numpy's generator takes seeds in [0, 2**32): anything else crashed after the config passed.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class RunConfig(_Section):
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     iterations: int = Field(10, ge=0)
     workdir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -281,10 +347,11 @@ class ClusterConfig(_Section):
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
     cpu_ranks_per_node: int = Field(1, gt=0)  # ranks per node when gpus_per_node is 0
-    # zero1: weights replicated, gradients all-reduced, optimizer states sharded over the ranks
-    # (runs on CPU with gloo; tested). deepspeed_zero3: weights, gradients and optimizer states
-    # sharded by DeepSpeed (GPU only, not yet run on a GPU).
-    trainer_strategy: Literal["zero1", "deepspeed_zero3"] = "zero1"
+    # fsdp2 (default, as verl): torch's fully_shard per decoder layer and the root; float32
+    # sharded masters, compute in model.dtype. deepspeed_zero3: DeepSpeed ZeRO-3 (needs the
+    # `deepspeed` package: the gpu or dev extra). Both shard weights, gradients and both
+    # optimizers' states over the ranks; both run on CPU ranks (gloo) in the tests.
+    trainer_strategy: Literal["fsdp2", "deepspeed_zero3"] = "fsdp2"
     gpu_memory_gib: float = Field(80.0, gt=0)  # per GPU, for `relift plan` and the fit check
 
     @property
@@ -321,6 +388,36 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"rollout.max_model_len={self.rollout.max_model_len} cannot hold "
                 f"data.max_prompt_tokens + the longest response ({needed} tokens)")
+        return self
+
+    @model_validator(mode="after")
+    def _overlong_buffer_fits(self) -> ExperimentConfig:
+        if (self.algorithm.overlong == "soft_penalty"
+                and self.algorithm.overlong_buffer_len >= self.rollout.max_new_tokens):
+            raise ValueError(
+                f"algorithm.overlong_buffer_len={self.algorithm.overlong_buffer_len} must be "
+                f"below rollout.max_new_tokens={self.rollout.max_new_tokens} (the soft overlong "
+                "penalty starts that many tokens before the limit)")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_can_learn(self) -> ExperimentConfig:
+        """Settings under which GRPO's group advantages are always 0, so RL never updates:
+        refused with the reason rather than run as a silent no-op."""
+        if self.algorithm.name == "sft":
+            return self  # no RL step
+        if self.rollout.n == 1:
+            raise ValueError(
+                f"rollout.n=1 with algorithm.name={self.algorithm.name}: a GRPO advantage is a "
+                "sample's reward minus its group's mean, always 0 for a group of one, so RL "
+                "would never update; use rollout.n >= 2"
+            )
+        if self.rollout.temperature == 0:
+            raise ValueError(
+                f"rollout.temperature=0 with rollout.n={self.rollout.n}: greedy decoding makes "
+                "the n samples of a question identical, so every group's advantages are 0 and "
+                "RL would never update; sample with rollout.temperature > 0"
+            )
         return self
 
     def run_dir(self) -> Path:
@@ -409,21 +506,70 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"key {key!r} appears twice (again on line {line})")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping with a repeated key: PyYAML keeps the last value, so a
+    second `rl:` silently replaced the whole first section."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content (safe: no Python tags), refusing repeated keys; ConfigError naming
+    the file (and the key) otherwise."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the preset: {e}") from e
+
+
 def load_config(
     preset: str | Path = "toy", overrides: list[str] | dict[str, Any] | None = None
 ) -> ExperimentConfig:
     path = preset_path(preset)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
+    items = list(overrides.items() if isinstance(overrides, dict)
+                 else map(parse_override, overrides or []))
+    data = apply_overrides(_switch_method(data, items), overrides or [])
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_explain(e, path)) from None
+
+
+def _switch_method(data: dict[str, Any], items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An override that changes algorithm.name brings the new method's settings (its row in
+    relift_core.algorithm.strategies.METHODS) in place of the preset's values for those keys:
+    `-p toy algorithm.name=dapo` is DAPO, not the toy preset's GRPO loss under DAPO's name.
+    Overrides of those keys still win (they are applied after)."""
+    from relift_core.algorithm.strategies import METHODS
+
+    names = [v for k, v in items if k == "algorithm.name"]
+    section = data.get("algorithm")
+    if not names or not isinstance(section, dict) or section.get("name") == names[-1]:
+        return data
+    method = METHODS.get(names[-1]) if isinstance(names[-1], str) else None
+    if method is None:
+        return data  # validation names the bad value
+    return {**data, "algorithm": {k: v for k, v in section.items() if k not in method.settings}}
 
 
 def _explain(e: ValidationError, path: Path) -> str:
@@ -432,6 +578,8 @@ def _explain(e: ValidationError, path: Path) -> str:
         key = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'")
+        elif not key:  # a check across sections: its message names the keys, the input is all
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  '{key}': {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

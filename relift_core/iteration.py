@@ -24,14 +24,14 @@ import torch
 from relift_core.algorithm.demonstration_buffer import DemoBuffer, DemoEntry
 from relift_core.algorithm.demonstrations import DemonstrationSource
 from relift_core.algorithm.difficulty import DifficultyLedger, Level
-from relift_core.algorithm.objectives import grpo_advantages
+from relift_core.algorithm.objectives import grpo_advantages, overlong_shaping
 from relift_core.algorithm.strategies import Strategy
-from relift_core.config import ExperimentConfig
+from relift_core.config import AlgorithmConfig, ExperimentConfig
 from relift_core.data.examples import Example, render_prompt
 from relift_core.data.question_stream import QuestionStream
 from relift_core.grading.extraction import answer_type_for
 from relift_core.grading.grader import BatchGrader, Grade
-from relift_core.runtime.batches import rl_batch, sft_batch
+from relift_core.runtime.batches import demonstration_ids, pack_rows, sft_batch
 from relift_core.runtime.rollout import RolloutEngine, Sample
 from relift_core.tracker import Tracker
 
@@ -79,6 +79,21 @@ class Rollouts:
     samples: list[list[Sample]]  # per question, n samples
     grades: list[list[Grade]] = field(default_factory=list)
     seconds: float = 0.0
+    # LUFFY: per question, its demonstration as one more (off-policy) sample of its group, and
+    # that sample's grade; None where the source has none. Empty unless the strategy mixes.
+    demonstrations: list[Sample | None] = field(default_factory=list)
+    demonstration_grades: list[Grade | None] = field(default_factory=list)
+
+    def select(self, indices: list[int]) -> Rollouts:
+        """The groups of questions `indices` (graded, not yet mixed)."""
+        return Rollouts([self.questions[i] for i in indices], [self.samples[i] for i in indices],
+                        [self.grades[i] for i in indices], self.seconds)
+
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        return Rollouts([q for r in parts for q in r.questions],
+                        [g for r in parts for g in r.samples],
+                        [g for r in parts for g in r.grades], sum(r.seconds for r in parts))
 
 
 def draw_questions(stream: QuestionStream, dataset: list[Example], k: int) -> list[Example]:
@@ -103,7 +118,7 @@ def grade(rollouts: Rollouts, grader: BatchGrader, *, require_think: bool) -> Ro
         for s in group:
             texts.append(s.text)
             golds.append(q.ground_truth)
-            types.append(answer_type_for(q.data_source))
+            types.append(answer_type_for(q.data_source, q.ground_truth))
     flat = grader.grade(texts, golds, types, require_think=require_think)
     grades, i = [], 0
     for group in rollouts.samples:
@@ -139,13 +154,14 @@ def policy_levels(cfg: ExperimentConfig, questions: list[Example],
                   init_from: str | None = None) -> dict[str, Level]:
     """uid -> level of each question under a saved policy (`init_from`, default the config's
     model), loaded fresh on cfg.run.device: the demo's and the difficulty-dynamics' measure."""
-    from relift_core.runtime.models import load_policy, resolve_device
+    from relift_core.runtime.models import export_dtype, load_policy, resolve_device
     from relift_core.runtime.session import build_engine, seed_everything
 
     model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
-    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed)
+    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed,
+                                   dtype=export_dtype(cfg.model))
     engine = build_engine(cfg, model, tokenizer, device)
     with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
         return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
@@ -184,16 +200,103 @@ def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: in
             "demos_unavailable": float(sum(not d for d in demos)), **source.counts()}
 
 
-def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, norm_adv_by_std: bool) -> dict[str, float]:
-    """GRPO: each sample's advantage is its reward against its own question's group."""
-    samples = [s for group in rollouts.samples for s in group]
-    rewards = torch.tensor([g.reward for gs in rollouts.grades for g in gs], dtype=torch.float32)
-    group_index = torch.tensor([qi for qi, group in enumerate(rollouts.samples) for _ in group])
-    advantages = grpo_advantages(rewards, group_index, norm_by_std=norm_adv_by_std)
-    if not torch.any(advantages != 0):
+def has_signal(grades: list[Grade]) -> bool:
+    """Whether a group's rewards differ: an all-right or all-wrong group has no advantage."""
+    return len({g.reward for g in grades}) > 1
+
+
+def dynamic_sampling(first: Rollouts, draw_more: Callable[[int], Rollouts], *, target: int,
+                     max_draws: int) -> tuple[Rollouts, Rollouts, dict[str, float]]:
+    """DAPO's dynamic sampling: (everything drawn, the groups kept, stats).
+
+    Groups without reward variance are dropped, and `draw_more(d)` (the d-th draw of graded
+    rollouts, d = 1, 2, ...) is called until `target` groups have signal or `max_draws` draws
+    (`first` included) were made; the kept groups are the first `target` with signal. Stats:
+    draws, prompts drawn, groups kept, and whether the batch was filled."""
+    if max_draws < 1 or target < 1:
+        raise ValueError(f"target and max_draws must be >= 1, got {target} and {max_draws}")
+    drawn = [first]
+    kept = [(0, qi) for qi, grades in enumerate(first.grades) if has_signal(grades)]
+    while len(kept) < target and len(drawn) < max_draws:
+        more = draw_more(len(drawn))
+        kept += [(len(drawn), qi) for qi, grades in enumerate(more.grades) if has_signal(grades)]
+        drawn.append(more)
+    kept = kept[:target]
+    chosen = Rollouts.concat([drawn[d].select([qi for dd, qi in kept if dd == d])
+                              for d in range(len(drawn))])
+    everything = Rollouts.concat(drawn)
+    stats = {"dynamic_sampling/draws": float(len(drawn)),
+             "dynamic_sampling/prompts_drawn": float(len(everything.questions)),
+             "dynamic_sampling/groups_kept": float(len(kept)),
+             "dynamic_sampling/batch_filled": float(len(kept) == target)}
+    return everything, chosen, stats
+
+
+def mix_demonstrations(rollouts: Rollouts, source: DemonstrationSource, tokenizer,
+                       grader: BatchGrader, *, max_new_tokens: int, require_think: bool) -> Rollouts:
+    """LUFFY: each question's demonstration becomes one more sample of its group, graded like
+    the rollouts, its response cut at `max_new_tokens` as a rollout would be."""
+    texts = source.demonstrations(rollouts.questions)
+    present = [qi for qi, t in enumerate(texts) if t]
+    ids = demonstration_ids(tokenizer, [texts[qi] for qi in present], max_new_tokens)
+    grades = grader.grade([texts[qi] for qi in present],
+                          [rollouts.questions[qi].ground_truth for qi in present],
+                          [answer_type_for(rollouts.questions[qi].data_source) for qi in present],
+                          require_think=require_think) if present else []
+    rollouts.demonstrations = [None] * len(texts)
+    rollouts.demonstration_grades = [None] * len(texts)
+    for qi, response, g in zip(present, ids, grades, strict=True):
+        stopped = bool(response) and response[-1] == tokenizer.eos_token_id
+        rollouts.demonstrations[qi] = Sample(
+            prompt_index=qi, prompt_ids=list(rollouts.samples[qi][0].prompt_ids),
+            response_ids=response, text=texts[qi], length=len(response),
+            finish_reason="eos" if stopped else "length")
+        rollouts.demonstration_grades[qi] = g
+    return rollouts
+
+
+def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig,
+              max_new_tokens: int) -> dict[str, float]:
+    """GRPO: each sample's advantage is its reward against its own question's group, which
+    holds the question's demonstration too when the rollouts were mixed (LUFFY). Over-long
+    samples are masked or penalised as algorithm.overlong says."""
+    samples: list[Sample] = []
+    rewards: list[float] = []
+    group: list[int] = []
+    off_policy: list[bool] = []
+    for qi, (group_samples, grades) in enumerate(zip(rollouts.samples, rollouts.grades,
+                                                     strict=True)):
+        rows = list(zip(group_samples, grades, [False] * len(grades)))
+        if rollouts.demonstrations and rollouts.demonstrations[qi] is not None:
+            rows.append((rollouts.demonstrations[qi], rollouts.demonstration_grades[qi], True))
+        for sample, grade_, off in rows:
+            samples.append(sample)
+            rewards.append(grade_.reward)
+            group.append(qi)
+            off_policy.append(off)
+    if not samples:
+        return {"rl_skipped": 1.0}
+    shaped, keep = overlong_shaping(
+        torch.tensor(rewards, dtype=torch.float32),
+        torch.tensor([s.length for s in samples]),
+        torch.tensor([s.finish_reason == "length" for s in samples]),
+        algo.overlong, max_len=max_new_tokens, buffer_len=algo.overlong_buffer_len,
+        penalty_factor=algo.overlong_penalty_factor)
+    advantages = grpo_advantages(shaped, torch.tensor(group), norm_by_std=algo.norm_adv_by_std)
+    if not torch.any((advantages * keep) != 0):
         # Every group all-right or all-wrong: the policy gradient is exactly zero, skip the step.
         return {"rl_skipped": 1.0}
-    return trainer.rl_step(rl_batch(samples, advantages, pad_id))
+    batch = pack_rows([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id,
+                      advantages)
+    batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
+    if any(off_policy):
+        batch.off_policy = torch.tensor(off_policy)
+    stats = trainer.rl_step(batch)
+    if any(off_policy):
+        stats["off_policy_rows"] = float(sum(off_policy))
+    if algo.overlong != "off":
+        stats["overlong_rows"] = float(sum(s.finish_reason == "length" for s in samples))
+    return stats
 
 
 def sft_update(trainer, tokenizer, entries: list[DemoEntry], *, max_target_tokens: int,
@@ -226,10 +329,11 @@ def rollout_metrics(rollouts: Rollouts, levels: list[Level]) -> dict[str, float]
     return out
 
 
-def rollout_seed(run_seed: int, iteration: int) -> int:
-    """The rollout seed depends on the iteration, so a resumed run samples what the crashed one
-    would have sampled (and two seeds never share an iteration's samples)."""
-    return run_seed * 100_003 + iteration
+def rollout_seed(run_seed: int, iteration: int, draw: int = 0) -> int:
+    """The rollout seed depends on the iteration (and on the draw within it, for dynamic
+    sampling), so a resumed run samples what the crashed one would have sampled (and two seeds
+    never share an iteration's samples)."""
+    return run_seed * 100_003 + iteration + draw * 1_000_033
 
 
 @contextmanager
@@ -250,9 +354,10 @@ class Phases:
     def draw_questions(self, session: TrainSession) -> list[Example]:
         return draw_questions(session.state.stream, session.dataset, session.cfg.rl.prompts_per_step)
 
-    def rollout(self, session: TrainSession, questions: list[Example], iteration: int) -> Rollouts:
+    def rollout(self, session: TrainSession, questions: list[Example], iteration: int,
+                draw: int = 0) -> Rollouts:
         return rollout(session.engine, session.tokenizer, questions, session.cfg,
-                       seed=rollout_seed(session.cfg.run.seed, iteration))
+                       seed=rollout_seed(session.cfg.run.seed, iteration, draw))
 
     def grade(self, session: TrainSession, rollouts: Rollouts) -> Rollouts:
         return grade(rollouts, session.grader, require_think=session.cfg.algorithm.require_think)
@@ -265,11 +370,19 @@ class Phases:
         return collect_demonstrations(session.state.buffer, session.strategy, iteration,
                                       rollouts.questions, levels, session.demonstration_source)
 
+    def mix_demonstrations(self, session: TrainSession, rollouts: Rollouts) -> Rollouts:
+        return mix_demonstrations(rollouts, session.demonstration_source, session.tokenizer,
+                                  session.grader, max_new_tokens=session.cfg.rollout.max_new_tokens,
+                                  require_think=session.cfg.algorithm.require_think)
+
     def rl_update(self, session: TrainSession, rollouts: Rollouts) -> dict[str, float]:
         start = time.perf_counter()
         with engine_asleep(session.engine):
             stats = rl_update(session.trainer, rollouts, pad_id=session.tokenizer.pad_token_id,
-                              norm_adv_by_std=session.cfg.algorithm.norm_adv_by_std)
+                              algo=session.cfg.algorithm,
+                              max_new_tokens=session.cfg.rollout.max_new_tokens)
+        # LUFFY's demonstrations are trained on in the RL step: they count as used.
+        session.state.demos_used += int(stats.get("off_policy_rows", 0))
         session.engine.sync_weights(session.model)
         return {**stats, "seconds": time.perf_counter() - start}
 
@@ -318,19 +431,37 @@ def run_iteration(session: TrainSession, i: int, *, phases: Phases = DIRECT_PHAS
     phase["rollout"] = rollouts.seconds
     rollouts = phases.grade(session, rollouts)
     phase["grade"] = rollouts.seconds - phase["rollout"]
+    trained = rollouts  # the groups the RL update sees
+    sampling_stats: dict[str, float] = {}
+    if cfg.algorithm.dynamic_sampling and strategy.runs_rl(i):
+        sampling_start = time.perf_counter()
+
+        def draw_more(draw: int) -> Rollouts:
+            more = phases.rollout(session, phases.draw_questions(session), i, draw)
+            return phases.grade(session, more)
+
+        rollouts, trained, sampling_stats = dynamic_sampling(
+            rollouts, draw_more, target=cfg.rl.prompts_per_step,
+            max_draws=cfg.algorithm.dynamic_sampling_max_draws)
+        phase["dynamic_sampling"] = time.perf_counter() - sampling_start
     levels = phases.classify(session, i, rollouts)
     metrics = rollout_metrics(rollouts, levels)
+    metrics.update(sampling_stats)
 
     # ReLIFT: the questions no rollout solved (hardest) send their demonstrations to the buffer.
     metrics.update(phases.collect_demonstrations(session, i, rollouts, levels))
     if strategy.runs_rl(i):
-        rl_stats = phases.rl_update(session, rollouts)
+        if strategy.mixes_demonstrations(i):
+            trained = phases.mix_demonstrations(session, trained)
+        rl_stats = phases.rl_update(session, trained)
         phase["rl_update"] = rl_stats.pop("seconds")
         metrics.update({f"rl/{key}": v for key, v in rl_stats.items()})
-    for _ in range(strategy.max_sft_steps(i)):
+    max_steps, steps = strategy.max_sft_steps(i), 0
+    while max_steps is None or steps < max_steps:
         size = strategy.sft_batch_size(i, len(state.buffer))
         if not size:
             break
+        steps += 1
         sft_stats = phases.sft_update(session, size, i)
         phase["sft_update"] = phase.get("sft_update", 0.0) + sft_stats.pop("seconds")
         metrics.update({f"sft/{key}": v for key, v in sft_stats.items()})

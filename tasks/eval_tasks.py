@@ -50,9 +50,12 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
                  require_think: bool, seed: int, label: str) -> dict[str, dict[str, Any]]:
     """Evaluates every benchmark in `names`; logs metrics, records and tables. Returns summaries."""
     summaries: dict[str, dict[str, Any]] = {}
-    for name in names:
-        bench = resolve_benchmark(name, local_sets=local_sets or {},
+    for given in names:
+        bench = resolve_benchmark(given, local_sets=local_sets or {},
                                   benchmarks_dir=eval_cfg.benchmarks_dir, limit=eval_cfg.limit)
+        # A benchmark given as a file path is named by its file's stem: metric keys and file
+        # names hold no slashes (MLflow refused `eval//abs/path.parquet/avg_at_k`).
+        name = bench.name
         # quote(): keep Prefect from walking the model and every question (see flows/train.py).
         records, summary = evaluate_one(quote(engine), quote(tokenizer), quote(grader),
                                         quote(bench), eval_cfg=eval_cfg, out_dir=out_dir,

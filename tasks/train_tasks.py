@@ -33,6 +33,8 @@ grade_task = task(name="grade", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.g
 classify_task = task(name="classify-difficulty", cache_policy=NO_CACHE)(_CORE.classify)
 collect_task = task(name="collect-demonstrations", cache_policy=NO_CACHE,
                     **ENGINE_RETRIES)(_CORE.collect_demonstrations)
+mix_task = task(name="mix-demonstrations", cache_policy=NO_CACHE,
+                **ENGINE_RETRIES)(_CORE.mix_demonstrations)
 rl_update_task = task(name="rl-update", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.rl_update)
 sft_update_task = task(name="sft-update", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.sft_update)
 checkpoint_task = task(name="checkpoint", cache_policy=NO_CACHE, retries=2,
@@ -45,8 +47,8 @@ class PrefectPhases(Phases):
     drawing the next questions: an in-memory read of the question stream that cannot fail or
     be retried usefully, so a task run's bookkeeping would only cost time."""
 
-    def rollout(self, session, questions, iteration):
-        return rollout_task(quote(session), quote(questions), iteration)
+    def rollout(self, session, questions, iteration, draw=0):
+        return rollout_task(quote(session), quote(questions), iteration, draw)
 
     def grade(self, session, rollouts):
         return grade_task(quote(session), quote(rollouts))
@@ -56,6 +58,9 @@ class PrefectPhases(Phases):
 
     def collect_demonstrations(self, session, iteration, rollouts, levels):
         return collect_task(quote(session), iteration, quote(rollouts), quote(levels))
+
+    def mix_demonstrations(self, session, rollouts):
+        return mix_task(quote(session), quote(rollouts))
 
     def rl_update(self, session, rollouts):
         return rl_update_task(quote(session), quote(rollouts))

@@ -7,8 +7,10 @@ from relift_core.algorithm.objectives import (
     aggregate_loss,
     entropy_from_logits,
     grpo_advantages,
+    kl_penalty,
     masked_mean,
     masked_sum,
+    overlong_shaping,
     policy_loss,
     sft_nll,
     token_logprobs,
@@ -209,3 +211,126 @@ def test_sft_nll_is_mean_negative_logprob_of_demonstration_tokens():
     assert sft_nll(logp, mask).item() == pytest.approx(-(math.log(0.25) + math.log(0.9)) / 2)
     per_seq = sft_nll(logp, mask, "seq_sum_div_max_len", max_len=8).item()
     assert per_seq == pytest.approx(-(math.log(0.25) + math.log(0.9)) / 8)
+
+
+# --- clip-higher (DAPO) -----------------------------------------------------------------------
+
+
+def test_clip_higher_clips_asymmetrically():
+    old = torch.zeros(1, 4)
+    ratio = t(1.25, 1.3, 0.75, 0.85)
+    logp = torch.log(ratio).view(1, 4).requires_grad_()
+    adv = t(1.0, 1.0, -1.0, -1.0).view(1, 4)
+    mask = torch.ones(1, 4)
+    loss, stats = policy_loss(logp, old, adv, mask, clip_ratio=0.2, clip_ratio_high=0.28,
+                              loss_agg="token_mean")
+    # A>0: 1.25 is inside [0.8, 1.28] (kept: -1.25), 1.3 is clipped to -1.28.
+    # A<0: 0.75 is below 0.8, clipped to 0.8; 0.85 is inside (kept: 0.85).
+    assert loss.item() == pytest.approx((-1.25 - 1.28 + 0.8 + 0.85) / 4)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    loss.backward()
+    assert_close(logp.grad, t(-1.25, 0.0, 0.0, 0.85).view(1, 4) / 4)
+    # The symmetric 0.2 would have clipped the 1.25 token too.
+    symmetric, sym_stats = policy_loss(logp.detach(), old, adv, mask, clip_ratio=0.2,
+                                       loss_agg="token_mean")
+    assert symmetric.item() == pytest.approx((-1.2 - 1.2 + 0.8 + 0.85) / 4)
+    assert sym_stats["clip_frac"] == pytest.approx(0.75)
+
+
+def test_clip_ratio_high_without_a_lower_bound_is_refused():
+    with pytest.raises(ValueError, match="clip_ratio_high needs clip_ratio"):
+        policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), t(1.0), torch.ones(1, 2),
+                    clip_ratio_high=0.28)
+
+
+# --- LUFFY's mixed groups and shaped off-policy loss -----------------------------------------
+
+
+def test_luffy_mixed_group_advantages_by_hand():
+    # One question: 3 rollouts (1 right) and the demonstration (right), one group of 4.
+    rewards, groups = t(1.0, 0.0, 0.0, 1.0), torch.tensor([0, 0, 0, 0])
+    assert_close(grpo_advantages(rewards, groups), t(0.5, -0.5, -0.5, 0.5))
+    # All rollouts wrong: without the demonstration no signal, with it the group learns.
+    assert_close(grpo_advantages(t(0.0, 0.0, 0.0, 1.0), groups), t(-0.25, -0.25, -0.25, 0.75))
+
+
+def test_luffy_shaped_off_policy_loss_by_hand():
+    """Row 0 on-policy (ratio 1), row 1 the demonstration: -A p / (p + 0.1), never clipped."""
+    p_on, p_off = t(0.5, 0.25), t(0.5, 0.9)
+    logp = torch.log(torch.stack([p_on, p_off])).requires_grad_()
+    # The demonstration's row has no sampling log-probs: garbage there must not matter.
+    old = torch.stack([torch.log(p_on), t(-100.0, 50.0)])
+    adv = t(-0.5, 0.5)
+    off = torch.tensor([False, True])
+    loss, stats = policy_loss(logp, old, adv, torch.ones(2, 2), clip_ratio=0.2,
+                              clip_ratio_high=0.28, loss_agg="token_mean", off_policy=off,
+                              off_policy_gamma=0.1)
+    on_tokens = [0.5, 0.5]  # -A * 1
+    off_tokens = [-0.5 * 0.5 / 0.6, -0.5 * 0.9 / 1.0]
+    assert loss.item() == pytest.approx(sum(on_tokens + off_tokens) / 4)
+    assert stats["off_policy_prob"] == pytest.approx(0.7)
+    assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
+    loss.backward()
+    # d/dlogp of -A p/(p+g) = -A g p / (p+g)^2; on-policy: -A r.
+    off_grad = [-0.5 * 0.1 * p / (p + 0.1) ** 2 for p in (0.5, 0.9)]
+    assert_close(logp.grad, torch.tensor([[0.5, 0.5], off_grad]) / 4)
+    # Sequence-sum aggregation over the max length, as the LUFFY script's
+    # loss_remove_token_mean: each row's token sum / 8, averaged over rows.
+    seq, _ = policy_loss(logp.detach(), old, adv, torch.ones(2, 2), loss_agg="seq_sum_div_max_len",
+                         max_len=8, off_policy=off)
+    assert seq.item() == pytest.approx((sum(on_tokens) / 8 + sum(off_tokens) / 8) / 2)
+
+
+def test_off_policy_padding_is_ignored():
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    logp = torch.log(t(0.5, 0.5, 0.5, 0.5)).view(2, 2)
+    garbage = logp.clone()
+    garbage[:, 1] = float("nan")
+    kw = {"loss_agg": "token_mean", "off_policy": torch.tensor([False, True])}
+    a, _ = policy_loss(logp, logp, t(1.0, 1.0), mask, **kw)
+    b, _ = policy_loss(garbage, garbage, t(1.0, 1.0), mask, **kw)
+    assert a == b and torch.isfinite(a)
+
+
+# --- KL to a reference -------------------------------------------------------------------------
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    logp = torch.log(torch.rand(3, 5) * 0.98 + 0.01)
+    for estimator in ("k1", "k3"):
+        assert torch.equal(kl_penalty(logp, logp.clone(), estimator), torch.zeros(3, 5))
+
+
+def test_kl_estimators_by_hand_and_k3_never_negative():
+    logp, ref = torch.log(t(0.5, 0.25)), torch.log(t(0.25, 0.5))
+    assert_close(kl_penalty(logp, ref, "k1"), t(math.log(2), -math.log(2)))
+    # k3 = e^r - r - 1 with r = log p_ref - log p
+    assert_close(kl_penalty(logp, ref, "k3"), t(0.5 + math.log(2) - 1, 2 - math.log(2) - 1))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=g) * 5, torch.randn(1000, generator=g) * 5
+    assert (kl_penalty(a, b, "k3") >= 0).all()
+    assert (kl_penalty(a, b, "k1") < 0).any()  # k1 per token takes either sign
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(a, b, "k2")
+
+
+# --- overlong (DAPO) -----------------------------------------------------------------------------
+
+
+def test_overlong_modes_treat_exactly_the_truncated_samples():
+    rewards = t(1.0, 1.0, 1.0, 0.0)
+    lengths = torch.tensor([10, 60, 64, 64])
+    truncated = torch.tensor([False, False, True, True])
+    kw = {"max_len": 64, "buffer_len": 16, "penalty_factor": 1.0}
+    r, keep = overlong_shaping(rewards, lengths, truncated, "off", **kw)
+    assert torch.equal(r, rewards) and torch.equal(keep, t(1, 1, 1, 1))
+    r, keep = overlong_shaping(rewards, lengths, truncated, "mask", **kw)
+    assert torch.equal(r, rewards) and torch.equal(keep, t(1, 1, 0, 0))
+    r, keep = overlong_shaping(rewards, lengths, truncated, "soft_penalty", **kw)
+    # 0 up to 64 - 16 = 48 tokens, then linear: 60 -> -12/16, and every truncated one -1.
+    assert_close(r, t(1.0, 0.25, 0.0, -1.0)) and torch.equal(keep, t(1, 1, 1, 1))
+    r, _ = overlong_shaping(rewards, lengths, truncated, "soft_penalty", max_len=64,
+                            buffer_len=16, penalty_factor=0.5)
+    assert_close(r, t(1.0, 0.625, 0.5, -0.5))
+    with pytest.raises(ValueError, match="buffer_len"):
+        overlong_shaping(rewards, lengths, truncated, "soft_penalty", max_len=64, buffer_len=64)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -300,3 +301,155 @@ def test_routine_task_completions_are_quiet_on_the_console_but_failures_are_not(
     assert quiet.filter(record("prefect.task_runs", "Task run failed with exception ... - Retry 1/1"))
     assert quiet.filter(record("prefect.flow_runs", "Finished in state Completed()"))
     assert quiet.filter(record("prefect.flow_runs", "iter 3: acc 0.500"))
+
+
+# ------------------------------------------------- issue 22: bad input found before any server
+
+
+def test_a_preset_with_a_duplicate_key_is_refused_naming_key_and_file(tmp_path):
+    preset = tmp_path / "dup.yaml"
+    preset.write_text("run: {name: a}\nrl: {lr: 1.0e-3}\nmodel: {source: tiny}\n"
+                      "rl: {prompts_per_step: 4}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(preset))
+    assert str(e.value) == f"{preset}: key 'rl' appears twice (again on line 4)"
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("rl:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice \(again on line 3\)"):
+        load_config(str(nested))
+
+
+@pytest.mark.parametrize("override", ["run.seed=-1", f"run.seed={2**32}", "data.world.seed=-1"])
+def test_seeds_numpy_cannot_take_are_refused(override):
+    with pytest.raises(ConfigError) as e:
+        load_config("toy", [override])
+    assert override.split("=")[0] in str(e.value)
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    (["rollout.n=1"], "rollout.n=1 with algorithm.name=relift"),
+    (["rollout.n=1", "algorithm.name=rl"], "always 0 for a group of one"),
+    (["rollout.temperature=0"], "rollout.temperature=0 with rollout.n=8"),
+])
+def test_settings_under_which_rl_never_updates_are_refused_with_the_reason(overrides, reason):
+    with pytest.raises(ConfigError) as e:
+        load_config("toy", overrides)
+    assert reason in str(e.value) and "{" not in str(e.value)  # the reason, not the whole input
+    # Without RL the same settings are fine.
+    load_config("toy", [*overrides, "algorithm.name=sft"])
+
+
+def test_settings_the_data_refutes_are_refused_or_warned(tmp_path):
+    from relift_core.data.preflight import settings_against_data, training_examples
+
+    rows = [row(i, question=f"{i}+1?", answer=str(i + 1)) for i in range(5)]
+    for r in rows[:3]:
+        r["target"] = "<think>add</think> \\boxed{x}"
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = load_config("toy", {"data.world": None, "data.train_path": path,
+                              "rl.prompts_per_step": 8, "algorithm.sft_buffer_threshold": 4})
+    examples, source = training_examples(cfg)
+    with pytest.raises(ConfigError) as e:
+        settings_against_data(cfg, examples, source)
+    assert str(e.value).startswith(f"algorithm.sft_buffer_threshold=4 but {path} has only 3 ")
+    ok = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(
+        update={"sft_buffer_threshold": 3})})
+    [warning] = settings_against_data(ok, examples, source)
+    assert warning.startswith("rl.prompts_per_step=8 is more than the 5 training questions")
+
+
+def test_a_numeric_question_under_a_choice_data_source_is_graded_as_maths(tmp_path, caplog):
+    from flows.prepare_data import prepare_examples
+    from relift_core.data.examples import Example
+    from relift_core.grading.extraction import answer_type_for
+    from relift_core.grading.grader import BatchGrader
+    from relift_core.iteration import Rollouts, grade
+
+    assert answer_type_for("gpqa_diamond", "147") == "math"
+    assert answer_type_for("gpqa_diamond", "C") == answer_type_for("gpqa_diamond", "(b)") == "choice"
+    assert answer_type_for("gpqa_diamond") == "choice"  # the name alone, as before
+    question = Example(uid="q", data_source="gpqa_diamond", prompt=({"role": "user",
+                       "content": "7*21?"},), ground_truth="147")
+
+    class Sample:
+        text = "<think>7*21</think> \\boxed{147}"
+
+    with BatchGrader(workers=1) as grader:
+        graded = grade(Rollouts([question], [[Sample()]]), grader, require_think=True)
+    assert graded.grades[0][0].correct  # was wrong every time: letter grading of "147"
+
+    records = [row(0, answer="147"), row(1, answer="B")]
+    for r in records:
+        r["data_source"] = "gpqa_diamond"
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    with caplog.at_level(logging.WARNING):
+        prepare_examples(DataConfig(train_path=path), tmp_path / "out")
+    [warning] = [r.getMessage() for r in caplog.records if "multiple-choice" in r.getMessage()]
+    assert "1 rows" in warning and "row 0" in warning and "'147'" in warning
+
+
+def test_an_absolute_benchmark_path_is_named_by_its_stem(tmp_path, monkeypatch):
+    """MLflow refused `eval//tmp/.../set.parquet/avg_at_k` at the step-0 evaluation."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    from relift_core.tracker import InMemoryTracker
+    from tasks import eval_tasks
+
+    path = tmp_path / "my set.d" / "held_out.jsonl"
+    path.parent.mkdir()
+    write_jsonl(path, [row(0, answer="2"), row(1, question="2+2?", answer="4")])
+    cfg = load_config("toy", {"eval.benchmarks": [str(path)]})
+    summary = {"avg_at_k": 0.5, "k": 1, "questions": 2}
+    seen = []
+    monkeypatch.setattr(eval_tasks, "evaluate_one",
+                        lambda *a, **kw: seen.append(a[3].unwrap().name) or ([], summary))
+    for artifact in ("create_markdown_artifact", "create_table_artifact"):
+        monkeypatch.setattr(eval_tasks, artifact, lambda **kw: None)
+    tracker = InMemoryTracker()
+    summaries = eval_tasks.evaluate_all(None, None, None, names=cfg.eval.benchmarks,
+                                        eval_cfg=cfg.eval, out_dir=tmp_path / "eval",
+                                        tracker=tracker, step=0, require_think=True, seed=0,
+                                        label="t")
+    assert seen == ["held_out"] and list(summaries) == ["held_out"]
+    keys = [key for _, metrics in tracker.metrics for key in metrics]
+    assert "eval/held_out/avg_at_k" in keys
+    for key in keys:
+        _validate_metric_name(key)  # raises for what MLflow would refuse
+
+
+def _cli(*args: str):
+    import os
+    import subprocess
+    import time
+
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)  # so that a server would be started, were one needed
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=str(REPO), check=False)
+    return done, time.monotonic() - start
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (["run.seed=-1"], 2, "'run.seed'"),
+    (["rollout.n=1"], 2, "rollout.n=1"),
+    (["algorithm.sft_buffer_threshold=100000"], 2, "would never fill"),
+    (["eval.benchmarks=[/no/such/set.parquet]"], 1, "/no/such/set.parquet: no such file"),
+    (["data.world=null", "data.train_path=BAD", "eval.benchmarks=[]"], 1, "row 1"),
+])
+def test_cli_refuses_config_and_data_in_one_line_before_a_server_starts(tmp_path, args, code,
+                                                                         says):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(row(0)) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    args = [a.replace("BAD", str(bad)) for a in args]
+    done, seconds = _cli("train", "-p", "toy", f"run.workdir={tmp_path}", *args)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == code, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    # A Prefect server takes 20-110 s to start here; the checks take about one.
+    assert seconds < 15, seconds
+    assert "server" not in done.stdout.lower() + done.stderr.lower()
+    assert not (tmp_path / "mlflow.db").exists()

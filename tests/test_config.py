@@ -55,3 +55,53 @@ def test_fingerprint_changes_with_config():
     a, b = load_config("toy"), load_config("toy", ["run.seed=1"])
     assert a.fingerprint() == load_config("toy").fingerprint() != b.fingerprint()
     assert a.flat_params()["rl.lr"] == a.rl.lr
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algorithm.name=ppo", "algorithm.name"),
+    ("algorithm.clip_ratio_high=-0.1", "algorithm.clip_ratio_high"),
+    ("algorithm.clip_ratio_high=0.28", "algorithm.clip_ratio_high"),  # no lower bound (toy)
+    ("algorithm.kl_coef=-1", "algorithm.kl_coef"),
+    ("algorithm.kl_coef=.inf", "algorithm.kl_coef"),
+    ("algorithm.kl_estimator=k2", "algorithm.kl_estimator"),
+    ("algorithm.dynamic_sampling=sometimes", "algorithm.dynamic_sampling"),
+    ("algorithm.dynamic_sampling_max_draws=0", "algorithm.dynamic_sampling_max_draws"),
+    ("algorithm.overlong=truncate", "algorithm.overlong"),
+    ("algorithm.overlong_buffer_len=0", "algorithm.overlong_buffer_len"),
+    ("algorithm.overlong_penalty_factor=-1", "algorithm.overlong_penalty_factor"),
+    ("algorithm.off_policy_shaping_gamma=0", "algorithm.off_policy_shaping_gamma"),
+    ("algorithm.off_policy_shaping_gamma=.nan", "algorithm.off_policy_shaping_gamma"),
+])
+def test_a_bad_value_of_each_method_key_is_one_line_naming_it(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("toy", [override])
+    header, *problems = str(e.value).splitlines()
+    assert "toy.yaml" in header
+    assert len(problems) == 1 and key in problems[0], str(e.value)
+
+
+def test_soft_overlong_buffer_must_fit_the_response_length():
+    with pytest.raises(ConfigError) as e:
+        load_config("toy", ["algorithm.name=dapo", "algorithm.overlong_buffer_len=64"])
+    _header, *problems = str(e.value).splitlines()
+    assert len(problems) == 1 and "algorithm.overlong_buffer_len" in problems[0]
+    assert "rollout.max_new_tokens=64" in problems[0]
+
+
+def test_switching_method_by_override_brings_its_settings():
+    """The toy preset spells out GRPO's loss; algorithm.name=dapo still means DAPO, and an
+    explicit override of one of DAPO's keys still wins."""
+    dapo = load_config("toy", ["algorithm.name=dapo"]).algorithm
+    assert (dapo.clip_ratio, dapo.clip_ratio_high, dapo.loss_agg) == (0.2, 0.28, "token_mean")
+    assert dapo.dynamic_sampling and dapo.overlong == "soft_penalty"
+    tuned = load_config("toy", ["algorithm.name=dapo", "algorithm.clip_ratio_high=0.3",
+                                "algorithm.overlong=mask"]).algorithm
+    assert tuned.clip_ratio_high == 0.3 and tuned.overlong == "mask" and tuned.dynamic_sampling
+    luffy = load_config("toy", ["algorithm.name=luffy"]).algorithm
+    assert luffy.off_policy_shaping_gamma == 0.1 and luffy.clip_ratio is None
+    # The preset's own method keeps the preset's values.
+    relift = load_config("toy", ["algorithm.name=relift"]).algorithm
+    assert relift.clip_ratio is None and not relift.dynamic_sampling
+    # Each piece on its own, on any method.
+    rl = load_config("toy", ["algorithm.name=rl", "algorithm.dynamic_sampling=true"]).algorithm
+    assert rl.dynamic_sampling and rl.clip_ratio is None

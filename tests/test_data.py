@@ -248,3 +248,22 @@ def test_loads_the_shared_benchmarks(shared_benchmarks):
     gpqa = load_examples(shared_benchmarks / "gpqa_diamond.parquet")
     assert len(gpqa) == 198 and {e.data_source for e in gpqa} == {"gpqa"}
     assert {e.ground_truth for e in gpqa} <= set("ABCD")
+
+
+def test_a_gold_longer_than_the_grader_reads_is_refused_naming_file_and_row(tmp_path):
+    """A 50 MB ground truth kept the grader busy for 10 min; preparation refuses it instead."""
+    from relift_core.grading.answer_checks import MAX_GOLD_CHARS
+
+    rows = [
+        verl_row(0),
+        verl_row(1, answer="1" * MAX_GOLD_CHARS),
+        verl_row(2, answer="7" * 5_000_000),
+    ]
+    path = write_parquet(tmp_path / "train.parquet", rows)
+    with pytest.raises(DataError) as e:
+        load_examples(path)
+    message = str(e.value)
+    assert message.count("\n") == 0
+    assert str(path) in message and "row 2" in message and "'ground_truth'" in message
+    assert "5,000,000 characters" in message
+    assert len(load_examples(path, limit=2)) == 2  # a gold at the bound is fine

@@ -301,8 +301,10 @@ def test_parent_kills_a_worker_that_cannot_stop_itself() -> None:
     ("42", "42", True), ("42.0", "42", True), ("+42", "42", True), ("-0", "0", True),
     ("0.50", "0.5", True), (".5", "0.5", True),
     ("43", "42", False), ("-42", "42", False),
-    # Only math-verify can tell: its rounding of decimals, long integers, anything not a number.
-    ("0.3333333", "0.333333", None), ("42.5", "42", None), ("1" * 16, "1" * 15 + "2", None),
+    # Integers compare exactly at any length; decimals within NUMERIC_REL_TOL of the gold.
+    ("1" * 16, "1" * 15 + "2", False), ("0.3333333", "0.333333", True), ("42.5", "42", False),
+    ("42.0000001", "42", True), ("0.5000001", "0.5", True), ("0.0000001", "0", False),
+    # Only math-verify can tell: anything not a plain number.
     ("1.", "1", None), ("\\frac{84}{2}", "42", None), ("42", "\\frac{84}{2}", None),
     ("4,2", "42", None), ("1e3", "1000", None),
 ])
@@ -310,3 +312,51 @@ def test_exact_number_fast_path_decides_only_the_sure_cases(predicted, gold, ver
     from relift_core.grading.grader import exact_number_verdict
 
     assert exact_number_verdict(predicted, gold) is verdict
+
+
+# --- one reading of percent, one tolerance at every scale (issue 22) -------------------------
+
+# (answer, gold, correct). A percent sign is a unit: `42\%` is 42, never 0.42. Where a decimal
+# is involved, a number is right within NUMERIC_REL_TOL (5e-6) of the gold's magnitude.
+READINGS = [
+    (r"42\%", "42", True),
+    (r"42\%", "0.42", False),  # was right too: one answer matched two golds
+    (r"4200\%", "42", False),  # was right
+    ("42", r"42\%", True),
+    ("0.42", r"42\%", False),  # was right
+    (r"62.5\,\%", "62.5%", True),
+    ("8", r"$8 \%$", True),
+    (r"42\text{ percent}", "42", True),
+    (r"(20\%, 30\%)", "(20, 30)", True),
+    ("0.5000001", "0.5", True),
+    ("42.0000001", "42", True),  # was wrong while 0.5000001 was right
+    ("42.001", "42", False),
+    ("0.5001", "0.5", False),
+    (r"\frac{1}{3}", "0.333333", True),
+    ("0.333333", r"\frac13", True),
+    (r"1.0000001 \times 10^{-9}", r"10^{-9}", True),
+    (r"2 \times 10^{-9}", r"10^{-9}", False),  # six decimal places made both 0
+    ("0.0000001", "0", False),
+    ("(0.5000001, 42.0000001)", "(0.5, 42)", True),  # inside tuples too
+    ("(0.5001, 42)", "(0.5, 42)", False),
+]
+
+
+@pytest.mark.parametrize(("answer", "gold", "correct"), READINGS)
+def test_one_reading_of_percent_and_a_relative_tolerance(grader, answer, gold, correct) -> None:
+    [grade] = grader.grade([rf"\boxed{{{answer}}}"], [gold])
+    assert (grade.correct, grade.format_ok, grade.timed_out) == (correct, True, False)
+    assert grade.extracted == answer  # the record keeps the answer as written
+
+
+def test_no_answer_matches_two_different_golds(grader) -> None:
+    """Each answer is right for at most one of golds that differ (42 and 0.42, 0.5 and 0.5001)."""
+    answers = [r"42\%", r"4200\%", "42", "0.42", r"0.42\%", "0.5000001", "0.5"]
+    golds = ["42", "0.42", "4200", r"42\%", "0.5", "0.5001"]
+    pairs = [(a, g) for a in answers for g in golds]
+    grades = grader.grade([rf"\boxed{{{a}}}" for a, _ in pairs], [g for _, g in pairs])
+    right: dict[str, set[str]] = {}
+    for (answer, gold), grade in zip(pairs, grades, strict=True):
+        if grade.correct:
+            right.setdefault(answer, set()).add(gold.replace("\\%", ""))
+    assert all(len(values) == 1 for values in right.values()), right

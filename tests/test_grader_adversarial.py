@@ -13,7 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from relift_core.grading.answer_checks import MAX_NESTING_DEPTH, rejection
+from relift_core.grading.answer_checks import (
+    _SCIENTIFIC,
+    MAX_ANSWER_CHARS,
+    MAX_GOLD_CHARS,
+    MAX_NESTING_DEPTH,
+    _gold,
+    rejection,
+)
 from relift_core.grading.extraction import extract_choice
 from relift_core.grading.grader import BatchGrader, _prepare, grade_answer
 
@@ -245,3 +252,58 @@ def test_choice_extraction_is_linear(text: str) -> None:
 def test_choice_extraction_still_finds_answers_after_long_runs() -> None:
     assert extract_choice("answer" + " " * 40_000 + "C") == "C"
     assert extract_choice("The answer is" + " " * 10_000 + "(B)") == "B"
+
+
+# --- every step before the pool is linear in the answer's length (issue 22) ------------------
+
+# Each shape is built to make one pre-filter re-read its input: digit runs (the scientific-
+# notation pattern tried every split of every suffix of a run: 4 s at 1,000 digits, 54 s at
+# 2,000), stray closing brackets before opening ones (each operand lookup read to the end).
+LONG_SHAPES = {
+    "digits": lambda n: "1" * n,
+    "digits then e": lambda n: "1" * (n - 2) + "e5",
+    "decimal digits": lambda n: "0." + "1" * (n - 2),
+    "closes then opens": lambda n: ")" * (n // 2) + "(" * (n // 2),
+    "open sums": lambda n: "(a+" * (n // 3),
+    "factorials": lambda n: "2!" * (n // 2),
+    "juxtaposed groups": lambda n: "(1)" * (n // 3),
+    "spaces": lambda n: "1" + " " * (n - 2) + "1",
+}
+
+
+@pytest.mark.parametrize("shape", list(LONG_SHAPES.values()), ids=list(LONG_SHAPES))
+@pytest.mark.parametrize("length", [2_000, 100_000])
+def test_long_boxed_answers_are_graded_fast(shape, length: int) -> None:
+    answer = shape(length)
+    for gold in ("42", "1" * MAX_GOLD_CHARS):
+        start = time.monotonic()
+        grade = _prepare(_boxed(answer), gold, "math", True)
+        assert time.monotonic() - start < FAST_S, (gold[:5], length)
+        assert getattr(grade, "correct", None) is False  # refused before any worker
+
+
+@pytest.mark.parametrize("shape", list(LONG_SHAPES.values()), ids=list(LONG_SHAPES))
+def test_the_longest_gold_and_answer_are_checked_fast(shape) -> None:
+    """Both at their bounds, so every check reads them in full (the gold's side is what the
+    50 MB ground truth kept busy for 10 min)."""
+    gold, answer = shape(MAX_GOLD_CHARS), shape(MAX_ANSWER_CHARS)
+    _gold.cache_clear()
+    start = time.monotonic()
+    rejection(answer, gold)
+    assert time.monotonic() - start < FAST_S  # 17.8 s for the digits before the fix
+
+
+def test_the_scientific_notation_pattern_reads_a_digit_run_once() -> None:
+    start = time.monotonic()
+    assert _SCIENTIFIC.search("1" * 100_000) is None
+    assert _SCIENTIFIC.search("1" * 100_000 + "e5") is not None
+    assert time.monotonic() - start < 0.1
+    # What it reads is unchanged: a number written with an exponent, not a letter after one.
+    found = lambda text: [m.groups() for m in _SCIENTIFIC.finditer(text)]
+    assert found("1.2e-3") == [("1.2", "-3")] and found(".5E3") == [(".5", "3")]
+    assert found("10^{1e9}") == [("1", "9")] and found("x1e5") == [] and found("2e") == []
+
+
+def test_a_gold_past_the_bound_is_refused_not_graded() -> None:
+    with pytest.raises(ValueError, match="ground truth of 50,000,000 characters"):
+        _prepare(_boxed("42"), "4" * 50_000_000, "math", False)

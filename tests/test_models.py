@@ -88,11 +88,15 @@ def test_tiny_model_init_is_seeded_and_leaves_global_rng_alone(tokenizer):
 
 
 def test_load_policy_tiny_prepares_tokenizer_and_dtype():
+    # model.dtype is the compute dtype: training loads float32 masters, inference asks for it.
     model, tok = load_policy(ModelConfig(source="tiny", dtype="bfloat16"), seed=3)
     assert tok.padding_side == "left"
     assert tok.pad_token is not None
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.device.type == "cpu"
+    served, _ = load_policy(ModelConfig(source="tiny", dtype="bfloat16"), seed=3,
+                            dtype=torch.bfloat16)
+    assert {p.dtype for p in served.parameters()} == {torch.bfloat16}
 
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path, tokenizer):

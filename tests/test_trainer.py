@@ -7,8 +7,8 @@ rollout engine scores.
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import sys
 from dataclasses import replace
 
 import pytest
@@ -359,13 +359,38 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, mode):
         assert stats["grad_norm"] == pytest.approx(stats_1["grad_norm"], rel=1e-5)
 
 
-def test_rl_step_refuses_missing_advantages_and_kl(tokenizer):
-    model = _model(tokenizer)
-    trainer = _trainer(model)
+def test_rl_step_refuses_missing_advantages(tokenizer):
+    trainer = _trainer(_model(tokenizer))
     with pytest.raises(ValueError, match="advantages"):
         trainer.rl_step(pack_rows([[1]], [[2]], pad_id=0))
-    with pytest.raises(ValueError, match="kl_coef"):
-        _trainer(model, algo=AlgorithmConfig(kl_coef=0.1))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_to_a_frozen_reference(tokenizer, estimator):
+    """kl_coef > 0: a frozen copy of the starting policy. Its KL is 0 while the policy equals
+    it (k3 then changes nothing at all), and not once the policy moved; the reference never
+    moves."""
+    prompts, responses = _rows(tokenizer)
+    batch = pack_rows(prompts, responses, tokenizer.pad_token_id, advantages=[1.0, -1.0, 0.5, 2.0])
+    assert _trainer(_model(tokenizer)).reference is None  # kl_coef 0: no copy, no passes
+    plain = _trainer(_model(tokenizer))
+    trainer = _trainer(_model(tokenizer), algo=AlgorithmConfig(
+        entropy_coef=0.0, kl_coef=0.5, kl_estimator=estimator))
+    assert trainer.reference is not None
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+    reference_before = [p.detach().clone() for p in trainer.reference.parameters()]
+    one_step = {"rows_per_minibatch": len(batch)}
+    first, first_plain = trainer.rl_step(batch, **one_step), plain.rl_step(batch, **one_step)
+    assert first["kl_to_reference"] == 0.0
+    assert first["policy_loss"] == pytest.approx(first_plain["policy_loss"])
+    if estimator == "k3":  # k3's gradient is 0 there too; k1's is grad log p (0 only on average)
+        assert first["grad_norm"] == pytest.approx(first_plain["grad_norm"], rel=1e-6)
+    second = trainer.rl_step(batch, **one_step)
+    assert second["kl_to_reference"] != 0.0
+    if estimator == "k3":
+        assert second["kl_to_reference"] > 0
+    for before, p in zip(reference_before, trainer.reference.parameters(), strict=True):
+        assert torch.equal(before, p)
 
 
 def test_trainer_state_dict_round_trip(tokenizer):
@@ -384,7 +409,7 @@ def test_trainer_state_dict_round_trip(tokenizer):
 # ------------------------------------------------------------------------------------ DeepSpeed
 
 
-def test_deepspeed_config_builder_makes_a_zero2_bf16_config():
+def test_deepspeed_config_builder_makes_a_zero3_bf16_config_with_fp32_reduction():
     config = build_deepspeed_config(
         micro_batch_size=4,
         gradient_accumulation_steps=8,
@@ -393,8 +418,11 @@ def test_deepspeed_config_builder_makes_a_zero2_bf16_config():
         weight_decay=0.01,
         world_size=2,
     )
-    assert config["zero_optimization"]["stage"] == 2
+    assert config["zero_optimization"]["stage"] == 3
     assert config["bf16"] == {"enabled": True}
+    # Gradients reduced and accumulated in float32, like FSDP2's reduce_dtype.
+    assert config["communication_data_type"] == "fp32"
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
     assert config["gradient_clipping"] == 0.7
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 8
@@ -402,11 +430,12 @@ def test_deepspeed_config_builder_makes_a_zero2_bf16_config():
     assert config["optimizer"]["type"] == "AdamW"
     assert config["optimizer"]["params"]["lr"] == 1e-6
     assert config["optimizer"]["params"]["weight_decay"] == 0.01
+    assert config["optimizer"]["params"]["torch_adam"] is True  # torch's AdamW, any accelerator
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed present")
-def test_deepspeed_trainer_without_deepspeed_names_the_gpu_extra(tokenizer):
-    with pytest.raises(DeepSpeedUnavailableError, match=r"relift\[gpu\]"):
+def test_deepspeed_trainer_without_deepspeed_names_the_extra(tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
+    with pytest.raises(DeepSpeedUnavailableError, match=r"relift\[gpu\].*fsdp2"):
         DeepSpeedTrainer(
             _model(tokenizer),
             algo=AlgorithmConfig(),
@@ -414,6 +443,32 @@ def test_deepspeed_trainer_without_deepspeed_names_the_gpu_extra(tokenizer):
             sft=SFTConfig(),
             max_response_len=MAX_LEN,
         )
+
+
+def test_bf16_compute_keeps_float32_masters_that_take_a_1e_6_step(tokenizer):
+    """model.dtype=bfloat16 is the compute dtype: the weights stay float32 and a 1e-6 AdamW
+    step moves them (on bf16 weights it rounds away: the weights themselves are checked)."""
+    model = _model(tokenizer).to(torch.bfloat16)  # as a bf16 checkpoint loads
+    trainer = TorchTrainer(model, algo=AlgorithmConfig(entropy_coef=0.0),
+                           rl=RLConfig(lr=1e-6), sft=SFTConfig(lr=1e-6),
+                           max_response_len=MAX_LEN, dtype="bfloat16")
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    seen: list[torch.dtype] = []
+    hook = trainer.model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    prompts, responses = _rows(tokenizer)
+    batch = pack_rows(prompts, responses, tokenizer.pad_token_id)
+    try:
+        trainer.sft_step(batch)
+    finally:
+        hook.remove()
+    assert set(seen) == {torch.bfloat16}
+    after = trainer.model.state_dict()
+    moved = sum(int((after[k] != before[k]).sum()) for k in before)
+    assert moved / sum(v.numel() for v in before.values()) > 0.5
+    with pytest.raises(ValueError, match="float16 would need loss scaling"):
+        TorchTrainer(_model(tokenizer), algo=AlgorithmConfig(), rl=RLConfig(), sft=SFTConfig(),
+                     max_response_len=MAX_LEN, dtype="float16")
 
 
 # ---------------------------------------------------------------------------- SmolLM2 (slow)

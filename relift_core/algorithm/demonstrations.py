@@ -53,8 +53,9 @@ class TeacherDemonstrations:
         out: list[str | None] = []
         for ex, group in zip(examples, groups, strict=True):
             texts = [s.text for s in group]
-            grades = self.grader.grade(texts, [ex.ground_truth] * len(texts),
-                                       answer_type_for(ex.data_source), self.require_think)
+            answer_type = answer_type_for(ex.data_source, ex.ground_truth)
+            grades = self.grader.grade(texts, [ex.ground_truth] * len(texts), answer_type,
+                                       self.require_think)
             # The first verified answer; a question the teacher cannot solve gets none.
             chosen = next((t for t, g in zip(texts, grades) if g.correct), None)
             self.verified += chosen is not None

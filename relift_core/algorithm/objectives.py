@@ -78,6 +78,25 @@ def aggregate_loss(
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+def _ppo_token_losses(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+    clip_ratio: float | None, clip_ratio_high: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token -A r, or PPO's max(-A r, -A clip(r, 1 - low, 1 + high)); with the ratio, the
+    log-ratio (0 at padding) and where the clipped term wins."""
+    # Zeroing padding before exp keeps garbage there from overflowing into inf * 0 = nan grads.
+    log_ratio = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    unclipped = -advantages * ratio
+    if clip_ratio is None:
+        if clip_ratio_high is not None:
+            raise ValueError("clip_ratio_high needs clip_ratio (the lower bound)")
+        return unclipped, ratio, log_ratio, torch.zeros_like(mask, dtype=torch.bool)
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + high)
+    return torch.maximum(unclipped, clipped), ratio, log_ratio, clipped > unclipped
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -85,36 +104,107 @@ def policy_loss(
     mask: Tensor,
     *,
     clip_ratio: float | None = None,
+    clip_ratio_high: float | None = None,
     loss_agg: LossAgg = "seq_sum_div_max_len",
     max_len: int | None = None,
+    off_policy: Tensor | None = None,
+    off_policy_gamma: float = 0.1,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy-gradient loss on [B, T] token log-probs; advantages are [B] (per sequence) or [B, T].
 
-    Per token: -A * r with r = exp(logp - old_logp), or PPO's max(-A r, -A clip(r, 1-c, 1+c)) when
-    `clip_ratio` is c. Stats: clip_frac (share of tokens where the clipped term wins), ratio_mean,
-    approx_kl (mean of old_logp - logp, the k1 estimate of KL(old || new)).
+    Per token: -A * r with r = exp(logp - old_logp), or PPO's max(-A r, -A clip(r, 1-lo, 1+hi))
+    when `clip_ratio` is lo; `clip_ratio_high` is hi (DAPO's clip-higher: 0.2 / 0.28), the
+    symmetric lo when None.
+
+    `off_policy` ([B] bool) marks rows that another policy wrote (LUFFY: the question's
+    demonstration), for which there is no sampling probability to take a ratio against. Their
+    tokens get LUFFY's policy shaping instead, -A * f(p) with f(p) = p / (p + gamma) and p the
+    current probability, never clipped: its gradient -A * gamma / (p + gamma)^2 * grad p keeps
+    learning from the tokens the policy finds unlikely, where a plain -A p would vanish. Both
+    kinds of token are aggregated together.
+
+    Stats: clip_frac (share of on-policy tokens where the clipped term wins), ratio_mean,
+    approx_kl (mean of old_logp - logp over on-policy tokens, the k1 estimate of KL(old || new)),
+    and with off-policy rows off_policy_prob (their tokens' mean probability).
     """
     if advantages.dim() == logp.dim() - 1:
         advantages = advantages.unsqueeze(-1)
-    # Zeroing padding before exp keeps garbage there from overflowing into inf * 0 = nan grads.
-    log_ratio = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))
-    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-    unclipped = -advantages * ratio
-    if clip_ratio is None:
-        per_token = unclipped
-        clipped_wins = torch.zeros_like(mask, dtype=torch.bool)
-    else:
-        clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
-        per_token = torch.maximum(unclipped, clipped)
-        clipped_wins = clipped > unclipped
+    on_mask = mask
+    if off_policy is not None:
+        off_rows = off_policy.bool().unsqueeze(-1)
+        on_mask = torch.where(off_rows, torch.zeros_like(mask), mask)
+    per_token, ratio, log_ratio, clipped_wins = _ppo_token_losses(
+        logp, old_logp, advantages, on_mask, clip_ratio, clip_ratio_high)
+    stats: dict[str, float] = {}
+    if off_policy is not None:
+        off_mask = torch.where(off_rows, mask, torch.zeros_like(mask))
+        # p <= 1 at real tokens; padding (anything, even nan) is zeroed before exp.
+        prob = torch.exp(torch.where(off_mask.bool(), logp, torch.zeros_like(logp)).clamp(max=0.0))
+        shaped = -advantages * prob / (prob + off_policy_gamma)
+        per_token = torch.where(off_rows, shaped, per_token)
+        with torch.no_grad():
+            stats["off_policy_prob"] = masked_mean(prob, off_mask).item()
     loss = aggregate_loss(per_token, mask, loss_agg, max_len)
     with torch.no_grad():
-        stats = {
-            "clip_frac": masked_mean(clipped_wins.float(), mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
-            "approx_kl": masked_mean(-log_ratio, mask).item(),
-        }
+        stats.update({
+            "clip_frac": masked_mean(clipped_wins.float(), on_mask).item(),
+            "ratio_mean": masked_mean(ratio, on_mask).item(),
+            "approx_kl": masked_mean(-log_ratio, on_mask).item(),
+        })
     return loss, stats
+
+
+KLEstimator = Literal["k1", "k3"]
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator) -> Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs, named
+    as in verl's core_algos.kl_penalty (Schulman's k1 / k3).
+
+    k1: log p - log p_ref, unbiased but of either sign per token; as a loss its gradient is
+      grad log p even where p == p_ref (zero only in expectation over sampled tokens).
+    k3: p_ref / p - log(p_ref / p) - 1 (verl's low_var_kl), never negative, lower variance;
+      computed from the log-ratio clamped to +-20 and clamped to <= 10 as verl does, so one
+      far-off token cannot dominate; its gradient vanishes where p == p_ref. Both are exactly
+      0 where logp == ref_logp.
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_ratio = (ref_logp - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        # e^r >= 1 + r for every r (exp is convex), so this is >= 0 but for rounding: clamped.
+        return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(min=0.0, max=10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}: expected k1 or k3")
+
+
+OverlongMode = Literal["off", "mask", "soft_penalty"]
+
+
+def overlong_shaping(
+    rewards: Tensor, lengths: Tensor, truncated: Tensor, mode: OverlongMode, *,
+    max_len: int, buffer_len: int, penalty_factor: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """DAPO's two treatments of over-long samples: [B] rewards, lengths (response tokens) and
+    truncated flags (cut at `max_len`) -> ([B] rewards, [B] 1/0 row weights for the loss).
+
+    mask: truncated samples keep their reward (they still count in their group's mean) but are
+      left out of the loss, so a right reasoning cut short is never punished for its length.
+    soft_penalty: reward + min(0, -(length - (max_len - buffer_len)) / buffer_len * factor): 0 up
+      to `max_len - buffer_len` tokens, then linearly down to -factor at `max_len`, where every
+      truncated sample sits; no row is left out.
+    """
+    keep = torch.ones_like(rewards, dtype=torch.float32)
+    if mode == "off":
+        return rewards, keep
+    if mode == "mask":
+        return rewards, torch.where(truncated.bool(), torch.zeros_like(keep), keep)
+    if mode == "soft_penalty":
+        if not 0 < buffer_len < max_len:
+            raise ValueError(f"buffer_len must be in (0, max_len={max_len}), got {buffer_len}")
+        exceed = lengths.to(rewards.dtype) - (max_len - buffer_len)
+        penalty = (-exceed / buffer_len * penalty_factor).clamp(max=0.0)
+        return rewards + penalty, keep
+    raise ValueError(f"unknown overlong mode {mode!r}: expected off, mask or soft_penalty")
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -100,7 +100,7 @@ class Benchmark:
     def answer_type_for(self, question: Example) -> AnswerType:
         if self.spec.answer_type is not None:
             return self.spec.answer_type
-        return answer_type_for(question.data_source)
+        return answer_type_for(question.data_source, question.ground_truth)
 
     @property
     def data_sources(self) -> list[str]:

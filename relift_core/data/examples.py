@@ -9,7 +9,8 @@ field names to another dataset's columns (dotted names reach into nested structs
 Every row is validated once, here at the edge: a malformed row raises `DataError` naming the
 file, the row index and the field, so nothing downstream has to re-check types. A file that
 cannot be read (invalid UTF-8 in a .jsonl, a corrupt parquet) or that holds no rows is refused
-the same way, naming the file (and line and byte offset where there is one). Prompts over the
+the same way, naming the file (and line and byte offset where there is one); so is a gold
+longer than the grader's bound (`MAX_GOLD_CHARS`). Prompts over the
 token budget are dropped and counted, or refused, by `filter_long_prompts`.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from relift_core.atomic import atomic_file
+from relift_core.grading.answer_checks import MAX_GOLD_CHARS
 
 # Our field -> the column it is read from by default (the verl layout).
 DEFAULT_FIELD_MAP: dict[str, str] = {
@@ -357,6 +359,13 @@ def _parse_row(
         raise fail("ground_truth", f"expected a string, got {type(ground_truth).__name__}")
     if not ground_truth.strip():
         raise fail("ground_truth", "empty")
+    if len(ground_truth) > MAX_GOLD_CHARS:
+        # The grader reads answers of at most this length, and its checks of a gold must stay
+        # cheap: a gold this long is a broken row (a solution in the answer column, a dump).
+        raise fail(
+            "ground_truth",
+            f"{len(ground_truth):,} characters, more than the {MAX_GOLD_CHARS:,} a gold may have",
+        )
 
     target = _parse_target(values["target"], lambda problem: fail("target", problem))
 

@@ -44,6 +44,10 @@ from functools import lru_cache
 
 # Five times the longest gold in the evaluation sets (210 chars); anything longer is noise.
 MAX_ANSWER_CHARS = 1000
+# No gold may be longer than the longest answer read (answers are at most MAX_ANSWER_CHARS, so
+# a longer gold can never be matched as written); data preparation refuses such a row, naming
+# it, so that the gold's own checks stay bounded too (a 50 MB gold kept `grade` busy 10 min).
+MAX_GOLD_CHARS = MAX_ANSWER_CHARS
 # Honest rewrites of a gold stay close to its length (`\frac12` -> `\dfrac{1}{2}`); a much
 # longer answer only buys parse time, which grows with length (measured in a fresh worker: a
 # 500-character sum of symbols 1.6 s, 900 characters of `1+1+...` 2.9 s). So an answer may
@@ -572,7 +576,10 @@ _TOKEN = re.compile(
 )
 # Thousands separators are part of a number, not a list: `58,500`, `10,\!080`, `1{,}000`.
 _THOUSANDS = re.compile(r"(?<=\d)(?:,\\!\s*|\{,\}|,)(?=\d{3}(?!\d))")
-_SCIENTIFIC = re.compile(r"(?<![A-Za-z\\])(\d*\.?\d+)[eE]([+-]?\d+)")
+# Linear: a number starts only where no digit, point, letter or backslash precedes it, and its
+# quantifiers are possessive, so a run of n digits is read once. The former `(\d*\.?\d+)[eE]`
+# tried every split of every suffix of the run: cubic, 4 s for 1,000 digits.
+_SCIENTIFIC = re.compile(r"(?<![A-Za-z\\\d.])(\d++(?:\.\d++)?|\.\d++)[eE]([+-]?+\d++)")
 # TeX programming needs `#` (macro parameters), `` ` `` (character codes), `@` (internal
 # names), `^^` (character escapes); `?` and `"` are hedges or quotes; an unescaped `%` that is
 # not at the end starts a TeX comment that hides the rest (golds end with `%`, as in `17.5%`);
@@ -601,8 +608,32 @@ class _Token:
     spaced: bool  # whitespace came right before it
 
 
-def _tokens(text: str) -> list[_Token]:
-    tokens = []
+class _TokenList(list):
+    """Tokens, with every bracket's partner found once (one stack pass), so that looking up an
+    operand costs its own length, not a scan to the end: with `)))...(((` each lookup used to
+    read the rest of the answer, quadratic in its length."""
+
+    closing: dict[int, int]  # open bracket -> its closing bracket (the last index if none)
+    opening: dict[int, int]  # close bracket -> its opening bracket (0 if none)
+
+    def pair_brackets(self) -> None:
+        self.closing, self.opening, open_at = {}, {}, []
+        for index, token in enumerate(self):
+            side = _bracket(token)
+            if side == "open":
+                open_at.append(index)
+            elif side == "close":
+                if open_at:
+                    self.closing[open_at[-1]] = index
+                    self.opening[index] = open_at.pop()
+                else:
+                    self.opening[index] = 0
+        for index in open_at:
+            self.closing[index] = len(self) - 1
+
+
+def _tokens(text: str) -> _TokenList:
+    tokens = _TokenList()
     spaced = False
     for match in _TOKEN.finditer(text):
         command, escaped, number, letter, space, char = match.groups()
@@ -620,6 +651,7 @@ def _tokens(text: str) -> list[_Token]:
         else:
             tokens.append(_Token("char", char, spaced))
         spaced = False
+    tokens.pair_brackets()
     return tokens
 
 
@@ -1034,6 +1066,8 @@ def _operand_after(tokens: list[_Token], start: int) -> tuple[list[_Token], int]
 def _matching(tokens: list[_Token], start: int) -> int:
     """Index of the bracket closing the one at `start` (any of ({[ against any of )}]), or the
     last index when it never closes."""
+    if isinstance(tokens, _TokenList) and start in tokens.closing:
+        return tokens.closing[start]
     depth = 0
     for index in range(start, len(tokens)):
         side = _bracket(tokens[index])
@@ -1055,6 +1089,8 @@ def _operand_before(tokens: list[_Token], end: int) -> list[_Token]:
         return []
     last = tokens[index]
     if _bracket(last) == "close":
+        if isinstance(tokens, _TokenList):
+            return tokens[tokens.opening[index] : index + 1]
         depth = 0
         for start in range(index, -1, -1):
             side = _bracket(tokens[start])
@@ -1173,6 +1209,8 @@ def _group_products(tokens: list[_Token]) -> int:
         if after < len(tokens) and tokens[after].kind == "char" and tokens[after].text == "^":
             continue
         product = min(product * _monomials(tokens[index : end + 1], 1), 10**9)
+        if product > MAX_EXPANSION_TERMS:
+            break  # refused anyway; reading on would only cost time
     return product
 
 
@@ -1246,7 +1284,7 @@ def _nesting_depth(text: str) -> int:
             depth += 1
             deepest = max(deepest, depth)
         elif char in "})]":
-            depth -= 1
+            depth = max(0, depth - 1)  # a stray close must not hide the opens after it
     return deepest
 
 

@@ -18,12 +18,30 @@ THINK_CLOSE = "</think>"
 _CHOICE_SOURCE_PREFIXES = ("gpqa", "arc_c", "mmlu_pro")
 
 
-def answer_type_for(data_source: str) -> AnswerType:
-    """gpqa*, arc_c*, mmlu_pro* are multiple choice; everything else is maths.
+# What a multiple-choice gold is: one letter A-J or digit 1-9, optionally in parentheses.
+_CHOICE_LABEL = re.compile(r"\s*\(?\s*(?:[A-Ja-j]|[1-9])\s*\)?\s*")
 
-    Only the last path component counts, so hub-style names ("Idavidrein/gpqa") work too."""
-    name = data_source.lower().rsplit("/", 1)[-1]
-    return "choice" if name.startswith(_CHOICE_SOURCE_PREFIXES) else "math"
+
+def names_choice_source(data_source: str) -> bool:
+    """gpqa*, arc_c*, mmlu_pro*: sets of multiple-choice questions. Only the last path
+    component counts, so hub-style names ("Idavidrein/gpqa") work too."""
+    return data_source.lower().rsplit("/", 1)[-1].startswith(_CHOICE_SOURCE_PREFIXES)
+
+
+def is_choice_label(ground_truth: str) -> bool:
+    return _CHOICE_LABEL.fullmatch(ground_truth) is not None
+
+
+def answer_type_for(data_source: str, ground_truth: str | None = None) -> AnswerType:
+    """Multiple choice for a question of a multiple-choice set (`names_choice_source`) whose
+    gold is a choice label; everything else is maths.
+
+    With the gold given, a name alone never forces letter grading: a numeric question under
+    `data_source: gpqa_diamond` (`\\boxed{147}` against 147) is graded as maths, where letter
+    grading would call every answer wrong. Data preparation warns about such rows."""
+    if not names_choice_source(data_source):
+        return "math"
+    return "choice" if ground_truth is None or is_choice_label(ground_truth) else "math"
 
 # --------------------------------------------------------------------------------------------
 # Extraction (pure Python, runs in the caller; linear in the response length)

@@ -13,6 +13,11 @@ Decisions (each one deliberate, so records stay comparable across runs):
   failures. The LAST `\\boxed{` counts; if its braces never close (a truncated response), that
   is a format failure, not a search for an earlier box.
 * The gold is parsed as `$gold$` and the prediction as `\\boxed{pred}`, then `verify(gold, pred)`.
+* One reading of numbers. A percent sign is a unit: `42\\%` is 42 in the answer and the gold
+  (math-verify alone reads it as 42 and as 0.42, so one answer matched two golds). Where a
+  decimal is involved, the answer is right within NUMERIC_REL_TOL of the gold's magnitude, at
+  every scale (math-verify's own rule, six decimal places, took `0.5000001` for 0.5 and
+  refused `42.0000001` for 42); exact values compare exactly.
 * Multiple choice accepts `\\boxed{C}` (also `\\boxed{\\text{C}}`, `\\boxed{(C)}`) and answer
   lines (`ANSWER: C`, `Answer: (C)`, `the answer is C`); whichever comes last in the text wins.
   Choices are A-J or 1-9 (ARC-C has some questions numbered 1-4).
@@ -66,7 +71,12 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal, Self
 
-from relift_core.grading.answer_checks import MAX_ANSWER_CHARS, MAX_NESTING_DEPTH, rejection
+from relift_core.grading.answer_checks import (
+    MAX_ANSWER_CHARS,
+    MAX_GOLD_CHARS,
+    MAX_NESTING_DEPTH,
+    rejection,
+)
 from relift_core.grading.extraction import (
     AnswerType,
     answer_part,
@@ -89,6 +99,25 @@ WORKER_START_TIMEOUT_S = 120.0
 WORKER_MEMORY_LIMIT_BYTES = 4 * 1024**3
 # Extracted answers are kept for records; pathological ones are cut to this length.
 RECORD_CHARS = 200
+# Where a decimal is involved (in the answer or the gold), a number is right when it differs
+# from the gold by at most this fraction of the gold's magnitude: the rounding error of six
+# significant digits, so `0.333333` answers `\frac13`, and `0.5000001` answers 0.5 just as
+# `42.0000001` answers 42 (math-verify alone rounds to six decimal places, an absolute bound
+# that accepted the first and refused the second, and that makes every gold below 5e-7 equal
+# to 0). Integers, fractions and radicals written exactly compare exactly; a gold of 0 needs 0.
+NUMERIC_REL_TOL = 5e-6
+# A percent sign is a unit, not a factor of 1/100: `42\%` reads as 42, in the answer and in
+# the gold alike, never as 0.42. math-verify reads it both ways (`42\%` matched 42 and 0.42,
+# `4200\%` matched 42), so one answer could match two different golds; the sign, with the
+# spacing before it, is dropped from both before any check.
+_PERCENT = re.compile(
+    r"(?:\\[,;:! ]|~|\s)*+(?:\\%|\\(?:text|mathrm)\{\s*+(?:\\%|percent)\s*+\}|%\s*+$)"
+)
+
+
+def without_percent(text: str) -> str:
+    """`42\\%` -> `42`: the one reading of a percent sign (see `_PERCENT`)."""
+    return _PERCENT.sub("", text).strip()
 
 
 
@@ -114,17 +143,13 @@ class _MathJob:
 
     gold: str
     predicted: str
+    record: str  # the box's content as written (with its percent sign, if any)
     whole: bool = False  # the reference's reading: math-verify finds the answer in the text
 
     @property
     def key(self) -> tuple:
         """The worker's job: (gold, predicted), with True appended for a whole response."""
         return (self.gold, self.predicted, True) if self.whole else (self.gold, self.predicted)
-
-    @property
-    def extracted(self) -> str:
-        # A whole response is recorded shortened; a boxed answer as read (maj@k votes on it).
-        return _for_record(self.predicted) if self.whole else self.predicted
 
 
 # hardened: the answer after the last </think>, in the last \boxed{}, behind the checks of
@@ -144,7 +169,7 @@ def _prepare(
             letter = extract_choice(text)
             return Grade(letter is not None and letter == normalize_choice(ground_truth),
                          format_ok=letter is not None, extracted=letter)
-        return _MathJob(gold=ground_truth, predicted=text, whole=True)
+        return _MathJob(gold=ground_truth, predicted=text, record=_for_record(text), whole=True)
     answer = answer_part(response)
     if answer is None:
         if require_think:
@@ -157,49 +182,48 @@ def _prepare(
         return Grade(letter == normalize_choice(ground_truth), format_ok=True, extracted=letter)
     if answer_type != "math":
         raise ValueError(f"unknown answer type {answer_type!r}; expected 'math' or 'choice'")
+    if len(ground_truth) > MAX_GOLD_CHARS:
+        raise ValueError(
+            f"a ground truth of {len(ground_truth):,} characters (at most {MAX_GOLD_CHARS}): data "
+            "preparation refuses such rows; grade only golds read by relift_core.data.examples"
+        )
     box = last_boxed(answer)
     if box is None or not box.content.strip():
         return Grade(correct=False, format_ok=False, extracted=None)
-    predicted = box.content.strip()
+    record = box.content.strip()
     # Cheapest first (the box's own depth is already known), then everything else that makes
     # an answer wrong as a whole or too costly for sympy.
-    if (
-        len(predicted) > MAX_ANSWER_CHARS
-        or box.depth > MAX_BRACE_DEPTH
-        or rejection(predicted, ground_truth) is not None
-    ):
-        return Grade(correct=False, format_ok=True, extracted=_for_record(predicted))
-    fast = exact_number_verdict(predicted, ground_truth)
+    if len(record) > MAX_ANSWER_CHARS or box.depth > MAX_BRACE_DEPTH:
+        return Grade(correct=False, format_ok=True, extracted=_for_record(record))
+    predicted, gold = without_percent(record), without_percent(ground_truth)
+    if not predicted or rejection(predicted, gold) is not None:
+        return Grade(correct=False, format_ok=True, extracted=_for_record(record))
+    fast = exact_number_verdict(predicted, gold)
     if fast is not None:
-        return Grade(correct=fast, format_ok=True, extracted=_for_record(predicted))
-    return _MathJob(gold=ground_truth, predicted=predicted)
+        return Grade(correct=fast, format_ok=True, extracted=_for_record(record))
+    return _MathJob(gold=gold, predicted=predicted, record=record)
 
 
 # A plain integer or decimal, as a boxed answer or a gold is usually written: `42`, `-3`, `0.50`.
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)")
-# Integers this long compare exactly under any float rounding math-verify applies.
-_EXACT_INT_DIGITS = 15
-
-
 def exact_number_verdict(predicted: str, gold: str) -> bool | None:
     """The grade of a plain-number answer against a plain-number gold without math-verify, or
     None where only math-verify can tell.
 
-    Correct only for the same number (`42` = `42.0` = `+42`), which math-verify always accepts.
-    Incorrect only for two different integers of at most 15 digits: math-verify rounds decimals
-    before comparing (so `0.3333333` may equal `0.333333`), but never equates two such integers.
-    Everything else (fractions, LaTeX, units, long numbers, close decimals) goes to math-verify.
-    This is the grading of the proof-world and of most maths golds, in microseconds instead of
-    a round trip to a worker process."""
+    Two integers compare exactly (`42` = `+42`, any length); where either is a decimal, the
+    answer is right within NUMERIC_REL_TOL of the gold's magnitude, which is the rule the
+    workers apply too (`_relative_numeric_eq`). Everything else (fractions, LaTeX, units,
+    `1.`, `1e3`) goes to math-verify. This is the grading of the proof-world and of most maths
+    golds, in microseconds instead of a round trip to a worker process."""
     p, g = predicted.strip(), gold.strip()
     if not (_PLAIN_NUMBER.fullmatch(p) and _PLAIN_NUMBER.fullmatch(g)):
         return None
-    if Decimal(p) == Decimal(g):
+    answer, target = Decimal(p), Decimal(g)
+    if answer == target:
         return True
-    is_int = lambda s: "." not in s and len(s.lstrip("+-")) <= _EXACT_INT_DIGITS
-    if is_int(p) and is_int(g):
+    if "." not in p and "." not in g:
         return False
-    return None
+    return abs(answer - target) <= Decimal(str(NUMERIC_REL_TOL)) * abs(target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,9 +249,46 @@ def _parse_gold(gold: str) -> list[Any]:
     return parse(f"${gold}$", parsing_timeout=None)  # type: ignore[arg-type]
 
 
+def _relative_numeric_eq(original: Any) -> Any:
+    """math-verify's comparison of two numbers, with NUMERIC_REL_TOL where a decimal is
+    involved instead of its rounding to six decimal places; everything else is `original`.
+    math-verify calls it for every pair of values it compares (alone, or inside tuples,
+    intervals and matrices), always as (gold, prediction). Constant expressions count as
+    numbers (`1.0000001 \\times 10^{-9}`); a percent sign never gets here (`without_percent`)."""
+
+    def numeric_eq(gold: Any, predicted: Any, float_rounding: int, numeric_precision: int) -> bool:
+        from sympy import Basic, Float, UnevaluatedExpr
+
+        if (
+            isinstance(gold, Basic)
+            and isinstance(predicted, Basic)
+            and gold.is_number
+            and predicted.is_number
+            and (gold.has(Float) or predicted.has(Float))
+            and not (gold.has(UnevaluatedExpr) or predicted.has(UnevaluatedExpr))
+        ):
+            g, p = gold.evalf(30), predicted.evalf(30)
+            if g.is_finite and p.is_finite:
+                return bool(abs(g - p) <= NUMERIC_REL_TOL * abs(g))
+        return original(gold, predicted, float_rounding, numeric_precision)
+
+    numeric_eq.relative_tolerance = True  # type: ignore[attr-defined]
+    return numeric_eq
+
+
+def _use_relative_tolerance() -> None:
+    import math_verify.grader as math_verify_grader
+
+    if not getattr(math_verify_grader.sympy_numeric_eq, "relative_tolerance", False):
+        math_verify_grader.sympy_numeric_eq = _relative_numeric_eq(
+            math_verify_grader.sympy_numeric_eq
+        )
+
+
 def _verify_math(gold: str, predicted: str, whole: bool = False) -> bool:
     from math_verify import LatexExtractionConfig, parse, verify
 
+    _use_relative_tolerance()
     gold_parsed = _parse_gold(gold)
     if whole:  # the reference's call: math-verify's default extraction over the whole text
         predicted_parsed = parse(predicted, parsing_timeout=None)  # type: ignore[arg-type]
@@ -284,6 +345,8 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     _limit_worker_memory()
     import math_verify  # noqa: F401 - import before saying ready, so deadlines exclude it
+
+    _use_relative_tolerance()
 
     conn.send(_READY)
     while True:
@@ -418,7 +481,7 @@ class BatchGrader:
                 grades.append(item)
                 continue
             correct, timed_out = outcomes[job_of[item.key]]
-            grades.append(Grade(correct, True, item.extracted, timed_out))
+            grades.append(Grade(correct, True, item.record, timed_out))
         return grades
 
     def _run(self, jobs: list[tuple], timeout_s: float) -> list[tuple[bool, bool]]:
@@ -530,4 +593,4 @@ def grade_answer(
         [(correct, timed_out)] = _single_worker_pool()._run(
             [prepared.key], timeout_s
         )
-    return Grade(correct, True, prepared.extracted, timed_out)
+    return Grade(correct, True, prepared.record, timed_out)

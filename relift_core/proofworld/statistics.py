@@ -10,6 +10,9 @@ The claims the demo checks (its `differences`) are the paper's mechanism:
   rl-base@non_hardest   RL improves what the base model could sometimes solve
   sft-rl@hardest        demonstrations teach what RL cannot reach (0 of n solved at the start)
   relift-rl, relift-sft ReLIFT beats both overall
+and, where the demo runs them, ReLIFT against the methods the field compares it with:
+  relift-luffy          LUFFY: every question's demonstration mixed into its RL group
+  relift-dapo           DAPO: dynamic sampling, clip-higher, token-level loss, overlong penalty
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ CLAIMS = {
     "sft-rl@hardest": ("sft", "rl", ("hardest",)),
     "relift-rl": ("relift", "rl", None),
     "relift-sft": ("relift", "sft", None),
+    "relift-luffy": ("relift", "luffy", None),
+    "relift-dapo": ("relift", "dapo", None),
 }
 
 

@@ -50,6 +50,8 @@ class TokenBatch:
     loss_mask: Tensor  # [B, T - 1] float, 1 = this column's predicted token is trained on
     advantages: Tensor | None = None  # [B] float, one per row (GRPO: per sequence)
     old_logp: Tensor | None = None  # [B, T - 1] float, log-probs under the rollout policy
+    # [B] bool: rows another policy wrote (LUFFY's demonstration in an RL group); None: none.
+    off_policy: Tensor | None = None
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
@@ -61,6 +63,8 @@ class TokenBatch:
             raise ValueError(f"advantages {tuple(self.advantages.shape)} != {(b,)}")
         if self.old_logp is not None and self.old_logp.shape != (b, t - 1):
             raise ValueError(f"old_logp {tuple(self.old_logp.shape)} != {(b, t - 1)} (shifted)")
+        if self.off_policy is not None and self.off_policy.shape != (b,):
+            raise ValueError(f"off_policy {tuple(self.off_policy.shape)} != {(b,)}")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -93,6 +97,28 @@ class TokenBatch:
             for i in range(0, len(self), micro_batch_size)
         ]
 
+    def split_by_tokens(self, max_tokens: int) -> list[Tensor]:
+        """Row indices of micro-batches holding at most `max_tokens` real tokens each (a row
+        longer than that goes alone): rows longest first, each into the first micro-batch it
+        fits (first-fit decreasing), so micro-batches are few and full -- verl's dynamic batch
+        size. Deterministic, so every rank of a group computes the same split."""
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for row in order:
+            for b, left in enumerate(room):
+                if lengths[row] <= left:
+                    bins[b].append(row)
+                    room[b] -= lengths[row]
+                    break
+            else:
+                bins.append([row])
+                room.append(max_tokens - lengths[row])
+        return [torch.tensor(sorted(b), dtype=torch.long) for b in bins]
+
     def trimmed(self) -> TokenBatch:
         """Drop trailing columns that are padding in every row (saves compute on right padding).
 
@@ -110,6 +136,31 @@ class TokenBatch:
             loss_mask=self.loss_mask[:, : width - 1],
             old_logp=None if self.old_logp is None else self.old_logp[:, : width - 1],
         )
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """A batch's real tokens as one sequence, without padding (verl's remove-padding): every
+    row's tokens one after the other, position ids restarting at each row, which transformers
+    reads as packed sequences (a block-diagonal causal mask with SDPA, varlen flash attention on
+    GPU) when no attention mask is given."""
+
+    input_ids: Tensor  # [1, L] long, L = the batch's real tokens
+    position_ids: Tensor  # [1, L] long
+    targets: Tensor  # [N] long: packed positions predicting `loss_mask`'s columns, row-major
+
+
+def pack_for_scoring(batch: TokenBatch, where: Tensor) -> PackedRows:
+    """`batch` packed; `targets[k]` is the packed position whose output scores the k-th set
+    column of `where` ([B, T - 1] bool, row-major order, as `tensor[where]` reads it)."""
+    real = batch.attention_mask.bool()
+    if not bool(real[:, :-1][where].all()):
+        raise ValueError("a scored column's predicting token is padding")
+    positions = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    packed_index = (real.flatten().long().cumsum(0) - 1).view(real.shape)
+    return PackedRows(input_ids=batch.input_ids[real].unsqueeze(0),
+                      position_ids=positions[real].unsqueeze(0),
+                      targets=packed_index[:, :-1][where])
 
 
 def pack_rows(
@@ -174,12 +225,23 @@ def sft_batch(
     if prefill:
         demonstrations = [d[len(prefill):] if p.endswith(prefill) and d.startswith(prefill)
                           else d for p, d in zip(prompts, demonstrations, strict=True)]
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; SFT targets end with EOS")
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    targets = demonstration_ids(tokenizer, demonstrations, max_target_tokens)
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    demo_ids = tokenizer(list(demonstrations), add_special_tokens=False)["input_ids"]
-    targets = [(list(d) + [tokenizer.eos_token_id])[:max_target_tokens] for d in demo_ids]
     return pack_rows(prompt_ids, targets, pad_id)
+
+
+def demonstration_ids(
+    tokenizer: PreTrainedTokenizerBase, demonstrations: Sequence[str], max_tokens: int
+) -> list[list[int]]:
+    """Each demonstration's tokens + EOS, cut to `max_tokens` (a cut one loses its EOS rather
+    than teaching the model to stop mid-solution). No special tokens of the tokenizer's own:
+    the text follows a prompt the chat template already rendered."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; demonstrations end with EOS")
+    if not demonstrations:
+        return []
+    demo_ids = tokenizer(list(demonstrations), add_special_tokens=False)["input_ids"]
+    return [(list(d) + [tokenizer.eos_token_id])[:max_tokens] for d in demo_ids]

@@ -5,6 +5,9 @@ Layout of one checkpoint, `<directory>/step_000042/`:
     model/              save_pretrained: config.json, *.safetensors (+ tokenizer files), so the
                         directory also loads with `from_pretrained` (evaluation, vLLM)
     trainer_state.pt    optimizer states and step counters (TorchTrainer.state_dict)
+    trainer_shards/     multi-rank runs only: every rank's optimizer shard, written by the
+                        ranks themselves (FSDP2: torch.distributed.checkpoint; ZeRO-3: one
+                        partition file per rank), hashed in the manifest like the rest
     rng_state.pt        python, numpy, torch CPU (and CUDA) generator states
     state.json          {"step": ..., "extra_state": ...}: buffer, ledger, data position (JSON)
     manifest.json       sha256 and size of every file above; written last
@@ -30,6 +33,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_DIR = "model"
 TRAINER_STATE = "trainer_state.pt"
+TRAINER_SHARDS = "trainer_shards"
 RNG_STATE = "rng_state.pt"
 STATE_JSON = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -158,9 +163,12 @@ def save_checkpoint(
     step: int,
     extra_state: dict | None = None,
     keep: int = 2,
+    write_shards: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write `<directory>/step_<step:06d>/` atomically (see the module docstring); afterwards keep
-    only the newest `keep` complete checkpoints. Returns the checkpoint's path."""
+    only the newest `keep` complete checkpoints. Returns the checkpoint's path.
+    `write_shards(dir)` writes a sharded trainer's files into the checkpoint before it is
+    hashed and moved into place."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if keep < 1:
@@ -184,6 +192,8 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
         torch.save(trainer_state, tmp / TRAINER_STATE)
+        if write_shards is not None:
+            write_shards(tmp / TRAINER_SHARDS)
         torch.save(capture_rng_state(), tmp / RNG_STATE)
         (tmp / STATE_JSON).write_text(state_json)
         files = _files_under(tmp)
@@ -358,6 +368,11 @@ def load_checkpoint(
         model.load_state_dict(weights, strict=False)
     if trainer is not None:
         trainer.load_state_dict(trainer_state)
+        if hasattr(trainer, "load_sharded"):  # a multi-rank trainer: its ranks read their shards
+            if not (path / TRAINER_SHARDS).is_dir():
+                raise CheckpointError(f"{path} holds no {TRAINER_SHARDS}/: it was written by a "
+                                      "one-process run; resume it without cluster.backend=ray")
+            trainer.load_sharded(path / TRAINER_SHARDS)
     if restore_rng:
         restore_rng_state(rng_state)
     return {"step": int(state["step"]), "extra_state": state["extra_state"], "path": path}

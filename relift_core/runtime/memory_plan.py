@@ -1,28 +1,44 @@
 """Per-GPU memory of a run, from its config alone: what `relift plan` prints and what `train`
 checks before it allocates anything.
 
-Every figure is a closed-form count (bytes per parameter times parameters, bytes per activation
-times activations), so each line of the plan can be checked by hand:
+Every figure is a closed-form count of what the engines hold (bytes per parameter times
+parameters, bytes per activation times activations), so each line can be checked by hand and
+`tests/test_plan.py` checks the sharded ones against real FSDP2 and ZeRO-3 ranks. P parameters,
+n trainer ranks (1 without Ray), c bytes of the compute dtype (model.dtype):
 
     parameters  from the architecture: embeddings, per layer q/k/v/o (+ q/k/v biases for Qwen2),
                 gate/up/down MLP, two RMSNorms; a final norm; an untied lm_head if any.
-    weights     parameters x bytes of model.dtype, divided by the trainer ranks under ZeRO-3.
-    gradients   the same (kept in the weights' dtype), sharded like the weights.
+    weights     what a rank holds between steps. fsdp2 (and one process): float32 masters,
+                4P/n. deepspeed_zero3: its compute-dtype partitions, cP/n (the masters are
+                counted with its optimizer).
+    gradients   float32 (FSDP2's reduce dtype; ZeRO-3's fp32 gradient partition): 4P/n.
     optimizer   two AdamW optimizers (RL and SFT keep their own moments, see trainer.py):
-                2 x 2 moments x 4 bytes per parameter; DeepSpeed adds a 4-byte fp32 master copy
-                and keeps one optimizer (its moments serve both kinds). Sharded over the ranks.
+                2 x 2 moments x 4 bytes, 16P/n; ZeRO-3 adds its float32 master partitions, 4P/n.
+    compute     parameters unsharded for compute: FSDP2 all-gathers a layer at a time (two with
+                prefetch) plus the root unit (embeddings, final norm, head) in the compute dtype;
+                one process under autocast caches a compute-dtype copy of every weight, cP.
+                ZeRO-3 keeps up to stage3_max_live_parameters (1e9) gathered, and a reduce
+                bucket of reduce_bucket_size (5e8) float32 elements; both capped at P.
     activations one micro-batch of max_prompt_tokens + max_new_tokens tokens:
-                with gradient checkpointing the layer inputs (layers x tokens x hidden x 2 bytes)
+                with gradient checkpointing the layer inputs (layers x tokens x hidden x c bytes)
                 plus one layer's working set recomputed in backward; without it every layer's.
-                A layer's working set is 34 x tokens x hidden x 2 bytes (Korthikanti et al.
-                2022, "Reducing activation recomputation", table 2, with a fused attention that
-                never holds the s x s scores). The logits of the target tokens in fp32, twice
-                (log-softmax and its gradient): micro x new tokens x vocab x 4 x 2 bytes.
-    rollout     vLLM preallocates rollout.gpu_memory_utilization of the GPU (weights + KV
-                cache) where it shares the GPU with the trainer; it sleeps while the trainer
-                steps (weights offloaded, cache freed), so the peak is the larger of
-                    rollout phase:  trainer weights + optimizer + the vLLM share
-                    training phase: trainer weights + gradients + optimizer + activations.
+                A layer's working set is 34 x tokens x hidden bytes at 16-bit activations
+                (Korthikanti et al. 2022, table 2: already bytes, with a fused attention that
+                never holds the s x s scores), twice that at float32. The scoring of the target
+                tokens holds, per logit: the logits (c bytes), their float32 upcast, log_softmax,
+                exp and their product in the entropy (4 bytes each), 16 + c bytes in all (16 at
+                float32, where the upcast is a no-op), x micro x new tokens x vocab.
+    rollout     the HF engine decodes from an unsharded copy in the compute dtype on each rank's
+                device, cP, all the time. vLLM preallocates rollout.gpu_memory_utilization of the
+                GPU (weights + KV cache) and sleeps while the trainer steps (level 2: weights
+                and cache freed; its staging copy lives on the CPU), so the peak is the larger of
+                    rollout phase:  weights + optimizer + the rollout figure
+                    training phase: weights + gradients + optimizer + compute + activations
+                                    (+ the HF engine's copy)
+                and, for ZeRO-3, the moment deepspeed.initialize holds the whole module in the
+                compute dtype before partitioning it (cP + the float32 partitions, 4P/n).
+    reference   with algorithm.kl_coef > 0, the frozen starting policy, whole and float32: 4P,
+                resident in every phase (counted with the rollout copy).
 
 `relift_core` code, no torch: plans are made before anything is imported onto a GPU."""
 
@@ -55,13 +71,15 @@ class Architecture:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def parameters(self) -> int:
+    def layer_parameters(self) -> int:
         h, kv = self.hidden, self.kv_heads * self.head_dim
         attention = h * h + 2 * h * kv + h * h + ((h + 2 * kv) if self.qkv_bias else 0)
         mlp = 3 * h * self.intermediate
-        per_layer = attention + mlp + 2 * h
-        embeddings = self.vocab * h * (1 if self.tied_embeddings else 2)
-        return embeddings + self.layers * per_layer + h
+        return attention + mlp + 2 * h
+
+    def parameters(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return embeddings + self.layers * self.layer_parameters() + self.hidden
 
 
 # The presets' models, from their config.json on the hub (no download when planning).
@@ -70,6 +88,13 @@ KNOWN_ARCHITECTURES = {
                                            intermediate=8960, vocab=151936, tied_embeddings=True),
     "Qwen/Qwen2.5-Math-7B": Architecture(hidden=3584, layers=28, heads=28, kv_heads=4,
                                          intermediate=18944, vocab=152064, tied_embeddings=False),
+    # The reference's starting points: the same networks with rope_theta 40k and a 16k context.
+    "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": Architecture(
+        hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936,
+        tied_embeddings=True),
+    "RoadQAQ/Qwen2.5-Math-7B-16k-think": Architecture(
+        hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
+        tied_embeddings=False),
     # SmolLM2-135M-Instruct (Llama): the GGUF the smollm2-135m preset converts.
     "HuggingFaceTB/SmolLM2-135M-Instruct": Architecture(
         hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
@@ -118,56 +143,88 @@ class MemoryPlan:
     weights: float
     gradients: float
     optimizer: float
+    compute: float
     activations: float
     rollout: float
+    resident_rollout: float  # the HF engine's copy: on the device in every phase
+    initialization: float
     gpu_bytes: float
 
     @property
     def training_phase(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return (self.weights + self.gradients + self.optimizer + self.compute + self.activations
+                + self.resident_rollout)
 
     @property
     def rollout_phase(self) -> float:
-        return self.weights + self.optimizer + self.rollout
+        return self.weights + self.optimizer + self.rollout + self.resident_rollout
 
     @property
     def peak(self) -> float:
-        return max(self.training_phase, self.rollout_phase) + _CUDA_CONTEXT_GIB * GIB
+        phases = (self.training_phase, self.rollout_phase, self.initialization)
+        return max(phases) + _CUDA_CONTEXT_GIB * GIB
 
     @property
     def fits(self) -> bool:
         return self.peak <= self.gpu_bytes
 
 
+# DeepSpeed's defaults for the buckets our config leaves as they are (deepspeed_trainer.py).
+_ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
+_ZERO3_REDUCE_BUCKET = 500_000_000
+
+
+def logit_bytes(dtype: str) -> int:
+    """Bytes held per logit element while the target tokens are scored (module docstring)."""
+    return 16 + (_DTYPE_BYTES[dtype] if dtype != "float32" else 0)
+
+
 def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
     """The plan with `gpus` trainer ranks (default: the config's cluster)."""
     arch = architecture_of(cfg)
-    n = gpus if gpus is not None else max(cfg.cluster.world_size, 1)
+    ray = cfg.cluster.backend == "ray"
+    n = gpus if gpus is not None else (cfg.cluster.world_size if ray else 1)
     params = arch.parameters()
-    dtype_bytes = _DTYPE_BYTES[cfg.model.dtype]
-    zero3 = cfg.cluster.trainer_strategy == "deepspeed_zero3"
-    weight_shards = n if zero3 else 1
-    weights = params * dtype_bytes / weight_shards
-    gradients = params * dtype_bytes / weight_shards
+    c = _DTYPE_BYTES[cfg.model.dtype]
+    sharded = ray or gpus is not None
+    zero3 = sharded and cfg.cluster.trainer_strategy == "deepspeed_zero3"
+    gradients = params * 4 / n
+    optimizer = params * 2 * 2 * 4 / n
     if zero3:
-        optimizer = params * (4 + 2 * 4) / n  # fp32 master + one AdamW's two fp32 moments
+        weights = params * c / n
+        optimizer += params * 4 / n
+        compute = (min(_ZERO3_MAX_LIVE_PARAMETERS, params) * c
+                   + min(_ZERO3_REDUCE_BUCKET, params) * 4)
+        initialization = params * c + params * 4 / n
     else:
-        optimizer = params * 2 * 2 * 4 / n  # RL and SFT AdamW, two fp32 moments each
+        weights = params * 4 / n
+        if sharded:
+            layer = arch.layer_parameters()
+            root = params - arch.layers * layer
+            compute = (2 * layer + root) * c
+        else:
+            compute = params * c if cfg.model.dtype != "float32" else 0.0
+        initialization = 0.0
     micro = max(cfg.rl.micro_batch_size, cfg.sft.micro_batch_size)
     new_tokens = max(cfg.rollout.max_new_tokens, cfg.sft.max_target_tokens)
     tokens = micro * (cfg.data.max_prompt_tokens + new_tokens)
-    layer_working_set = 34 * tokens * arch.hidden * 2
+    layer_working_set = 34 * tokens * arch.hidden * max(c, 2) // 2
     if cfg.model.gradient_checkpointing:
-        layer_inputs = arch.layers * tokens * arch.hidden * 2
+        layer_inputs = arch.layers * tokens * arch.hidden * c
         activations = layer_inputs + layer_working_set
     else:
         activations = arch.layers * layer_working_set
-    activations += micro * new_tokens * arch.vocab * 4 * 2
+    activations += micro * new_tokens * arch.vocab * logit_bytes(cfg.model.dtype)
     gpu_bytes = cfg.cluster.gpu_memory_gib * GIB
-    rollout = cfg.rollout.gpu_memory_utilization * gpu_bytes if cfg.rollout.engine == "vllm" else 0.0
+    vllm = cfg.rollout.engine == "vllm"
+    rollout = cfg.rollout.gpu_memory_utilization * gpu_bytes if vllm else 0.0
+    resident = 0.0 if vllm else params * c
+    if cfg.algorithm.kl_coef > 0:
+        resident += params * 4  # the frozen float32 reference policy (trainer.py), whole
     return MemoryPlan(gpus=n, parameters=params, weights=weights, gradients=gradients,
-                      optimizer=optimizer, activations=activations, rollout=rollout,
-                      gpu_bytes=gpu_bytes)
+                      optimizer=optimizer, compute=compute, activations=activations,
+                      rollout=rollout, resident_rollout=resident,
+                      initialization=initialization, gpu_bytes=gpu_bytes)
 
 
 def minimum_gpus(cfg: ExperimentConfig) -> int | None:
@@ -191,20 +248,32 @@ def render_plan(cfg: ExperimentConfig, preset: str) -> str:
     share = cfg.rollout.gpu_memory_utilization if cfg.rollout.engine == "vllm" else 0
     checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
     fewest = smallest if smallest is not None else "none up to 128 (shrink the micro-batch)"
+    zero3 = c.trainer_strategy == "deepspeed_zero3" and c.backend == "ray"
+    weights_note = (f"{cfg.model.dtype} partitions" if zero3
+                    else "float32 masters" + (" sharded" if c.backend == "ray" else ""))
+    optimizer_note = ("float32 master partitions + RL and SFT AdamW moments" if zero3
+                      else "RL and SFT AdamW moments, float32")
+    compute_note = ("live parameters + reduce bucket" if zero3 else
+                    f"{cfg.model.dtype} layers gathered for compute" if c.backend == "ray"
+                    else f"autocast's {cfg.model.dtype} weight copies")
     lines = [
         (f"plan for {preset}: {plan.parameters:,} parameters, {cfg.model.dtype}, "
          f"{c.trainer_strategy} over {plan.gpus} trainer rank(s) "
          f"({c.nodes} node(s) x {c.gpus_per_node} GPU(s) of {c.gpu_memory_gib:g} GiB)"),
-        f"  weights      {gib(plan.weights)}",
-        f"  gradients    {gib(plan.gradients)}",
-        f"  optimizer    {gib(plan.optimizer)}",
+        f"  weights      {gib(plan.weights)}  ({weights_note})",
+        f"  gradients    {gib(plan.gradients)}  (float32 shards)",
+        f"  optimizer    {gib(plan.optimizer)}  ({optimizer_note})",
+        f"  compute      {gib(plan.compute)}  ({compute_note})",
         (f"  activations  {gib(plan.activations)}  (micro-batch {micro} x "
          f"{cfg.data.max_prompt_tokens}+{new_tokens} tokens, gradient checkpointing "
          f"{checkpointing})"),
-        f"  vLLM share   {gib(plan.rollout)}  (rollout.gpu_memory_utilization {share})",
+        (f"  rollout      {gib(plan.rollout + plan.resident_rollout)}  "
+         + (f"(vLLM: rollout.gpu_memory_utilization {share})" if share
+            else f"(HF engine: an unsharded {cfg.model.dtype} copy)")),
         (f"  training phase {gib(plan.training_phase)}; rollout phase "
-         f"{gib(plan.rollout_phase)}; peak with {_CUDA_CONTEXT_GIB:g} GiB reserve "
-         f"{gib(plan.peak)}"),
+         f"{gib(plan.rollout_phase)}"
+         + (f"; initialization {gib(plan.initialization)}" if plan.initialization else "")
+         + f"; peak with {_CUDA_CONTEXT_GIB:g} GiB reserve {gib(plan.peak)}"),
         f"  fits: {'yes' if plan.fits else 'NO'}; fewest GPUs it fits on: {fewest}",
     ]
     return "\n".join(lines)

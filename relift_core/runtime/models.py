@@ -51,8 +51,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+# Trainable weights and optimizer states are always held in float32 (the "master" weights):
+# a bf16 weight near |w| = 0.02 has a spacing of ~1.5e-4, so the paper's 1e-6 updates would round
+# away. `model.dtype` is the compute dtype: forwards and backwards run under autocast in it, and
+# rollout engines and exported models receive the weights cast to it (verl's FSDP mixed precision).
+MASTER_DTYPE = torch.float32
+
+
+def compute_autocast(model_cfg: ModelConfig) -> bool | None:
+    """The autocast setting both the trainer and the HF engine use: bf16 compute when
+    model.dtype is bfloat16, else model.bf16_autocast (None: on CUDA only)."""
+    return True if model_cfg.dtype == "bfloat16" else model_cfg.bf16_autocast
+
+
+def export_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """The dtype weights leave training in (rollout engines, exported models)."""
+    return _DTYPES[model_cfg.dtype]
+
+
 def bf16_autocast(device: torch.device, enabled: bool | None) -> contextlib.AbstractContextManager:
-    """Forward passes under bf16 autocast (model.bf16_autocast): None means on CUDA only; the
+    """Forward passes under bf16 autocast (`compute_autocast`): None means on CUDA only; the
     trainer and the HF rollout engine both take it from here, so they always agree."""
     on = device.type == "cuda" if enabled is None else enabled
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
@@ -163,10 +181,12 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
 
 
 def load_policy(
-    cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0
+    cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The starting policy and its tokenizer, ready for generation (left padding) and training."""
-    dtype = _DTYPES[cfg.dtype]
+    """The starting policy and its tokenizer, ready for generation (left padding) and training.
+    Weights in float32 (MASTER_DTYPE) for training; `dtype` for inference only (evaluation)."""
+    dtype = dtype or MASTER_DTYPE
     if cfg.source == "tiny":
         # Always the locally built character tokenizer: AutoTokenizer would pick Qwen2Tokenizer
         # from the saved config's model_type, which silently drops spaces and newlines.

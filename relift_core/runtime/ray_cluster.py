@@ -2,20 +2,23 @@
 
     driver (the process running the train flow)         Ray actors, one per GPU / CPU rank
     ----------------------------------------------      -------------------------------------
-    run state: buffer, ledger, data position, RNG        TrainerRank r: the policy's weights,
-    RayRolloutEngine: shards the prompts over ranks  ->    a rollout engine over them (HF on
-                      and gathers their samples            CPU, vLLM on GPU: sleeps while the
-    RayTrainer: sends each batch to every rank      ->     trainer steps), and a ShardedTrainer
-                and returns rank 0's (reduced) stats       in one torch.distributed group
-    checkpoint: rank 0's weights + every rank's                (gloo on CPU, NCCL on GPU)
-                optimizer shard, written atomically
-                by the driver (checkpoint.py)
+    run state: buffer, ledger, data position, RNG        TrainerRank r, one torch.distributed
+    RayRolloutEngine: shards the prompts over ranks  ->    group (NCCL on GPU, gloo on CPU):
+                      and gathers their samples            its shard of the float32 masters
+    RayTrainer: sends each batch to every rank      ->     and of both optimizers (FSDP2 or
+                and returns rank 0's (reduced) stats       DeepSpeed ZeRO-3), an unsharded
+    checkpoint: the full float32 weights (gathered         copy in the compute dtype for its
+                to the driver) + every rank's              rollout engine (HF, or vLLM, which
+                optimizer shard (written by the rank       sleeps while the trainer steps)
+                into the same atomic directory)
 
 Actors are placed by one placement group of `world_size` bundles ({"GPU": 1, "CPU": 1} per
-GPU rank, {"CPU": 1} per CPU rank; PACK: ranks of a node stay together). A rank samples from the
-weights it trains, so new weights reach the HF engines with no copy; a vLLM engine loads them in
-memory after every update (`sync_weights`). The driver keeps a copy of the weights only for
-checkpoints and the final model (`gather_weights`).
+GPU rank, {"CPU": 1} per CPU rank; PACK: ranks of a node stay together). After every update
+each rank refreshes its generation copy from the shards (one all-gather per parameter, the same
+on every rank) and hands it to its engine (`sync_weights`); decoding then runs with no
+collective, whatever number of steps each rank's prompts need. The driver keeps a copy of the
+weights only for checkpoints and the final model (`gather_weights`). Every call that touches
+weights is made on all ranks at once (`RayRanks.call`).
 
 Nothing here imports Prefect or MLflow; Ray is imported only when a run asks for it.
 """
@@ -23,8 +26,10 @@ Nothing here imports Prefect or MLflow; Ray is imported only when a run asks for
 from __future__ import annotations
 
 import contextlib
+import copy
 import socket
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +37,8 @@ import torch
 from relift_core.config import ExperimentConfig
 from relift_core.iteration import engine_asleep
 from relift_core.runtime.batches import TokenBatch
+from relift_core.runtime.distributed import ShardCountError
+from relift_core.runtime.models import export_dtype
 from relift_core.runtime.rollout import RolloutEngine, Sample, SamplingRequest
 from relift_core.runtime.trainer import STATE_VERSION
 
@@ -51,8 +58,10 @@ def _ray():
 
 
 class TrainerRank:
-    """One rank: its process group membership, its copy of the policy, its trainer and engine.
-    Created through Ray (`ray.remote(TrainerRank)`); every method runs in the actor."""
+    """One rank: its process group membership, its shard of the policy (FSDP2 or ZeRO-3), an
+    unsharded copy of the weights in the compute dtype for its rollout engine, and the engine.
+    Created through Ray (`ray.remote(TrainerRank)`); every method runs in the actor, and every
+    method that touches weights is collective: the driver calls it on all ranks at once."""
 
     def __init__(self, cfg_json: dict[str, Any], rank: int, world_size: int) -> None:
         self.cfg = ExperimentConfig.model_validate(cfg_json)
@@ -60,67 +69,74 @@ class TrainerRank:
         self.trainer = None
 
     def address(self) -> str:
-        """tcp://<this node's IP>:<a free port>: rank 0 hosts the group's rendezvous."""
-        host = socket.gethostbyname(socket.gethostname()) if self.cfg.cluster.nodes > 1 else "127.0.0.1"
+        """tcp://<this node's IP>:<a free port>: rank 0 hosts the group's rendezvous (on
+        loopback when the run has one node)."""
+        multi_node = self.cfg.cluster.nodes > 1
+        host = socket.gethostbyname(socket.gethostname()) if multi_node else "127.0.0.1"
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind(("" if multi_node else "127.0.0.1", 0))
             return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def join(self, init_method: str) -> None:
+    def join(self, init_method: str, weights: dict[str, torch.Tensor]) -> None:
+        """Join the group and build this rank's trainer from the driver's `weights`."""
+        import os
+
         import torch.distributed as dist
 
         from relift_core.runtime.models import load_policy
         from relift_core.runtime.session import build_engine, seed_everything, trainer_options
-        from relift_core.runtime.sharded_trainer import ShardedTrainer
 
         cfg = self.cfg
         on_gpu = cfg.cluster.gpus_per_node > 0
+        # Launchers (torchrun, deepspeed) set these; DeepSpeed asserts LOCAL_RANK. Ray gives a
+        # GPU actor one visible device (cuda:0); CPU ranks of a node count from 0.
+        per_node = cfg.cluster.gpus_per_node or cfg.cluster.cpu_ranks_per_node
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK="0" if on_gpu else str(self.rank % per_node))
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method=init_method,
                                 rank=self.rank, world_size=self.world_size)
         seed_everything(cfg.run.seed)
-        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is cuda:0 here.
         self.device = torch.device("cuda:0" if on_gpu else "cpu")
-        self.model, self.tokenizer = load_policy(cfg.model, device=str(self.device),
-                                                 seed=cfg.run.seed)
-        options = trainer_options(cfg, self.device)
-        if cfg.cluster.trainer_strategy == "deepspeed_zero3":  # GPU only; not yet run on one
-            from relift_core.runtime.deepspeed_trainer import DeepSpeedTrainer
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        # Built on the CPU in float32, given the driver's weights, then sharded by the engine.
+        model, self.tokenizer = load_policy(cfg.model, device="cpu", seed=cfg.run.seed)
+        with torch.no_grad():
+            model.load_state_dict(weights)
+        # The rollout engine's unsharded weights in the compute dtype: decoding never waits on
+        # a collective (each rank decodes a different number of steps). vLLM keeps its own
+        # copy on the GPU, so for it this one stays on the CPU as the staging buffer.
+        copy_device = "cpu" if cfg.rollout.engine == "vllm" else self.device
+        self.generation_model = copy.deepcopy(model).to(copy_device, export_dtype(cfg.model))
+        self.trainer = build_rank_trainer(cfg, model, trainer_options(cfg, self.device))
+        self.engine = build_engine(cfg, self.generation_model, self.tokenizer, self.device,
+                                   vllm_model_dir=cfg.run_dir() / f"vllm_model_rank{self.rank}")
 
-            self.trainer = DeepSpeedTrainer(self.model, zero_stage=3, **options)
-        else:
-            self.trainer = ShardedTrainer(self.model, **options)
-        self.engine = build_engine(cfg, self.model, self.tokenizer, self.device)
+    def _weights_changed(self) -> None:
+        self.trainer.refresh_generation_copy(self.generation_model)
+        self.engine.sync_weights(self.generation_model)
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.model.load_state_dict(weights)
-        self.engine.sync_weights(self.model)
+        self.trainer.load_full_weights(weights)
+        self._weights_changed()
 
     def weights(self) -> dict[str, torch.Tensor] | None:
-        """The whole weights on rank 0 (None elsewhere); every rank must be called (ZeRO-3
-        gathers its partitions collectively)."""
-        full = self.trainer.full_weights()
-        if self.rank != 0:
-            return None
-        return {k: v.detach().to("cpu", copy=True) for k, v in full.items()}
-
-    def local_weights(self) -> dict[str, torch.Tensor]:
-        """This rank's own copy (a ZeRO-3 rank holds only its partition)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        """The float32 masters of the whole model on rank 0 (None elsewhere), on the CPU."""
+        return self.trainer.full_weights()
 
     def rl_step(self, batch: TokenBatch, rows_per_minibatch: int | None) -> dict[str, float]:
         try:
             with engine_asleep(self.engine):
                 return self.trainer.rl_step(batch, rows_per_minibatch=rows_per_minibatch)
         finally:
-            self.engine.sync_weights(self.model)
+            self._weights_changed()
 
     def sft_step(self, batch: TokenBatch) -> dict[str, float]:
         try:
             with engine_asleep(self.engine):
                 return self.trainer.sft_step(batch)
         finally:
-            self.engine.sync_weights(self.model)
+            self._weights_changed()
 
     def sample(self, request: SamplingRequest) -> list[list[Sample]]:
         return self.engine._sample_ids(request)
@@ -128,14 +144,33 @@ class TrainerRank:
     def state_dict(self) -> dict:
         return self.trainer.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def memory_bytes(self) -> dict[str, int]:
+        return self.trainer.memory_bytes()
+
+    def save_sharded(self, directory: str) -> None:
+        self.trainer.save_sharded(Path(directory))
+
+    def load_sharded(self, directory: str, state: dict) -> None:
         self.trainer.load_state_dict(state)
+        self.trainer.load_sharded(Path(directory))
+        self._weights_changed()
 
     def shutdown(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def build_rank_trainer(cfg: ExperimentConfig, model: torch.nn.Module, options: dict):
+    """cluster.trainer_strategy's trainer for one rank of an initialised process group."""
+    if cfg.cluster.trainer_strategy == "deepspeed_zero3":
+        from relift_core.runtime.deepspeed_trainer import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(model, zero_stage=3, **options)
+    from relift_core.runtime.fsdp_trainer import FSDPTrainer
+
+    return FSDPTrainer(model, **options)
 
 
 class RayRanks:
@@ -174,8 +209,9 @@ class RayRanks:
             for rank in range(self.world_size)
         ]
         init_method = ray.get(self.actors[0].address.remote())
-        ray.get([a.join.remote(init_method) for a in self.actors])
-        self.push_weights(model)  # every rank starts from the driver's weights
+        # Every rank starts from the driver's weights (sent once, through the object store).
+        weights = ray.put({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+        ray.get([a.join.remote(init_method, weights) for a in self.actors])
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """`method(*args)` on every rank at once (collective calls need all ranks); their
@@ -199,10 +235,11 @@ class RayRanks:
 
 class RayTrainer:
     """The trainer interface of TorchTrainer (rl_step, sft_step, state_dict, ...) on the ranks.
-    `model` is the driver's copy of the weights, refreshed by `gather_weights`."""
+    `model` is the driver's copy of the weights (float32 masters), refreshed by
+    `gather_weights` for checkpoints and the final model."""
 
-    def __init__(self, ranks: RayRanks, model: torch.nn.Module) -> None:
-        self.ranks, self.model = ranks, model
+    def __init__(self, ranks: RayRanks, model: torch.nn.Module, strategy: str) -> None:
+        self.ranks, self.model, self.strategy = ranks, model, strategy
         self.rl_optimizer_steps = 0
         self.sft_optimizer_steps = 0
 
@@ -222,26 +259,40 @@ class RayTrainer:
             self.model.load_state_dict(weights)
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "world_size": self.ranks.world_size,
+        """Step counters and the layout; the optimizer states are the ranks' own files
+        (`save_sharded`), written into the same checkpoint."""
+        return {"version": STATE_VERSION, "strategy": self.strategy,
+                "world_size": self.ranks.world_size,
                 "ranks": self.ranks.call("state_dict"),
                 "rl_optimizer_steps": self.rl_optimizer_steps,
                 "sft_optimizer_steps": self.sft_optimizer_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Every rank's optimizer shard, and the driver's weights (just loaded by
-        load_checkpoint) to every rank."""
-        from relift_core.runtime.sharded_trainer import ShardCountError
+    def save_sharded(self, directory: Path) -> None:
+        """Every rank writes its optimizer shard into `directory` (inside the checkpoint's
+        temporary directory, so it appears atomically with the rest; the driver and the ranks
+        share its filesystem)."""
+        self.ranks.call("save_sharded", str(directory))
 
-        saved = state.get("world_size")
-        if saved != self.ranks.world_size:
+    def load_state_dict(self, state: dict) -> None:
+        """The layout is checked here, before anything is loaded; `load_sharded` loads."""
+        saved = (state.get("strategy"), state.get("world_size"))
+        here = (self.strategy, self.ranks.world_size)
+        if saved != here:
             raise ShardCountError(
-                f"the checkpoint holds optimizer shards of {saved or 1} trainer rank(s); this run "
-                f"has {self.ranks.world_size}. Resume with as many ranks (cluster.nodes, "
-                "gpus_per_node, cpu_ranks_per_node)")
-        ray = _ray()
-        ray.get([a.load_state_dict.remote(s)
-                 for a, s in zip(self.ranks.actors, state["ranks"], strict=True)])
+                f"the checkpoint was written by {saved[1] or 1} trainer rank(s) with "
+                f"cluster.trainer_strategy={saved[0]}; this run has {here[1]} with {here[0]} "
+                "(trainer_state keys strategy, world_size). Resume with the same strategy and as "
+                "many ranks (cluster.nodes, gpus_per_node, cpu_ranks_per_node)")
+        self._pending_state = state
+
+    def load_sharded(self, directory: Path) -> None:
+        """The driver's weights (just loaded from the checkpoint) to every rank, then every
+        rank's optimizer shard from `directory`."""
+        state = self._pending_state
         self.ranks.push_weights(self.model)
+        ray = _ray()
+        ray.get([a.load_sharded.remote(str(directory), s)
+                 for a, s in zip(self.ranks.actors, state["ranks"], strict=True)])
         self.rl_optimizer_steps = int(state["rl_optimizer_steps"])
         self.sft_optimizer_steps = int(state["sft_optimizer_steps"])
 

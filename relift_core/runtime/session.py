@@ -18,7 +18,7 @@ from relift_core.algorithm.demonstrations import (
     TeacherDemonstrations,
 )
 from relift_core.algorithm.difficulty import DifficultyLedger
-from relift_core.algorithm.strategies import Strategy, strategy_for
+from relift_core.algorithm.strategies import Strategy, strategy_from_config
 from relift_core.config import ExperimentConfig, config_differences
 from relift_core.data.examples import Example
 from relift_core.data.question_stream import QuestionStream
@@ -30,7 +30,7 @@ from relift_core.runtime.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from relift_core.runtime.models import load_policy, resolve_device
+from relift_core.runtime.models import compute_autocast, load_policy, resolve_device
 from relift_core.runtime.rollout import HFRolloutEngine, RolloutEngine
 from relift_core.runtime.run_lock import RunLock
 from relift_core.runtime.trainer import TorchTrainer
@@ -62,7 +62,9 @@ class TrainSession:
         extra = {**self.state.extra_state(), "config": self.cfg.experiment_params()}
         return save_checkpoint(self.checkpoint_dir, model=self.model, tokenizer=self.tokenizer,
                                trainer_state=self.trainer.state_dict(), step=self.state.iteration,
-                               extra_state=extra)
+                               extra_state=extra,
+                               # Sharded engines' ranks write their own optimizer shards.
+                               write_shards=getattr(self.trainer, "save_sharded", None))
 
     def close(self) -> None:
         self.trainer.close()
@@ -77,14 +79,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: ExperimentConfig, model, tokenizer, device) -> RolloutEngine:
+def build_engine(cfg: ExperimentConfig, model, tokenizer, device,
+                 vllm_model_dir: Path | None = None) -> RolloutEngine:
+    """`vllm_model_dir`: where vLLM's starting weights are saved (one directory per process
+    that builds an engine: each Ray rank has its own)."""
     if cfg.rollout.engine == "vllm":
         from relift_core.runtime.vllm_engine import VLLMRolloutEngine
 
-        return VLLMRolloutEngine.from_config(cfg, model, tokenizer)
+        return VLLMRolloutEngine.from_config(cfg, model, tokenizer, model_dir=vllm_model_dir)
     # The HF engine samples from the trainer's own model object: no weight sync needed.
     return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
-                           bf16_autocast=cfg.model.bf16_autocast)
+                           bf16_autocast=compute_autocast(cfg.model))
 
 
 def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
@@ -93,7 +98,7 @@ def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, devic
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
     teacher, tokenizer = load_policy(teacher_cfg, device=str(device), seed=cfg.run.seed)
     engine = HFRolloutEngine(teacher, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
-                             bf16_autocast=cfg.model.bf16_autocast)
+                             bf16_autocast=compute_autocast(cfg.model))
     return TeacherDemonstrations(engine, tokenizer, grader, attempts=cfg.algorithm.teacher_attempts,
                                  temperature=cfg.eval.temperature,
                                  max_new_tokens=cfg.rollout.max_new_tokens,
@@ -106,7 +111,9 @@ def trainer_options(cfg: ExperimentConfig, device) -> dict:
             "max_response_len": cfg.rollout.max_new_tokens, "device": str(device),
             "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "bf16_autocast": cfg.model.bf16_autocast}
+            "bf16_autocast": compute_autocast(cfg.model),
+            "remove_padding": cfg.model.remove_padding,
+            "logit_chunk_tokens": cfg.model.logit_chunk_tokens}
 
 
 def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
@@ -115,7 +122,8 @@ def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
         from relift_core.runtime.ray_cluster import RayRanks, RayRolloutEngine, RayTrainer
 
         ranks = RayRanks(cfg, model)
-        return RayTrainer(ranks, model), RayRolloutEngine(ranks, tokenizer)
+        return (RayTrainer(ranks, model, cfg.cluster.trainer_strategy),
+                RayRolloutEngine(ranks, tokenizer))
     trainer = TorchTrainer(model, **trainer_options(cfg, device))
     return trainer, build_engine(cfg, model, tokenizer, device)
 
@@ -193,10 +201,7 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
         cfg=cfg, model=model, tokenizer=tokenizer, engine=engine, trainer=trainer,
         grader=grader,
         demonstration_source=source,
-        strategy=strategy_for(cfg.algorithm.name, sft_threshold=cfg.algorithm.sft_buffer_threshold,
-                              sft_then_rl_switch=cfg.algorithm.sft_then_rl_switch,
-                              relift_steps_per_iteration=(
-                                  1 if cfg.algorithm.sft_steps_per_iteration == "one" else None)),
+        strategy=strategy_from_config(cfg.algorithm),
         state=state, dataset=dataset, resumed_from=resumed_from, resumed_with_changes=changes,
         lock=run_lock,
     )

@@ -39,17 +39,18 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from relift_core.algorithm import objectives as algorithms
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
-from relift_core.runtime.batches import TokenBatch, shift_targets
-from relift_core.runtime.models import bf16_autocast
+from relift_core.runtime.batches import TokenBatch, pack_for_scoring, shift_targets
+from relift_core.runtime.models import MASTER_DTYPE, bf16_autocast
 
 UpdateKind = Literal["rl", "sft"]
 # A micro-batch -> (loss to backpropagate, stats to average).
 MicroLoss = Callable[[TokenBatch], tuple[Tensor, dict[str, float]]]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COMPUTE_DTYPES = ("float32", "bfloat16")
 STATE_VERSION = 1
 # Per-step counters; summed (not averaged) over a batch's optimizer steps.
 _SKIP_KEYS = ("skipped_steps", "skipped_nonfinite", "skipped_explosive")
@@ -130,6 +131,49 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+def _scores_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool,
+                        entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    logp = algorithms.token_logprobs(logits, labels).float()
+    if not with_entropy:
+        return logp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, algorithms.entropy_from_logits(logits).float()
+
+
+def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
+                   autocast: contextlib.AbstractContextManager, packed: bool = False) -> Tensor:
+    """Logits [N, V] where `where` is set, through the root module's own forward: a sharding
+    engine (FSDP2, ZeRO-3) gathers the embeddings, final norm and head in its hooks there, so
+    the decoder and head cannot be called apart. Only the columns from the first target on
+    reach the head (`logits_to_keep`); `packed` (model.remove_padding): the real tokens as one
+    sequence, and exactly the target positions reach the head."""
+    if packed:
+        rows = pack_for_scoring(micro, where)
+        with autocast:
+            return root(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                        attention_mask=None, use_cache=False,
+                        logits_to_keep=rows.targets).logits[0]
+    first = int(where.any(0).nonzero()[0]) if bool(where.any()) else where.shape[1] - 1
+    keep = where.shape[1] - first
+    with autocast:
+        logits = root(
+            input_ids=micro.input_ids,
+            attention_mask=micro.attention_mask,
+            position_ids=position_ids_from_mask(micro.attention_mask),
+            use_cache=False,
+            logits_to_keep=keep + 1,  # + the last column, which predicts nothing
+        ).logits
+    return logits[:, :-1][where[:, first:]]
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` that no optimizer sees and no gradient reaches (KL's reference)."""
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
 class TorchTrainer:
     """`rl_step` and `sft_step` on a causal LM; see the module docstring for the update loop."""
 
@@ -148,20 +192,19 @@ class TorchTrainer:
         max_bad_steps: int = 3,
         max_abs_weight: float = 1e4,
         max_norm_growth: float = 100.0,
+        remove_padding: bool = False,
+        logit_chunk_tokens: int | None = None,
     ) -> None:
-        """`dtype` is the dtype the weights are held in; the forward runs under bf16 autocast on
-        CUDA, and on CPU too with `bf16_autocast=True` (False: never). `gradient_checkpointing`
+        """`dtype` is the compute dtype (model.dtype): the weights and both optimizers' states
+        are float32 masters whatever it is, and forwards and backwards run under bf16 autocast
+        when it is bfloat16 (and otherwise as `bf16_autocast` says: None on CUDA only, True on
+        CPU too, False never). `gradient_checkpointing`
         recomputes activations in backward (model.gradient_checkpointing).
         `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
         `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
-        if algo.kl_coef > 0:
-            # A KL term needs a frozen reference policy, which the paper's recipe does not use.
-            raise ValueError(
-                f"algorithm.kl_coef={algo.kl_coef}: a KL penalty needs a reference model, which "
-                "this trainer does not hold; set algorithm.kl_coef=0 (the paper's setting)"
-            )
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_COMPUTE_DTYPES)}, got {dtype!r} "
+                             "(float16 would need loss scaling, which this trainer does not do)")
         if max_response_len <= 0:
             raise ValueError(f"max_response_len must be positive, got {max_response_len}")
         if max_bad_steps < 1:
@@ -176,8 +219,11 @@ class TorchTrainer:
         self.algo, self.rl, self.sft = algo, rl, sft
         self.max_response_len = max_response_len
         self.device = torch.device(device)
-        self.model = model.to(device=self.device, dtype=_DTYPES[dtype])
-        self._bf16_autocast = bf16_autocast
+        self.compute_dtype = dtype
+        self.remove_padding = remove_padding  # model.remove_padding
+        self.logit_chunk_tokens = logit_chunk_tokens  # model.logit_chunk_tokens
+        self.model = self._place(model)
+        self._bf16_autocast = True if dtype == "bfloat16" else bf16_autocast
         if gradient_checkpointing:
             # Activations dominate GPU memory at long responses; recompute them in backward.
             self.model.gradient_checkpointing_enable(
@@ -185,9 +231,19 @@ class TorchTrainer:
             )
         self.rl_optimizer_steps = 0
         self.sft_optimizer_steps = 0
+        # algorithm.kl_coef > 0: a frozen copy of the starting policy to stay close to; none
+        # (and no reference forward passes) otherwise, the paper's setting. Copied before a
+        # sharding engine partitions the model (_build_optimizers): the reference is whole,
+        # float32, on this process's device (memory_plan.py counts it).
+        self.reference = (_frozen_copy(self.model).to(self.device) if algo.kl_coef > 0
+                          else None)
         self._build_optimizers()
 
     # ----------------------------------------------------------------------------- set-up hooks
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        # float32 masters (models.MASTER_DTYPE): a bf16 weight cannot take a 1e-6 step.
+        return model.to(device=self.device, dtype=MASTER_DTYPE)
 
     def _build_optimizers(self) -> None:
         params = self.trainable_parameters()
@@ -216,24 +272,70 @@ class TorchTrainer:
         return out.logits[:, :-1]
 
     def _logits_at(self, micro: TokenBatch, where: Tensor) -> Tensor:
-        """Logits [N, V] of the predicting positions where `where` ([b, t - 1] bool) is set.
+        """Logits [N, V] of the predicting positions where `where` ([b, t - 1] bool) is set,
+        for models whose head cannot be applied apart (see `_target_hidden`)."""
+        if self.remove_padding:
+            return root_logits_at(self.model, micro, where, self._autocast(), packed=True)
+        return self._forward(micro.input_ids, micro.attention_mask)[where]
+
+    def _target_hidden(self, micro: TokenBatch, where: Tensor) -> tuple[Tensor, nn.Module] | None:
+        """The final hidden states [N, H] of the predicting positions and the output layer, for
+        causal LMs whose logits are just `lm_head(decoder(...))`; None for others.
 
         The output layer is most of a small model's cost (49k-token vocabularies) and prompt
-        and padding columns are most of a batch's, so for causal LMs whose logits are just
-        `lm_head(decoder(...))` only the selected hidden states reach the head. Others (and
-        subclasses that wrap the model) take every logit and select."""
+        and padding columns are most of a batch's, so only the selected hidden states reach
+        the head, and `_target_scores` can take them a chunk at a time. With remove_padding
+        the decoder sees the real tokens only, packed into one sequence."""
         parts = _decoder_and_head(self.model)
         if parts is None:
-            return self._forward(micro.input_ids, micro.attention_mask)[where]
+            return None
         decoder, head = parts
         with self._autocast():
+            if self.remove_padding:
+                packed = pack_for_scoring(micro, where)
+                hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                 attention_mask=None, use_cache=False).last_hidden_state
+                return hidden[0, packed.targets], head
             hidden = decoder(
                 input_ids=micro.input_ids,
                 attention_mask=micro.attention_mask,
                 position_ids=position_ids_from_mask(micro.attention_mask),
                 use_cache=False,
             ).last_hidden_state
-            return head(hidden[:, :-1][where])
+        return hidden[:, :-1][where], head
+
+    def _head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor, with_entropy: bool,
+                     entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """log p(label) and (optionally) entropy of `head(hidden)`, one chunk of positions."""
+        with self._autocast():
+            logits = head(hidden)
+        return _scores_from_logits(logits, labels, with_entropy, entropy_grad)
+
+    def _target_scores(self, micro: TokenBatch, where: Tensor, labels: Tensor,
+                       with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [N] (and entropies [N]) of the target tokens. With logit_chunk_tokens the
+        head runs on that many positions at a time and, under autograd, each chunk is
+        recomputed in backward (activation checkpointing), so at most one chunk's
+        [chunk, vocab] logits and their gradient are alive at once."""
+        found = self._target_hidden(micro, where)
+        if found is None:
+            return _scores_from_logits(self._logits_at(micro, where), labels, with_entropy,
+                                       entropy_grad)
+        hidden, head = found
+        chunk = self.logit_chunk_tokens
+        if chunk is None or len(labels) <= chunk:
+            return self._head_scores(head, hidden, labels, with_entropy, entropy_grad)
+        logps, entropies = [], []
+        for start in range(0, len(labels), chunk):
+            part = (head, hidden[start:start + chunk], labels[start:start + chunk],
+                    with_entropy, entropy_grad)
+            if torch.is_grad_enabled():
+                logp, entropy = checkpoint(self._head_scores, *part, use_reentrant=False)
+            else:
+                logp, entropy = self._head_scores(*part)
+            logps.append(logp)
+            entropies.append(entropy)
+        return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
     def _score(
         self, micro: TokenBatch, with_entropy: bool, entropy_grad: bool = True
@@ -242,15 +344,15 @@ class TorchTrainer:
         on the target columns (`loss_mask`) only and 0 elsewhere. `entropy_grad=False` keeps the
         entropy out of the autograd graph (stats only)."""
         where = micro.loss_mask.bool()
-        logits = self._logits_at(micro, where)
         labels = shift_targets(micro.input_ids)[where]
-        logp = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)
-        logp[where] = algorithms.token_logprobs(logits, labels).float()
+        target_logp, target_entropy = self._target_scores(
+            micro, where, labels, with_entropy, entropy_grad and torch.is_grad_enabled())
+        logp = torch.zeros(where.shape, dtype=torch.float32, device=target_logp.device)
+        logp[where] = target_logp
         if not with_entropy:
             return logp, None
         entropy = torch.zeros_like(logp)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy[where] = algorithms.entropy_from_logits(logits).float()
+        entropy[where] = target_entropy
         return logp, entropy
 
     @contextlib.contextmanager
@@ -278,11 +380,10 @@ class TorchTrainer:
         logp_out = torch.zeros((b, t - 1), dtype=torch.float32, device=batch.input_ids.device)
         entropy_out = torch.zeros_like(logp_out) if with_entropy else None
         with self._eval_mode():
-            for start, micro in zip(range(0, b, size), batch.split(size)):
-                micro = micro.trimmed()
+            for rows in self._micro_rows(batch, size, self.rl.max_tokens_per_micro_batch):
+                micro = batch.select(rows).trimmed()
                 width = micro.loss_mask.shape[1]
                 logp, entropy = self._score(micro.to(self.device), with_entropy)
-                rows = slice(start, start + len(micro))
                 logp_out[rows, :width] = logp.to(logp_out.device)
                 if entropy_out is not None and entropy is not None:
                     entropy_out[rows, :width] = entropy.float().to(entropy_out.device)
@@ -335,6 +436,7 @@ class TorchTrainer:
 
         means = self._optimizer_steps("rl", minibatches(), self._rl_micro_loss,
                                       micro_batch_size=self.rl.micro_batch_size,
+                                      max_tokens=self.rl.max_tokens_per_micro_batch,
                                       grad_clip=self.rl.grad_clip, loss_agg=self.algo.loss_agg)
         return self._finish_stats("rl", means, batch, start)
 
@@ -347,8 +449,18 @@ class TorchTrainer:
                        for minibatch in batch.split(self.sft.mini_batch_size))
         means = self._optimizer_steps("sft", minibatches, self._sft_micro_loss,
                                       micro_batch_size=self.sft.micro_batch_size,
+                                      max_tokens=self.sft.max_tokens_per_micro_batch,
                                       grad_clip=self.sft.grad_clip, loss_agg="token_mean")
         return self._finish_stats("sft", means, batch, start)
+
+    @staticmethod
+    def _micro_rows(batch: TokenBatch, rows: int, max_tokens: int | None) -> list[Tensor]:
+        """Row indices of each micro-batch: `rows` at a time, or with a token budget at most
+        `max_tokens` real tokens each (TokenBatch.split_by_tokens). Any partition gives the
+        same loss: micro-batches are weighted by their share (module docstring)."""
+        if max_tokens is not None:
+            return batch.split_by_tokens(max_tokens)
+        return [torch.arange(i, min(i + rows, len(batch))) for i in range(0, len(batch), rows)]
 
     def _optimizer_steps(self, kind: UpdateKind, minibatches: Iterable[TokenBatch],
                          micro_loss: MicroLoss, **step_options: Any) -> _WeightedMeans:
@@ -382,10 +494,24 @@ class TorchTrainer:
             micro.advantages,
             micro.loss_mask,
             clip_ratio=self.algo.clip_ratio,
+            clip_ratio_high=self.algo.clip_ratio_high,
             loss_agg=self.algo.loss_agg,
             max_len=self.max_response_len,
+            off_policy=micro.off_policy,
+            off_policy_gamma=self.algo.off_policy_shaping_gamma,
         )
         loss = pg_loss
+        extra: dict[str, float] = {}
+        if "off_policy_prob" in stats:
+            extra["off_policy_prob"] = stats["off_policy_prob"]
+        if self.reference is not None:
+            kl = algorithms.kl_penalty(logp, self._reference_logprobs(micro),
+                                       self.algo.kl_estimator)
+            # Aggregated like the policy loss, as verl's kl_loss is.
+            kl_loss = algorithms.aggregate_loss(kl, micro.loss_mask, self.algo.loss_agg,
+                                                self.max_response_len)
+            loss = loss + self.algo.kl_coef * kl_loss
+            extra["kl_to_reference"] = algorithms.masked_mean(kl.detach(), micro.loss_mask).item()
         if coef != 0.0:
             # Entropy bonus, aggregated exactly like the policy loss so the coefficient means
             # the same thing under either aggregation.
@@ -397,8 +523,20 @@ class TorchTrainer:
             "entropy": algorithms.masked_mean(entropy.detach(), micro.loss_mask).item(),
             "clip_frac": stats["clip_frac"],
             "approx_kl": stats["approx_kl"],
+            **extra,
         }
         return loss, stats
+
+    @torch.no_grad()
+    def _reference_logprobs(self, micro: TokenBatch) -> Tensor:
+        """Log-probs of `micro`'s target tokens under the frozen reference (0 elsewhere)."""
+        assert self.reference is not None
+        policy, self.model = self.model, self.reference  # _score reads self.model
+        try:
+            logp, _ = self._score(micro, with_entropy=False)
+        finally:
+            self.model = policy
+        return logp
 
     def _sft_micro_loss(self, micro: TokenBatch) -> tuple[Tensor, dict[str, float]]:
         logp, _ = self._score(micro, with_entropy=False)
@@ -412,6 +550,7 @@ class TorchTrainer:
         micro_loss: MicroLoss,
         *,
         micro_batch_size: int,
+        max_tokens: int | None,
         grad_clip: float,
         loss_agg: algorithms.LossAgg,
     ) -> dict[str, float]:
@@ -421,13 +560,18 @@ class TorchTrainer:
         self._zero_grad(kind)
         total_targets = max(minibatch.num_target_tokens, 1)
         micro_means = _WeightedMeans()
-        micros = minibatch.split(micro_batch_size)
+        micros = [minibatch.select(rows)
+                  for rows in self._micro_rows(minibatch, micro_batch_size, max_tokens)]
         mine = self._local_micro_batches(len(micros))
         loss_finite = True
         for position, index in enumerate(mine):
-            micro = micros[index].trimmed().to(self.device)
+            # None: a rank short of real micro-batches runs a zero-weight copy of the first, so
+            # every rank runs as many forwards and backwards (collectives) as the others.
+            micro = micros[0 if index is None else index].trimmed().to(self.device)
             # This micro-batch's share of the mini-batch loss (see the module docstring).
-            if loss_agg == "token_mean":
+            if index is None:
+                weight = 0.0
+            elif loss_agg == "token_mean":
                 weight = micro.num_target_tokens / total_targets
             else:
                 weight = len(micro) / len(minibatch)
@@ -479,16 +623,21 @@ class TorchTrainer:
             "the data"
         )
 
-    # Hooks a distributed engine overrides (deepspeed_trainer.py, sharded_trainer.py).
+    # Hooks a distributed engine overrides (fsdp_trainer.py, deepspeed_trainer.py).
 
-    def _local_micro_batches(self, count: int) -> list[int]:
-        """Which of a mini-batch's `count` micro-batches this process computes: all of them."""
+    def _local_micro_batches(self, count: int) -> list[int | None]:
+        """Which of a mini-batch's `count` micro-batches this process computes: all of them
+        (None would be a zero-weight padding micro-batch; see distributed.rank_micro_batches)."""
         return list(range(count))
 
     def _across_ranks(self, loss_finite: bool,
                       means: _WeightedMeans) -> tuple[bool, _WeightedMeans]:
         """Every rank's verdict and stats combined (one process: its own)."""
         return loss_finite, means
+
+    def _weight_stats(self, params: list[nn.Parameter]) -> tuple[float, float]:
+        """(max |w|, ||w||) over the whole model (a sharding engine combines its ranks')."""
+        return _weight_stats(params)
 
     def _after_optimizer_step(self) -> None:
         """Runs right after optimizer.step(), before the weights are checked."""
@@ -516,13 +665,13 @@ class TorchTrainer:
         if not math.isfinite(norm):
             self._step_outcome = "nonfinite"
         else:
-            before = _weight_stats(params)
+            before = self._weight_stats(params)
             snapshot = None
             if self._step_may_explode(optimizer, before, params):
                 snapshot = self._take_snapshot(optimizer, params)
             optimizer.step()
             self._after_optimizer_step()
-            problem = self._weight_problem(before, _weight_stats(params))
+            problem = self._weight_problem(before, self._weight_stats(params))
             if problem is not None:
                 if snapshot is None:
                     # _step_may_explode's bound is wrong for this optimizer: nothing to go back to.
