@@ -273,6 +273,11 @@ class EvalConfig(_Section):
     # in <run>/best, tagged in MLflow, as the reference keeps and reports its best validation
     # checkpoint (relift_core.runtime.best_policy).
     keep_best: bool = False
+    # Also grade every response as the ReLIFT reference's evaluation reads answers (after the
+    # first </think>, or the whole response, math-verify finding the answer in it) and report
+    # reference_avg_at_k beside avg@k. Off by default: it sends every maths response to
+    # math-verify, which the hardened reading's fast paths spare.
+    reference_reading: bool = False
 
     @field_validator("benchmarks")
     @classmethod

@@ -40,6 +40,7 @@ def evaluate_one(engine, tokenizer, grader, bench: Benchmark, *, eval_cfg, out_d
         engine, tokenizer, bench, grader,
         samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
         max_new_tokens=eval_cfg.max_new_tokens, seed=seed, require_think=require_think,
+        reference_reading=eval_cfg.reference_reading,
         records_path=out_dir / f"{bench.name}.records.jsonl",
         progress=terminal.callback(f"evaluate {bench.name} (questions)"),
     )

@@ -134,8 +134,9 @@ def test_the_best_evaluation_keeps_its_policy(tmp_path):
     assert tracker.history("eval/best_score") == pytest.approx([0.3, 0.5])
 
 
-def test_gpu_presets_keep_the_best_validation_checkpoint():
-    assert load_config("qwen2.5-math-7b").eval.keep_best is True
+def test_gpu_presets_keep_the_best_checkpoint_and_report_both_readings():
+    cfg = load_config("qwen2.5-math-7b")
+    assert cfg.eval.keep_best is True and cfg.eval.reference_reading is True
 
 
 def test_sft_baseline_preset_is_luffys_offline_recipe():

@@ -76,8 +76,13 @@ def test_evaluation_reports_both_readings(grader):
                        prompt=[{"role": "user", "content": "2+2?"}], ground_truth="4")
     bench = Benchmark(name="four", spec=spec, questions=[question], samples=len(CASES))
     records, summary = evaluate_benchmark(_Engine(), _Tokenizer(), bench, grader,
-                                          require_think=True)
+                                          require_think=True, reference_reading=True)
     assert records[0].correct == [c[2] for c in CASES]
     assert records[0].correct_reference == [c[3] for c in CASES]
     assert summary["avg_at_k"] == pytest.approx(1 / 4)
     assert summary["reference_avg_at_k"] == pytest.approx(3 / 4)
+
+    # Off by default: the hardened reading only.
+    records, summary = evaluate_benchmark(_Engine(), _Tokenizer(), bench, grader,
+                                          require_think=True)
+    assert records[0].correct_reference == [] and "reference_avg_at_k" not in summary
