@@ -273,6 +273,15 @@ class EvalConfig(_Section):
     samples: int | None = Field(None, gt=0)  # override each benchmark's default k
     limit: int | None = Field(None, gt=0)  # questions per benchmark (smoke runs)
     benchmarks_dir: str | None = None  # local verl-layout parquet files
+    # Keep the policy of the best evaluation during training (mean avg@k over the benchmarks)
+    # in <run>/best, tagged in MLflow, as the reference keeps and reports its best validation
+    # checkpoint (relift_core.runtime.best_policy).
+    keep_best: bool = False
+    # Also grade every response as the ReLIFT reference's evaluation reads answers (after the
+    # first </think>, or the whole response, math-verify finding the answer in it) and report
+    # reference_avg_at_k beside avg@k. Off by default: it sends every maths response to
+    # math-verify, which the hardened reading's fast paths spare.
+    reference_reading: bool = False
 
     @field_validator("benchmarks")
     @classmethod

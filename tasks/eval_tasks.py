@@ -17,7 +17,8 @@ from relift_core.tracker import Tracker
 from tasks import progress as terminal
 
 SCALAR_KEYS = ("avg_at_k", "pass_at_1", "pass_at_k", "maj_at_k", "format_failure_rate",
-               "truncation_rate", "response_length_mean", "response_length_max")
+               "truncation_rate", "response_length_mean", "response_length_max",
+               "reference_avg_at_k")
 
 
 def resolve_benchmark(name: str, *, local_sets: dict[str, str], benchmarks_dir: str | None,
@@ -39,6 +40,7 @@ def evaluate_one(engine, tokenizer, grader, bench: Benchmark, *, eval_cfg, out_d
         engine, tokenizer, bench, grader,
         samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
         max_new_tokens=eval_cfg.max_new_tokens, seed=seed, require_think=require_think,
+        reference_reading=eval_cfg.reference_reading,
         records_path=out_dir / f"{bench.name}.records.jsonl",
         progress=terminal.callback(f"evaluate {bench.name} (questions)"),
     )
@@ -109,8 +111,28 @@ def evaluate_policy(session, tracker: Tracker, step: int, data, *, final: bool =
     if not cfg.eval.benchmarks:
         return {}
     out_dir = cfg.run_dir() / "eval" / f"step_{step:06d}"
-    return evaluate_all(session.engine, session.tokenizer, session.grader,
-                        names=cfg.eval.benchmarks, eval_cfg=cfg.eval, out_dir=out_dir,
-                        tracker=tracker, step=step, local_sets=data.eval_paths,
-                        require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
-                        label=f"{cfg.run.name}{'-final' if final else ''}")
+    summaries = evaluate_all(session.engine, session.tokenizer, session.grader,
+                             names=cfg.eval.benchmarks, eval_cfg=cfg.eval, out_dir=out_dir,
+                             tracker=tracker, step=step, local_sets=data.eval_paths,
+                             require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
+                             label=f"{cfg.run.name}{'-final' if final else ''}")
+    if cfg.eval.keep_best:
+        keep_best_policy(session, tracker, step, summaries)
+    return summaries
+
+
+def keep_best_policy(session, tracker: Tracker, step: int, summaries) -> None:
+    """eval.keep_best: this evaluation's policy becomes <run>/best if it scores highest so far;
+    MLflow labels it (tags relift.best_checkpoint/best_step/best_score, metric eval/best_score)."""
+    from relift_core.runtime.best_policy import BEST_DIR, keep_if_best, selection_score
+
+    score = selection_score(summaries)
+    if score is None:
+        return
+    best_dir = session.cfg.run_dir() / BEST_DIR
+    session.trainer.gather_weights()  # ranks elsewhere (cluster.backend=ray) hold the weights
+    if keep_if_best(best_dir, step, score, session.model, session.tokenizer):
+        tracker.log_metrics({"eval/best_score": score, "eval/best_step": float(step)}, step=step)
+        if hasattr(tracker, "set_tags"):  # MLflow; the in-memory tracker has no tags
+            tracker.set_tags({"relift.best_checkpoint": str(best_dir.resolve()),
+                              "relift.best_step": str(step), "relift.best_score": f"{score:.6f}"})

@@ -83,3 +83,65 @@ def test_sft_targets_mask_the_prompt_and_do_not_repeat_the_prefill():
     assert tok.decode(targets) == "1+1=2</think>2" + tok.eos_token  # the prefill is prompt only
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     assert ids[: len(prompt_ids)] == prompt_ids and batch.loss_mask[0, : len(prompt_ids) - 1].sum() == 0
+
+
+def _tiny_policy(seed: int):
+    from relift_core.config import TinyModelConfig
+    from relift_core.runtime.models import build_tiny_model
+
+    tok = build_char_tokenizer()
+    return build_tiny_model(TinyModelConfig(), tok, seed=seed), tok
+
+
+def test_the_best_evaluation_keeps_its_policy(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from relift_core.config import ExperimentConfig
+    from relift_core.runtime.best_policy import best_so_far
+    from relift_core.tracker import InMemoryTracker
+    from tasks.eval_tasks import keep_best_policy
+
+    class TaggingTracker(InMemoryTracker):
+        def __init__(self):
+            super().__init__()
+            self.tags = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    cfg = ExperimentConfig()
+    cfg.run.workdir, cfg.eval.keep_best = str(tmp_path), True
+    tracker = TaggingTracker()
+    weights_at = {}
+    for step, (seed, scores) in enumerate([(0, (0.2, 0.4)), (1, (0.5, 0.5)), (2, (0.6, 0.3))]):
+        model, tok = _tiny_policy(seed)
+        weights_at[step] = model
+        session = SimpleNamespace(cfg=cfg, model=model, tokenizer=tok,
+                                  trainer=SimpleNamespace(gather_weights=lambda: None))
+        summaries = {f"b{j}": {"questions": 5, "avg_at_k": s} for j, s in enumerate(scores)}
+        keep_best_policy(session, tracker, step * 10, summaries)
+    # Means 0.3, 0.5, 0.45: the step-10 policy is the best and stays kept.
+    best_dir = cfg.run_dir() / "best"
+    assert best_so_far(best_dir) == {"step": 10, "score": 0.5}
+    kept = AutoModelForCausalLM.from_pretrained(best_dir)
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
+                                                  weights_at[1].state_dict().values()))
+    assert tracker.tags["relift.best_step"] == "10"
+    assert tracker.tags["relift.best_checkpoint"] == str(best_dir.resolve())
+    assert tracker.history("eval/best_score") == pytest.approx([0.3, 0.5])
+
+
+def test_gpu_presets_keep_the_best_checkpoint_and_report_both_readings():
+    cfg = load_config("qwen2.5-math-7b")
+    assert cfg.eval.keep_best is True and cfg.eval.reference_reading is True
+
+
+def test_sft_baseline_preset_is_luffys_offline_recipe():
+    sft, relift = load_config("qwen2.5-math-7b-sft"), load_config("qwen2.5-math-7b")
+    assert sft.algorithm.name == "sft" and sft.sft.lr == 5e-5
+    assert sft.rl.prompts_per_step == sft.sft.mini_batch_size == 64
+    assert sft.run.iterations == 2142 and sft.rollout.max_new_tokens == 1
+    assert (sft.model, sft.data, sft.eval) == (relift.model, relift.data, relift.eval)

@@ -47,6 +47,9 @@ class QuestionRecord:
     lengths: list[int]  # response tokens
     finish_reasons: list[str]  # "eos" | "length"
     timed_out: list[bool] = field(default_factory=list)  # grader timeouts (graded incorrect)
+    # Each sample graded as the ReLIFT reference's evaluation reads answers (grader reading
+    # "reference"), beside `correct` (the hardened reading); empty in records made before it.
+    correct_reference: list[bool] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -74,6 +77,7 @@ def evaluate_benchmark(
     batch_questions: int = 32,
     seed: int | None = 0,
     require_think: bool = False,
+    reference_reading: bool = False,
     records_path: Path | None = None,
     progress: ProgressCallback | None = None,
 ) -> tuple[list[QuestionRecord], dict[str, float]]:
@@ -112,7 +116,7 @@ def evaluate_benchmark(
         records = _run_batch(
             engine, tokenizer, bench, grader, pending,
             n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            seed=batch_seed, require_think=require_think,
+            seed=batch_seed, require_think=require_think, reference_reading=reference_reading,
         )  # fmt: skip
         if records_path is not None:
             append_records_jsonl(records, records_path)
@@ -122,7 +126,16 @@ def evaluate_benchmark(
             progress(len(done), total)
 
     ordered = [done[uid] for uid in uids]
-    return ordered, summarize(ordered)
+    return ordered, {**summarize(ordered), **reference_summary(ordered)}
+
+
+def reference_summary(records: Sequence[QuestionRecord]) -> dict[str, float]:
+    """avg@k under the reference's reading of answers, when every record carries it."""
+    if not records or not all(r.correct_reference for r in records):
+        return {}
+    return {"reference_avg_at_k":
+            sum(sum(r.correct_reference) / len(r.correct_reference) for r in records)
+            / len(records)}
 
 
 def _run_batch(
@@ -138,6 +151,7 @@ def _run_batch(
     max_new_tokens: int,
     seed: int | None,
     require_think: bool,
+    reference_reading: bool = False,
 ) -> list[QuestionRecord]:
     prompts = [render_prompt(tokenizer, q.prompt) for q in questions]
     outputs = engine.generate(
@@ -154,6 +168,9 @@ def _run_batch(
     truths = [q.ground_truth for q in questions for _ in range(n)]
     types = [bench.answer_type_for(q) for q in questions for _ in range(n)]
     grades = grader.grade(texts, truths, types, require_think=require_think)
+    # The reference's reading sends every maths response to math-verify: only when asked for.
+    reference = (grader.grade(texts, truths, types, reading="reference")
+                 if reference_reading else None)
 
     records = []
     for i, (question, out) in enumerate(zip(questions, outputs)):
@@ -171,6 +188,8 @@ def _run_batch(
                 lengths=[int(s.length) for s in out],
                 finish_reasons=[str(s.finish_reason) for s in out],
                 timed_out=[bool(x.timed_out) for x in g],
+                correct_reference=([bool(x.correct) for x in reference[i * n : (i + 1) * n]]
+                                   if reference is not None else []),
             )
         )
     return records
@@ -271,6 +290,7 @@ _COLUMNS = (
     ("questions", "questions", "{:d}"),
     ("k", "k", "{:d}"),
     ("avg_at_k", "avg@k", "pct"),
+    ("reference_avg_at_k", "avg@k (ref. reading)", "pct"),
     ("pass_at_k", "pass@k", "pct"),
     ("maj_at_k", "maj@k", "pct"),
     ("response_length_mean", "len mean", "{:.0f}"),

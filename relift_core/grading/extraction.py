@@ -54,6 +54,15 @@ def answer_part(response: str) -> str | None:
     return None if cut < 0 else response[cut + len(THINK_CLOSE) :]
 
 
+def reference_answer_text(response: str) -> str:
+    """The text the ReLIFT reference's evaluation grades (eval_scripts/generate_vllm.py:69-73):
+    after the first `</think>` up to the next one, else the whole response (the reference puts
+    the `<think>` prefill back in front, so only the closing tag decides). No box needed:
+    math-verify reads the answer out of that text."""
+    parts = response.split(THINK_CLOSE)
+    return parts[1] if len(parts) > 1 else response
+
+
 # Box commands and braces, in one linear scan; escaped braces are content, not structure.
 _BOX_OR_BRACE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])|\\[{}]|[{}]")
 

@@ -69,7 +69,7 @@ from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from relift_core.grading.answer_checks import (
     MAX_ANSWER_CHARS,
@@ -83,6 +83,7 @@ from relift_core.grading.extraction import (
     extract_choice,
     last_boxed,
     normalize_choice,
+    reference_answer_text,
 )
 
 # Gold answers nest braces at most 3 deep. The parser's cost grows with depth (0.7 s at 8, 3.2 s
@@ -143,12 +144,32 @@ class _MathJob:
     gold: str
     predicted: str
     record: str  # the box's content as written (with its percent sign, if any)
+    whole: bool = False  # the reference's reading: math-verify finds the answer in the text
+
+    @property
+    def key(self) -> tuple:
+        """The worker's job: (gold, predicted), with True appended for a whole response."""
+        return (self.gold, self.predicted, True) if self.whole else (self.gold, self.predicted)
+
+
+# hardened: the answer after the last </think>, in the last \boxed{}, behind the checks of
+# answer_checks (the default: rewards that resist hacking). reference: as the ReLIFT
+# reference's evaluation reads it (extraction.reference_answer_text), for comparison only.
+Reading = Literal["hardened", "reference"]
 
 
 def _prepare(
-    response: str, ground_truth: str, answer_type: AnswerType, require_think: bool
+    response: str, ground_truth: str, answer_type: AnswerType, require_think: bool,
+    reading: Reading = "hardened",
 ) -> Grade | _MathJob:
     """Everything that needs no sympy: a final Grade, or the job for a worker."""
+    if reading == "reference":
+        text = reference_answer_text(response)
+        if answer_type == "choice":
+            letter = extract_choice(text)
+            return Grade(letter is not None and letter == normalize_choice(ground_truth),
+                         format_ok=letter is not None, extracted=letter)
+        return _MathJob(gold=ground_truth, predicted=text, record=_for_record(text), whole=True)
     answer = answer_part(response)
     if answer is None:
         if require_think:
@@ -264,11 +285,15 @@ def _use_relative_tolerance() -> None:
         )
 
 
-def _verify_math(gold: str, predicted: str) -> bool:
+def _verify_math(gold: str, predicted: str, whole: bool = False) -> bool:
     from math_verify import LatexExtractionConfig, parse, verify
 
     _use_relative_tolerance()
     gold_parsed = _parse_gold(gold)
+    if whole:  # the reference's call: math-verify's default extraction over the whole text
+        predicted_parsed = parse(predicted, parsing_timeout=None)  # type: ignore[arg-type]
+        return bool(gold_parsed and predicted_parsed) and verify(
+            gold_parsed, predicted_parsed, timeout_seconds=None)
     # LaTeX only: the default's plain-expression fall-back finds numbers in text that is not
     # valid LaTeX, which would grade a part of the answer (`2e,,(=42\lim` -> 42).
     predicted_parsed = parse(
@@ -282,14 +307,14 @@ def _verify_math(gold: str, predicted: str) -> bool:
 
 
 def _verify_before_deadline(
-    gold: str, predicted: str, soft_timeout_s: float | None
+    gold: str, predicted: str, soft_timeout_s: float | None, whole: bool = False
 ) -> tuple[bool, bool]:
     """(correct, timed_out). Any error in parsing or comparing means incorrect."""
     try:
         if soft_timeout_s:
             signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
         try:
-            return _verify_math(gold, predicted), False
+            return _verify_math(gold, predicted, whole), False
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _SoftDeadline:
@@ -331,8 +356,9 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             return  # the parent is gone
         if message is None:
             return
-        gold, predicted, soft_timeout_s = message
-        conn.send(_verify_before_deadline(gold, predicted, soft_timeout_s))
+        *job, soft_timeout_s = message  # job: (gold, predicted[, whole])
+        gold, predicted, *whole = job
+        conn.send(_verify_before_deadline(gold, predicted, soft_timeout_s, bool(whole)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +458,7 @@ class BatchGrader:
         ground_truths: list[str],
         answer_types: list[AnswerType] | AnswerType = "math",
         require_think: bool = False,
+        reading: Reading = "hardened",
     ) -> list[Grade]:
         types = [answer_types] * len(responses) if isinstance(answer_types, str) else answer_types
         if not len(responses) == len(ground_truths) == len(types):
@@ -440,25 +467,26 @@ class BatchGrader:
                 f"{len(types)} answer types: they must be the same length"
             )
         prepared = [
-            _prepare(response, gold, answer_type, require_think)
+            _prepare(response, gold, answer_type, require_think, reading)
             for response, gold, answer_type in zip(responses, ground_truths, types, strict=True)
         ]
-        job_of: dict[tuple[str, str], int] = {}
+        job_of: dict[tuple, int] = {}
         for item in prepared:
             if isinstance(item, _MathJob):
-                job_of.setdefault((item.gold, item.predicted), len(job_of))
+                job_of.setdefault(item.key, len(job_of))
         outcomes = self._run(list(job_of), self.timeout_s)
         grades = []
         for item in prepared:
             if isinstance(item, Grade):
                 grades.append(item)
                 continue
-            correct, timed_out = outcomes[job_of[(item.gold, item.predicted)]]
+            correct, timed_out = outcomes[job_of[item.key]]
             grades.append(Grade(correct, True, item.record, timed_out))
         return grades
 
-    def _run(self, jobs: list[tuple[str, str]], timeout_s: float) -> list[tuple[bool, bool]]:
-        """Verifies (gold, predicted) pairs -> (correct, timed_out); each has its own deadline."""
+    def _run(self, jobs: list[tuple], timeout_s: float) -> list[tuple[bool, bool]]:
+        """Verifies (gold, predicted[, whole]) jobs -> (correct, timed_out); each has its own
+        deadline."""
         if not self._workers:
             raise RuntimeError("BatchGrader is closed")
         outcomes: list[tuple[bool, bool] | None] = [None] * len(jobs)
@@ -477,7 +505,7 @@ class BatchGrader:
             raise
         return outcomes  # type: ignore[return-value]
 
-    def _dispatch(self, jobs: list[tuple[str, str]], queue: deque[int], timeout_s: float) -> None:
+    def _dispatch(self, jobs: list[tuple], queue: deque[int], timeout_s: float) -> None:
         """Gives the next answers to idle workers."""
         soft_timeout_s = timeout_s if self._worker_alarm else None
         for index, worker in enumerate(self._workers):
@@ -563,6 +591,6 @@ def grade_answer(
         return prepared
     with _single_lock:
         [(correct, timed_out)] = _single_worker_pool()._run(
-            [(prepared.gold, prepared.predicted)], timeout_s
+            [prepared.key], timeout_s
         )
     return Grade(correct, True, prepared.record, timed_out)
