@@ -58,9 +58,11 @@ def test_7b_plan_line_by_line():
     assert p.optimizer == n * 16 / 8  # RL and SFT AdamW, 2 fp32 moments each, sharded by 8
     layer = KNOWN_ARCHITECTURES["Qwen/Qwen2.5-Math-7B"].layer_parameters()
     assert p.compute == (2 * layer + (n - 28 * layer)) * 2  # two bf16 layers + the root unit
-    tokens = 1 * (1024 + 8192)
-    # Layer inputs (bf16) + one layer's working set (34 sbh bytes) + 26 bytes per bf16 logit.
-    assert p.activations == 28 * tokens * 3584 * 2 + 34 * tokens * 3584 + 8192 * 152064 * 26
+    # The largest micro-batch: SFT's 4 rows of 1024 + 8192 tokens (RL's token budget is 32,768).
+    tokens = 4 * (1024 + 8192)
+    # Layer inputs (bf16) + one layer's working set (34 sbh bytes) + 26 bytes per bf16 logit
+    # of one 2,048-token chunk (model.logit_chunk_tokens).
+    assert p.activations == 28 * tokens * 3584 * 2 + 34 * tokens * 3584 + 2048 * 152064 * 26
     assert p.rollout == 0.5 * 80 * GIB and p.resident_rollout == 0
     assert p.fits and minimum_gpus(cfg) == 4
     assert not plan_memory(cfg, 2).fits  # sharded states alone pass 80 GiB on 2

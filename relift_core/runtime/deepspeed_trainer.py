@@ -32,11 +32,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from relift_core.config import RLConfig
 from relift_core.runtime.batches import TokenBatch
 from relift_core.runtime.distributed import (
     ShardCountError,
+    collective_device,
     combine_across_ranks,
     rank_micro_batches,
 )
@@ -148,11 +150,6 @@ class DeepSpeedTrainer(TorchTrainer):
         self.zero_stage = zero_stage
         # The base __init__ moves the model and calls _build_optimizers, which builds the engine.
         super().__init__(model, rl=rl, **trainer_options)
-        # ZeRO-3 gathers a module's parameters at each of its calls: chunks of the head would
-        # make the number of gathers depend on a rank's target count (and again in backward's
-        # recompute), leaving ranks waiting on each other; the head scores all targets at once
-        # (model.logit_chunk_tokens applies to fsdp2 and one process; memory_plan.py agrees).
-        self.logit_chunk_tokens = None
 
     # ------------------------------------------------------------------------ engine set-up
 
@@ -205,6 +202,30 @@ class DeepSpeedTrainer(TorchTrainer):
         # ZeRO-3 gathers the head inside the engine's forward only.
         return self._root_target_scores(self.engine, micro, where, labels, with_entropy,
                                         entropy_grad)
+
+    def _chunked_head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor,
+                             with_entropy: bool, entropy_grad: bool
+                             ) -> tuple[Tensor, Tensor | None]:
+        """ZeRO-3 gathers a module's parameters at each call of it (and again when backward
+        recomputes a chunk): every rank calls the head as many times, the most chunks any rank
+        needs for this micro-batch, short ranks on empty chunks."""
+        if self.logit_chunk_tokens is None or self.model is not self.engine.module:
+            return super()._chunked_head_scores(head, hidden, labels, with_entropy,
+                                                entropy_grad)
+        chunk = self.logit_chunk_tokens
+        most = torch.tensor([len(labels)], dtype=torch.int64, device=collective_device())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        logps, entropies = [], []
+        for start in range(0, max(int(most.item()), 1), chunk):
+            part = (head, hidden[start:start + chunk], labels[start:start + chunk],
+                    with_entropy, entropy_grad)
+            if torch.is_grad_enabled():
+                logp, entropy = checkpoint(self._head_scores, *part, use_reentrant=False)
+            else:
+                logp, entropy = self._head_scores(*part)
+            logps.append(logp)
+            entropies.append(entropy)
+        return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
     # ------------------------------------------------------------------------ gradient hooks
 

@@ -213,8 +213,7 @@ def _micro_batch_tokens(cfg: ExperimentConfig) -> tuple[int, int]:
                              section.micro_batch_size * new_tokens))
     tokens = max(t for t, _ in per_kind)
     logit_tokens = max(n for _, n in per_kind)
-    zero3 = cfg.cluster.backend == "ray" and cfg.cluster.trainer_strategy == "deepspeed_zero3"
-    if cfg.model.logit_chunk_tokens is not None and not zero3:  # ZeRO-3 scores all at once
+    if cfg.model.logit_chunk_tokens is not None:
         logit_tokens = min(logit_tokens, cfg.model.logit_chunk_tokens)
     return tokens, logit_tokens
 
@@ -282,8 +281,7 @@ def render_plan(cfg: ExperimentConfig, preset: str) -> str:
     new_tokens = max(cfg.rollout.max_new_tokens, cfg.sft.max_target_tokens)
     shape = (f"{tokens:,} tokens per micro-batch (token budget)" if budgets else
              f"micro-batch {micro} x {cfg.data.max_prompt_tokens}+{new_tokens} tokens")
-    chunked = (cfg.model.logit_chunk_tokens is not None
-               and not (c.trainer_strategy == "deepspeed_zero3" and c.backend == "ray"))
+    chunked = cfg.model.logit_chunk_tokens is not None
     logits = f", logits of {logit_tokens:,} tokens at a time" if chunked else ""
     share = cfg.rollout.gpu_memory_utilization if cfg.rollout.engine == "vllm" else 0
     checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
