@@ -301,8 +301,9 @@ class RayTrainer:
 
 
 class RayRolloutEngine(RolloutEngine):
-    """Rollouts on the ranks: the prompts in contiguous shards, one per rank, each sampled with
-    its own seed (seed + shard index, so a run is reproducible for a fixed number of ranks)."""
+    """Rollouts on the ranks: the prompts in contiguous shards, one per rank, each shard seeded
+    from its first prompt's index (seed + first * n), so prompt i's samples draw the same
+    streams whichever rank samples them and no two ranks' streams overlap."""
 
     def __init__(self, ranks: RayRanks, tokenizer) -> None:
         self.ranks, self.tokenizer = ranks, tokenizer
