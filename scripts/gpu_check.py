@@ -119,6 +119,16 @@ def share_changed(model: torch.nn.Module, before: list[torch.Tensor]) -> float:
     return changed / total
 
 
+def timed_update(step, model, device) -> tuple[dict, float, float]:
+    """(stats, seconds, share of weights changed) of one update."""
+    before = snapshot(model)
+    synchronize(device)
+    t0 = time.perf_counter()
+    stats = step()
+    synchronize(device)
+    return stats, time.perf_counter() - t0, share_changed(model, before)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,26 +180,14 @@ def run(shape_name: str, device_name: str, dtype: str | None,
     # One RL step on those samples (advantages of both signs, as GRPO's are).
     advantages = torch.tensor([1.0 if i % 2 else -1.0 for i in range(len(samples))])
     batch = rl_batch(samples, advantages, tokenizer.pad_token_id)
-    before = snapshot(trainer.model)
-    synchronize(device)
-    t0 = time.perf_counter()
-    rl_stats = trainer.rl_step(batch)
-    synchronize(device)
-    rl_s = time.perf_counter() - t0
-    rl_share = share_changed(trainer.model, before)
+    rl_stats, rl_s, rl_share = timed_update(lambda: trainer.rl_step(batch), trainer.model, device)
 
     # One SFT step: the prompts with random demonstrations of the full target length.
     targets = torch.randint(2, config.vocab_size, (shape["prompts"], shape["response_len"]),
                             generator=generator).tolist()
     sft = pack_rows(prompts, targets, tokenizer.pad_token_id)
-    before = snapshot(trainer.model)
-    synchronize(device)
-    t0 = time.perf_counter()
-    sft_stats = trainer.sft_step(sft)
-    synchronize(device)
-    sft_s = time.perf_counter() - t0
-    sft_share = share_changed(trainer.model, before)
-    del before
+    sft_stats, sft_s, sft_share = timed_update(lambda: trainer.sft_step(sft), trainer.model,
+                                               device)
 
     flops = peak_flops(device, peak_tflops)
     train_tokens = batch.num_tokens + sft.num_tokens

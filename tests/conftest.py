@@ -92,3 +92,18 @@ def _wait_until(predicate, timeout: float, what: str):
 @pytest.fixture
 def wait_until():
     return _wait_until
+
+
+def record_gradients(trainer) -> dict:
+    """The gradients of `trainer`'s next optimizer steps, as they are just before each step
+    (after accumulation, before clipping): name -> tensor, filled in as the steps run."""
+    grads: dict = {}
+    step = trainer._clip_and_step
+
+    def record(kind, clip):
+        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+                      if p.grad is not None})
+        return step(kind, clip)
+
+    trainer._clip_and_step = record
+    return grads

@@ -39,6 +39,7 @@ from relift_core.runtime.distributed import (
 from relift_core.runtime.models import load_policy
 from relift_core.runtime.rollout import Sample
 from relift_core.runtime.trainer import TorchTrainer
+from tests.conftest import record_gradients
 
 pytestmark = pytest.mark.slow
 
@@ -182,15 +183,7 @@ def test_a_1e_6_step_with_bf16_compute_moves_the_weights(local_ray, tiny_overrid
     # Which weights get a gradient: one process, the same batch and weights.
     probe = TorchTrainer(copy.deepcopy(model), algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
                          max_response_len=cfg.rollout.max_new_tokens, dtype="bfloat16")
-    grads = {}
-    original_step = probe._clip_and_step
-
-    def keep_grads(kind, clip):
-        grads.update({n: p.grad.detach().clone() for n, p in probe.model.named_parameters()
-                      if p.grad is not None})
-        return original_step(kind, clip)
-
-    probe._clip_and_step = keep_grads
+    grads = record_gradients(probe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     probe.rl_step(rl)
     if strategy == "one process":

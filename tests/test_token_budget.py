@@ -21,6 +21,7 @@ from relift_core.runtime.batches import pack_for_scoring, pack_rows, rl_batch
 from relift_core.runtime.models import build_tiny_model
 from relift_core.runtime.rollout import Sample
 from relift_core.runtime.trainer import TorchTrainer
+from tests.conftest import record_gradients
 
 MAX_LEN = 160
 
@@ -58,15 +59,7 @@ def _trainer(model, *, loss_agg="token_mean", budget=None, packed=False, chunk=N
 
 def _step_with_grads(trainer, kind, batch):
     """Run one update; return (stats, gradients before the optimizer step, weights after)."""
-    grads = {}
-    original = trainer._clip_and_step
-
-    def record(k, clip):
-        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
-                      if p.grad is not None})
-        return original(k, clip)
-
-    trainer._clip_and_step = record
+    grads = record_gradients(trainer)
     stats = trainer.rl_step(batch, rows_per_minibatch=len(batch)) if kind == "rl" \
         else trainer.sft_step(batch)
     return stats, grads, {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -96,33 +89,23 @@ def test_packing_maps_every_target_to_its_predicting_position(tokenizer):
     assert ids[packed.targets + 1].tolist() == [10, 11, 12, 13]
 
 
-@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_sum_div_max_len"])
-def test_packed_token_budget_rl_update_equals_the_padded_one(tokenizer, loss_agg):
+@pytest.mark.parametrize("kind, loss_agg", [("rl", "token_mean"),
+                                            ("rl", "seq_sum_div_max_len"),
+                                            ("sft", "token_mean")])
+def test_packed_token_budget_update_equals_the_padded_one(tokenizer, kind, loss_agg):
+    """RL under every loss aggregation, and SFT (always token_mean)."""
     model = _model(tokenizer)
     batch = _mixed_rl_batch(tokenizer)
+    if kind == "sft":
+        batch.advantages = None
     padded = _trainer(copy.deepcopy(model), loss_agg=loss_agg)
     packed = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=200, packed=True,
                       chunk=64)
-    a_stats, a_grads, a_weights = _step_with_grads(padded, "rl", batch)
-    b_stats, b_grads, b_weights = _step_with_grads(packed, "rl", batch)
-    assert b_stats["policy_loss"] == pytest.approx(a_stats["policy_loss"], rel=1e-4, abs=1e-6)
-    assert b_stats["entropy"] == pytest.approx(a_stats["entropy"], rel=1e-4)
+    a_stats, a_grads, a_weights = _step_with_grads(padded, kind, batch)
+    b_stats, b_grads, b_weights = _step_with_grads(packed, kind, batch)
+    for key in ("policy_loss", "entropy") if kind == "rl" else ("sft_loss",):
+        assert b_stats[key] == pytest.approx(a_stats[key], rel=1e-4, abs=1e-6), key
     assert b_stats["grad_norm"] == pytest.approx(a_stats["grad_norm"], rel=1e-4)
-    for name, grad in a_grads.items():
-        torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
-    for name, weight in a_weights.items():
-        torch.testing.assert_close(b_weights[name], weight, rtol=0, atol=1e-6)
-
-
-def test_packed_token_budget_sft_update_equals_the_padded_one(tokenizer):
-    model = _model(tokenizer)
-    batch = _mixed_rl_batch(tokenizer)
-    batch.advantages = None
-    padded = _trainer(copy.deepcopy(model))
-    packed = _trainer(copy.deepcopy(model), budget=200, packed=True, chunk=64)
-    a_stats, a_grads, a_weights = _step_with_grads(padded, "sft", batch)
-    b_stats, b_grads, b_weights = _step_with_grads(packed, "sft", batch)
-    assert b_stats["sft_loss"] == pytest.approx(a_stats["sft_loss"], rel=1e-4)
     for name, grad in a_grads.items():
         torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
     for name, weight in a_weights.items():

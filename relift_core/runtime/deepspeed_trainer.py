@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from relift_core.config import RLConfig
 from relift_core.runtime.batches import TokenBatch
@@ -204,7 +203,7 @@ class DeepSpeedTrainer(TorchTrainer):
                                         entropy_grad)
 
     def _chunked_head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor,
-                             with_entropy: bool, entropy_grad: bool
+                             with_entropy: bool, entropy_grad: bool, span: int | None = None
                              ) -> tuple[Tensor, Tensor | None]:
         """ZeRO-3 gathers a module's parameters at each call of it (and again when backward
         recomputes a chunk): every rank calls the head as many times, the most chunks any rank
@@ -212,20 +211,10 @@ class DeepSpeedTrainer(TorchTrainer):
         if self.logit_chunk_tokens is None or self.model is not self.engine.module:
             return super()._chunked_head_scores(head, hidden, labels, with_entropy,
                                                 entropy_grad)
-        chunk = self.logit_chunk_tokens
         most = torch.tensor([len(labels)], dtype=torch.int64, device=collective_device())
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        logps, entropies = [], []
-        for start in range(0, max(int(most.item()), 1), chunk):
-            part = (head, hidden[start:start + chunk], labels[start:start + chunk],
-                    with_entropy, entropy_grad)
-            if torch.is_grad_enabled():
-                logp, entropy = checkpoint(self._head_scores, *part, use_reentrant=False)
-            else:
-                logp, entropy = self._head_scores(*part)
-            logps.append(logp)
-            entropies.append(entropy)
-        return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+        return super()._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad,
+                                            span=int(most.item()))
 
     # ------------------------------------------------------------------------ gradient hooks
 

@@ -354,13 +354,15 @@ class TorchTrainer:
         return self._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad)
 
     def _chunked_head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor,
-                             with_entropy: bool, entropy_grad: bool
+                             with_entropy: bool, entropy_grad: bool, span: int | None = None
                              ) -> tuple[Tensor, Tensor | None]:
+        """`span`: chunk over that many positions (past the end: empty chunks), so that a
+        sharding engine's ranks call the head equally often (deepspeed_trainer.py)."""
         chunk = self.logit_chunk_tokens
-        if chunk is None or len(labels) <= chunk:
+        if chunk is None or (span is None and len(labels) <= chunk):
             return self._head_scores(head, hidden, labels, with_entropy, entropy_grad)
         logps, entropies = [], []
-        for start in range(0, len(labels), chunk):
+        for start in range(0, max(len(labels) if span is None else span, 1), chunk):
             part = (head, hidden[start:start + chunk], labels[start:start + chunk],
                     with_entropy, entropy_grad)
             if torch.is_grad_enabled():
