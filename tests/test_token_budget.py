@@ -74,6 +74,9 @@ def test_split_by_tokens_fills_micro_batches_within_the_budget(tokenizer):
         assert int(lengths[part].sum()) <= 160 or len(part) == 1  # a longer row goes alone
     assert [p.tolist() for p in parts] == [p.tolist() for p in batch.split_by_tokens(160)]
     assert len(parts) < len(batch)  # short rows share
+    # Unpacked, the budget counts rows x the longest row: rows of like lengths go together.
+    for part in batch.split_by_tokens(160, padded=True):
+        assert len(part) * int(lengths[part].max()) <= 160 or len(part) == 1
     with pytest.raises(ValueError, match="max_tokens must be positive"):
         batch.split_by_tokens(0)
 
@@ -101,15 +104,18 @@ def test_packed_token_budget_update_equals_the_padded_one(tokenizer, kind, loss_
     padded = _trainer(copy.deepcopy(model), loss_agg=loss_agg)
     packed = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=200, packed=True,
                       chunk=64)
+    # And a token budget over padded rows, sorted by length (the CPU's fast path).
+    sorted_rows = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=300)
     a_stats, a_grads, a_weights = _step_with_grads(padded, kind, batch)
-    b_stats, b_grads, b_weights = _step_with_grads(packed, kind, batch)
-    for key in ("policy_loss", "entropy") if kind == "rl" else ("sft_loss",):
-        assert b_stats[key] == pytest.approx(a_stats[key], rel=1e-4, abs=1e-6), key
-    assert b_stats["grad_norm"] == pytest.approx(a_stats["grad_norm"], rel=1e-4)
-    for name, grad in a_grads.items():
-        torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
-    for name, weight in a_weights.items():
-        torch.testing.assert_close(b_weights[name], weight, rtol=0, atol=1e-6)
+    for other in (packed, sorted_rows):
+        b_stats, b_grads, b_weights = _step_with_grads(other, kind, batch)
+        for key in ("policy_loss", "entropy") if kind == "rl" else ("sft_loss",):
+            assert b_stats[key] == pytest.approx(a_stats[key], rel=1e-4, abs=1e-6), key
+        assert b_stats["grad_norm"] == pytest.approx(a_stats["grad_norm"], rel=1e-4)
+        for name, grad in a_grads.items():
+            torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
+        for name, weight in a_weights.items():
+            torch.testing.assert_close(b_weights[name], weight, rtol=0, atol=1e-6)
 
 
 def test_chunked_logprobs_and_entropy_equal_unchunked_values_and_gradients(tokenizer):

@@ -97,26 +97,31 @@ class TokenBatch:
             for i in range(0, len(self), micro_batch_size)
         ]
 
-    def split_by_tokens(self, max_tokens: int) -> list[Tensor]:
-        """Row indices of micro-batches holding at most `max_tokens` real tokens each (a row
-        longer than that goes alone): rows longest first, each into the first micro-batch it
-        fits (first-fit decreasing), so micro-batches are few and full -- verl's dynamic batch
-        size. Deterministic, so every rank of a group computes the same split."""
+    def split_by_tokens(self, max_tokens: int, *, padded: bool = False) -> list[Tensor]:
+        """Row indices of micro-batches of at most `max_tokens` tokens each (a row longer than
+        that goes alone): rows longest first, each into the first micro-batch it fits
+        (first-fit decreasing), so micro-batches are few and full -- verl's dynamic batch size.
+        A micro-batch's tokens are its real tokens when it will be packed; with `padded`, its
+        rows x its longest row, so rows of like lengths share a micro-batch and little of it is
+        padding. Deterministic, so every rank of a group computes the same split."""
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         lengths = self.attention_mask.sum(dim=1).tolist()
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         bins: list[list[int]] = []
-        room: list[int] = []
+        used: list[int] = []
         for row in order:
-            for b, left in enumerate(room):
-                if lengths[row] <= left:
-                    bins[b].append(row)
-                    room[b] -= lengths[row]
+            for b, members in enumerate(bins):
+                # Longest first: a bin's first row is its longest.
+                cost = ((len(members) + 1) * lengths[members[0]] if padded
+                        else used[b] + lengths[row])
+                if cost <= max_tokens:
+                    members.append(row)
+                    used[b] += lengths[row]
                     break
             else:
                 bins.append([row])
-                room.append(max_tokens - lengths[row])
+                used.append(lengths[row])
         return [torch.tensor(sorted(b), dtype=torch.long) for b in bins]
 
     def trimmed(self) -> TokenBatch:

@@ -512,13 +512,13 @@ class TorchTrainer:
                                       grad_clip=self.sft.grad_clip, loss_agg="token_mean")
         return self._finish_stats("sft", means, batch, start)
 
-    @staticmethod
-    def _micro_rows(batch: TokenBatch, rows: int, max_tokens: int | None) -> list[Tensor]:
+    def _micro_rows(self, batch: TokenBatch, rows: int, max_tokens: int | None) -> list[Tensor]:
         """Row indices of each micro-batch: `rows` at a time, or with a token budget at most
-        `max_tokens` real tokens each (TokenBatch.split_by_tokens). Any partition gives the
-        same loss: micro-batches are weighted by their share (module docstring)."""
+        `max_tokens` tokens each (TokenBatch.split_by_tokens: real tokens when packed, padded
+        ones otherwise). Any partition gives the same loss: micro-batches are weighted by their
+        share (module docstring)."""
         if max_tokens is not None:
-            return batch.split_by_tokens(max_tokens)
+            return batch.split_by_tokens(max_tokens, padded=not self.remove_padding)
         return [torch.arange(i, min(i + rows, len(batch))) for i in range(0, len(batch), rows)]
 
     def _optimizer_steps(self, kind: UpdateKind, minibatches: Iterable[TokenBatch],
