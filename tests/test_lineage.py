@@ -120,3 +120,21 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_path_and_cause(tmp_p
     from tasks.retry import is_permanent_error
 
     assert is_permanent_error(CheckpointWriteError("x"))  # not retried
+
+
+def test_the_preparation_cache_keys_on_content_not_mtime(tmp_path):
+    import os
+
+    from flows.prepare_data import data_key
+    from relift_core.config import DataConfig
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "1+1?", "reward_model": {"ground_truth": "2"}}\n')
+    data = DataConfig(train_path=str(path))
+    before = data_key(data, seed=0)
+    stat = path.stat()
+    path.write_text('{"prompt": "1+1?", "reward_model": {"ground_truth": "3"}}\n')  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the mtime put back
+    assert data_key(data, seed=0) != before  # was a cache hit on the old golds
+    path.write_text('{"prompt": "1+1?", "reward_model": {"ground_truth": "2"}}\n')
+    assert data_key(data, seed=0) == before  # the same content is the same key
