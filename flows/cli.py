@@ -363,23 +363,93 @@ def ui(
             stop_process(p, grace_s=20)
 
 
+# A lost server must end a command within a minute, not after MLflow's 7 retries with a factor-2
+# backoff (577 s were seen) or Prefect's 5: set unless the user sets them.
+BOUNDED_SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # 1 + 2 + 4 s of backoff
+                          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                          "PREFECT_CLIENT_MAX_RETRIES": "2"}
+# How long Prefect may take, once a command ends, to send the logs and events it still queues.
+# It drains them at exit with no deadline: with its server gone (killed, or a temporary server
+# stopped by the same Ctrl-C) the process never ended, retrying one queued event every 7 s.
+PREFECT_DRAIN_S = 3.0  # each of its two queues
+
+
+def lost_server(exc: BaseException) -> str | None:
+    """One line for an error that is a server gone away, naming the server; else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        name, text = type(seen).__name__, str(seen)
+        if name == "MlflowException" and "API request to" in text:
+            return f"lost the MLflow tracking server: {one_line(seen)[:300]}"
+        module = type(seen).__module__
+        if module.startswith(("httpx", "httpcore")) or name == "PrefectHTTPStatusError":
+            url = os.environ.get("PREFECT_API_URL", "?")
+            return f"lost the Prefect server at {url}: {name}: {one_line(seen)[:200]}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _prefect_drained(timeout_s: float) -> bool:
+    """Whether the logs and events Prefect still queues were sent within `timeout_s`."""
+    if "prefect" not in sys.modules:
+        return True
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    pending = False
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            _, not_done = worker.drain_all(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - shutting down: what is not sent is lost, not fatal
+            not_done = True
+        pending = pending or bool(not_done)
+    return not pending
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a command the way Ctrl-C does: runs marked FAILED
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The `relift` entry point: runs the command; a user error (USER_ERRORS) prints one line
-    and exits non-zero unless --debug (or RELIFT_DEBUG=1) asks for the traceback."""
+    """The `relift` entry point: runs the command; a user error (USER_ERRORS) or a lost server
+    prints one line and exits non-zero unless --debug (or RELIFT_DEBUG=1) asks for the
+    traceback. SIGTERM and SIGINT end it within seconds (see PREFECT_DRAIN_S)."""
+    import signal
+
     global _debug
     args = list(sys.argv[1:] if argv is None else argv)
     _debug = "--debug" in args or _debug_from_env()
     # --debug is an option of the app, so it must come before the command; accept it anywhere.
     args = (["--debug"] if "--debug" in args else []) + [a for a in args if a != "--debug"]
+    for key, value in BOUNDED_SERVER_RETRIES.items():
+        os.environ.setdefault(key, value)
+    if argv is None:  # the process's own entry point, not a test calling main()
+        signal.signal(signal.SIGTERM, _interrupt)
+    code = 1
     try:
         app(args=args, prog_name="relift")
-    except Exception as exc:  # sorted into user errors and bugs here
-        code = user_error_exit_code(exc)
-        if code is None or _debug:
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    except Exception as exc:  # sorted into user errors, lost servers and bugs here
+        user_code = user_error_exit_code(exc)
+        line = one_line(exc) if user_code is not None else lost_server(exc)
+        if line is None or _debug:
             raise
-        err_console.print(f"error: {one_line(exc)}", style="red", markup=False, highlight=False,
+        code = user_code or 1
+        err_console.print(f"error: {line}", style="red", markup=False, highlight=False,
                           soft_wrap=True)
         sys.exit(code)
+    finally:
+        if argv is None and not _prefect_drained(PREFECT_DRAIN_S):
+            err_console.print(f"warning: Prefect's server did not take its last logs and events "
+                              f"within {2 * PREFECT_DRAIN_S:.0f} s; exiting without them",
+                              markup=False, highlight=False)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 if __name__ == "__main__":
