@@ -86,7 +86,15 @@ def checked_before_servers(cfg) -> None:
     Prefect server starts (relift_core.data.preflight); warnings are printed, one line each."""
     from relift_core.data.preflight import preflight
 
-    for warning in preflight(cfg):
+    world = None
+    if cfg.data.world is not None:  # the generated world's training rows, as preparation's
+        from relift_core.data.examples import examples_from_records
+        from relift_core.proofworld.problems import build_world, problem_to_record
+
+        train = build_world(cfg.data.world.model_copy(update={"pretrain_examples": 0}))["train"]
+        world = examples_from_records(
+            [problem_to_record(p, index=i) for i, p in enumerate(train)], origin="data.world")
+    for warning in preflight(cfg, world):
         err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
                           soft_wrap=True)
 
