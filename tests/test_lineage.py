@@ -138,3 +138,23 @@ def test_the_preparation_cache_keys_on_content_not_mtime(tmp_path):
     assert data_key(data, seed=0) != before  # was a cache hit on the old golds
     path.write_text('{"prompt": "1+1?", "reward_model": {"ground_truth": "2"}}\n')
     assert data_key(data, seed=0) == before  # the same content is the same key
+
+
+def test_checkpoint_files_are_readable_like_the_rest_of_the_run_directory(tmp_path):
+    import stat
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from relift_core.runtime.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=32))
+    step = save_checkpoint(tmp_path, model=model, trainer_state={}, step=1)
+    ordinary = tmp_path / "ordinary.txt"
+    ordinary.write_text("x")
+    modes = {p.relative_to(step).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in step.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {stat.S_IMODE(ordinary.stat().st_mode)}, modes  # weights were 0600

@@ -232,7 +232,11 @@ def _write_checkpoint(final: Path, model: torch.nn.Module, tokenizer: Any, train
         _torch_save(capture_rng_state(), tmp / RNG_STATE)
         (tmp / STATE_JSON).write_text(state_json)
         files = _files_under(tmp)
+        # Readable like the rest of the run directory: transformers writes the weights through
+        # a temporary file of mode 0600; every file gets the mode an ordinary write gets here.
+        mode = (tmp / STATE_JSON).stat().st_mode & 0o777
         for path in files:
+            path.chmod(mode)
             _fsync(path)
         manifest = {
             "format": FORMAT_VERSION,
