@@ -133,7 +133,8 @@ def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
 
 
 class ResumeRefused(RuntimeError):
-    """The run name's checkpoints belong to another experiment (or run.resume=never)."""
+    """The run name's checkpoints (or MLflow run) belong to another experiment, or none of its
+    checkpoints is usable."""
 
 
 DATA_KEY = "(training data)"  # the key under which a changed data fingerprint is reported
