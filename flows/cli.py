@@ -81,20 +81,29 @@ def validated_config(preset: str, overrides: list[str] | None):
     return load_config(preset, overrides or [])
 
 
-def checked_before_servers(cfg) -> None:
+def checked_before_servers(cfg, points: list | None = None) -> None:
     """The training rows, the settings only the data can refute and the benchmarks, before a
-    Prefect server starts (relift_core.data.preflight); warnings are printed, one line each."""
+    Prefect server starts (relift_core.data.preflight), for `cfg` and for each config in
+    `points` (a sweep's); warnings are printed, one line each, once."""
     from relift_core.data.preflight import preflight
 
-    world = None
-    if cfg.data.world is not None:  # the generated world's training rows, as preparation's
-        from relift_core.data.examples import examples_from_records
-        from relift_core.proofworld.problems import build_world, problem_to_record
+    rows: dict[str, list] = {}  # the world's training rows, per world config
+    warnings: list[str] = []
+    for each in [cfg, *(points or [])]:
+        world = None
+        if each.data.world is not None:  # the generated world's rows, as preparation's
+            key = each.data.world.model_dump_json()
+            if key not in rows:
+                from relift_core.data.examples import examples_from_records
+                from relift_core.proofworld.problems import build_world, problem_to_record
 
-        train = build_world(cfg.data.world.model_copy(update={"pretrain_examples": 0}))["train"]
-        world = examples_from_records(
-            [problem_to_record(p, index=i) for i, p in enumerate(train)], origin="data.world")
-    for warning in preflight(cfg, world):
+                world_cfg = each.data.world.model_copy(update={"pretrain_examples": 0})
+                rows[key] = examples_from_records(
+                    [problem_to_record(p, index=i) for i, p in
+                     enumerate(build_world(world_cfg)["train"])], origin="data.world")
+            world = rows[key]
+        warnings += [w for w in preflight(each, world) if w not in warnings]
+    for warning in warnings:
         err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
                           soft_wrap=True)
 
@@ -236,7 +245,12 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a model or checkpoint on benchmarks; prints the table, logs to MLflow."""
-    validated_config(model, overrides)
+    cfg = validated_config(model, overrides)
+    from relift_core.data.preflight import check_benchmarks
+
+    # The benchmarks exist before a server starts (the training data is not read here).
+    check_benchmarks(cfg.model_copy(update={"eval": cfg.eval.model_copy(
+        update={"benchmarks": _csv(benchmarks) or cfg.eval.benchmarks})}))
     from flows.evaluate import evaluate as evaluate_flow
     from flows.temporary_server import prefect_api
     from relift_core.grading.evaluation import markdown_table
@@ -265,7 +279,6 @@ def sweep(
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
     import yaml
 
-    checked_before_servers(validated_config(preset, overrides))
     from flows.sweep import point_name, sweep_points, sweep_prefix
     from flows.sweep import sweep as sweep_flow
     from flows.temporary_server import prefect_api
@@ -282,9 +295,12 @@ def sweep(
     seed_list = [int(s) for s in _csv(seeds) or ["0"]]
     prefix = sweep_prefix(name, validated_config(preset, overrides), sorted(grid_dict))
     # Every point's config, as the sweep will build it, before the first one runs.
-    for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list, grid_dict):
-        validated_config(preset, list(overrides or []) + [f"{k}={v}" for k, v in point.items()]
-                         + [f"run.name={point_name(prefix, point)}"])
+    points = [validated_config(preset, list(overrides or []) + [f"{k}={v}" for k, v in
+                                                               point.items()]
+                               + [f"run.name={point_name(prefix, point)}"])
+              for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list,
+                                        grid_dict)]
+    checked_before_servers(validated_config(preset, overrides), points)
     quiet_prefect_tracebacks()
     with prefect_api(), terminal_progress():
         result = sweep_flow(preset=preset, algorithms=_csv(algorithms),
