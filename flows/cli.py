@@ -9,9 +9,12 @@ so a wrong one is reported before a Prefect server starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Annotated
 
 import typer
@@ -431,8 +434,49 @@ def _prefect_drained(timeout_s: float) -> bool:
     return not pending
 
 
+def _end_children(grace_s: float) -> None:
+    """SIGTERM to every process this one started (and theirs), SIGKILL to those still there
+    after `grace_s`."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+# After SIGINT or SIGTERM a command has this long to mark its runs FAILED and stop cleanly;
+# then it ends its own processes and exits anyway. `demo` joined its process pool's workers
+# after Ctrl-C while they retried a dead server: no exit after 4 minutes nor a second Ctrl-C.
+INTERRUPT_GRACE_S = 20.0
+_interrupted = threading.Event()
+
+
+def _exit_after_grace(code: int) -> None:
+    time.sleep(INTERRUPT_GRACE_S)
+    err_console.print(f"warning: still running {INTERRUPT_GRACE_S:.0f} s after the signal; "
+                      "ending its processes", markup=False, highlight=False)
+    _end_children(grace_s=5.0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a command the way Ctrl-C does: runs marked FAILED
+    """SIGINT and SIGTERM: KeyboardInterrupt (runs are marked FAILED on the way out), and a
+    deadline for the whole process (INTERRUPT_GRACE_S)."""
+    if not _interrupted.is_set():
+        _interrupted.set()
+        threading.Thread(target=_exit_after_grace, args=(128 + signum,), daemon=True,
+                         name="relift-exit-deadline").start()
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -450,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(key, value)
     if argv is None:  # the process's own entry point, not a test calling main()
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
     code = 1
     try:
         app(args=args, prog_name="relift")
@@ -467,13 +512,20 @@ def main(argv: list[str] | None = None) -> None:
                           soft_wrap=True)
         sys.exit(code)
     finally:
-        if argv is None and not _prefect_drained(PREFECT_DRAIN_S):
-            err_console.print(f"warning: Prefect's server did not take its last logs and events "
-                              f"within {2 * PREFECT_DRAIN_S:.0f} s; exiting without them",
-                              markup=False, highlight=False)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        if argv is None:
+            drained = _prefect_drained(PREFECT_DRAIN_S)
+            if not drained:
+                err_console.print(f"warning: Prefect's server did not take its last logs and "
+                                  f"events within {2 * PREFECT_DRAIN_S:.0f} s; exiting without "
+                                  "them", markup=False, highlight=False)
+            if code != 0 or not drained:
+                # An interrupted or failed command does not wait on the interpreter's exit: a
+                # process pool joins its workers there, and `demo`'s were still retrying a dead
+                # server minutes after Ctrl-C. Its own children end with it.
+                _end_children(grace_s=5.0)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,30 @@ def test_a_lost_prefect_server_ends_the_run_within_a_minute(tiny_overrides, tmp_
     [run] = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "FAILED", err[-2000:]
     print(f"lost Prefect server: exited {seconds:.1f} s after the kill")
+
+
+def test_ctrl_c_ends_demo_within_seconds_with_no_process_left(tmp_path):
+    """`demo` trains in a process pool: after Ctrl-C it joined workers that were retrying the
+    server the same Ctrl-C had stopped (no exit after 4 minutes, 10 processes left)."""
+    demo = [sys.executable, "-m", "flows.cli", "demo", "-p", "toy", "--seeds", "0,1",
+            "run.iterations=20", "data.world.families=[add,sub,mul,chain]",
+            "data.world.sizes=[2,3]", "data.world.cells=null", "data.world.train_per_cell=24",
+            "data.world.eval_per_cell=4", "data.world.pretrain_examples=4000",
+            "data.world.pretrain_steps=150", "rollout.n=8", "eval.samples=2",
+            "rl.prompts_per_step=12", "rl.mini_batch_size=12", "run.grader_workers=1",
+            "algorithm.sft_buffer_threshold=4", f"run.workdir={tmp_path}"]
+    proc = subprocess.Popen(demo, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while not list(tmp_path.glob("*/checkpoints/step_000002")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    children = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    seconds, err = _ended_within(proc, 60)
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], err[-2000:]
+    print(f"Ctrl-C to demo: exited {seconds:.1f} s after the signal")
