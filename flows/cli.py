@@ -9,9 +9,12 @@ so a wrong one is reported before a Prefect server starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Annotated
 
 import typer
@@ -81,12 +84,29 @@ def validated_config(preset: str, overrides: list[str] | None):
     return load_config(preset, overrides or [])
 
 
-def checked_before_servers(cfg) -> None:
+def checked_before_servers(cfg, points: list | None = None) -> None:
     """The training rows, the settings only the data can refute and the benchmarks, before a
-    Prefect server starts (relift_core.data.preflight); warnings are printed, one line each."""
+    Prefect server starts (relift_core.data.preflight), for `cfg` and for each config in
+    `points` (a sweep's); warnings are printed, one line each, once."""
     from relift_core.data.preflight import preflight
 
-    for warning in preflight(cfg):
+    rows: dict[str, list] = {}  # the world's training rows, per world config
+    warnings: list[str] = []
+    for each in [cfg, *(points or [])]:
+        world = None
+        if each.data.world is not None:  # the generated world's rows, as preparation's
+            key = each.data.world.model_dump_json()
+            if key not in rows:
+                from relift_core.data.examples import examples_from_records
+                from relift_core.proofworld.problems import build_world, problem_to_record
+
+                world_cfg = each.data.world.model_copy(update={"pretrain_examples": 0})
+                rows[key] = examples_from_records(
+                    [problem_to_record(p, index=i) for i, p in
+                     enumerate(build_world(world_cfg)["train"])], origin="data.world")
+            world = rows[key]
+        warnings += [w for w in preflight(each, world) if w not in warnings]
+    for warning in warnings:
         err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
                           soft_wrap=True)
 
@@ -229,7 +249,12 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a model or checkpoint on benchmarks; prints the table, logs to MLflow."""
-    validated_config(model, overrides)
+    cfg = validated_config(model, overrides)
+    from relift_core.data.preflight import check_benchmarks
+
+    # The benchmarks exist before a server starts (the training data is not read here).
+    check_benchmarks(cfg.model_copy(update={"eval": cfg.eval.model_copy(
+        update={"benchmarks": _csv(benchmarks) or cfg.eval.benchmarks})}))
     from flows.evaluate import evaluate as evaluate_flow
     from flows.temporary_server import prefect_api
     from relift_core.grading.evaluation import markdown_table
@@ -258,7 +283,6 @@ def sweep(
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
     import yaml
 
-    checked_before_servers(validated_config(preset, overrides))
     from flows.sweep import point_name, sweep_points, sweep_prefix
     from flows.sweep import sweep as sweep_flow
     from flows.temporary_server import prefect_api
@@ -275,9 +299,12 @@ def sweep(
     seed_list = [int(s) for s in _csv(seeds) or ["0"]]
     prefix = sweep_prefix(name, validated_config(preset, overrides), sorted(grid_dict))
     # Every point's config, as the sweep will build it, before the first one runs.
-    for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list, grid_dict):
-        validated_config(preset, list(overrides or []) + [f"{k}={v}" for k, v in point.items()]
-                         + [f"run.name={point_name(prefix, point)}"])
+    points = [validated_config(preset, list(overrides or []) + [f"{k}={v}" for k, v in
+                                                               point.items()]
+                               + [f"run.name={point_name(prefix, point)}"])
+              for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list,
+                                        grid_dict)]
+    checked_before_servers(validated_config(preset, overrides), points)
     quiet_prefect_tracebacks()
     with prefect_api(), terminal_progress():
         result = sweep_flow(preset=preset, algorithms=_csv(algorithms),
@@ -364,23 +391,142 @@ def ui(
             stop_process(p, grace_s=20)
 
 
+# A lost server must end a command within a minute, not after MLflow's 7 retries with a factor-2
+# backoff (577 s were seen) or Prefect's 5: set unless the user sets them.
+BOUNDED_SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # 1 + 2 + 4 s of backoff
+                          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                          "PREFECT_CLIENT_MAX_RETRIES": "2"}
+# How long Prefect may take, once a command ends, to send the logs and events it still queues.
+# It drains them at exit with no deadline: with its server gone (killed, or a temporary server
+# stopped by the same Ctrl-C) the process never ended, retrying one queued event every 7 s.
+PREFECT_DRAIN_S = 3.0  # each of its two queues
+
+
+def lost_server(exc: BaseException) -> str | None:
+    """One line for an error that is a server gone away, naming the server; else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        name, text = type(seen).__name__, str(seen)
+        if name == "MlflowException" and "API request to" in text:
+            return f"lost the MLflow tracking server: {one_line(seen)[:300]}"
+        module = type(seen).__module__
+        if module.startswith(("httpx", "httpcore")) or name == "PrefectHTTPStatusError":
+            url = os.environ.get("PREFECT_API_URL", "?")
+            return f"lost the Prefect server at {url}: {name}: {one_line(seen)[:200]}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _prefect_drained(timeout_s: float) -> bool:
+    """Whether the logs and events Prefect still queues were sent within `timeout_s`."""
+    if "prefect" not in sys.modules:
+        return True
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    pending = False
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            _, not_done = worker.drain_all(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - shutting down: what is not sent is lost, not fatal
+            not_done = True
+        pending = pending or bool(not_done)
+    return not pending
+
+
+def _end_children(grace_s: float) -> None:
+    """SIGTERM to every process this one started (and theirs), SIGKILL to those still there
+    after `grace_s`."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+# After SIGINT or SIGTERM a command has this long to mark its runs FAILED and stop cleanly;
+# then it ends its own processes and exits anyway. `demo` joined its process pool's workers
+# after Ctrl-C while they retried a dead server: no exit after 4 minutes nor a second Ctrl-C.
+INTERRUPT_GRACE_S = 20.0
+_interrupted = threading.Event()
+
+
+def _exit_after_grace(code: int) -> None:
+    time.sleep(INTERRUPT_GRACE_S)
+    err_console.print(f"warning: still running {INTERRUPT_GRACE_S:.0f} s after the signal; "
+                      "ending its processes", markup=False, highlight=False)
+    _end_children(grace_s=5.0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM: KeyboardInterrupt (runs are marked FAILED on the way out), and a
+    deadline for the whole process (INTERRUPT_GRACE_S)."""
+    if not _interrupted.is_set():
+        _interrupted.set()
+        threading.Thread(target=_exit_after_grace, args=(128 + signum,), daemon=True,
+                         name="relift-exit-deadline").start()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The `relift` entry point: runs the command; a user error (USER_ERRORS) prints one line
-    and exits non-zero unless --debug (or RELIFT_DEBUG=1) asks for the traceback."""
+    """The `relift` entry point: runs the command; a user error (USER_ERRORS) or a lost server
+    prints one line and exits non-zero unless --debug (or RELIFT_DEBUG=1) asks for the
+    traceback. SIGTERM and SIGINT end it within seconds (see PREFECT_DRAIN_S)."""
+    import signal
+
     global _debug
     args = list(sys.argv[1:] if argv is None else argv)
     _debug = "--debug" in args or _debug_from_env()
     # --debug is an option of the app, so it must come before the command; accept it anywhere.
     args = (["--debug"] if "--debug" in args else []) + [a for a in args if a != "--debug"]
+    for key, value in BOUNDED_SERVER_RETRIES.items():
+        os.environ.setdefault(key, value)
+    if argv is None:  # the process's own entry point, not a test calling main()
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
+    code = 1
     try:
         app(args=args, prog_name="relift")
-    except Exception as exc:  # sorted into user errors and bugs here
-        code = user_error_exit_code(exc)
-        if code is None or _debug:
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    except Exception as exc:  # sorted into user errors, lost servers and bugs here
+        user_code = user_error_exit_code(exc)
+        line = one_line(exc) if user_code is not None else lost_server(exc)
+        if line is None or _debug:
             raise
-        err_console.print(f"error: {one_line(exc)}", style="red", markup=False, highlight=False,
+        code = user_code or 1
+        err_console.print(f"error: {line}", style="red", markup=False, highlight=False,
                           soft_wrap=True)
         sys.exit(code)
+    finally:
+        if argv is None:
+            drained = _prefect_drained(PREFECT_DRAIN_S)
+            if not drained:
+                err_console.print(f"warning: Prefect's server did not take its last logs and "
+                                  f"events within {2 * PREFECT_DRAIN_S:.0f} s; exiting without "
+                                  "them", markup=False, highlight=False)
+            if code != 0 or not drained:
+                # An interrupted or failed command does not wait on the interpreter's exit: a
+                # process pool joins its workers there, and `demo`'s were still retrying a dead
+                # server minutes after Ctrl-C. Its own children end with it.
+                _end_children(grace_s=5.0)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,19 @@ class PreparedData:
 
 
 def source_identity(data: DataConfig) -> dict[str, Any]:
-    """What the prepared data depends on: the data config, plus the source file's size and mtime."""
+    """What the prepared data depends on: the data config, plus the source file's content
+    (sha256). Not its mtime: golds edited with the mtime put back were a cache hit that
+    trained on the old golds."""
     ident: dict[str, Any] = {"data": data.model_dump(mode="json")}
     if data.train_path:
         try:
-            st = os.stat(data.train_path)
+            digest = hashlib.sha256()
+            with open(data.train_path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
         except OSError as e:
             raise DataError(f"{data.train_path}: cannot read the training file: {e.strerror}") from e
-        ident["file"] = [os.path.abspath(data.train_path), st.st_size, st.st_mtime_ns]
+        ident["file"] = [os.path.abspath(data.train_path), digest.hexdigest()]
     return ident
 
 

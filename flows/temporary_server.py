@@ -74,7 +74,8 @@ def prefect_api(timeout_s: float = 180.0) -> Iterator[str | None]:
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
     finally:
-        drain_prefect_clients()  # logs and events still queued reach the server before it stops
+        if proc.poll() is None:  # a server already gone (the same Ctrl-C) takes nothing more
+            drain_prefect_clients()  # queued logs and events reach the server before it stops
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:

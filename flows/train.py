@@ -97,11 +97,13 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         # The run directory remembers its MLflow run, so a moved or copied run store resumes
         # into the same MLflow run (its absolute path, the run key, has changed).
         id_file = cfg.run_dir() / MLFLOW_RUN_ID_FILE
+        known = id_file.read_text().strip() if id_file.exists() else None
         tracker = open_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
                            parent_run_id=parent_mlflow_run_id,
                            tags={"relift.algorithm": cfg.algorithm.name,
                                  "relift.preset_fingerprint": cfg.fingerprint()},
-                           known_run_id=id_file.read_text().strip() if id_file.exists() else None)
+                           known_run_id=known, data_fingerprint=session.data_fingerprint,
+                           start_over=session.started_over is not None)
         id_file.write_text(tracker.run_id)
     except BaseException:
         session.close()
@@ -112,6 +114,18 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         log_config_and_data(tracker, cfg, data)
         if session.resumed_from:
             logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
+            # A resumed run redoes the iterations after its checkpoint; what the lost attempt
+            # logged for them is not logged a second time (see skip_logged_steps_from).
+            tracker.skip_logged_steps_from(session.state.iteration)
+        for path, why in session.skipped_checkpoints:
+            logger.warning(f"skipped checkpoint {path}: {why}")
+        if session.skipped_checkpoints:
+            tracker.set_tags({"relift.skipped_checkpoints": json.dumps(
+                session.skipped_checkpoints)[:5000]})
+        if session.started_over is not None:
+            logger.warning(f"run.resume=never: started over; the earlier checkpoints are in "
+                           f"{session.started_over}")
+            tracker.set_tags({"relift.started_over": str(session.started_over)})
         if session.resumed_with_changes:
             changes = {k: f"{a!r} -> {b!r}" for k, (a, b) in session.resumed_with_changes.items()}
             logger.warning(f"resumed with a changed config (run.resume=force): {changes}")

@@ -319,8 +319,9 @@ class RunConfig(_Section):
     grader_workers: int = Field(2, gt=0)
     grader_timeout_s: float = Field(5.0, gt=0)
     # A run name whose checkpoints exist: `auto` resumes them only if they were made with the
-    # same experiment (otherwise refuses, naming the keys that differ); `never` refuses to touch
-    # them; `force` resumes anyway and records the differences in MLflow.
+    # same experiment (otherwise refuses, naming the keys that differ); `never` starts over (the
+    # checkpoints moved to <run dir>/superseded/, a new MLflow run); `force` resumes anyway and
+    # records the differences in MLflow.
     resume: Literal["auto", "never", "force"] = "auto"
     # Consecutive updates rolled back for non-finite or exploding weights before the run stops.
     max_bad_steps: int = Field(3, ge=1)

@@ -1,4 +1,5 @@
-"""Which task failures are worth a retry. An engine hiccup may pass; bad data, a bad config or a
+"""Which task failures are worth a retry. An engine hiccup may pass; bad data, a bad config, a
+checkpoint that cannot be written (a full disk, an I/O error: CheckpointWriteError) or a
 diverged update fails the same way every time, so retrying only delays the error."""
 
 from __future__ import annotations

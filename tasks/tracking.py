@@ -11,6 +11,7 @@ Prefect may run tasks in other threads and sweeps keep several runs open at once
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from relift_core.config import ExperimentConfig
+from relift_core.config import ExperimentConfig, experiment_hash
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -44,8 +45,36 @@ def artifact_root(cfg: ExperimentConfig) -> str | None:
 def get_client(cfg: ExperimentConfig) -> MlflowClient:
     # Not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which would then pin every
     # later run in this process (a sweep's children, a test's next run) to this store.
-    relocate_embedded_store(cfg)
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    with _embedded_store_lock(cfg):
+        relocate_embedded_store(cfg)
+        client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        # Both stores of the embedded database are created (tables, migrations) here, under the
+        # lock: two first runs in one work directory creating them at once failed with
+        # `sqlite3.OperationalError: table runs already exists`.
+        if tracking_uri(cfg).startswith("sqlite:///"):
+            _ = client._tracking_client.store
+            _ = client._get_registry_client().store
+    return client
+
+
+@contextlib.contextmanager
+def _embedded_store_lock(cfg: ExperimentConfig):
+    """An exclusive flock on `<workdir>/mlflow.db.lock` (the kernel releases it if the holder
+    dies) while the embedded store is opened; nothing for a tracking server."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # Where the embedded store keeps absolute artifact locations.
@@ -99,6 +128,22 @@ class MlflowTracker:
     def __init__(self, client: MlflowClient, run_id: str):
         self._system_metrics = None
         self.client, self.run_id = client, run_id
+        self._logged: dict[str, set[int]] = {}  # key -> steps not to log again
+
+    def skip_logged_steps_from(self, step: int) -> None:
+        """Metrics already in the run at `step` or later are not logged again. MLflow keeps
+        every value logged at a step (the history then holds 0,1,2,0,1,2,3 and the charts two
+        points a step), and it has no call to delete one. A resumed run redoes the iterations
+        after its checkpoint from that checkpoint's weights, buffer, data position and RNG
+        states, so the redone values are the ones the lost attempt logged: keeping the first is
+        keeping each step's metrics exactly once."""
+        run = self.client.get_run(self.run_id)
+        self._logged = {}
+        for key in run.data.metrics:
+            steps = {m.step for m in self.client.get_metric_history(self.run_id, key)
+                     if m.step >= step}
+            if steps:
+                self._logged[key] = steps
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -108,7 +153,8 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and (step or 0) not in self._logged.get(k, ())]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
@@ -186,33 +232,73 @@ class MlflowTracker:
         return f"http://127.0.0.1:5000/{path}"
 
 
+IDENTITY_TAG = "relift.experiment"  # experiment_hash of the config that made the run
+DATA_TAG = "relift.data_fingerprint"  # the prepared training data's fingerprint
+
+
+def _refuse_other_experiment(cfg: ExperimentConfig, run, data_fingerprint: str | None) -> dict:
+    """The differences between the MLflow run `run` and this experiment (config keys, the
+    training data); raises ResumeRefused for any unless run.resume=force."""
+    from relift_core.runtime.session import DATA_KEY, ResumeRefused
+
+    tags, diffs = run.data.tags, {}
+    if tags.get(IDENTITY_TAG) not in (None, experiment_hash(cfg)):
+        current = {k: str(v)[:MAX_PARAM_LEN] for k, v in cfg.experiment_params().items()}
+        diffs = {k: (run.data.params.get(k), v) for k, v in current.items()
+                 if run.data.params.get(k) != v} or {"(config)": (tags[IDENTITY_TAG],
+                                                                   experiment_hash(cfg))}
+    if data_fingerprint and tags.get(DATA_TAG) not in (None, data_fingerprint):
+        diffs[DATA_KEY] = (tags[DATA_TAG], data_fingerprint)
+    if diffs and cfg.run.resume != "force":
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diffs.items())[:8])
+        raise ResumeRefused(
+            f"run '{cfg.run.name}' has an MLflow run ({run.info.run_id}) made by another "
+            f"experiment ({shown}); choose another run.name, pass run.resume=never to start a "
+            "new MLflow run, or run.resume=force to continue this one anyway")
+    return diffs
+
+
 def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
              parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-             known_run_id: str | None = None) -> MlflowTracker:
+             known_run_id: str | None = None, data_fingerprint: str | None = None,
+             start_over: bool = False) -> MlflowTracker:
     """The MLflow run for `run_key` (or `known_run_id`, recorded by an earlier attempt): the
     one a crashed attempt left behind, or a new one.
 
     Resuming a run by name continues its MLflow run too, so one training has one MLflow run
-    however many times it was restarted.
+    however many times it was restarted -- but only by the same experiment: a run made with
+    another config or other training data (its `relift.experiment` and
+    `relift.data_fingerprint` tags) is refused, whether or not checkpoints are on disk, unless
+    run.resume=force (the differences are then tagged). `start_over` (run.resume=never) always
+    opens a new run.
     """
     client = get_client(cfg)
     exp_id = experiment_id(client, cfg)
     found = []
-    if known_run_id:
+    if known_run_id and not start_over:
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             found = [client.get_run(known_run_id)]
-    if not found:
+    if not found and not start_over:
         found = client.search_runs([exp_id], filter_string=f"tags.`relift.run_key` = '{run_key}'",
-                                   max_results=1)
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    identity = {IDENTITY_TAG: experiment_hash(cfg)}
+    if data_fingerprint:
+        identity[DATA_TAG] = data_fingerprint
     if found:
         run_id = found[0].info.run_id
+        diffs = _refuse_other_experiment(cfg, found[0], data_fingerprint)
         if found[0].info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
-    else:
-        all_tags = {"relift.run_key": run_key, **(tags or {})}
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+        tracker = MlflowTracker(client, run_id)
+        if diffs:  # run.resume=force
+            tracker.set_tags({"relift.resumed_with_changes": json.dumps(
+                {k: f"{a!r} -> {b!r}" for k, (a, b) in diffs.items()})[:5000]})
+        tracker.set_tags(identity)
+        return tracker
+    all_tags = {"relift.run_key": run_key, **identity, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
     return MlflowTracker(client, run_id)
 
 

@@ -439,13 +439,16 @@ REPO = Path(__file__).resolve().parent.parent
     (["algorithm.sft_buffer_threshold=100000"], 2, "would never fill"),
     (["eval.benchmarks=[/no/such/set.parquet]"], 1, "/no/such/set.parquet: no such file"),
     (["data.world=null", "data.train_path=BAD", "eval.benchmarks=[]"], 1, "row 1"),
+    (["evaluate --model toy --benchmarks world,nope"], 1, "unknown benchmark 'nope'"),
 ])
 def test_cli_refuses_config_and_data_in_one_line_before_a_server_starts(tmp_path, args, code,
                                                                          says):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(row(0)) + "\n" + json.dumps({"prompt": "q"}) + "\n")
     args = [a.replace("BAD", str(bad)) for a in args]
-    done, seconds = _cli("train", "-p", "toy", f"run.workdir={tmp_path}", *args)
+    command = args[0].split() if args[0].startswith("evaluate") else ["train", "-p", "toy"]
+    args = args[1:] if args[0].startswith("evaluate") else args
+    done, seconds = _cli(*command, f"run.workdir={tmp_path}", *args)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == code, done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines

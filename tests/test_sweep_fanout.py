@@ -50,7 +50,21 @@ def team_stack(tmp_path_factory, databases):
     prefect_port, mlflow_port = free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
+    # Authenticated as the README's recipe deploys it (a deployment's pull steps run shell
+    # commands on workers, so an open API hands out code execution): Prefect's auth string,
+    # MLflow's basic-auth app with its own admin password, CORS limited to Prefect's own UI.
+    secret = uuid.uuid4().hex
+    auth_ini = home / "mlflow_auth.ini"
+    auth_ini.write_text(f"[mlflow]\ndefault_permission = READ\n"
+                        f"database_uri = sqlite:///{home / 'mlflow_auth.db'}\n"
+                        f"admin_username = relift\nadmin_password = {secret}\n"
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_API_AUTH_STRING": f"relift:{secret}",
+           "PREFECT_API_AUTH_STRING": f"relift:{secret}",
+           "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{prefect_port}",
+           "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": secret,
+           "MLFLOW_TRACKING_USERNAME": "relift", "MLFLOW_TRACKING_PASSWORD": secret,
            "PREFECT_API_DATABASE_CONNECTION_URL":
                f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefect_db}",
            "RELIFT_REPO_DIR": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -77,7 +91,8 @@ def team_stack(tmp_path_factory, databases):
         server = start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
                                           "127.0.0.1", "--port", str(prefect_port)])
         tracking = start("mlflow-server", [
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+            "--port", str(mlflow_port),
             "--backend-store-uri", f"{PG}/{mlflow_db}", "--serve-artifacts",
             "--artifacts-destination", (home / "mlflow-artifacts").as_uri(), "--workers", "1"])
         wait_healthy(api, server, timeout_s=180)
@@ -87,7 +102,7 @@ def team_stack(tmp_path_factory, databases):
         for i in range(2):  # two machines' workers, one run at a time each
             start(f"worker-{i}", [str(BIN / "prefect"), "worker", "start", "--pool",
                                   "relift-local", "--limit", "1", "--name", f"worker-{i}"])
-        yield {"env": env, "api": api, "mlflow_uri": mlflow_uri, "home": home}
+        yield {"env": env, "api": api, "mlflow_uri": mlflow_uri, "home": home, "secret": secret}
     finally:
         for proc in reversed(procs):
             stop_process(proc, grace_s=20)
@@ -109,21 +124,61 @@ def _logs(home: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(home.glob("*.log")))
 
 
+def test_the_team_stack_refuses_unauthenticated_requests(team_stack):
+    """What the issue did against an open server: create a flow (the first of three POSTs
+    that ended in a worker running a shell step) and an MLflow experiment, without
+    credentials; and a web page of another origin reading the Prefect API."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(url: str, body: dict, headers: dict | None = None) -> int:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert post(f"{team_stack['api']}/flows/", {"name": "pwn"}) == 401
+    mlflow_create = f"{team_stack['mlflow_uri']}/api/2.0/mlflow/experiments/create"
+    assert post(mlflow_create, {"name": "pwn"}) == 401
+    # With the credentials both answer (so the 401s above are the authentication's).
+    import base64
+
+    token = base64.b64encode(team_stack["env"]["PREFECT_API_AUTH_STRING"].encode()).decode()
+    assert post(f"{team_stack['api']}/flows/filter", {}, {"Authorization": f"Basic {token}"}) == 200
+    preflight = urllib.request.Request(
+        f"{team_stack['api']}/flows/filter", method="OPTIONS",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    try:
+        with urllib.request.urlopen(preflight, timeout=30) as response:
+            allowed = response.headers.get("access-control-allow-origin")
+    except urllib.error.HTTPError as e:
+        allowed = e.headers.get("access-control-allow-origin")
+    assert allowed in (None, f"http://127.0.0.1:{team_stack['api'].split(':')[2].split('/')[0]}")
+
+
 def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, monkeypatch):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from flows.sweep import sweep
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack["mlflow_uri"])
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, team_stack["env"][key])
+    prefect_settings = {PREFECT_API_URL: team_stack["api"],
+                        PREFECT_API_AUTH_STRING: team_stack["env"]["PREFECT_API_AUTH_STRING"]}
     overrides = [*tiny_overrides, "run.iterations=2", "eval.benchmarks=[]",
                  f"run.workdir={tmp_path / 'runs'}"]
     # The second threshold fails in its child (validation), after the sweep has started.
     grid = {"algorithm.sft_buffer_threshold": [3, 0]}
 
     def run_sweep():
-        with temporary_settings({PREFECT_API_URL: team_stack["api"]}):
+        with temporary_settings(prefect_settings):
             state = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0], grid=grid,
                           overrides=overrides, name="fan", train_deployment="train/train",
                           return_state=True)
@@ -140,7 +195,7 @@ def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, m
     # ... the others ran; and the two workers held children at the same time. A child holds
     # its worker from PENDING (the worker claimed it and starts its process, ~10 s on 2 cores)
     # to its end; the flow bodies alone (~4 s) are too short to overlap reliably.
-    with temporary_settings({PREFECT_API_URL: team_stack["api"]}):
+    with temporary_settings(prefect_settings):
         held = {r.name: _held(r) for r in children}
     spans = sorted(held.values())
     assert any(later[0] < earlier[1] for earlier, later in itertools.combinations(spans, 2)), held

@@ -19,22 +19,18 @@ from relift_core.data.benchmarks import (
     get_spec,
     resolve_benchmarks_dir,
 )
-from relift_core.data.examples import Example, examples_from_records, load_examples
+from relift_core.data.examples import Example, load_examples
 
 # Held-out sets that data preparation writes beside the training set (not looked up).
 PREPARED_SETS = {"world"}
 
 
 def training_examples(cfg: ExperimentConfig) -> tuple[list[Example], str]:
-    """The training rows as preparation will read them (before the prompt-length filter), and
-    where they come from. Raises DataError naming the file and row of a bad one."""
+    """The training rows of a file or Hugging Face source as preparation will read them (before
+    the prompt-length filter), and where they come from. Raises DataError naming the file and
+    row of a bad one. The generated world's rows are the proof-world's to build (only it
+    imports itself): the caller passes them to `preflight`."""
     data = cfg.data
-    if data.world is not None:
-        from relift_core.proofworld.problems import build_world, problem_to_record
-
-        world = data.world.model_copy(update={"pretrain_examples": 0})  # only train matters
-        records = [problem_to_record(p, index=i) for i, p in enumerate(build_world(world)["train"])]
-        return examples_from_records(records, origin="data.world"), "data.world"
     source = data.train_path or data.hf_dataset
     if source is None:
         raise ConfigError("data: set one of data.train_path, data.hf_dataset or data.world")
@@ -88,8 +84,13 @@ def check_benchmarks(cfg: ExperimentConfig) -> None:
                 raise BenchmarkError(f"benchmark {name!r}: {path} not found")
 
 
-def preflight(cfg: ExperimentConfig) -> list[str]:
-    """Everything above, in the order a run would meet it; returns the warnings."""
+def preflight(cfg: ExperimentConfig, world_examples: list[Example] | None = None) -> list[str]:
+    """Everything above, in the order a run would meet it; returns the warnings. With
+    data.world, `world_examples` are its training rows."""
     check_benchmarks(cfg)
+    if cfg.data.world is not None:
+        if world_examples is None:
+            raise ValueError("data.world: pass the world's training rows as world_examples")
+        return settings_against_data(cfg, world_examples, "data.world")
     examples, source = training_examples(cfg)
     return settings_against_data(cfg, examples, source)

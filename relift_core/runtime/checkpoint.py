@@ -185,19 +185,69 @@ def save_checkpoint(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"extra_state for step {step} is not JSON-serialisable: {e}") from e
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:06d}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_checkpoint(final, model, tokenizer, trainer_state, state_json, step, write_shards)
+        _fsync(directory)
+    except (OSError, RuntimeError) as e:
+        # A full disk or any other I/O error, as one line naming the path and the cause (torch
+        # reports a full disk as `inline_container.cc:672 ... unexpected pos`); nothing a retry
+        # fixes. atomic_dir has removed the partial copy; the kept checkpoints are untouched.
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final}: {_io_cause(e, directory)}; the earlier "
+            "checkpoints are kept") from e
+    _prune(directory, keep)
+    return final
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, I/O error, permissions)."""
+
+
+def _io_cause(e: BaseException, directory: Path) -> str:
+    """What went wrong, in words: the OS error of `e` or of its causes, else how full the disk
+    is (torch's own message for a full disk says neither)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    try:
+        usage = shutil.disk_usage(directory)
+        if usage.free < 64 * 1024**2:
+            return f"no space left on the device ({usage.free / 1024**2:.0f} MiB free)"
+    except OSError:
+        pass
+    first = str(e).strip().splitlines()
+    return first[0][:200] if first else type(e).__name__
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file, so that a failed write keeps its OSError (errno, "No space left on
+    # device") as the context of torch's own error, which says only "unexpected pos".
+    with path.open("wb") as f:
+        torch.save(obj, f)
+
+
+def _write_checkpoint(final: Path, model: torch.nn.Module, tokenizer: Any, trainer_state: dict,
+                      state_json: str, step: int,
+                      write_shards: Callable[[Path], None] | None) -> None:
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
+        _torch_save(trainer_state, tmp / TRAINER_STATE)
         if write_shards is not None:
             write_shards(tmp / TRAINER_SHARDS)
-        torch.save(capture_rng_state(), tmp / RNG_STATE)
+        _torch_save(capture_rng_state(), tmp / RNG_STATE)
         (tmp / STATE_JSON).write_text(state_json)
         files = _files_under(tmp)
+        # Readable like the rest of the run directory: transformers writes the weights through
+        # a temporary file of mode 0600; every file gets the mode an ordinary write gets here.
+        mode = (tmp / STATE_JSON).stat().st_mode & 0o777
         for path in files:
+            path.chmod(mode)
             _fsync(path)
         manifest = {
             "format": FORMAT_VERSION,
@@ -212,9 +262,6 @@ def save_checkpoint(
         _fsync(tmp / MANIFEST)
         for sub in {p.parent for p in files} | {tmp}:
             _fsync(sub)
-    _fsync(directory)
-    _prune(directory, keep)
-    return final
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -244,6 +291,10 @@ def _manifest_problem(path: Path, *, hashes: bool) -> str | None:
     for required in (TRAINER_STATE, RNG_STATE, STATE_JSON):
         if required not in files:
             return f"{manifest_path} does not list {required}"
+    # A copy of an older step under a newer step's name would otherwise pass as the newest
+    # (and pruning would then delete the real newer step).
+    if manifest.get("step") != _step_of(path):
+        return f"{manifest_path} is the manifest of step {manifest.get('step')!r}, not of {path.name}"
     for name, entry in files.items():
         file = path / name
         if not file.is_file():
@@ -265,22 +316,26 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> None:
         raise CheckpointError(problem)
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest checkpoint whose manifest is present, whose files all exist at the listed
-    sizes (the cheap check; `load_checkpoint` verifies hashes) and whose weights are finite.
-    A checkpoint passed over for non-finite weights is named in a warning. Temp dirs are never
-    considered."""
+def latest_checkpoint(directory: Path, *, hashes: bool = False, before: int | None = None,
+                      skipped: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The newest checkpoint whose manifest names its step, whose files all exist at the listed
+    sizes (and, with `hashes`, match their sha256: what resuming uses, so that every kind of
+    corruption falls back the same way) and whose weights are finite. Each checkpoint passed
+    over is named in a warning, and appended with its reason to `skipped`. Temp dirs are never
+    considered; with `before`, only steps below it (the fallback from a step that failed to
+    load)."""
     for path in reversed(checkpoint_dirs(Path(directory))):
-        if _manifest_problem(path, hashes=False) is not None:
+        if before is not None and (_step_of(path) or 0) >= before:
             continue
-        bad = _non_finite_saved_weights(path)
-        if bad:
-            log.warning(
-                f"skipping checkpoint {path}: its weights {bad[:5]} hold NaN or inf (a diverged "
-                "model); falling back to the checkpoint before it"
-            )
-            continue
-        return path
+        problem = _manifest_problem(path, hashes=hashes)
+        if problem is None:
+            bad = _non_finite_saved_weights(path)
+            if not bad:
+                return path
+            problem = f"its weights {bad[:5]} hold NaN or inf (a diverged model)"
+        log.warning(f"skipping checkpoint {path}: {problem}; falling back to the one before it")
+        if skipped is not None:
+            skipped.append((path, problem))
     return None
 
 

@@ -4,7 +4,9 @@ the run state (buffer, ledger, data position), resumed from the run's last check
 from __future__ import annotations
 
 import json
+import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +22,14 @@ from relift_core.algorithm.demonstrations import (
 from relift_core.algorithm.difficulty import DifficultyLedger
 from relift_core.algorithm.strategies import Strategy, strategy_from_config
 from relift_core.config import ExperimentConfig, config_differences
-from relift_core.data.examples import Example
+from relift_core.data.examples import Example, fingerprint_examples
 from relift_core.data.question_stream import QuestionStream
 from relift_core.grading.grader import BatchGrader
 from relift_core.iteration import RunState
 from relift_core.runtime.checkpoint import (
     STATE_JSON,
+    CheckpointError,
+    checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -34,6 +38,8 @@ from relift_core.runtime.models import compute_autocast, load_policy, resolve_de
 from relift_core.runtime.rollout import HFRolloutEngine, RolloutEngine
 from relift_core.runtime.run_lock import RunLock
 from relift_core.runtime.trainer import TorchTrainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +58,11 @@ class TrainSession:
     # Experiment keys that differ from the resumed checkpoint's (only with run.resume=force).
     resumed_with_changes: dict[str, tuple] = field(default_factory=dict)
     lock: RunLock | None = None
+    # Checkpoints passed over on resume, newest first: (directory, why); each was removed.
+    skipped_checkpoints: list[tuple[str, str]] = field(default_factory=list)
+    # run.resume=never with checkpoints on disk: where they were moved before starting over.
+    started_over: Path | None = None
+    data_fingerprint: str = ""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -59,7 +70,8 @@ class TrainSession:
 
     def save(self) -> Path:
         self.trainer.gather_weights()  # ranks elsewhere (cluster.backend=ray) hold the weights
-        extra = {**self.state.extra_state(), "config": self.cfg.experiment_params()}
+        extra = {**self.state.extra_state(), "config": self.cfg.experiment_params(),
+                 "data_fingerprint": self.data_fingerprint}
         return save_checkpoint(self.checkpoint_dir, model=self.model, tokenizer=self.tokenizer,
                                trainer_state=self.trainer.state_dict(), step=self.state.iteration,
                                extra_state=extra,
@@ -129,20 +141,29 @@ def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
 
 
 class ResumeRefused(RuntimeError):
-    """The run name's checkpoints belong to another experiment (or run.resume=never)."""
+    """The run name's checkpoints (or MLflow run) belong to another experiment, or none of its
+    checkpoints is usable."""
 
 
-def check_resumable(cfg: ExperimentConfig, checkpoint: Path) -> dict[str, tuple]:
-    """The experiment keys that differ between `checkpoint` and `cfg`; raises ResumeRefused
-    unless they are empty or run.resume=force. Read before any weight is loaded."""
-    saved = json.loads((checkpoint / STATE_JSON).read_text()).get("extra_state") or {}
-    if cfg.run.resume == "never":
-        raise ResumeRefused(f"run '{cfg.run.name}' already has checkpoints in {checkpoint.parent} "
-                            "and run.resume=never: choose another run.name")
+DATA_KEY = "(training data)"  # the key under which a changed data fingerprint is reported
+
+
+def check_resumable(cfg: ExperimentConfig, checkpoint: Path,
+                    data_fingerprint: str | None = None) -> dict[str, tuple]:
+    """The experiment keys that differ between `checkpoint` and `cfg` (and the training data's
+    fingerprint, when both know it); raises ResumeRefused unless they are empty or
+    run.resume=force. Read before any weight is loaded."""
+    try:
+        saved = json.loads((checkpoint / STATE_JSON).read_text()).get("extra_state") or {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint / STATE_JSON}: unreadable: {e}") from e
     if "config" not in saved:
         diffs = {"(config)": ("not recorded", "current")}
     else:
         diffs = config_differences(saved["config"], cfg.experiment_params())
+    saved_data = saved.get("data_fingerprint")
+    if saved_data and data_fingerprint and saved_data != data_fingerprint:
+        diffs[DATA_KEY] = (saved_data, data_fingerprint)
     if diffs and cfg.run.resume != "force":
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diffs.items())[:8])
         more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
@@ -167,10 +188,40 @@ def build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool
         raise
 
 
+def set_aside(checkpoints: Path) -> Path:
+    """run.resume=never: the run's checkpoints moved (never deleted) to
+    `<run dir>/superseded/<UTC time>/`, so the run starts over from step 0."""
+    import time
+
+    target = checkpoints.parent / "superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target.mkdir(parents=True, exist_ok=True)
+    moved = target / checkpoints.name
+    checkpoints.rename(moved)
+    log.warning(f"run.resume=never: {checkpoints} moved to {moved}; starting over from step 0")
+    return moved
+
+
+def _refuse_without_a_checkpoint(cfg: ExperimentConfig, skipped: list[tuple[Path, str]]) -> None:
+    shown = "; ".join(f"{path.name}: {why}" for path, why in skipped[:3])
+    raise ResumeRefused(
+        f"run '{cfg.run.name}' has no usable checkpoint in {skipped[0][0].parent} ({shown}): "
+        "refusing to start over silently; pass run.resume=never to start over (the checkpoints "
+        "are moved aside), or choose another run.name")
+
+
 def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool,
                    run_lock: RunLock | None) -> TrainSession:
-    resumed_from = latest_checkpoint(cfg.run_dir() / "checkpoints") if resume else None
-    changes = check_resumable(cfg, resumed_from) if resumed_from is not None else {}
+    checkpoints = cfg.run_dir() / "checkpoints"
+    started_over = None
+    if resume and cfg.run.resume == "never" and checkpoint_dirs(checkpoints):
+        started_over = set_aside(checkpoints)
+    skipped: list[tuple[Path, str]] = []
+    resumed_from = latest_checkpoint(checkpoints, skipped=skipped) if resume else None
+    if resume and resumed_from is None and skipped:
+        _refuse_without_a_checkpoint(cfg, skipped)
+    data_fingerprint = fingerprint_examples(dataset)
+    changes = (check_resumable(cfg, resumed_from, data_fingerprint)
+               if resumed_from is not None else {})
     seed_everything(cfg.run.seed)
     # With Ray the ranks train; the driver's copy of the weights (checkpoints) stays on the CPU.
     device = resolve_device("cpu" if cfg.cluster.backend == "ray" else cfg.run.device)
@@ -190,9 +241,26 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
     try:
         # Before the checkpoint: loading a teacher must not disturb the RNG states it restores.
         source = build_demonstration_source(cfg, grader, device)
-        if resumed_from is not None:
-            restored = load_checkpoint(resumed_from, model=model, trainer=trainer)
+        while resumed_from is not None:
+            try:
+                restored = load_checkpoint(resumed_from, model=model, trainer=trainer)
+            except CheckpointError as e:
+                # A hash mismatch (bytes flipped, same size) falls back like a truncation:
+                # nothing was loaded, so the next older checkpoint is tried.
+                log.warning(f"skipping checkpoint {resumed_from}: {e}; falling back to the one "
+                            "before it")
+                skipped.append((resumed_from, str(e)))
+                step = int(resumed_from.name.removeprefix("step_"))
+                resumed_from = latest_checkpoint(checkpoints, before=step, skipped=skipped)
+                if resumed_from is None:
+                    _refuse_without_a_checkpoint(cfg, skipped)
+                changes = check_resumable(cfg, resumed_from, data_fingerprint)
+                continue
             state.load_extra_state(restored["extra_state"])
+            break
+        for path, _ in skipped:  # all newer than the one resumed: their steps are redone
+            log.warning(f"removing unusable checkpoint {path}")
+            shutil.rmtree(path, ignore_errors=True)
     except BaseException:
         grader.close()
         trainer.close()
@@ -203,5 +271,6 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
         demonstration_source=source,
         strategy=strategy_from_config(cfg.algorithm),
         state=state, dataset=dataset, resumed_from=resumed_from, resumed_with_changes=changes,
-        lock=run_lock,
+        lock=run_lock, skipped_checkpoints=[(str(p), why) for p, why in skipped],
+        started_over=started_over, data_fingerprint=data_fingerprint,
     )
