@@ -189,7 +189,8 @@ class TorchTrainer:
         self.sft_optimizer_steps = 0
         self._build_optimizers()
         # algorithm.kl_coef > 0: a frozen copy of the starting policy to stay close to; none
-        # (and no reference forward passes) otherwise, the paper's setting.
+        # (and no reference forward passes) otherwise, the paper's setting. The session builds
+        # the trainer before it loads a checkpoint's weights, so a resumed run keeps it.
         self.reference = _frozen_copy(self.model) if algo.kl_coef > 0 else None
 
     # ----------------------------------------------------------------------------- set-up hooks
