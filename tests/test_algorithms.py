@@ -286,7 +286,7 @@ def test_off_policy_padding_is_ignored():
     logp = torch.log(t(0.5, 0.5, 0.5, 0.5)).view(2, 2)
     garbage = logp.clone()
     garbage[:, 1] = float("nan")
-    kw = dict(loss_agg="token_mean", off_policy=torch.tensor([False, True]))
+    kw = {"loss_agg": "token_mean", "off_policy": torch.tensor([False, True])}
     a, _ = policy_loss(logp, logp, t(1.0, 1.0), mask, **kw)
     b, _ = policy_loss(garbage, garbage, t(1.0, 1.0), mask, **kw)
     assert a == b and torch.isfinite(a)
@@ -321,7 +321,7 @@ def test_overlong_modes_treat_exactly_the_truncated_samples():
     rewards = t(1.0, 1.0, 1.0, 0.0)
     lengths = torch.tensor([10, 60, 64, 64])
     truncated = torch.tensor([False, False, True, True])
-    kw = dict(max_len=64, buffer_len=16, penalty_factor=1.0)
+    kw = {"max_len": 64, "buffer_len": 16, "penalty_factor": 1.0}
     r, keep = overlong_shaping(rewards, lengths, truncated, "off", **kw)
     assert torch.equal(r, rewards) and torch.equal(keep, t(1, 1, 1, 1))
     r, keep = overlong_shaping(rewards, lengths, truncated, "mask", **kw)

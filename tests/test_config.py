@@ -89,7 +89,7 @@ def test_a_bad_value_of_each_method_key_is_one_line_naming_it(override, key):
 def test_soft_overlong_buffer_must_fit_the_response_length():
     with pytest.raises(ConfigError) as e:
         load_config("toy", ["algorithm.name=dapo", "algorithm.overlong_buffer_len=64"])
-    header, *problems = str(e.value).splitlines()
+    _, *problems = str(e.value).splitlines()
     assert len(problems) == 1 and "algorithm.overlong_buffer_len" in problems[0]
     assert "rollout.max_new_tokens=64" in problems[0]
 
