@@ -1,6 +1,12 @@
 import pytest
 
-from relift_core.config import ConfigError, ExperimentConfig, list_presets, load_config
+from relift_core.config import (
+    AlgorithmConfig,
+    ConfigError,
+    ExperimentConfig,
+    list_presets,
+    load_config,
+)
 
 
 def test_every_preset_validates():
@@ -83,7 +89,7 @@ def test_a_bad_value_of_each_method_key_is_one_line_naming_it(override, key):
 def test_soft_overlong_buffer_must_fit_the_response_length():
     with pytest.raises(ConfigError) as e:
         load_config("toy", ["algorithm.name=dapo", "algorithm.overlong_buffer_len=64"])
-    _header, *problems = str(e.value).splitlines()
+    _, *problems = str(e.value).splitlines()
     assert len(problems) == 1 and "algorithm.overlong_buffer_len" in problems[0]
     assert "rollout.max_new_tokens=64" in problems[0]
 
@@ -98,7 +104,10 @@ def test_switching_method_by_override_brings_its_settings():
                                 "algorithm.overlong=mask"]).algorithm
     assert tuned.clip_ratio_high == 0.3 and tuned.overlong == "mask" and tuned.dynamic_sampling
     luffy = load_config("toy", ["algorithm.name=luffy"]).algorithm
-    assert luffy.off_policy_shaping_gamma == 0.1 and luffy.clip_ratio is None
+    assert luffy.clip_ratio is None and luffy.loss_agg == "seq_sum_div_max_len"
+    # A key the row does not set keeps the preset's value (the toy world's tuned gamma).
+    assert luffy.off_policy_shaping_gamma == 0.001
+    assert AlgorithmConfig(name="luffy").off_policy_shaping_gamma == 0.1  # LUFFY's default
     # The preset's own method keeps the preset's values.
     relift = load_config("toy", ["algorithm.name=relift"]).algorithm
     assert relift.clip_ratio is None and not relift.dynamic_sampling

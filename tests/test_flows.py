@@ -33,7 +33,7 @@ def _overrides(tiny: list[str], tmp: Path, algo: str) -> list[str]:
                    "tracking.system_metrics_interval_s=0.2"]  # a sample even in a short run
 
 
-@pytest.mark.parametrize("algo", ["relift", "rl", "sft", "sft_then_rl"])
+@pytest.mark.parametrize("algo", ["relift", "rl", "sft", "sft_then_rl", "luffy", "dapo"])
 def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, tmp_path_factory, algo):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -58,8 +58,13 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     for key in ("reward_mean", "solve_none", "solve_all", "frac_hardest", "frac_easy",
                 "buffer_size", "demos_used", "response_length_mean", "time/rollout"):
         assert key in run.data.metrics, key
-    if algo in ("rl", "relift"):
+    if algo in ("rl", "relift", "dapo"):
         assert "rl/policy_loss" in run.data.metrics or "rl/rl_skipped" in run.data.metrics
+    if algo == "luffy":  # every group has the demonstration's signal: the RL step always runs
+        assert "rl/off_policy_prob" in run.data.metrics and run.data.metrics["demos_used"] > 0
+    if algo == "dapo":
+        draws = client.get_metric_history(run.info.run_id, "dynamic_sampling/draws")
+        assert [h.step for h in draws] == [0, 1, 2] and all(h.value >= 1 for h in draws)
     if algo in ("sft", "sft_then_rl"):
         assert "sft/sft_loss" in run.data.metrics
     if algo == "rl":
@@ -130,6 +135,7 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     assert flow_run_name_of(flow_run_id) == f"train-{algo}"
     assert {"rollout", "grade", "classify-difficulty", "collect-demonstrations", "checkpoint"} <= names
     assert ("rl-update" in names) == (algo != "sft")
+    assert ("mix-demonstrations" in names) == (algo == "luffy")
 
 
 def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_server, tmp_path):

@@ -244,7 +244,7 @@ def test_dynamic_sampling_stops_at_the_bound():
         calls.append(draw)
         return _rollouts([[True, True], [False, False]], f"d{draw}-")
 
-    _everything, kept, stats = dynamic_sampling(_rollouts([[True, False], [True, True]]),
+    _, kept, stats = dynamic_sampling(_rollouts([[True, False], [True, True]]),
                                                draw_more, target=4, max_draws=3)
     assert calls == [1, 2] and [q.uid for q in kept.questions] == ["q0"]
     assert stats["dynamic_sampling/draws"] == 3 and stats["dynamic_sampling/prompts_drawn"] == 6

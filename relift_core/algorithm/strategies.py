@@ -57,12 +57,12 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "relift": Method(buffers_levels=frozenset({Level.HARDEST})),
     # LUFFY (Yan et al. 2025, exp_scripts/train.sh): GRPO without std normalisation over the
     # group of n rollouts plus the demonstration; no ratio clipping on the on-policy tokens
-    # (loss_remove_clip), the off-policy tokens shaped by p / (p + 0.1) (off_policy_reshape
-    # p_div_p_0.1), sequence sums over the max response length (loss_remove_token_mean).
+    # (loss_remove_clip), sequence sums over the max response length (loss_remove_token_mean).
+    # The off-policy tokens' shaping p / (p + gamma) is algorithm.off_policy_shaping_gamma's,
+    # 0.1 by default (off_policy_reshape p_div_p_0.1); a preset may tune it.
     "luffy": Method(demonstrations_in_rl_group=True,
                     settings=_frozen({"clip_ratio": None, "norm_adv_by_std": False,
-                                      "loss_agg": "seq_sum_div_max_len",
-                                      "off_policy_shaping_gamma": 0.1})),
+                                      "loss_agg": "seq_sum_div_max_len"})),
     # DAPO (Yu et al. 2025; verl's recipe/dapo): clip-higher 0.2 / 0.28, dynamic sampling,
     # token-level loss aggregation, the soft overlong penalty.
     "dapo": Method(settings=_frozen({"clip_ratio": 0.2, "clip_ratio_high": 0.28,

@@ -263,7 +263,8 @@ class TorchTrainer:
         # algorithm.kl_coef > 0: a frozen copy of the starting policy to stay close to; none
         # (and no reference forward passes) otherwise, the paper's setting. Copied before a
         # sharding engine partitions the model (_build_optimizers): the reference is whole,
-        # float32, on this process's device (memory_plan.py counts it).
+        # float32, on this process's device (memory_plan.py counts it). The session builds the
+        # trainer before it loads a checkpoint's weights, so a resumed run keeps it.
         self.reference = (_frozen_copy(self.model).to(self.device) if algo.kl_coef > 0
                           else None)
         self._build_optimizers()
