@@ -89,6 +89,11 @@ def held_out_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in fixed and ":" not in c]
 
 
+# Fewer seeds than this: the interval is shown, marked as resting on too few seeds (two seeds
+# that ended identical give a zero-width "95% CI").
+MIN_SEEDS_FOR_CI = 3
+
+
 def mean_ci(values: pd.Series) -> tuple[float, float | None, float | None]:
     """Mean and 95% t-interval over seeds (no interval from a single seed)."""
     x = values.dropna().to_numpy(dtype=float)
@@ -103,14 +108,66 @@ def mean_ci(values: pd.Series) -> tuple[float, float | None, float | None]:
 
 
 def summarize_by_algorithm(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per variant (algorithm and swept settings): seeds, mean and 95% CI of `metric` over
-    seeds, demonstrations used."""
+    """Per variant (algorithm and swept settings): seeds (those with a value of `metric`), mean
+    and 95% CI of `metric` over seeds, demonstrations used (mean over seeds)."""
     rows = []
     for algo, group in table.groupby("variant", sort=False):
-        mean, lo, hi = mean_ci(group[metric]) if metric in group else (math.nan, None, None)
-        rows.append({"algorithm": algo, "seeds": int(group["seed"].nunique()), "mean": mean,
+        values = group[metric] if metric in group else pd.Series(dtype=float)
+        mean, lo, hi = mean_ci(values)
+        rows.append({"algorithm": algo, "seeds": int(values.notna().sum()), "mean": mean,
                      "ci_low": lo, "ci_high": hi, "demos_used": float(group["demos_used"].mean())})
     return pd.DataFrame(rows)
+
+
+def method_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Which method is best: one row per variant and held-out benchmark, with the seeds, the
+    mean and 95% CI over seeds, and the demonstrations used. Long format, the sweep's parent
+    run logs it as metrics and shows it as its description."""
+    frames = []
+    for bench in held_out_columns(table):
+        frames.append(summarize_by_algorithm(table, bench).assign(benchmark=bench))
+    if not frames:
+        return pd.DataFrame(columns=["algorithm", "benchmark", "seeds", "mean", "ci_low",
+                                     "ci_high", "demos_used"])
+    out = pd.concat(frames, ignore_index=True)
+    return out[["algorithm", "benchmark", "seeds", "mean", "ci_low", "ci_high", "demos_used"]]
+
+
+def _metric_segment(text: str) -> str:
+    """A variant as one MLflow metric-name segment (letters, digits, _ - . space only)."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in text).strip()
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """`method_summary` as MLflow metrics: `<variant>/heldout_<benchmark>_mean` (and `_ci_low`,
+    `_ci_high`, `_seeds`) and `<variant>/demos_used`."""
+    metrics: dict[str, float] = {}
+    for row in summary.itertuples(index=False):
+        key = f"{_metric_segment(row.algorithm)}/heldout_{_metric_segment(row.benchmark)}"
+        values = {"mean": row.mean, "ci_low": row.ci_low, "ci_high": row.ci_high,
+                  "seeds": row.seeds}
+        metrics |= {f"{key}_{k}": float(v) for k, v in values.items()
+                    if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        metrics[f"{_metric_segment(row.algorithm)}/demos_used"] = float(row.demos_used)
+    return metrics
+
+
+def summary_rows(summary: pd.DataFrame) -> list[dict[str, object]]:
+    """`method_summary` rounded for display (a Prefect table artifact, the console)."""
+    return [{"method": r.algorithm, "held-out": r.benchmark, "seeds": int(r.seeds),
+             "mean": None if math.isnan(r.mean) else round(r.mean, 3),
+             "95% CI": fmt_ci(r.ci_low, r.ci_high, r.seeds),
+             "demos used": round(r.demos_used)} for r in summary.itertuples(index=False)]
+
+
+def summary_table_markdown(summary: pd.DataFrame) -> str:
+    """`summary_rows` as one markdown table, with a line on what the interval means."""
+    if summary.empty:
+        return "No held-out evaluation among the runs."
+    text = pd.DataFrame(summary_rows(summary)).to_markdown(index=False)
+    return (text + "\n\nHeld-out accuracy (avg@k) on questions never trained on; mean and 95% "
+            f"t-interval over seeds (fewer than {MIN_SEEDS_FOR_CI} seeds: marked, too few for "
+            "the interval to say much); demonstrations used: mean over seeds.")
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> pd.DataFrame:
@@ -187,8 +244,12 @@ def plot_level_shares(history: pd.DataFrame, out_path: Path) -> Path:
     return out_path
 
 
-def _fmt_ci(lo: float | None, hi: float | None) -> str:
-    return "-" if lo is None or hi is None else f"{lo:.3f} to {hi:.3f}"
+def fmt_ci(lo: float | None, hi: float | None, seeds: int) -> str:
+    """`lo to hi`, marked when it rests on fewer than MIN_SEEDS_FOR_CI seeds."""
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):  # NaN: None in a frame
+        return f"- ({seeds} seed{'s' if seeds != 1 else ''})"
+    text = f"{lo:.3f} to {hi:.3f}"
+    return text if seeds >= MIN_SEEDS_FOR_CI else f"{text} (only {seeds} seeds)"
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
@@ -199,8 +260,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
         frame = pd.DataFrame({
             "algorithm": summary["algorithm"], "seeds": summary["seeds"],
             f"{bench} avg@k": summary["mean"].map(lambda v: f"{v:.3f}"),
-            "95% CI": [_fmt_ci(lo, hi) for lo, hi in zip(summary["ci_low"], summary["ci_high"],
-                                                          strict=True)],
+            "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
+                summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
             "demos used": summary["demos_used"].map(lambda v: f"{v:.0f}")})
         lines += [f"### Held-out `{bench}`", "", frame.to_markdown(index=False), ""]
         groups = [c for c in table.columns if c.startswith(f"{bench}:")]
@@ -250,6 +311,6 @@ def short_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "algorithm": summary["algorithm"], "seeds": summary["seeds"],
         f"{bench} avg@k": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
-        "95% CI": [_fmt_ci(lo, hi) for lo, hi in zip(summary["ci_low"], summary["ci_high"],
-                                                      strict=True)],
+        "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
+            summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
         "demos": summary["demos_used"].map(lambda v: f"{v:.0f}")})

@@ -108,7 +108,7 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         raise
     try:
         tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
-        link_prefect_and_mlflow(tracker, cfg)
+        link_prefect_and_mlflow(tracker, cfg.run.name)
         log_config_and_data(tracker, cfg, data)
         if session.resumed_from:
             logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
@@ -178,8 +178,9 @@ def log_final_policy(tracker: MlflowTracker, session) -> None:
         tracker.set_tags({"relift.policy_model_uri": uri})
 
 
-def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> None:
-    """Tags on the MLflow run name the Prefect flow run; a Prefect artifact links back."""
+def link_prefect_and_mlflow(tracker: MlflowTracker, run_name: str) -> None:
+    """Tags on the MLflow run name the Prefect flow run; a Prefect artifact links back (the
+    runs of `train`, and the parent runs of `sweep`)."""
     flow_run = get_run_context().flow_run
     prefect_url = prefect_flow_run_url(str(flow_run.id))
     tracker.set_tags({
@@ -190,8 +191,8 @@ def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> No
         "mlflow.note.content": f"Prefect flow run [{flow_run.name}]({prefect_url})",
     })
     create_link_artifact(key="mlflow-run", link=tracker.url(),
-                         link_text=f"MLflow run {cfg.run.name} ({tracker.run_id})",
-                         description="This training's MLflow run: metrics, artifacts, records")
+                         link_text=f"MLflow run {run_name} ({tracker.run_id})",
+                         description="This flow run's MLflow run: metrics, artifacts, records")
 
 
 def prefect_flow_run_url(flow_run_id: str) -> str:

@@ -28,6 +28,30 @@ def flow_run_name_of(flow_run_id: str) -> str:
     return asyncio.run(read())
 
 
+def _table_artifact(flow_run_id: str, key: str) -> list[dict]:
+    """The rows of the table artifact `key` of a flow run, as the Prefect API serves them."""
+    import asyncio
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    async def read():
+        async with get_client() as pc:
+            return await pc.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+
+    (artifact,) = asyncio.run(read())
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
 def _overrides(tiny: list[str], tmp: Path, algo: str) -> list[str]:
     return tiny + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}",
                    "tracking.system_metrics_interval_s=0.2"]  # a sample even in a short run
@@ -156,9 +180,34 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert sorted(table["algorithm"]) == ["relift", "relift", "rl", "rl"]
     assert (table.loc[table["algorithm"] == "rl", "demos_used"] == 0).all()
     assert "world" in table.columns and not any("world/world" in c for c in table.columns)
-    # Run names: the sweep's name, the shared config's hash, the point.
-    assert all(n.startswith("abl-") and n.split("-")[2] in ("rl", "relift")
-               for n in result["runs"])
+    # Run names: the point first (method, seed, setting), then the sweep's name and hash.
+    assert all(n.split("-")[0] in ("rl", "relift") and n.split("-")[1] == "s0"
+               and "-abl-" in n for n in result["runs"])
+
+    # The parent run answers which method is best: metrics, description, report, figures.
+    parent = client.get_run(result["mlflow_run_id"])
+    metrics = parent.data.metrics
+    for variant in ("rl sft_buffer_threshold_2", "relift sft_buffer_threshold_4"):
+        assert 0.0 <= metrics[f"{variant}/heldout_world_mean"] <= 1.0, sorted(metrics)
+        assert metrics[f"{variant}/heldout_world_seeds"] == 1
+        assert f"{variant}/demos_used" in metrics
+    assert metrics["rl sft_buffer_threshold_2/demos_used"] == 0
+    child = table.set_index("variant").loc["relift sft_buffer_threshold=4"]
+    assert metrics["relift sft_buffer_threshold_4/heldout_world_mean"] == pytest.approx(
+        child["world"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Which method is best" in note and "relift sft_buffer_threshold=4" in note
+    assert "- (1 seed)" in note  # no interval from one seed, and it says so
+    assert f"/runs/flow-run/{parent.data.tags['prefect.flow_run_id']}" in note
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/training_curves.png", "report/level_shares.png"} <= files
+    report_md = client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))
+    assert "95% CI" in Path(report_md).read_text()
+    assert result["comparison"].startswith("| method")
+    # The same table on the sweep's Prefect flow run, values rounded for display.
+    rows = _table_artifact(parent.data.tags["prefect.flow_run_id"], "sweep-comparison")
+    assert {r["method"] for r in rows} == set(table["variant"])
+    assert all(r["mean"] == round(r["mean"], 3) for r in rows)
 
     # `relift compare` as a user runs it, in a 100-column terminal: readable, and a report.
     env = {**os.environ, "COLUMNS": "100"}
