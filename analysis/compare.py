@@ -6,7 +6,7 @@
 
 A run with 0 iterations is the starting model evaluated as is: its algorithm reads `base`.
 Held-out columns are named by benchmark (`world`, `math500`) from the MLflow metrics
-`eval/<benchmark>/avg_at_k`; sub-groups of a mixed benchmark (`eval/world/world/add/2/...`) are
+`heldout/<benchmark>/avg_at_k`; sub-groups of a mixed benchmark (`heldout/world/add/2/...`) are
 `world:add/2`.
 """
 
@@ -19,26 +19,24 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-TRAINING_CURVES = ("reward_mean", "accuracy", "response_length_mean", "rl/entropy", "demos_used")
+TRAINING_CURVES = ("reward_mean", "rollout_accuracy", "response_length_mean", "rl/entropy", "demos_used")
 LEVELS = ("hardest", "hard", "medium", "easy")
 LEVEL_SHARES = tuple(f"frac_{lv}" for lv in LEVELS)
 
 
 def _eval_column(key: str) -> str | None:
-    """`eval/world/avg_at_k` -> `world`; `eval/world/world/add/2/avg_at_k` -> `world:add/2`."""
-    if not (key.startswith("eval/") and key.endswith("/avg_at_k")):
+    """`heldout/world/avg_at_k` -> `world`; `heldout/world/add/2/avg_at_k` -> `world:add/2`
+    (the names tasks/eval_tasks.py logs)."""
+    if not (key.startswith("heldout/") and key.endswith("/avg_at_k")):
         return None
-    parts = key.split("/")[1:-1]
-    bench, rest = parts[0], parts[1:]
-    if rest and rest[0] == bench:  # a data_source that repeats the benchmark's name
-        rest = rest[1:]
+    bench, *rest = key.split("/")[1:-1]
     return bench if not rest else f"{bench}:{'/'.join(rest)}"
 
 
 def runs_table(tracking_uri: str, experiment: str = "relift", *,
                parent_run_id: str | None = None) -> pd.DataFrame:
     """One row per training run: name, algorithm (`base` for 0 iterations), seed, status,
-    demonstrations used, final training accuracy and every held-out avg@k."""
+    demonstrations used, final rollout accuracy and every held-out avg@k."""
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -55,7 +53,7 @@ def runs_table(tracking_uri: str, experiment: str = "relift", *,
                "algorithm": "base" if iterations == 0 else run.data.tags.get("relift.algorithm"),
                "seed": int(p["run.seed"]) if p.get("run.seed") else None,
                "status": run.info.status, "iterations": iterations,
-               "demos_used": m.get("demos_used", 0.0), "train_accuracy": m.get("accuracy")}
+               "demos_used": m.get("demos_used", 0.0), "rollout_accuracy": m.get("rollout_accuracy")}
         for key, value in m.items():
             column = _eval_column(key)
             if column is not None:
@@ -85,7 +83,7 @@ def _with_variants(rows: list[tuple[dict, dict]]) -> pd.DataFrame:
 def held_out_columns(table: pd.DataFrame) -> list[str]:
     """Benchmark columns (not their sub-groups), in table order."""
     fixed = {"variant", "run", "run_id", "algorithm", "seed", "status", "iterations",
-             "demos_used", "train_accuracy"}
+             "demos_used", "rollout_accuracy"}
     return [c for c in table.columns if c not in fixed and ":" not in c]
 
 
@@ -259,7 +257,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
         summary = summarize_by_algorithm(table, bench)
         frame = pd.DataFrame({
             "algorithm": summary["algorithm"], "seeds": summary["seeds"],
-            f"{bench} avg@k": summary["mean"].map(lambda v: f"{v:.3f}"),
+            f"held-out {bench}": summary["mean"].map(lambda v: f"{v:.3f}"),
             "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
                 summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
             "demos used": summary["demos_used"].map(lambda v: f"{v:.0f}")})
@@ -306,11 +304,11 @@ def short_table(table: pd.DataFrame) -> pd.DataFrame:
     """What `relift compare` prints: per algorithm, seeds, held-out mean [95% CI] of the first
     benchmark, demonstrations used; fits 100 columns."""
     benches = held_out_columns(table)
-    bench = benches[0] if benches else "train_accuracy"
+    bench = benches[0] if benches else "rollout_accuracy"
     summary = summarize_by_algorithm(table, bench)
     return pd.DataFrame({
         "algorithm": summary["algorithm"], "seeds": summary["seeds"],
-        f"{bench} avg@k": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
+        f"held-out {bench}": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
         "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
             summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
         "demos": summary["demos_used"].map(lambda v: f"{v:.0f}")})

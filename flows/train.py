@@ -130,7 +130,7 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
                     session, i, phases=PREFECT_PHASES, tracker=tracker,
                     evaluate=lambda step: evaluate_policy(session, tracker, step, data))
                 logger.info(_summary_line(i, metrics))
-                terminal.advance(bar, f"acc {metrics['accuracy']:.2f} "
+                terminal.advance(bar, f"acc {metrics['rollout_accuracy']:.2f} "
                                       f"demos {metrics['demos_used']:.0f}")
                 progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
                                                 progress_shown)
@@ -213,6 +213,6 @@ def log_config_and_data(tracker: MlflowTracker, cfg: ExperimentConfig, data) -> 
 
 
 def _summary_line(i: int, m: dict[str, float]) -> str:
-    return (f"iter {i}: acc {m['accuracy']:.3f} reward {m['reward_mean']:.3f} "
+    return (f"iter {i}: acc {m['rollout_accuracy']:.3f} reward {m['reward_mean']:.3f} "
             f"hardest {m['frac_hardest']:.2f} buffer {m['buffer_size']:.0f} "
             f"demos_used {m['demos_used']:.0f} ({m['time/iteration']:.1f}s)")

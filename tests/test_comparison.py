@@ -22,7 +22,7 @@ def _table() -> pd.DataFrame:
             ("sft", 0, 0.5, 40)]
     return pd.DataFrame([{"variant": v, "run": f"{v}-s{s}", "run_id": f"{v}{s}", "algorithm": v,
                           "seed": s, "status": "FINISHED", "iterations": 3, "demos_used": d,
-                          "train_accuracy": 0.1, "world": acc, "world:add/2": acc}
+                          "rollout_accuracy": 0.1, "world": acc, "world:add/2": acc}
                          for v, s, acc, d in rows])
 
 

@@ -77,7 +77,7 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     assert run.info.status == "FINISHED"
     assert run.data.params["algorithm.name"] == algo
     assert run.data.tags["relift.algorithm"] == algo
-    history = client.get_metric_history(run.info.run_id, "accuracy")
+    history = client.get_metric_history(run.info.run_id, "rollout_accuracy")
     assert [h.step for h in history] == [0, 1, 2]
     for key in ("reward_mean", "solve_none", "solve_all", "frac_hardest", "frac_easy",
                 "buffer_size", "demos_used", "response_length_mean", "time/rollout"):
@@ -88,10 +88,10 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
         assert "sft/sft_loss" in run.data.metrics
     if algo == "rl":
         assert run.data.metrics["demos_used"] == 0
-    assert any(k.startswith("eval/world/") for k in run.data.metrics)
+    assert any(k.startswith("heldout/world/") for k in run.data.metrics)
     # Evaluated at the start too (every curve starts at the starting policy), every 2 iterations
     # and at the end; per-question records as tables the MLflow UI previews.
-    eval_steps = [h.step for h in client.get_metric_history(run.info.run_id, "eval/world/avg_at_k")]
+    eval_steps = [h.step for h in client.get_metric_history(run.info.run_id, "heldout/world/avg_at_k")]
     assert eval_steps[0] == 0 and 3 in eval_steps
     table = json.loads(Path(client.download_artifacts(
         run.info.run_id, "eval/step_000000/world.records.json", str(tmp))).read_text())
@@ -103,7 +103,7 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     # The policy as an MLflow model (transformers flavour): listed with the run, registrable.
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert [m.name for m in models] == ["policy"]
+    assert [m.name for m in models] == [algo]  # named after its run
     assert run.data.tags["relift.policy_model_uri"] == f"models:/{models[0].model_id}"
     if algo == "relift":
         import mlflow
@@ -217,7 +217,7 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "…" not in out.stdout and max(map(len, out.stdout.splitlines())) <= 100, out.stdout
-    assert "relift" in out.stdout and "world avg@k" in out.stdout
+    assert "relift" in out.stdout and "held-out world" in out.stdout
     report = (tmp_path / "compare" / "report.md").read_text()
     assert "95% CI" in report and "![training curves](training_curves.png)" in report
     assert (tmp_path / "compare" / "training_curves.png").stat().st_size > 0
@@ -235,8 +235,8 @@ def test_evaluate_flow_on_real_benchmark_questions(tiny_overrides, prefect_serve
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert "eval/math500/avg_at_k" in run.data.metrics
-    assert "eval/gpqa_diamond/format_failure_rate" in run.data.metrics
+    assert "heldout/math500/avg_at_k" in run.data.metrics
+    assert "heldout/gpqa_diamond/format_failure_rate" in run.data.metrics
     records = list((tmp_path / "evaluations").glob("*/math500.records.parquet"))
     assert records, "per-question records are written"
 
@@ -358,5 +358,5 @@ def test_a_moved_run_store_reads_and_writes_its_own_artifacts(tiny_overrides, pr
     client = MlflowClient(tracking_uri=f"sqlite:///{new / 'mlflow.db'}")
     run = client.get_run(second["mlflow_run_id"])
     assert run.info.artifact_uri.startswith((new / "mlartifacts").as_uri())
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "accuracy")] == [0, 1]
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "rollout_accuracy")] == [0, 1]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
