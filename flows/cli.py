@@ -337,6 +337,66 @@ def compare(
 
 
 @app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="the process work pool prefect.yaml names")] = "relift-local",
+    workdir: Annotated[str, typer.Option(help="the work directory whose `relift ui` serves the "
+                                         "Prefect API, when PREFECT_API_URL is not set")] = "runs",
+) -> None:
+    """Create the work pool, deploy prefect.yaml (train, evaluate, the weekly sweep) to the
+    configured Prefect API (PREFECT_API_URL, or the work directory's running `relift ui`), and
+    print how to start a worker that runs them."""
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.temporary_server import running_ui
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        ui_info = running_ui(workdir)
+        if ui_info is None:
+            err_console.print(f"error: no Prefect API to deploy to: set PREFECT_API_URL, or start "
+                              f"`relift ui --workdir {workdir}` first", style="red",
+                              markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        api = ui_info["api"]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PREFECT_API_URL": api, "RELIFT_REPO_DIR": str(repo)}
+    prefect = str(Path(sys.executable).parent / "prefect")
+
+    def run(*args: str) -> None:
+        done = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            err_console.print(f"error: prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}",
+                              markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+    os.environ["PREFECT_API_URL"] = api
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            console.print(f"work pool {pool}: exists", highlight=False)
+        except ObjectNotFound:
+            run("work-pool", "create", pool, "--type", "process")
+            console.print(f"work pool {pool}: created (process)", highlight=False)
+    run("--no-prompt", "deploy", "--all")
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments()
+        flows = {f.id: f.name for f in client.read_flows()}
+    ui_url = api.removesuffix("/api")
+    console.print("deployed: " + ", ".join(sorted(f"{flows.get(d.flow_id, '?')}/{d.name}"
+                                                  for d in deployments)), highlight=False,
+                  soft_wrap=True)
+    console.print(f"Deployments: {ui_url}/deployments\n"
+                  f"Start a worker (it runs their flow runs):\n"
+                  f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} prefect worker start --pool {pool}",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
 def ui(
     workdir: Annotated[str, typer.Option(help="the runs directory holding mlflow.db and "
                                          "prefect.db")] = "runs",
