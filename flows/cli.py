@@ -297,9 +297,9 @@ def sweep(
                             overrides=overrides or [], name=name,
                             train_deployment=deployment)
     console.print(result["comparison"], soft_wrap=True, markup=False, highlight=False)
-    console.print(f"\nMLflow parent run ({len(result['runs'])} runs): {result['mlflow_url']}"
-                  + _ui_hint(base_cfg.run.workdir, temporary_server), soft_wrap=True,
-                  highlight=False)
+    hint = _ui_hint(base_cfg.run.workdir, temporary_server)
+    console.print(f"\nMLflow parent run ({len(result['runs'])} runs): {result['mlflow_url']}{hint}"
+                  f"\nRuns by method: {result['runs_view_url']}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -351,7 +351,7 @@ def deploy(
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    from flows.temporary_server import running_ui
+    from tasks.running_ui import running_ui
 
     api = PREFECT_API_URL.value()
     if not api:
@@ -408,7 +408,8 @@ def ui(
     import signal
     import subprocess
 
-    from flows.temporary_server import UI_FILE, database_env, prefect_database, stop_process
+    from flows.temporary_server import database_env, prefect_database, stop_process
+    from tasks.running_ui import UI_FILE
 
     def _stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the servers exactly as Ctrl-C does
@@ -433,6 +434,7 @@ def ui(
     ]
     ui_file = work / UI_FILE
     ui_file.write_text(json.dumps({"api": f"{prefect_ui}/api", "ui": prefect_ui,
+                                   "mlflow": f"http://127.0.0.1:{mlflow_port}",
                                    "pid": os.getpid()}))
     console.print(f"Prefect UI {prefect_ui}  MLflow UI http://127.0.0.1:{mlflow_port}\n"
                   f"Commands on {workdir} report to this Prefect server while it runs; "

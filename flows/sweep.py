@@ -31,7 +31,7 @@ from analysis.compare import (
 )
 from flows.train import link_prefect_and_mlflow, train
 from relift_core.config import ConfigError, ExperimentConfig, experiment_hash, load_config
-from tasks.tracking import MlflowTracker, close_run, open_run, tracking_uri
+from tasks.tracking import MlflowTracker, close_run, open_run, runs_view_url, tracking_uri
 
 FAN_OUT_POLL_S = 2.0
 
@@ -150,7 +150,8 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
                            + "; ".join(f"{k}: {r.get('message') or r['state']}"
                                        for k, r in failed.items()))
     return {"mlflow_run_id": parent.run_id, "mlflow_url": parent.url(), "runs": results,
-            "comparison": comparison}
+            "comparison": comparison,
+            "runs_view_url": runs_view_url(parent.client, table_experiment_id(parent))}
 
 
 def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], parent) -> dict:
@@ -192,6 +193,10 @@ def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], paren
     return results
 
 
+def table_experiment_id(parent: MlflowTracker) -> str:
+    return parent.client.get_run(parent.run_id).info.experiment_id
+
+
 def finished_children(parent) -> dict[str, str]:
     """Run name -> MLflow run id of this sweep's children that finished."""
     runs = parent.client.search_runs(
@@ -231,7 +236,8 @@ def publish_comparison(parent: MlflowTracker, base: ExperimentConfig, prefix: st
         f"## Which method is best: sweep `{prefix}`", "", text, "",
         (f"{len(table)} training runs (the child runs below); training curves and per-level "
          "shares: artifacts `report/report.md`, `report/*.png`."), "",
-        f"Prefect flow run: [{prefix}]({flow_run})"])})
+        f"Prefect flow run: [{prefix}]({flow_run}) · "
+        f"[all runs by method]({runs_view_url(parent.client, table_experiment_id(parent))})"])})
     report = write_report(uri, Path(base.run.workdir) / "compare" / prefix,
                           base.tracking.experiment, parent_run_id=parent.run_id)
     parent.log_artifact(report["report"].parent, "report")

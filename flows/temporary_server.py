@@ -12,7 +12,7 @@ Links that last: the temporary server keeps its flow runs in the work directory'
 --workdir <workdir>` serves, and Prefect's UI address (PREFECT_UI_URL: the "View at" lines, the
 MLflow runs' `prefect.flow_run_url`) is that UI's, `http://127.0.0.1:4200`, never the temporary
 server's port, gone when the command ends. While `relift ui` runs for the work directory
-(`<workdir>/prefect-ui.json` names its API), commands report to it instead of starting a server.
+(`<workdir>/ui.json`, tasks/running_ui.py), commands report to it instead of starting a server.
 
     python -m flows.temporary_server --parent PID --port PORT --database DB  # `prefect_api()`
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -33,13 +32,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.running_ui import running_ui
+
 # How often the watchdog looks for its parent, and how long uvicorn gets to stop cleanly.
 WATCH_INTERVAL_S = 0.5
 SHUTDOWN_GRACE_S = 10.0
 # Where `relift ui` serves the Prefect UI by default: the address stored links point at.
 DEFAULT_UI_PORT = 4200
-# Written by `relift ui` into the work directory while it runs: its Prefect API and pid.
-UI_FILE = "prefect-ui.json"
 
 
 def prefect_database(workdir: str | Path) -> Path:
@@ -59,19 +58,6 @@ def lasting_ui_url(workdir: str | Path) -> str:
     if running:
         return running["ui"]
     return f"http://127.0.0.1:{DEFAULT_UI_PORT}"
-
-
-def running_ui(workdir: str | Path) -> dict[str, str] | None:
-    """The `relift ui` of this work directory if it is running and its API answers:
-    {"api": ..., "ui": ..., "pid": ...}; None otherwise."""
-    path = Path(workdir) / UI_FILE
-    try:
-        info = json.loads(path.read_text())
-        os.kill(int(info["pid"]), 0)  # raises if that process is gone
-        with urllib.request.urlopen(f"{info['api']}/health", timeout=2) as response:
-            return info if response.status == 200 else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def free_port() -> int:

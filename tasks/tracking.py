@@ -85,7 +85,10 @@ def relocate_embedded_store(cfg: ExperimentConfig) -> None:
 
 # The experiment tag MLflow 3's UI reads to choose its view (mlflow/server/js: `experimentKind`);
 # `custom_model_development` is its model-training view (runs, metrics, models), not the GenAI
-# one (traces, judges) an experiment without it opens in.
+# one (traces, judges) an experiment without it opens in. MLflow 3.17's UI lets its global
+# GenAI / Model-training switch (`?workflowType=`, else the browser's last choice, GenAI at
+# first) win over the tag, so every link this project prints carries
+# `workflowType=machine_learning` as well.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # A saved runs-table view (MLflow's "share view": an experiment tag `mlflow.sharedViewState.<key>`
 # holding the table's state, opened by `?viewStateShareKey=<key>`): method, seed, held-out score
@@ -134,15 +137,23 @@ def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
 
 def runs_view_url(client: MlflowClient, exp_id: str) -> str:
     """The experiment's runs table with the saved view (method, seed, held-out score)."""
-    return f"{ui_base(client)}/#/experiments/{exp_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+    return (f"{ui_base(client)}/#/experiments/{exp_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+            "&workflowType=machine_learning")
 
 
 def ui_base(client: MlflowClient) -> str:
-    """The MLflow UI of the client's store: a tracking server's own address, or for the
-    embedded store the UI that `relift ui` (or `make ui`) starts."""
+    """The MLflow UI of the client's store: a tracking server's own address; for the embedded
+    store `<workdir>/mlflow.db`, the work directory's running `relift ui`, else the address it
+    serves by default."""
+    from tasks.running_ui import running_ui
+
     uri = client.tracking_uri
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/")
+    if uri.startswith("sqlite:///"):
+        ui = running_ui(Path(uri.removeprefix("sqlite:///")).parent)
+        if ui and ui.get("mlflow"):
+            return ui["mlflow"]
     return "http://127.0.0.1:5000"
 
 

@@ -156,4 +156,4 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_unti
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
-    assert not (tmp_path / "prefect-ui.json").exists()
+    assert not (tmp_path / "ui.json").exists()

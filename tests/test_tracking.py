@@ -29,7 +29,8 @@ def test_the_experiment_is_a_training_experiment_with_the_methods_view(tmp_path)
                                            "metrics.`heldout/aime/avg_at_k`"]
     assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "relift.algorithm"}]
     assert runs_view_url(client, exp.experiment_id).endswith(
-        f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}")
+        f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+        "&workflowType=machine_learning")
     # An experiment made before (no kind) is marked when the next run opens.
     client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
     close_run(open_run(cfg, run_key="k2", run_name="rl-s1"))
