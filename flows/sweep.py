@@ -236,8 +236,8 @@ def publish_comparison(parent: MlflowTracker, base: ExperimentConfig, prefix: st
         f"## Which method is best: sweep `{prefix}`", "", text, "",
         (f"{len(table)} training runs (the child runs below); training curves and per-level "
          "shares: artifacts `report/report.md`, `report/*.png`."), "",
-        f"Prefect flow run: [{prefix}]({flow_run}) · "
-        f"[all runs by method]({runs_view_url(parent.client, table_experiment_id(parent))})"])})
+        (f"Prefect flow run: [{prefix}]({flow_run}) · "
+         f"[all runs by method]({runs_view_url(parent.client, table_experiment_id(parent))})")])})
     report = write_report(uri, Path(base.run.workdir) / "compare" / prefix,
                           base.tracking.experiment, parent_run_id=parent.run_id)
     parent.log_artifact(report["report"].parent, "report")
