@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint ui clean
+.PHONY: setup demo test lint ui deploy clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ lint: setup
 # Prefect and MLflow UIs on 127.0.0.1 (Prefect :4200, MLflow :5000) over the embedded stores.
 ui: setup
 	$(BIN)/relift ui
+
+# The work pool and prefect.yaml's deployments on the configured Prefect API (PREFECT_API_URL,
+# or the running `make ui`); prints the worker command.
+deploy: setup
+	$(BIN)/relift deploy
 
 clean:
 	rm -rf runs .relift mlflow.db mlartifacts

@@ -6,7 +6,7 @@
 
 A run with 0 iterations is the starting model evaluated as is: its algorithm reads `base`.
 Held-out columns are named by benchmark (`world`, `math500`) from the MLflow metrics
-`eval/<benchmark>/avg_at_k`; sub-groups of a mixed benchmark (`eval/world/world/add/2/...`) are
+`heldout/<benchmark>/avg_at_k`; sub-groups of a mixed benchmark (`heldout/world/add/2/...`) are
 `world:add/2`.
 """
 
@@ -19,26 +19,24 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-TRAINING_CURVES = ("reward_mean", "accuracy", "response_length_mean", "rl/entropy", "demos_used")
+TRAINING_CURVES = ("reward_mean", "rollout_accuracy", "response_length_mean", "rl/entropy", "demos_used")
 LEVELS = ("hardest", "hard", "medium", "easy")
 LEVEL_SHARES = tuple(f"frac_{lv}" for lv in LEVELS)
 
 
 def _eval_column(key: str) -> str | None:
-    """`eval/world/avg_at_k` -> `world`; `eval/world/world/add/2/avg_at_k` -> `world:add/2`."""
-    if not (key.startswith("eval/") and key.endswith("/avg_at_k")):
+    """`heldout/world/avg_at_k` -> `world`; `heldout/world/add/2/avg_at_k` -> `world:add/2`
+    (the names tasks/eval_tasks.py logs)."""
+    if not (key.startswith("heldout/") and key.endswith("/avg_at_k")):
         return None
-    parts = key.split("/")[1:-1]
-    bench, rest = parts[0], parts[1:]
-    if rest and rest[0] == bench:  # a data_source that repeats the benchmark's name
-        rest = rest[1:]
+    bench, *rest = key.split("/")[1:-1]
     return bench if not rest else f"{bench}:{'/'.join(rest)}"
 
 
 def runs_table(tracking_uri: str, experiment: str = "relift", *,
                parent_run_id: str | None = None) -> pd.DataFrame:
     """One row per training run: name, algorithm (`base` for 0 iterations), seed, status,
-    demonstrations used, final training accuracy and every held-out avg@k."""
+    demonstrations used, final rollout accuracy and every held-out avg@k."""
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -55,7 +53,7 @@ def runs_table(tracking_uri: str, experiment: str = "relift", *,
                "algorithm": "base" if iterations == 0 else run.data.tags.get("relift.algorithm"),
                "seed": int(p["run.seed"]) if p.get("run.seed") else None,
                "status": run.info.status, "iterations": iterations,
-               "demos_used": m.get("demos_used", 0.0), "train_accuracy": m.get("accuracy")}
+               "demos_used": m.get("demos_used", 0.0), "rollout_accuracy": m.get("rollout_accuracy")}
         for key, value in m.items():
             column = _eval_column(key)
             if column is not None:
@@ -85,8 +83,13 @@ def _with_variants(rows: list[tuple[dict, dict]]) -> pd.DataFrame:
 def held_out_columns(table: pd.DataFrame) -> list[str]:
     """Benchmark columns (not their sub-groups), in table order."""
     fixed = {"variant", "run", "run_id", "algorithm", "seed", "status", "iterations",
-             "demos_used", "train_accuracy"}
+             "demos_used", "rollout_accuracy"}
     return [c for c in table.columns if c not in fixed and ":" not in c]
+
+
+# Fewer seeds than this: the interval is shown, marked as resting on too few seeds (two seeds
+# that ended identical give a zero-width "95% CI").
+MIN_SEEDS_FOR_CI = 3
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float | None, float | None]:
@@ -103,14 +106,66 @@ def mean_ci(values: pd.Series) -> tuple[float, float | None, float | None]:
 
 
 def summarize_by_algorithm(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per variant (algorithm and swept settings): seeds, mean and 95% CI of `metric` over
-    seeds, demonstrations used."""
+    """Per variant (algorithm and swept settings): seeds (those with a value of `metric`), mean
+    and 95% CI of `metric` over seeds, demonstrations used (mean over seeds)."""
     rows = []
     for algo, group in table.groupby("variant", sort=False):
-        mean, lo, hi = mean_ci(group[metric]) if metric in group else (math.nan, None, None)
-        rows.append({"algorithm": algo, "seeds": int(group["seed"].nunique()), "mean": mean,
+        values = group[metric] if metric in group else pd.Series(dtype=float)
+        mean, lo, hi = mean_ci(values)
+        rows.append({"algorithm": algo, "seeds": int(values.notna().sum()), "mean": mean,
                      "ci_low": lo, "ci_high": hi, "demos_used": float(group["demos_used"].mean())})
     return pd.DataFrame(rows)
+
+
+def method_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Which method is best: one row per variant and held-out benchmark, with the seeds, the
+    mean and 95% CI over seeds, and the demonstrations used. Long format, the sweep's parent
+    run logs it as metrics and shows it as its description."""
+    frames = []
+    for bench in held_out_columns(table):
+        frames.append(summarize_by_algorithm(table, bench).assign(benchmark=bench))
+    if not frames:
+        return pd.DataFrame(columns=["algorithm", "benchmark", "seeds", "mean", "ci_low",
+                                     "ci_high", "demos_used"])
+    out = pd.concat(frames, ignore_index=True)
+    return out[["algorithm", "benchmark", "seeds", "mean", "ci_low", "ci_high", "demos_used"]]
+
+
+def _metric_segment(text: str) -> str:
+    """A variant as one MLflow metric-name segment (letters, digits, _ - . space only)."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in text).strip()
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """`method_summary` as MLflow metrics: `<variant>/heldout_<benchmark>_mean` (and `_ci_low`,
+    `_ci_high`, `_seeds`) and `<variant>/demos_used`."""
+    metrics: dict[str, float] = {}
+    for row in summary.itertuples(index=False):
+        key = f"{_metric_segment(row.algorithm)}/heldout_{_metric_segment(row.benchmark)}"
+        values = {"mean": row.mean, "ci_low": row.ci_low, "ci_high": row.ci_high,
+                  "seeds": row.seeds}
+        metrics |= {f"{key}_{k}": float(v) for k, v in values.items()
+                    if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        metrics[f"{_metric_segment(row.algorithm)}/demos_used"] = float(row.demos_used)
+    return metrics
+
+
+def summary_rows(summary: pd.DataFrame) -> list[dict[str, object]]:
+    """`method_summary` rounded for display (a Prefect table artifact, the console)."""
+    return [{"method": r.algorithm, "held-out": r.benchmark, "seeds": int(r.seeds),
+             "mean": None if math.isnan(r.mean) else round(r.mean, 3),
+             "95% CI": fmt_ci(r.ci_low, r.ci_high, r.seeds),
+             "demos used": round(r.demos_used)} for r in summary.itertuples(index=False)]
+
+
+def summary_table_markdown(summary: pd.DataFrame) -> str:
+    """`summary_rows` as one markdown table, with a line on what the interval means."""
+    if summary.empty:
+        return "No held-out evaluation among the runs."
+    text = pd.DataFrame(summary_rows(summary)).to_markdown(index=False)
+    return (text + "\n\nHeld-out accuracy (avg@k) on questions never trained on; mean and 95% "
+            f"t-interval over seeds (fewer than {MIN_SEEDS_FOR_CI} seeds: marked, too few for "
+            "the interval to say much); demonstrations used: mean over seeds.")
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> pd.DataFrame:
@@ -187,8 +242,12 @@ def plot_level_shares(history: pd.DataFrame, out_path: Path) -> Path:
     return out_path
 
 
-def _fmt_ci(lo: float | None, hi: float | None) -> str:
-    return "-" if lo is None or hi is None else f"{lo:.3f} to {hi:.3f}"
+def fmt_ci(lo: float | None, hi: float | None, seeds: int) -> str:
+    """`lo to hi`, marked when it rests on fewer than MIN_SEEDS_FOR_CI seeds."""
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):  # NaN: None in a frame
+        return f"- ({seeds} seed{'s' if seeds != 1 else ''})"
+    text = f"{lo:.3f} to {hi:.3f}"
+    return text if seeds >= MIN_SEEDS_FOR_CI else f"{text} (only {seeds} seeds)"
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
@@ -198,9 +257,9 @@ def summary_markdown(table: pd.DataFrame) -> str:
         summary = summarize_by_algorithm(table, bench)
         frame = pd.DataFrame({
             "algorithm": summary["algorithm"], "seeds": summary["seeds"],
-            f"{bench} avg@k": summary["mean"].map(lambda v: f"{v:.3f}"),
-            "95% CI": [_fmt_ci(lo, hi) for lo, hi in zip(summary["ci_low"], summary["ci_high"],
-                                                          strict=True)],
+            f"held-out {bench}": summary["mean"].map(lambda v: f"{v:.3f}"),
+            "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
+                summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
             "demos used": summary["demos_used"].map(lambda v: f"{v:.0f}")})
         lines += [f"### Held-out `{bench}`", "", frame.to_markdown(index=False), ""]
         groups = [c for c in table.columns if c.startswith(f"{bench}:")]
@@ -245,11 +304,11 @@ def short_table(table: pd.DataFrame) -> pd.DataFrame:
     """What `relift compare` prints: per algorithm, seeds, held-out mean [95% CI] of the first
     benchmark, demonstrations used; fits 100 columns."""
     benches = held_out_columns(table)
-    bench = benches[0] if benches else "train_accuracy"
+    bench = benches[0] if benches else "rollout_accuracy"
     summary = summarize_by_algorithm(table, bench)
     return pd.DataFrame({
         "algorithm": summary["algorithm"], "seeds": summary["seeds"],
-        f"{bench} avg@k": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
-        "95% CI": [_fmt_ci(lo, hi) for lo, hi in zip(summary["ci_low"], summary["ci_high"],
-                                                      strict=True)],
+        f"held-out {bench}": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
+        "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
+            summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
         "demos": summary["demos_used"].map(lambda v: f"{v:.0f}")})

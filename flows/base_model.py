@@ -19,7 +19,17 @@ def pretrain(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
     return pretrain_base_model(cfg.data.world, cfg.model.tiny, out_dir)
 
 
-@flow(name="build_base_model", log_prints=True)
+def _base_model_run_name() -> str:
+    """`base-model-<key>`, as its MLflow run is named (not a random name)."""
+    from prefect.runtime import flow_run
+
+    try:
+        return f"base-model-{base_model_key(ExperimentConfig.model_validate(flow_run.parameters['config']))}"
+    except (KeyError, ValueError):  # a bad config fails in the flow itself, with its message
+        return "base-model"
+
+
+@flow(name="build_base_model", log_prints=True, flow_run_name=_base_model_run_name)
 def build_base_model(config: dict[str, Any]) -> str:
     """The proof-world's base model, built once per (world, model, seed) and cached on disk."""
     cfg = ExperimentConfig.model_validate(config)

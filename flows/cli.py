@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -170,24 +171,33 @@ def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     from tasks.progress import terminal_progress
 
     quiet_prefect_tracebacks()
-    with prefect_api() as temporary_server, terminal_progress():
+    with prefect_api(cfg.run.workdir) as temporary_server, terminal_progress():
         result = train_flow(preset=preset, overrides=overrides or [])
-    console.print(train_summary(result, prefect_kept=temporary_server is None))
+    console.print(train_summary(result, ui_hint=_ui_hint(cfg.run.workdir, temporary_server)),
+                  soft_wrap=True, highlight=False)
 
 
-def train_summary(result: dict, prefect_kept: bool) -> str:
+def _ui_hint(workdir: str, temporary_server: str | None) -> str:
+    """After a command that ran on a temporary Prefect server: the links are those of the
+    UI `relift ui` serves for this work directory (its database keeps the flow runs)."""
+    if temporary_server is None:
+        return ""
+    flag = "" if Path(workdir) == Path("runs") else f" --workdir {workdir}"
+    return f"  (open with `relift ui{flag}`)"
+
+
+def train_summary(result: dict, ui_hint: str = "") -> str:
     """What a finished `train` prints: held-out accuracy per benchmark, demonstrations used,
-    and where to look (the MLflow run; the Prefect flow run when a real server keeps it, not
-    the temporary one that stops with the command)."""
+    and where to look: the MLflow run and the Prefect flow run, in UIs that outlive the
+    command (`ui_hint` says how to open them when nothing serves them now)."""
     scores = []
     for name, summary in (result.get("eval") or {}).items():
         if isinstance(summary.get("avg_at_k"), (int, float)):
             scores.append(f"{name} avg@{summary.get('k', '?')} {summary['avg_at_k']:.3f}")
     held_out = ", ".join(scores) if scores else "(no evaluation)"
     lines = [f"{result['run_name']}: held-out {held_out}; demonstrations used {result['demos_used']}",
-             f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}"]
-    if prefect_kept:
-        lines.append(f"Prefect {result.get('prefect_url')}")
+             f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}{ui_hint}",
+             f"Prefect {result.get('prefect_url')}{ui_hint}"]
     return "\n".join(lines)
 
 
@@ -203,14 +213,15 @@ def demo(
     bootstrap confidence intervals over held-out questions and seeds."""
     import time
 
-    checked_before_servers(validated_config(preset, overrides))
+    cfg = validated_config(preset, overrides)
+    checked_before_servers(cfg)
     from flows.demo import demo as demo_flow
     from flows.temporary_server import prefect_api
     from tasks.progress import terminal_progress
 
     quiet_prefect_tracebacks()
     start = time.perf_counter()
-    with prefect_api(), terminal_progress():
+    with prefect_api(cfg.run.workdir), terminal_progress():
         result = demo_flow(preset=preset, overrides=overrides or [], algorithms=_csv(algorithms),
                            seeds=[int(s) for s in _csv(seeds)] if seeds else None)
     console.print(result["markdown"])
@@ -227,12 +238,12 @@ def dynamics(
     overrides: Overrides = None,
 ) -> None:
     """Difficulty transitions of every training question: base model vs a checkpoint."""
-    validated_config(preset, overrides)
+    cfg = validated_config(preset, overrides)
     from flows.difficulty_dynamics import difficulty_dynamics
     from flows.temporary_server import prefect_api
 
     quiet_prefect_tracebacks()
-    with prefect_api():
+    with prefect_api(cfg.run.workdir):
         result = difficulty_dynamics(preset=preset, checkpoint=checkpoint, base=base,
                                      overrides=overrides or [])
     import pandas as pd
@@ -261,7 +272,7 @@ def evaluate(
     from tasks.progress import terminal_progress
 
     quiet_prefect_tracebacks()
-    with prefect_api(), terminal_progress():
+    with prefect_api(cfg.run.workdir), terminal_progress():
         result = evaluate_flow(preset=model, overrides=overrides or [], checkpoint=checkpoint,
                                benchmarks=_csv(benchmarks), limit=limit)
     console.print(markdown_table(result["summaries"]))
@@ -283,6 +294,7 @@ def sweep(
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
     import yaml
 
+    base_cfg = validated_config(preset, overrides)
     from flows.sweep import point_name, sweep_points, sweep_prefix
     from flows.sweep import sweep as sweep_flow
     from flows.temporary_server import prefect_api
@@ -306,12 +318,15 @@ def sweep(
                                         grid_dict)]
     checked_before_servers(validated_config(preset, overrides), points)
     quiet_prefect_tracebacks()
-    with prefect_api(), terminal_progress():
+    with prefect_api(base_cfg.run.workdir) as temporary_server, terminal_progress():
         result = sweep_flow(preset=preset, algorithms=_csv(algorithms),
                             seeds=seed_list, grid=grid_dict,
                             overrides=overrides or [], name=name,
                             train_deployment=deployment)
-    console.print(f"MLflow parent run {result['mlflow_run_id']}: {len(result['runs'])} runs")
+    console.print(result["comparison"], soft_wrap=True, markup=False, highlight=False)
+    hint = _ui_hint(base_cfg.run.workdir, temporary_server)
+    console.print(f"\nMLflow parent run ({len(result['runs'])} runs): {result['mlflow_url']}{hint}"
+                  f"\nRuns by method: {result['runs_view_url']}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -349,17 +364,79 @@ def compare(
 
 
 @app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="the process work pool prefect.yaml names")] = "relift-local",
+    workdir: Annotated[str, typer.Option(help="the work directory whose `relift ui` serves the "
+                                         "Prefect API, when PREFECT_API_URL is not set")] = "runs",
+) -> None:
+    """Create the work pool, deploy prefect.yaml (train, evaluate, the weekly sweep) to the
+    configured Prefect API (PREFECT_API_URL, or the work directory's running `relift ui`), and
+    print how to start a worker that runs them."""
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.running_ui import running_ui
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        ui_info = running_ui(workdir)
+        if ui_info is None:
+            err_console.print(f"error: no Prefect API to deploy to: set PREFECT_API_URL, or start "
+                              f"`relift ui --workdir {workdir}` first", style="red",
+                              markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        api = ui_info["api"]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PREFECT_API_URL": api, "RELIFT_REPO_DIR": str(repo)}
+    prefect = str(Path(sys.executable).parent / "prefect")
+
+    def run(*args: str) -> None:
+        done = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            err_console.print(f"error: prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}",
+                              markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+    os.environ["PREFECT_API_URL"] = api
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            console.print(f"work pool {pool}: exists", highlight=False)
+        except ObjectNotFound:
+            run("work-pool", "create", pool, "--type", "process")
+            console.print(f"work pool {pool}: created (process)", highlight=False)
+    run("--no-prompt", "deploy", "--all")
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments()
+        flows = {f.id: f.name for f in client.read_flows()}
+    ui_url = api.removesuffix("/api")
+    console.print("deployed: " + ", ".join(sorted(f"{flows.get(d.flow_id, '?')}/{d.name}"
+                                                  for d in deployments)), highlight=False,
+                  soft_wrap=True)
+    console.print(f"Deployments: {ui_url}/deployments\n"
+                  f"Start a worker (it runs their flow runs):\n"
+                  f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} prefect worker start --pool {pool}",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
 def ui(
-    workdir: Annotated[str, typer.Option(help="the runs directory holding mlflow.db")] = "runs",
+    workdir: Annotated[str, typer.Option(help="the runs directory holding mlflow.db and "
+                                         "prefect.db")] = "runs",
     prefect_port: int = 4200, mlflow_port: int = 5000,
 ) -> None:
-    """Start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C or SIGTERM stops both)."""
+    """Start the Prefect UI and the MLflow UI on 127.0.0.1 for a work directory's runs (Ctrl-C
+    or SIGTERM stops both). While it runs, commands on that work directory report to it."""
+    import json
     import signal
     import subprocess
-    import sys
-    from pathlib import Path
 
-    from flows.temporary_server import stop_process
+    from flows.temporary_server import database_env, prefect_database, stop_process
+    from tasks.running_ui import UI_FILE
 
     def _stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the servers exactly as Ctrl-C does
@@ -367,26 +444,37 @@ def ui(
     signal.signal(signal.SIGTERM, _stop)
 
     bindir = Path(sys.executable).parent
-    db = Path(workdir).resolve() / "mlflow.db"
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "mlflow.db"
+    prefect_ui = f"http://127.0.0.1:{prefect_port}"
     # Prefect's API answers cross-origin requests from any site by default; only its own UI here.
-    prefect_env = {**os.environ,
-                   "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{prefect_port}",
+    prefect_env = {**os.environ, **database_env(prefect_database(work)),
+                   "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": prefect_ui,
                    # The UI's pages call this API (by default :4200, whatever port serves them).
-                   "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
+                   "PREFECT_UI_API_URL": f"{prefect_ui}/api"}
     procs = [
         subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
                           "--port", str(prefect_port)], env=prefect_env),
         subprocess.Popen([str(bindir / "mlflow"), "ui", "--host", "127.0.0.1", "--port",
                           str(mlflow_port), "--backend-store-uri", f"sqlite:///{db}"]),
     ]
-    console.print(f"Prefect UI http://127.0.0.1:{prefect_port}  MLflow UI http://127.0.0.1:{mlflow_port}\n"
-                  f"Runs use this Prefect server with PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api")
+    ui_file = work / UI_FILE
+    ui_file.write_text(json.dumps({"api": f"{prefect_ui}/api", "ui": prefect_ui,
+                                   "mlflow": f"http://127.0.0.1:{mlflow_port}",
+                                   "pid": os.getpid()}))
+    console.print(f"Prefect UI {prefect_ui}  MLflow UI http://127.0.0.1:{mlflow_port}\n"
+                  f"Commands on {workdir} report to this Prefect server while it runs; "
+                  f"elsewhere: PREFECT_API_URL={prefect_ui}/api\n"
+                  f"Deployments: {prefect_ui}/deployments (after `relift deploy`)",
+                  highlight=False, soft_wrap=True)
     try:
         for p in procs:
             p.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        ui_file.unlink(missing_ok=True)
         for p in procs:
             stop_process(p, grace_s=20)
 

@@ -150,7 +150,7 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         for seed in seeds:
             for algo in ["base", *algorithms]:
                 extra = _method_overrides(algo, teacher)
-                run_name = f"{name}-{tag}-{algo}-s{seed}"
+                run_name = f"{algo}-s{seed}-{name}-{tag}"  # method and seed lead
                 runs.append((algo, seed, run_name, [*base_overrides, *extra, f"run.seed={seed}",
                                                     f"run.name={run_name}"]))
         futures = [train_method.submit(preset, ovr, run_name, parent.run_id)

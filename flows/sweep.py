@@ -1,22 +1,37 @@
 """The `sweep` flow: algorithms x seeds x parameter values as child `train` flow runs, under one
 MLflow parent run with a nested child run each.
 
-Run names are `<name>[-<date>]-<config hash>-<point>`. The hash covers everything the points
-share, so a sweep re-run with the same settings resumes (and so reuses) its own finished runs,
-and one with other settings never resumes them. `dated=True` (the weekly deployment) adds the
-flow run's scheduled date: each week trains afresh instead of reusing last week's runs."""
+Run names are `<point>-<name>[-<date>]-<config hash>` (the point first: `relift-s1-...`, what a
+truncated name in a runs table still shows). The hash covers everything the points share, so a
+sweep re-run with the same settings resumes (and so reuses) its own finished runs, and one with
+other settings never resumes them. `dated=True` (the weekly deployment) adds the flow run's
+scheduled date: each week trains afresh instead of reusing last week's runs.
+
+When the points are done, the parent run answers "which method is best": per method (and swept
+setting) the held-out mean, 95% CI and seed count, and the demonstrations used, as its metrics
+and its description, the report and figures as its artifacts, and the same table as a Prefect
+artifact on the sweep's flow run."""
 
 from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.train import train
-from relift_core.config import ExperimentConfig, experiment_hash, load_config
-from tasks.tracking import close_run, open_run
+from analysis.compare import (
+    method_summary,
+    runs_table,
+    summary_metrics,
+    summary_rows,
+    summary_table_markdown,
+    write_report,
+)
+from flows.train import link_prefect_and_mlflow, train
+from relift_core.config import ConfigError, ExperimentConfig, experiment_hash, load_config
+from tasks.tracking import MlflowTracker, close_run, open_run, runs_view_url, tracking_uri
 
 FAN_OUT_POLL_S = 2.0
 
@@ -33,10 +48,11 @@ def sweep_points(algorithms: list[str], seeds: list[int],
 
 
 def point_name(prefix: str, point: dict[str, Any]) -> str:
+    """`<method>-s<seed>[-<setting><value>...]-<prefix>`: method and seed lead."""
     parts = [str(point["algorithm.name"]), f"s{point['run.seed']}"]
     parts += [f"{k.split('.')[-1]}{v}" for k, v in point.items()
               if k not in ("algorithm.name", "run.seed")]
-    return f"{prefix}-" + "-".join(parts)
+    return "-".join(parts) + f"-{prefix}"
 
 
 def sweep_prefix(name: str, base: ExperimentConfig, grid_keys: list[str],
@@ -54,11 +70,16 @@ def _scheduled_date() -> str:
 
 
 def _sweep_run_name() -> str:
+    """The sweep's flow run is named as its MLflow parent run: `<name>[-<date>]-<hash>`."""
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    date = f"-{_scheduled_date()}" if params.get("dated") else ""
-    return f"sweep-{params.get('name', 'sweep')}{date}"
+    date = _scheduled_date() if params.get("dated") else None
+    try:
+        base = load_config(params.get("preset", "toy"), params.get("overrides") or [])
+    except (ConfigError, OSError):  # a bad preset fails in the flow itself, with its message
+        return "-".join(p for p in (params.get("name", "sweep"), date) if p)
+    return sweep_prefix(params.get("name", "sweep"), base, sorted(params.get("grid") or {}), date)
 
 
 @flow(name="sweep", log_prints=True, flow_run_name=_sweep_run_name)
@@ -86,9 +107,11 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
     base = load_config(preset, overrides or [])
     prefix = sweep_prefix(name, base, sorted(grid or {}), _scheduled_date() if dated else None)
     parent = open_run(base, run_key=f"sweep:{base.run.workdir}:{prefix}", run_name=prefix,
-                      tags={"relift.kind": "sweep"})
+                      tags={"relift.kind": "sweep", "relift.sweep": prefix,
+                            "relift.config_hash": prefix.rsplit("-", 1)[-1]})
     parent.log_params({"preset": preset, "algorithms": ",".join(algorithms),
                        "seeds": ",".join(map(str, seeds)), "grid": str(grid or {})})
+    link_prefect_and_mlflow(parent, prefix)
     children = {}
     for point in sweep_points(algorithms, seeds, grid or {}):
         run_name = point_name(prefix, point)
@@ -115,13 +138,20 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
         raise
     failed = {k: r for k, r in results.items() if r["state"] != "COMPLETED"}
     _report(results)
+    try:
+        comparison = publish_comparison(parent, base, prefix)
+    except BaseException:
+        close_run(parent, "FAILED")
+        raise
     close_run(parent, "FAILED" if failed else "FINISHED")
     if failed:
         # Every other child's result is in MLflow and in the artifact; the flow run fails.
         raise RuntimeError(f"{len(failed)} of {len(results)} sweep runs failed: "
                            + "; ".join(f"{k}: {r.get('message') or r['state']}"
                                        for k, r in failed.items()))
-    return {"mlflow_run_id": parent.run_id, "runs": results}
+    return {"mlflow_run_id": parent.run_id, "mlflow_url": parent.url(), "runs": results,
+            "comparison": comparison,
+            "runs_view_url": runs_view_url(parent.client, table_experiment_id(parent))}
 
 
 def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], parent) -> dict:
@@ -163,6 +193,10 @@ def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], paren
     return results
 
 
+def table_experiment_id(parent: MlflowTracker) -> str:
+    return parent.client.get_run(parent.run_id).info.experiment_id
+
+
 def finished_children(parent) -> dict[str, str]:
     """Run name -> MLflow run id of this sweep's children that finished."""
     runs = parent.client.search_runs(
@@ -181,3 +215,36 @@ def _report(results: dict[str, dict]) -> None:
              "note": "finished earlier" if r.get("skipped") else (r.get("message") or "")}
             for k, r in results.items()]
     create_table_artifact(rows, key="sweep-runs", description="Each sweep point's outcome")
+
+
+def publish_comparison(parent: MlflowTracker, base: ExperimentConfig, prefix: str) -> str:
+    """The parent run answers "which method is best": `analysis.compare.method_summary` of its
+    children as metrics, as its description (with the Prefect link), the report and figures as
+    artifacts (`report/`), the same table (rounded) as a Prefect artifact. Returns the table in
+    markdown (what `relift sweep` prints)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    uri = tracking_uri(base)
+    table = runs_table(uri, base.tracking.experiment, parent_run_id=parent.run_id)
+    if table.empty:
+        return "No finished training runs under this sweep."
+    summary = method_summary(table)
+    parent.log_metrics(summary_metrics(summary))
+    text = summary_table_markdown(summary)
+    flow_run = parent.client.get_run(parent.run_id).data.tags.get("prefect.flow_run_url", "")
+    parent.set_tags({"mlflow.note.content": "\n".join([
+        f"## Which method is best: sweep `{prefix}`", "", text, "",
+        (f"{len(table)} training runs (the child runs below); training curves and per-level "
+         "shares: artifacts `report/report.md`, `report/*.png`."), "",
+        (f"Prefect flow run: [{prefix}]({flow_run}) · "
+         f"[all runs by method]({runs_view_url(parent.client, table_experiment_id(parent))})")])})
+    report = write_report(uri, Path(base.run.workdir) / "compare" / prefix,
+                          base.tracking.experiment, parent_run_id=parent.run_id)
+    parent.log_artifact(report["report"].parent, "report")
+    create_table_artifact(summary_rows(summary), key="sweep-comparison",
+                          description="Held-out accuracy per method: mean, 95% CI over seeds, "
+                                      "demonstrations used")
+    create_markdown_artifact(markdown=f"{text}\n\n[MLflow parent run]({parent.url()})",
+                             key="sweep-comparison-md",
+                             description="Which method is best (the MLflow parent run's table)")
+    return text

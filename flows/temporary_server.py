@@ -7,7 +7,14 @@ server itself (Prefect's own app factory, UI off, as Prefect does) under a watch
 shuts it down as soon as its parent is gone, whatever killed the parent, and points Prefect at
 it for the duration. With `PREFECT_API_URL` set, a real server is used and nothing is started.
 
-    python -m flows.temporary_server --parent PID --port PORT   # what `prefect_api()` runs
+Links that last: the temporary server keeps its flow runs in the work directory's own database
+(`<workdir>/prefect.db`, as MLflow's store is `<workdir>/mlflow.db`), the one `relift ui
+--workdir <workdir>` serves, and Prefect's UI address (PREFECT_UI_URL: the "View at" lines, the
+MLflow runs' `prefect.flow_run_url`) is that UI's, `http://127.0.0.1:4200`, never the temporary
+server's port, gone when the command ends. While `relift ui` runs for the work directory
+(`<workdir>/ui.json`, tasks/running_ui.py), commands report to it instead of starting a server.
+
+    python -m flows.temporary_server --parent PID --port PORT --database DB  # `prefect_api()`
 """
 
 from __future__ import annotations
@@ -23,10 +30,34 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.running_ui import running_ui
 
 # How often the watchdog looks for its parent, and how long uvicorn gets to stop cleanly.
 WATCH_INTERVAL_S = 0.5
 SHUTDOWN_GRACE_S = 10.0
+# Where `relift ui` serves the Prefect UI by default: the address stored links point at.
+DEFAULT_UI_PORT = 4200
+
+
+def prefect_database(workdir: str | Path) -> Path:
+    """The work directory's Prefect database (flow runs, artifacts, deployments)."""
+    return Path(workdir).resolve() / "prefect.db"
+
+
+def database_env(database: str | Path) -> dict[str, str]:
+    """What points a Prefect server at `database` (a SQLite file)."""
+    return {"PREFECT_SERVER_DATABASE_CONNECTION_URL":
+            f"sqlite+aiosqlite:///{Path(database).resolve()}"}
+
+
+def lasting_ui_url(workdir: str | Path) -> str:
+    """The Prefect UI that `relift ui --workdir <workdir>` serves (or serves now)."""
+    running = running_ui(workdir)
+    if running:
+        return running["ui"]
+    return f"http://127.0.0.1:{DEFAULT_UI_PORT}"
 
 
 def free_port() -> int:
@@ -52,35 +83,57 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def prefect_api(timeout_s: float = 180.0) -> Iterator[str | None]:
-    """Use `PREFECT_API_URL` if set; otherwise run a temporary server for the block.
-    Yields the API URL (None when Prefect's own settings already name one)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def prefect_api(workdir: str | Path = "runs", timeout_s: float = 180.0) -> Iterator[str | None]:
+    """Use `PREFECT_API_URL` if set; else the work directory's running `relift ui`; otherwise
+    run a temporary server on the work directory's database for the block. Yields the
+    temporary server's API URL (None when a lasting server is used)."""
+    from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         yield None
+        return
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    ui = running_ui(workdir)
+    if ui is not None:
+        with _pointed_at(ui["api"], ui["ui"]):
+            yield None
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.temporary_server", "--parent", str(os.getpid()),
-         "--port", str(port)],
+         "--port", str(port), "--database", str(prefect_database(workdir))],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
-    previous = os.environ.get("PREFECT_API_URL")
     try:
         wait_healthy(url, proc, timeout_s)
-        os.environ["PREFECT_API_URL"] = url  # for worker processes the flows start
-        with temporary_settings({PREFECT_API_URL: url}):
+        # The UI named in links: the user's PREFECT_UI_URL, else the one `relift ui` serves.
+        with _pointed_at(url, os.environ.get("PREFECT_UI_URL") or lasting_ui_url(workdir)):
             yield url
     finally:
         if proc.poll() is None:  # a server already gone (the same Ctrl-C) takes nothing more
             drain_prefect_clients()  # queued logs and events reach the server before it stops
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def _pointed_at(api_url: str, ui_url: str) -> Iterator[None]:
+    """Prefect's API and UI addresses for the block, in this process's settings and in the
+    environment (worker processes the flows start inherit them)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    previous = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    os.environ.update({"PREFECT_API_URL": api_url, "PREFECT_UI_URL": ui_url})
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_UI_URL: ui_url}):
+            yield
+    finally:
+        drain_prefect_clients()  # logs and events still queued reach the server before it stops
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def drain_prefect_clients(timeout_s: float = 5.0) -> None:
@@ -121,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--database", required=True, help="the work directory's prefect.db")
     args = parser.parse_args()
     if os.getppid() != args.parent:
         sys.exit(f"parent {args.parent} is already gone")
@@ -128,7 +182,8 @@ def main() -> None:
     os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                        "PREFECT__SERVER_FINAL": "1",
                        # Prefect answers any origin by default; only its own may call it.
-                       "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{args.port}"})
+                       "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{args.port}",
+                       **database_env(args.database)})
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
     import uvicorn
 

@@ -110,7 +110,7 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         raise
     try:
         tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
-        link_prefect_and_mlflow(tracker, cfg)
+        link_prefect_and_mlflow(tracker, cfg.run.name)
         log_config_and_data(tracker, cfg, data)
         if session.resumed_from:
             logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
@@ -144,7 +144,7 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
                     session, i, phases=PREFECT_PHASES, tracker=tracker,
                     evaluate=lambda step: evaluate_policy(session, tracker, step, data))
                 logger.info(_summary_line(i, metrics))
-                terminal.advance(bar, f"acc {metrics['accuracy']:.2f} "
+                terminal.advance(bar, f"acc {metrics['rollout_accuracy']:.2f} "
                                       f"demos {metrics['demos_used']:.0f}")
                 progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
                                                 progress_shown)
@@ -192,8 +192,9 @@ def log_final_policy(tracker: MlflowTracker, session) -> None:
         tracker.set_tags({"relift.policy_model_uri": uri})
 
 
-def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> None:
-    """Tags on the MLflow run name the Prefect flow run; a Prefect artifact links back."""
+def link_prefect_and_mlflow(tracker: MlflowTracker, run_name: str) -> None:
+    """Tags on the MLflow run name the Prefect flow run; a Prefect artifact links back (the
+    runs of `train`, and the parent runs of `sweep`)."""
     flow_run = get_run_context().flow_run
     prefect_url = prefect_flow_run_url(str(flow_run.id))
     tracker.set_tags({
@@ -204,8 +205,8 @@ def link_prefect_and_mlflow(tracker: MlflowTracker, cfg: ExperimentConfig) -> No
         "mlflow.note.content": f"Prefect flow run [{flow_run.name}]({prefect_url})",
     })
     create_link_artifact(key="mlflow-run", link=tracker.url(),
-                         link_text=f"MLflow run {cfg.run.name} ({tracker.run_id})",
-                         description="This training's MLflow run: metrics, artifacts, records")
+                         link_text=f"MLflow run {run_name} ({tracker.run_id})",
+                         description="This flow run's MLflow run: metrics, artifacts, records")
 
 
 def prefect_flow_run_url(flow_run_id: str) -> str:
@@ -226,6 +227,6 @@ def log_config_and_data(tracker: MlflowTracker, cfg: ExperimentConfig, data) -> 
 
 
 def _summary_line(i: int, m: dict[str, float]) -> str:
-    return (f"iter {i}: acc {m['accuracy']:.3f} reward {m['reward_mean']:.3f} "
+    return (f"iter {i}: acc {m['rollout_accuracy']:.3f} reward {m['reward_mean']:.3f} "
             f"hardest {m['frac_hardest']:.2f} buffer {m['buffer_size']:.0f} "
             f"demos_used {m['demos_used']:.0f} ({m['time/iteration']:.1f}s)")

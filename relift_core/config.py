@@ -286,13 +286,18 @@ class EvalConfig(_Section):
     @field_validator("benchmarks")
     @classmethod
     def _distinct_names(cls, v: list[str]) -> list[str]:
-        # A file path is logged under its stem (`/data/aime.parquet` -> eval/aime/...): two
+        # A file path is logged under its stem (`/data/aime.parquet` -> heldout/aime/...): two
         # entries with one name would write over each other's metrics.
-        names = [Path(b).stem if Path(b).suffix.lower() in (".parquet", ".jsonl") else b for b in v]
+        names = [benchmark_logged_name(b) for b in v]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"two benchmarks would be logged as {repeated[0]!r}: rename a file")
         return v
+
+
+def benchmark_logged_name(benchmark: str) -> str:
+    """The name a configured benchmark is logged under: a file path by its stem."""
+    return Path(benchmark).stem if Path(benchmark).suffix.lower() in (".parquet", ".jsonl") else benchmark
 
 
 class TrackingConfig(_Section):

@@ -315,7 +315,8 @@ def rollout_metrics(rollouts: Rollouts, levels: list[Level]) -> dict[str, float]
     n_q = max(len(accs), 1)
     out = {
         "reward_mean": sum(g.reward for g in flat) / max(len(flat), 1),
-        "accuracy": sum(accs) / n_q,
+        # Of this step's rollouts on training questions (held-out scores are heldout/...).
+        "rollout_accuracy": sum(accs) / n_q,
         "solve_none": float(sum(a == 0 for a in accs)),
         "solve_all": float(sum(a == 1 for a in accs)),
         "format_failure_rate": sum(not g.format_ok for g in flat) / max(len(flat), 1),

@@ -151,7 +151,7 @@ def main() -> None:
             print("per call:")
             orchestration_parts()
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    stamps = [m.timestamp for m in sorted(client.get_metric_history(result["mlflow_run_id"], "accuracy"),
+    stamps = [m.timestamp for m in sorted(client.get_metric_history(result["mlflow_run_id"], "rollout_accuracy"),
                                           key=lambda m: m.step)]
     flow_times = [(b - a) / 1000 for a, b in itertools.pairwise(stamps)]
     # The first iteration of each includes warm-up (JIT paths, grader worker start): drop it.

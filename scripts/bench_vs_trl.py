@@ -169,7 +169,7 @@ def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("relift").experiment_id])
     stamps = sorted((m.step, m.timestamp) for m in client.get_metric_history(run.info.run_id,
-                                                                              "accuracy"))
+                                                                              "rollout_accuracy"))
     per_step = [(b - a) / 1000 for (_, a), (_, b) in itertools.pairwise(stamps)]
 
     def median_of(key: str) -> float:
@@ -179,7 +179,7 @@ def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: 
     return {"seconds_per_step": statistics.median(per_step), "steps": per_step,
             "phases": {k: median_of(f"time/{k}") for k in ("rollout", "grade", "rl_update")},
             "response_length": median_of("response_length_mean"),
-            "accuracy": median_of("accuracy"), "command_seconds": total}
+            "accuracy": median_of("rollout_accuracy"), "command_seconds": total}
 
 
 def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int,

@@ -51,7 +51,7 @@ def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: 
     try:
         for i in range(cfg.run.iterations):
             m = run_iteration(session, i)
-            trace.append(round(m["accuracy"], 3))
+            trace.append(round(m["rollout_accuracy"], 3))
         acc = sampled_accuracy(session.engine, session.tokenizer, session.grader, held, cfg,
                                   seed=10_000 + seed)
     finally:

@@ -16,6 +16,10 @@ from relift_core.grading.metrics import paper_averages, summarize_by
 from relift_core.tracker import Tracker
 from tasks import progress as terminal
 
+# The MLflow metrics of evaluations on questions never trained on: `heldout/<benchmark>/<key>`,
+# `heldout/<benchmark>/<group>/avg_at_k` per data source of a mixed set, `heldout/<average>`.
+# (The training's own rollouts are `rollout_accuracy`, `reward_mean`, ...)
+HELD_OUT = "heldout"
 SCALAR_KEYS = ("avg_at_k", "pass_at_1", "pass_at_k", "maj_at_k", "format_failure_rate",
                "truncation_rate", "response_length_mean", "response_length_max",
                "reference_avg_at_k")
@@ -55,7 +59,7 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
         bench = resolve_benchmark(given, local_sets=local_sets or {},
                                   benchmarks_dir=eval_cfg.benchmarks_dir, limit=eval_cfg.limit)
         # A benchmark given as a file path is named by its file's stem: metric keys and file
-        # names hold no slashes (MLflow refused `eval//abs/path.parquet/avg_at_k`).
+        # names hold no slashes (MLflow refused `heldout//abs/path.parquet/avg_at_k`).
         name = bench.name
         # quote(): keep Prefect from walking the model and every question (see flows/train.py).
         records, summary = evaluate_one(quote(engine), quote(tokenizer), quote(grader),
@@ -65,17 +69,18 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
         parquet = out_dir / f"{name}.records.parquet"
         records_to_parquet(records, parquet)
         if tracker is not None:
-            tracker.log_metrics({f"eval/{name}/{k}": float(summary[k]) for k in SCALAR_KEYS
+            tracker.log_metrics({f"{HELD_OUT}/{name}/{k}": float(summary[k]) for k in SCALAR_KEYS
                                  if isinstance(summary.get(k), (int, float))}, step=step)
             tracker.log_artifact(parquet, f"eval/step_{step:06d}")
             tracker.log_table(record_rows(records), f"eval/step_{step:06d}/{name}.records.json")
             by_source = summarize_by(records, "data_source")
             if len(by_source) > 1:  # a mixed set (the proof-world): one figure per family
-                tracker.log_metrics({f"eval/{name}/{src}/avg_at_k": float(sub["avg_at_k"])
-                                     for src, sub in by_source.items()}, step=step)
+                tracker.log_metrics({f"{HELD_OUT}/{name}/{group_name(name, src)}/avg_at_k":
+                                     float(sub["avg_at_k"]) for src, sub in by_source.items()},
+                                    step=step)
     averages = paper_averages(summaries)
     if tracker is not None and averages:
-        tracker.log_metrics({f"eval/{k}": float(v) for k, v in averages.items()}, step=step)
+        tracker.log_metrics({f"{HELD_OUT}/{k}": float(v) for k, v in averages.items()}, step=step)
     table = markdown_table(summaries)
     create_markdown_artifact(markdown=f"### Evaluation: {label}, step {step}\n\n{table}",
                              key=_artifact_key(label), description=f"evaluation at step {step}")
@@ -85,6 +90,12 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
     if tracker is not None:
         tracker.log_text(table, f"eval/step_{step:06d}/summary.md")
     return summaries
+
+
+def group_name(benchmark: str, data_source: str) -> str:
+    """A data source as a metric segment under its benchmark, without repeating it:
+    `world` + `world/add/2` -> `add/2` (not `heldout/world/world/add/2`)."""
+    return data_source.removeprefix(f"{benchmark}/")
 
 
 # Characters of a response kept in the MLflow table (the parquet beside it has everything).

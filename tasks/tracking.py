@@ -22,7 +22,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from relift_core.config import ExperimentConfig, experiment_hash
+from relift_core.config import ExperimentConfig, benchmark_logged_name, experiment_hash
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -111,15 +111,78 @@ def relocate_embedded_store(cfg: ExperimentConfig) -> None:
                                 (new_root, len(old_root) + 1, len(old_root), old_root))
 
 
+# The experiment tag MLflow 3's UI reads to choose its view (mlflow/server/js: `experimentKind`);
+# `custom_model_development` is its model-training view (runs, metrics, models), not the GenAI
+# one (traces, judges) an experiment without it opens in. MLflow 3.17's UI lets its global
+# GenAI / Model-training switch (`?workflowType=`, else the browser's last choice, GenAI at
+# first) win over the tag, so every link this project prints carries
+# `workflowType=machine_learning` as well.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A saved runs-table view (MLflow's "share view": an experiment tag `mlflow.sharedViewState.<key>`
+# holding the table's state, opened by `?viewStateShareKey=<key>`): method, seed, held-out score
+# and demonstrations as columns, runs grouped by method.
+RUNS_VIEW_KEY = "relift-methods"
+
+
+def runs_view_state(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The runs table's state as MLflow's UI stores it (a column is `<type>.` + its name in
+    backquotes: tags.`relift.algorithm`)."""
+    from tasks.eval_tasks import HELD_OUT
+
+    held_out = [f"metrics.`{HELD_OUT}/{benchmark_logged_name(b)}/avg_at_k`"
+                for b in cfg.eval.benchmarks]
+    return {"selectedColumns": ["tags.`relift.algorithm`", "params.`run.seed`", *held_out,
+                                "metrics.`demos_used`", "metrics.`rollout_accuracy`",
+                                "attributes.`Models`"],
+            "groupBy": {"aggregateFunction": "average",
+                        "groupByKeys": [{"mode": "tag", "groupByData": "relift.algorithm"}]},
+            "useGroupedValuesInCharts": True, "hideEmptyCharts": True}
+
+
 def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
+    """The experiment's id, created (or, made by an older version, marked) as a model-training
+    experiment, with the runs-table view for this config's benchmarks."""
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg))
-    except mlflow.exceptions.MlflowException:
-        # Another run of a sweep created it first.
-        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(cfg.tracking.experiment,
+                                              artifact_location=artifact_root(cfg),
+                                              tags=dict([EXPERIMENT_KIND]))
+        except mlflow.exceptions.MlflowException:
+            # Another run of a sweep created it first.
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    tags = exp.tags if exp is not None else dict([EXPERIMENT_KIND])
+    wanted = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
+              f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(runs_view_state(cfg))}
+    for key, value in wanted.items():
+        if tags.get(key) != value:
+            client.set_experiment_tag(exp_id, key, value)
+    return exp_id
+
+
+def runs_view_url(client: MlflowClient, exp_id: str) -> str:
+    """The experiment's runs table with the saved view (method, seed, held-out score)."""
+    return (f"{ui_base(client)}/#/experiments/{exp_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+            "&workflowType=machine_learning")
+
+
+def ui_base(client: MlflowClient) -> str:
+    """The MLflow UI of the client's store: a tracking server's own address; for the embedded
+    store `<workdir>/mlflow.db`, the work directory's running `relift ui`, else the address it
+    serves by default."""
+    from tasks.running_ui import running_ui
+
+    uri = client.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    if uri.startswith("sqlite:///"):
+        ui = running_ui(Path(uri.removeprefix("sqlite:///")).parent)
+        if ui and ui.get("mlflow"):
+            return ui["mlflow"]
+    return "http://127.0.0.1:5000"
 
 
 class MlflowTracker:
@@ -169,7 +232,9 @@ class MlflowTracker:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def start_system_metrics(self, interval_s: float | None) -> None:
-        """MLflow's own monitor (CPU, memory, disk, GPU) on a background thread, until close."""
+        """MLflow's own monitor (CPU, memory, disk, GPU) on a background thread, until close;
+        one sample is logged at once and one at close, so a run shorter than the interval
+        still has its start and end."""
         if interval_s is None or self._system_metrics is not None:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -177,12 +242,22 @@ class MlflowTracker:
         self._system_metrics = SystemMetricsMonitor(
             self.run_id, sampling_interval=interval_s, resume_logging=True,
             tracking_uri=self.client.tracking_uri)
+        self._log_system_sample()  # before the thread starts: no sample is shared with it
         self._system_metrics.start()
 
     def stop_system_metrics(self) -> None:
         if self._system_metrics is not None:
-            self._system_metrics.finish()
+            self._system_metrics.finish()  # joins the thread
+            self._log_system_sample()
             self._system_metrics = None
+
+    def _log_system_sample(self) -> None:
+        """One sample of every system metric, logged now (the monitor's own collect, aggregate
+        and publish steps, as its loop runs them)."""
+        monitor = self._system_metrics
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
     def log_policy(self, model, tokenizer, step: int) -> str:
         """The policy as an MLflow model (transformers flavour, text generation): it appears
@@ -193,12 +268,14 @@ class MlflowTracker:
         import transformers
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        # The fluent API logs models into the active run of the global tracking URI: both set
-        # for this call only (a global URI left set would pin every later run in the process to
+        # Named after its run (`relift-s1-sweep-...`): the experiment's Models list tells the
+        # policies apart. The fluent API logs models into the active run of the global
+        # tracking URI: both set for this call only (a global URI left set would pin every later run in the process to
         # this store). Leaving the run ends it; the caller closes it with its status right after.
         with _use_tracking_uri(self.client.tracking_uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.transformers.log_model(
-                {"model": model, "tokenizer": tokenizer}, name="policy", task="text-generation",
+                {"model": model, "tokenizer": tokenizer},
+                name=self.client.get_run(self.run_id).info.run_name, task="text-generation",
                 step=step,
                 # Explicit: inferring them imports every optional module torch knows of.
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
@@ -221,15 +298,10 @@ class MlflowTracker:
 
     def url(self) -> str:
         run = self.client.get_run(self.run_id)
-        # workflowType=machine_learning: the training view (metrics, artifacts), not MLflow 3's
-        # GenAI view (traces, evaluations) that an experiment opens in by default.
-        path = (f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
-                "?workflowType=machine_learning")
-        uri = self.client.tracking_uri
-        if uri.startswith(("http://", "https://")):
-            return f"{uri.rstrip('/')}/{path}"
-        # The embedded store: the MLflow UI that `relift ui` (or `make ui`) starts shows it here.
-        return f"http://127.0.0.1:5000/{path}"
+        # workflowType=machine_learning: the training view even for an experiment made before
+        # EXPERIMENT_KIND was set (MLflow 3 opens those in its GenAI view).
+        return (f"{ui_base(self.client)}/#/experiments/{run.info.experiment_id}/runs/"
+                f"{self.run_id}?workflowType=machine_learning")
 
 
 IDENTITY_TAG = "relift.experiment"  # experiment_hash of the config that made the run

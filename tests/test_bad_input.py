@@ -389,7 +389,7 @@ def test_a_numeric_question_under_a_choice_data_source_is_graded_as_maths(tmp_pa
 
 
 def test_an_absolute_benchmark_path_is_named_by_its_stem(tmp_path, monkeypatch):
-    """MLflow refused `eval//tmp/.../set.parquet/avg_at_k` at the step-0 evaluation."""
+    """MLflow refused `heldout//tmp/.../set.parquet/avg_at_k` at the step-0 evaluation."""
     from mlflow.utils.validation import _validate_metric_name
 
     from relift_core.tracker import InMemoryTracker
@@ -412,7 +412,7 @@ def test_an_absolute_benchmark_path_is_named_by_its_stem(tmp_path, monkeypatch):
                                         label="t")
     assert seen == ["held_out"] and list(summaries) == ["held_out"]
     keys = [key for _, metrics in tracker.metrics for key in metrics]
-    assert "eval/held_out/avg_at_k" in keys
+    assert "heldout/held_out/avg_at_k" in keys
     for key in keys:
         _validate_metric_name(key)  # raises for what MLflow would refuse
 

@@ -65,7 +65,7 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     # ReLIFT fine-tuned only on questions that were hardest when they entered the buffer; RL
     # never fine-tunes; SFT fine-tunes on questions of every level.
     tag = saved["config_hash"]
-    state = json.loads((latest_checkpoint(tmp_path / f"demo-{tag}-relift-s0" / "checkpoints")
+    state = json.loads((latest_checkpoint(tmp_path / f"relift-s0-demo-{tag}" / "checkpoints")
                         / "state.json").read_text())["extra_state"]
     assert len(state["sft_log"]) == state["demos_used"]
     assert {e["level_when_added"] for e in state["sft_log"]} <= {"hardest"}
@@ -82,7 +82,7 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     again = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}", "rl.lr=1e-5"],
                  name="demo", seeds=[0], algorithms=["rl"])
     assert again["summary"]["config_hash"] != tag
-    assert (tmp_path / f"demo-{again['summary']['config_hash']}-rl-s0").is_dir()
+    assert (tmp_path / f"rl-s0-demo-{again['summary']['config_hash']}").is_dir()
 
 
 def test_demo_runs_relift_with_teacher_demonstrations(prefect_server, tmp_path):

@@ -1,5 +1,6 @@
-"""prefect.yaml for real: a `prefect server`, `prefect deploy --all`, a process worker, and a
-deployment run of a tiny train that must complete."""
+"""prefect.yaml for real: a `prefect server`, `relift deploy` (the work pool, `prefect deploy
+--all`), a process worker started as it says, and a deployment run of a tiny train that must
+complete."""
 
 from __future__ import annotations
 
@@ -23,16 +24,19 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """A real `prefect server` (SQLite, as `prefect server start` makes it), the project's
-    prefect.yaml deployed to a process pool. Yields (env, run, server log path)."""
+    prefect.yaml deployed to a process pool by `relift deploy`. Yields (env, run, server log
+    path, what `relift deploy` printed)."""
     home = tmp_path_factory.mktemp("prefect")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
+    # No RELIFT_REPO_DIR: `relift deploy` and the worker command it prints supply it.
     env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
-           "RELIFT_REPO_DIR": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_CLI_PROMPT": "false",
            # The scheduler visits deployments every 60 s by default; the test need not wait.
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
     env.pop("PREFECT_API_KEY", None)
+    env.pop("RELIFT_REPO_DIR", None)
     log_path = home / "server.log"
     log = open(log_path, "w")  # noqa: SIM115  (closed at teardown)
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
@@ -44,11 +48,10 @@ def deployed(tmp_path_factory):
 
     try:
         wait_healthy(api, server, timeout_s=120)
-        r = run("work-pool", "create", "relift-local", "--type", "process")
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = run("--no-prompt", "deploy", "--all")
-        assert r.returncode == 0, r.stdout + r.stderr
-        yield env, run, log_path
+        deploy = subprocess.run([str(BIN / "relift"), "deploy"], env=env, cwd=REPO,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        yield env, run, log_path, deploy.stdout
     finally:
         stop_process(server, grace_s=20)
         log.close()
@@ -57,7 +60,7 @@ def deployed(tmp_path_factory):
 def test_the_weekly_sweep_gets_scheduled_runs(deployed):
     """What the SQLAlchemy pin is for: with SQLAlchemy 2.1 the scheduler fails every loop
     (`Can't evaluate bulk DML statement`) and the weekly deployment never gets a run."""
-    env, _, log_path = deployed
+    env, _, log_path, _ = deployed
     api = env["PREFECT_API_URL"]
     deadline = time.time() + 120
     scheduled: list[dict] = []
@@ -79,16 +82,24 @@ def test_the_weekly_sweep_gets_scheduled_runs(deployed):
     assert all(r["parameters"].get("dated") is True for r in scheduled)
 
 
-def test_deploy_all_and_run_train_through_a_worker(deployed, tiny_overrides, tmp_path):
-    env, run, log_path = deployed
+def test_relift_deploy_then_the_worker_it_names_runs_a_deployment(deployed, tiny_overrides,
+                                                                  tmp_path):
+    env, run, log_path, printed = deployed
+    assert "work pool relift-local: created" in printed, printed
+    assert f"{env['PREFECT_API_URL'].removesuffix('/api')}/deployments" in printed
+    # The worker command as printed (its environment given inline).
+    (command,) = [line.strip() for line in printed.splitlines() if "prefect worker start" in line]
+    assert command.endswith("prefect worker start --pool relift-local")
+    assert f"RELIFT_REPO_DIR={REPO}" in command
     r = run("deployment", "ls")
     for name in ("train/train", "evaluate/evaluate", "sweep/weekly-rl-sft-relift"):
         assert name in r.stdout.replace("\n", " ") or name.split("/")[1] in r.stdout, r.stdout
     overrides = tiny_overrides + ["algorithm.name=relift", "run.name=deployed",
                                   f"run.workdir={tmp_path / 'runs'}", "eval.benchmarks=[]"]
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115  (closed in finally)
+    worker_env = {**env, **dict(part.split("=", 1) for part in command.split()[:2])}
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "relift-local"],
-                              env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                              env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         r = run("deployment", "run", "train/train", "--param", "preset=toy",
                 "--param", f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout",
@@ -102,9 +113,27 @@ def test_deploy_all_and_run_train_through_a_worker(deployed, tiny_overrides, tmp
         log.close()
 
 
+def test_relift_deploy_again_keeps_the_pool(deployed):
+    env, _, _, _ = deployed
+    again = subprocess.run([str(BIN / "relift"), "deploy"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "work pool relift-local: exists" in again.stdout
+    assert "weekly-rl-sft-relift" in again.stdout
+
+
+def test_relift_deploy_without_a_prefect_api_says_what_to_do(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # no profile's API
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([str(BIN / "relift"), "deploy", "--workdir", str(tmp_path)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert "set PREFECT_API_URL" in done.stderr and "relift ui" in done.stderr
+
+
 def test_deployment_parameters_are_typed_and_documented(deployed):
     """The Prefect UI's run form shows each parameter's type and what it means."""
-    env, _, _ = deployed
+    env, _, _, _ = deployed
     url = f"{env['PREFECT_API_URL']}/deployments/name/train/train"
     with urllib.request.urlopen(url, timeout=10) as response:
         schema = json.loads(response.read())["parameter_openapi_schema"]["properties"]

@@ -28,6 +28,30 @@ def flow_run_name_of(flow_run_id: str) -> str:
     return asyncio.run(read())
 
 
+def _table_artifact(flow_run_id: str, key: str) -> list[dict]:
+    """The rows of the table artifact `key` of a flow run, as the Prefect API serves them."""
+    import asyncio
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    async def read():
+        async with get_client() as pc:
+            return await pc.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+
+    (artifact,) = asyncio.run(read())
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
 def _overrides(tiny: list[str], tmp: Path, algo: str) -> list[str]:
     return tiny + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}",
                    "tracking.system_metrics_interval_s=0.2"]  # a sample even in a short run
@@ -53,7 +77,7 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     assert run.info.status == "FINISHED"
     assert run.data.params["algorithm.name"] == algo
     assert run.data.tags["relift.algorithm"] == algo
-    history = client.get_metric_history(run.info.run_id, "accuracy")
+    history = client.get_metric_history(run.info.run_id, "rollout_accuracy")
     assert [h.step for h in history] == [0, 1, 2]
     for key in ("reward_mean", "solve_none", "solve_all", "frac_hardest", "frac_easy",
                 "buffer_size", "demos_used", "response_length_mean", "time/rollout"):
@@ -69,10 +93,10 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
         assert "sft/sft_loss" in run.data.metrics
     if algo == "rl":
         assert run.data.metrics["demos_used"] == 0
-    assert any(k.startswith("eval/world/") for k in run.data.metrics)
+    assert any(k.startswith("heldout/world/") for k in run.data.metrics)
     # Evaluated at the start too (every curve starts at the starting policy), every 2 iterations
     # and at the end; per-question records as tables the MLflow UI previews.
-    eval_steps = [h.step for h in client.get_metric_history(run.info.run_id, "eval/world/avg_at_k")]
+    eval_steps = [h.step for h in client.get_metric_history(run.info.run_id, "heldout/world/avg_at_k")]
     assert eval_steps[0] == 0 and 3 in eval_steps
     table = json.loads(Path(client.download_artifacts(
         run.info.run_id, "eval/step_000000/world.records.json", str(tmp))).read_text())
@@ -84,7 +108,7 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     # The policy as an MLflow model (transformers flavour): listed with the run, registrable.
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert [m.name for m in models] == ["policy"]
+    assert [m.name for m in models] == [algo]  # named after its run
     assert run.data.tags["relift.policy_model_uri"] == f"models:/{models[0].model_id}"
     if algo == "relift":
         import mlflow
@@ -162,9 +186,34 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert sorted(table["algorithm"]) == ["relift", "relift", "rl", "rl"]
     assert (table.loc[table["algorithm"] == "rl", "demos_used"] == 0).all()
     assert "world" in table.columns and not any("world/world" in c for c in table.columns)
-    # Run names: the sweep's name, the shared config's hash, the point.
-    assert all(n.startswith("abl-") and n.split("-")[2] in ("rl", "relift")
-               for n in result["runs"])
+    # Run names: the point first (method, seed, setting), then the sweep's name and hash.
+    assert all(n.split("-")[0] in ("rl", "relift") and n.split("-")[1] == "s0"
+               and "-abl-" in n for n in result["runs"])
+
+    # The parent run answers which method is best: metrics, description, report, figures.
+    parent = client.get_run(result["mlflow_run_id"])
+    metrics = parent.data.metrics
+    for variant in ("rl sft_buffer_threshold_2", "relift sft_buffer_threshold_4"):
+        assert 0.0 <= metrics[f"{variant}/heldout_world_mean"] <= 1.0, sorted(metrics)
+        assert metrics[f"{variant}/heldout_world_seeds"] == 1
+        assert f"{variant}/demos_used" in metrics
+    assert metrics["rl sft_buffer_threshold_2/demos_used"] == 0
+    child = table.set_index("variant").loc["relift sft_buffer_threshold=4"]
+    assert metrics["relift sft_buffer_threshold_4/heldout_world_mean"] == pytest.approx(
+        child["world"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Which method is best" in note and "relift sft_buffer_threshold=4" in note
+    assert "- (1 seed)" in note  # no interval from one seed, and it says so
+    assert f"/runs/flow-run/{parent.data.tags['prefect.flow_run_id']}" in note
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/training_curves.png", "report/level_shares.png"} <= files
+    report_md = client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))
+    assert "95% CI" in Path(report_md).read_text()
+    assert result["comparison"].startswith("| method")
+    # The same table on the sweep's Prefect flow run, values rounded for display.
+    rows = _table_artifact(parent.data.tags["prefect.flow_run_id"], "sweep-comparison")
+    assert {r["method"] for r in rows} == set(table["variant"])
+    assert all(r["mean"] == round(r["mean"], 3) for r in rows)
 
     # `relift compare` as a user runs it, in a 100-column terminal: readable, and a report.
     env = {**os.environ, "COLUMNS": "100"}
@@ -174,7 +223,7 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "…" not in out.stdout and max(map(len, out.stdout.splitlines())) <= 100, out.stdout
-    assert "relift" in out.stdout and "world avg@k" in out.stdout
+    assert "relift" in out.stdout and "held-out world" in out.stdout
     report = (tmp_path / "compare" / "report.md").read_text()
     assert "95% CI" in report and "![training curves](training_curves.png)" in report
     assert (tmp_path / "compare" / "training_curves.png").stat().st_size > 0
@@ -192,8 +241,8 @@ def test_evaluate_flow_on_real_benchmark_questions(tiny_overrides, prefect_serve
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert "eval/math500/avg_at_k" in run.data.metrics
-    assert "eval/gpqa_diamond/format_failure_rate" in run.data.metrics
+    assert "heldout/math500/avg_at_k" in run.data.metrics
+    assert "heldout/gpqa_diamond/format_failure_rate" in run.data.metrics
     records = list((tmp_path / "evaluations").glob("*/math500.records.parquet"))
     assert records, "per-question records are written"
 
@@ -315,5 +364,5 @@ def test_a_moved_run_store_reads_and_writes_its_own_artifacts(tiny_overrides, pr
     client = MlflowClient(tracking_uri=f"sqlite:///{new / 'mlflow.db'}")
     run = client.get_run(second["mlflow_run_id"])
     assert run.info.artifact_uri.startswith((new / "mlartifacts").as_uri())
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "accuracy")] == [0, 1]
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "rollout_accuracy")] == [0, 1]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

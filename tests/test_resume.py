@@ -78,5 +78,5 @@ def test_sigkill_then_resume_loses_nothing(tiny_overrides, prefect_server, tmp_p
     client = MlflowClient(tracking_uri=f"sqlite:///{killed / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("relift").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = {h.step for h in client.get_metric_history(runs[0].info.run_id, "accuracy")}
+    steps = {h.step for h in client.get_metric_history(runs[0].info.run_id, "rollout_accuracy")}
     assert steps == set(range(ITERATIONS))

@@ -127,7 +127,8 @@ def test_sweep_run_names_carry_the_shared_config_and_the_scheduled_date():
     assert dated.startswith("weekly-20261123-") and dated != prefix
     name = point_name(dated, {"algorithm.name": "rl", "run.seed": 0,
                               "algorithm.sft_buffer_threshold": 8})
-    assert name == f"{dated}-rl-s0-sft_buffer_threshold8"
+    # Method and seed first: what a runs table's truncated name column still shows.
+    assert name == f"rl-s0-sft_buffer_threshold8-{dated}"
     load_config("toy", [f"run.name={name}"])  # a valid run name
 
 

@@ -3,6 +3,7 @@ temporary Prefect server with it, and `relift ui` stops both UIs on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -100,3 +101,59 @@ def test_relift_ui_stops_both_servers_on_sigterm(wait_until, tmp_path):
                 with_cmd = " ".join(child.cmdline())
                 if "ui" in with_cmd or "server" in with_cmd:
                     child.kill()
+
+
+def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_until, tiny_overrides,
+                                                                      tmp_path):
+    """A train on a temporary server: its links (console, MLflow tag, description) name the UI
+    `relift ui` serves (:4200), never the temporary port; the flow run is kept in
+    <workdir>/prefect.db, so `relift ui --workdir` shows it later; while that UI runs, commands
+    on the work directory report to it."""
+    train = subprocess.run(
+        [RELIFT, "train", "-p", "toy", *tiny_overrides, "run.name=linked",
+         f"run.workdir={tmp_path}", "eval.benchmarks=[]", "run.iterations=1"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    out = train.stdout + train.stderr
+    assert train.returncode == 0, out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("relift").experiment_id],
+                                filter_string="attributes.run_name = 'linked'")
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    link = f"http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"
+    assert run.data.tags["prefect.flow_run_url"] == link
+    assert link in run.data.tags["mlflow.note.content"]
+    assert f"Prefect {link}" in out
+    views = [line for line in out.splitlines() if "View at" in line]
+    assert views and all("http://127.0.0.1:4200/" in line for line in views), views
+    assert (tmp_path / "prefect.db").exists()
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    ui = subprocess.Popen([RELIFT, "ui", "--workdir", str(tmp_path), "--prefect-port",
+                           str(prefect_port), "--mlflow-port", str(mlflow_port)], cwd=REPO,
+                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        api = f"http://127.0.0.1:{prefect_port}/api"
+        wait_until(lambda: _answers(f"{api}/health"), 180, "the Prefect API of relift ui")
+        with urllib.request.urlopen(f"{api}/flow_runs/{flow_run_id}", timeout=10) as response:
+            assert json.loads(response.read())["name"] == "train-linked"
+        # A command on this work directory now reports to the UI's server, links included.
+        from flows.temporary_server import prefect_api
+
+        env_before = os.environ.get("PREFECT_API_URL")
+        os.environ.pop("PREFECT_API_URL", None)
+        try:
+            with prefect_api(tmp_path) as temporary:
+                from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+                assert temporary is None
+                assert PREFECT_API_URL.value() == api
+                assert PREFECT_UI_URL.value() == f"http://127.0.0.1:{prefect_port}"
+        finally:
+            if env_before is not None:
+                os.environ["PREFECT_API_URL"] = env_before
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
+    assert not (tmp_path / "ui.json").exists()

@@ -135,7 +135,7 @@ def test_run_iteration_relift_buffers_hardest_and_fine_tunes(tiny_session):
     assert m["rl/rl_skipped"] == 1.0
     assert session.state.iteration == 1
     assert (session.checkpoint_dir / "step_000001").is_dir()
-    assert tracker.metrics[0][0] == 0 and tracker.history("accuracy") == [0.0]
+    assert tracker.metrics[0][0] == 0 and tracker.history("rollout_accuracy") == [0.0]
 
 
 def test_run_iteration_sft_uses_every_question(tiny_session):

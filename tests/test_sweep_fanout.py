@@ -184,7 +184,7 @@ def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, m
                           return_state=True)
             with get_client(sync_client=True) as client:
                 runs = client.read_flow_runs()
-        return state, [r for r in runs if r.name.startswith("train-fan")]
+        return state, [r for r in runs if r.name.startswith("train-") and "-fan-" in r.name]
 
     state, children = run_sweep()
     assert state.is_failed(), state  # one point cannot run: the sweep says so ...

@@ -122,3 +122,89 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(wait_until, 
         stop_process(ui, grace_s=30)
         log.close()
         shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
+
+
+def _click_through(driver, link) -> None:
+    """Click a link as a user does; follow it into the tab it opens, if it opens one."""
+    before = set(driver.window_handles)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", link)
+    link.click()
+    opened = set(driver.window_handles) - before
+    if opened:
+        driver.switch_to.window(opened.pop())
+
+
+def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
+        wait_until, browser, tiny_overrides, tmp_path):
+    """`relift ui`, then `relift sweep` on its work directory (no PREFECT_API_URL: the running
+    UI's server is used): the parent run's page in MLflow shows the per-method table and its
+    Prefect link opens the sweep's flow run; a child flow run's MLflow link opens its run; the
+    saved runs view shows method groups and the held-out column."""
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    workdir = tmp_path / "runs"
+    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115  (closed in finally)
+    ui = subprocess.Popen([str(BIN / "relift"), "ui", "--workdir", str(workdir),
+                           "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
+                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    prefect_ui, mlflow_ui = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
+    try:
+        wait_until(lambda: _answers(f"{prefect_ui}/api/health"), 180, "the Prefect server")
+        wait_until(lambda: _answers(f"{mlflow_ui}/health"), 180, "the MLflow UI")
+        wait_until(lambda: (workdir / "ui.json").exists(), 30, "relift ui's ui.json")
+        sweep = subprocess.run(
+            [str(BIN / "relift"), "sweep", "-p", "toy", "--algorithms", "rl,relift", "--seeds", "0",
+             "--name", "web", *tiny_overrides, f"run.workdir={workdir}", "run.iterations=1"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+        out = sweep.stdout + sweep.stderr
+        assert sweep.returncode == 0, out
+        assert "| method" in sweep.stdout and f"MLflow parent run (2 runs): {mlflow_ui}/" in out
+        # No link to a temporary server: every "View at" names the running UI.
+        assert all(prefect_ui in line for line in out.splitlines() if "View at" in line)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+        exp_id = client.get_experiment_by_name("relift").experiment_id
+        runs = client.search_runs([exp_id])
+        (parent,) = [r for r in runs if r.data.tags.get("relift.kind") == "sweep"]
+        child = next(r for r in runs if r.data.tags.get("relift.algorithm") == "relift")
+
+        # MLflow -> Prefect: the parent's page shows the table; its link opens the flow run.
+        browser.get(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent.info.run_id}"
+                    "?workflowType=machine_learning")
+        wait_until(lambda: _page_text_contains(browser, "Which method is best"), 90,
+                   "the parent run's description")
+        assert _page_text_contains(browser, "demos used")
+        link = wait_until(lambda: browser.find_elements(
+            "css selector", f"a[href^='{prefect_ui}/runs/flow-run/']"), 30, "the Prefect link")
+        _click_through(browser, link[0])
+        wait_until(lambda: _page_text_contains(browser, parent.info.run_name), 90,
+                   f"the sweep's flow run {parent.info.run_name} in Prefect")
+
+        # Prefect -> MLflow: a training's flow run links to its MLflow run.
+        browser.get(f"{prefect_ui}/runs/flow-run/{child.data.tags['prefect.flow_run_id']}")
+        wait_until(lambda: _page_text_contains(browser, f"train-{child.info.run_name}"), 90,
+                   "the child's flow run")
+        tab = wait_until(lambda: browser.find_elements(
+            "xpath", "//*[normalize-space(.)='Artifacts']"), 30, "the Artifacts tab")
+        tab[-1].click()
+        # Its link artifact `mlflow-run`: the card opens the artifact, which holds the link.
+        card = wait_until(lambda: browser.find_elements(
+            "xpath", "//*[normalize-space(.)='mlflow-run']"), 60, "the mlflow-run artifact")
+        card[-1].click()
+        link = wait_until(lambda: browser.find_elements(
+            "css selector", f"a[href^='{mlflow_ui}/#/experiments/']"), 60, "the MLflow link")
+        _click_through(browser, link[0])
+        wait_until(lambda: _page_text_contains(browser, child.info.run_name)
+                   and child.info.run_id in browser.current_url, 90, "the child's MLflow run")
+
+        # The saved runs view: grouped by method, with the held-out score as a column.
+        browser.get(f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey=relift-methods"
+                    "&workflowType=machine_learning")
+        wait_until(lambda: _page_text_contains(browser, "Group: relift"), 90, "method groups")
+        assert _page_text_contains(browser, "heldout/world/avg_at_k")
+    finally:
+        stop_process(ui, grace_s=30)
+        log.close()
+        shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
