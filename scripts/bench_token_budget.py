@@ -124,6 +124,9 @@ def main() -> None:
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first = results[0]
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} cores, load average {load:.1f} (seconds are comparable "
+          "only on a quiet machine; peak memory does not depend on the load)")
     print(f"RL update: {args.rows} responses of {args.min_len}-{args.max_len} tokens "
           f"(+{args.prompt_len}-token prompts; {first['real_tokens']:,} real tokens, "
           f"{first['targets']:,} targets), vocabulary {args.vocab:,}, hidden {args.hidden}, "
