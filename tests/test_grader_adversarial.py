@@ -240,13 +240,15 @@ BACKTRACKING = {
 
 @pytest.mark.parametrize("text", list(BACKTRACKING.values()), ids=list(BACKTRACKING))
 def test_choice_extraction_is_linear(text: str) -> None:
+    # Linear is milliseconds here; the bound leaves room for a loaded 2-core machine and still
+    # catches the backtracking (19 s for the first one).
     start = time.monotonic()
     extract_choice(text)
-    assert time.monotonic() - start < 0.1  # was 19 s for the first one
+    assert time.monotonic() - start < 1.0
     start = time.monotonic()
     grade = grade_answer(text, "C", "choice")
     assert not grade.correct
-    assert time.monotonic() - start < 0.1
+    assert time.monotonic() - start < 1.0
 
 
 def test_choice_extraction_still_finds_answers_after_long_runs() -> None:

@@ -87,7 +87,7 @@ def test_relift_trains_smollm2_and_resumes(smollm2_tokenizer, tmp_path):
     def history(key: str) -> list[float]:
         return [m.value for m in client.get_metric_history(run.info.run_id, key)]
 
-    assert len(history("accuracy")) == 2  # one MLflow run across the resume
+    assert len(history("rollout_accuracy")) == 2  # one MLflow run across the resume
     # Rollouts end at the end of the turn (<|im_end|>), not only at the length cap.
     assert min(history("truncated_rate")) < 1.0
     assert min(history("response_length_mean")) < 40
