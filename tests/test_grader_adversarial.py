@@ -273,14 +273,24 @@ LONG_SHAPES = {
 }
 
 
+def _best_of(tries: int, check):
+    """The check's result and its fastest time of `tries`: a quadratic pre-filter is slow on
+    every try, a scheduler pause on a loaded CI machine (0.97 s once for a 5 ms check) on one."""
+    timings = []
+    for _ in range(tries):
+        start = time.monotonic()
+        result = check()
+        timings.append(time.monotonic() - start)
+    return result, min(timings)
+
+
 @pytest.mark.parametrize("shape", list(LONG_SHAPES.values()), ids=list(LONG_SHAPES))
 @pytest.mark.parametrize("length", [2_000, 100_000])
 def test_long_boxed_answers_are_graded_fast(shape, length: int) -> None:
     answer = shape(length)
     for gold in ("42", "1" * MAX_GOLD_CHARS):
-        start = time.monotonic()
-        grade = _prepare(_boxed(answer), gold, "math", True)
-        assert time.monotonic() - start < FAST_S, (gold[:5], length)
+        grade, elapsed = _best_of(3, lambda: _prepare(_boxed(answer), gold, "math", True))
+        assert elapsed < FAST_S, (gold[:5], length)
         assert getattr(grade, "correct", None) is False  # refused before any worker
 
 
@@ -289,10 +299,13 @@ def test_the_longest_gold_and_answer_are_checked_fast(shape) -> None:
     """Both at their bounds, so every check reads them in full (the gold's side is what the
     50 MB ground truth kept busy for 10 min)."""
     gold, answer = shape(MAX_GOLD_CHARS), shape(MAX_ANSWER_CHARS)
-    _gold.cache_clear()
-    start = time.monotonic()
-    rejection(answer, gold)
-    assert time.monotonic() - start < FAST_S  # 17.8 s for the digits before the fix
+
+    def check():
+        _gold.cache_clear()
+        return rejection(answer, gold)
+
+    _, elapsed = _best_of(3, check)
+    assert elapsed < FAST_S  # 17.8 s for the digits before the fix
 
 
 def test_the_scientific_notation_pattern_reads_a_digit_run_once() -> None:

@@ -139,14 +139,17 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_unti
         with urllib.request.urlopen(f"{api}/flow_runs/{flow_run_id}", timeout=10) as response:
             assert json.loads(response.read())["name"] == "train-linked"
         # A command on this work directory now reports to the UI's server, links included.
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
         from flows.temporary_server import prefect_api
 
         env_before = os.environ.get("PREFECT_API_URL")
         os.environ.pop("PREFECT_API_URL", None)
         try:
-            with prefect_api(tmp_path) as temporary:
-                from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
+            # As in a fresh CLI process: no API set (the suite's session server sets one in
+            # this process's settings context once any earlier test has used it).
+            with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}), \
+                    prefect_api(tmp_path) as temporary:
                 assert temporary is None
                 assert PREFECT_API_URL.value() == api
                 assert PREFECT_UI_URL.value() == f"http://127.0.0.1:{prefect_port}"
