@@ -120,10 +120,16 @@ def prefect_api(workdir: str | Path = "runs", timeout_s: float = 180.0) -> Itera
 def _pointed_at(api_url: str, ui_url: str) -> Iterator[None]:
     """Prefect's API and UI addresses for the block, in this process's settings and in the
     environment (worker processes the flows start inherit them)."""
+    from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     previous = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_UI_URL")}
     os.environ.update({"PREFECT_API_URL": api_url, "PREFECT_UI_URL": ui_url})
+    # Threads that Prefect starts without copying the caller's context (ProcessPoolTaskRunner's
+    # forwarder of its workers' events and logs) read the process-global settings, made at
+    # import with no API: their events went to an ephemeral server Prefect started for them,
+    # whose database has none of the flow runs (FOREIGN KEY failures logged without end).
+    refresh_global_settings_context()
     try:
         with temporary_settings({PREFECT_API_URL: api_url, PREFECT_UI_URL: ui_url}):
             yield
@@ -134,6 +140,7 @@ def _pointed_at(api_url: str, ui_url: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        refresh_global_settings_context()
 
 
 def drain_prefect_clients(timeout_s: float = 5.0) -> None:

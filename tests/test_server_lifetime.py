@@ -160,3 +160,47 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_unti
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
     assert not (tmp_path / "ui.json").exists()
+
+
+_PROCESS_POOL_FLOW = '''
+import sys
+from prefect import flow, task
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from flows.temporary_server import prefect_api
+
+
+@task(name="counted")
+def counted(x):
+    return x + 1
+
+
+@flow(name="pooled", task_runner=ProcessPoolTaskRunner(max_workers=1))
+def pooled():
+    return [f.result() for f in counted.map([1, 2])]
+
+
+if __name__ == "__main__":
+    with prefect_api(sys.argv[1]):
+        print("result", pooled())
+'''
+
+
+def test_process_pool_workers_report_to_the_commands_server(tmp_path):
+    """The demo's task runner (ProcessPoolTaskRunner) forwards its workers' events from a thread
+    that reads Prefect's process-global settings: with those left as they were at import (no
+    API), Prefect started an ephemeral server for that thread, whose database has none of the
+    flow runs, and logged FOREIGN KEY failures for every event until the command ended
+    (127,000 lines in one `make demo`)."""
+    script = tmp_path / "pooled.py"
+    script.write_text(_PROCESS_POOL_FLOW)
+    home = tmp_path / "prefect-home"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "work")], cwd=REPO,
+                          env={**_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "result [2, 3]" in out
+    assert "Starting temporary server" not in out, out
+    assert "FOREIGN KEY" not in out and "Error flushing" not in out, out
+    assert not (home / "prefect.db").exists()  # no ephemeral server's store was made
