@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
 from relift_core.iteration import policy_levels
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
+from tasks.retry import retry_unless_permanent
 from tasks.tracking import close_run, open_run, tracking_uri
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
@@ -65,17 +67,33 @@ def build_teacher(preset: str, overrides: list[str]) -> str:
         cfg.model_dump(mode="json"))
 
 
-@task(name="train-method", cache_policy=NO_CACHE)
+class TrainingFailed(RuntimeError):
+    """A demo training's error whose own exception could not travel back from the worker."""
+
+
+@task(name="train-method", cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_unless_permanent)
 def train_method(preset: str, overrides: list[str], run_name: str,
                  parent_mlflow_run_id: str) -> dict[str, Any]:
-    """One `train` flow run (in a worker process of the demo's task runner)."""
+    """One `train` flow run (in a worker process of the demo's task runner). A retry (a server
+    that answered 503, say) resumes the run from its last checkpoint."""
     import torch
 
     from flows.train import train
 
     torch.set_num_threads(1)  # `jobs` trainings share the cores
-    return train.with_options(flow_run_name=f"train-{run_name}")(
-        preset=preset, overrides=overrides, parent_mlflow_run_id=parent_mlflow_run_id)
+    try:
+        return train.with_options(flow_run_name=f"train-{run_name}")(
+            preset=preset, overrides=overrides, parent_mlflow_run_id=parent_mlflow_run_id)
+    except Exception as exc:
+        # The result goes back to the demo's process pickled, and some errors do not unpickle
+        # (httpx's HTTPStatusError needs keyword arguments): the demo then failed with a
+        # TypeError that named neither the training nor its error.
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:
+            raise TrainingFailed(f"training {run_name}: {type(exc).__name__}: {exc}") from None
+        raise
 
 
 def demo_config_hash(preset: str, overrides: list[str]) -> str:

@@ -46,10 +46,18 @@ def prefect_database(workdir: str | Path) -> Path:
     return Path(workdir).resolve() / "prefect.db"
 
 
+# How long the server's SQLite connections wait for the writer lock. Prefect's default, 10 s,
+# is shorter than a loaded 2-core machine can hold it while two trainings and their flow report
+# at once: the server then answers 503 and, after the client's retries, a training's subflow
+# fails to start (seen in a 6-method demo).
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
 def database_env(database: str | Path) -> dict[str, str]:
     """What points a Prefect server at `database` (a SQLite file)."""
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL":
-            f"sqlite+aiosqlite:///{Path(database).resolve()}"}
+            f"sqlite+aiosqlite:///{Path(database).resolve()}",
+            "PREFECT_SERVER_DATABASE_TIMEOUT": str(SQLITE_BUSY_TIMEOUT_S)}
 
 
 def lasting_ui_url(workdir: str | Path) -> str:
