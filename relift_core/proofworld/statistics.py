@@ -43,7 +43,8 @@ def accuracy_matrix(results: list[dict[str, Any]], method: str, seeds: list[int]
 
 
 def bootstrap_means(matrix: np.ndarray, q_draws: np.ndarray, s_draws: np.ndarray) -> np.ndarray:
-    """Mean accuracy under each resample: q_draws (B x Q') and s_draws (B x S') index columns/rows."""
+    """Mean accuracy under each resample: q_draws (B x Q') and s_draws (B x S') index
+    columns/rows."""
     per_seed = matrix[:, q_draws].mean(axis=2)  # (S, B): each seed's mean over resampled questions
     return np.take_along_axis(per_seed.T, s_draws, axis=1).mean(axis=1)  # (B,)
 

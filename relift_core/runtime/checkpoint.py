@@ -294,7 +294,8 @@ def _manifest_problem(path: Path, *, hashes: bool) -> str | None:
     # A copy of an older step under a newer step's name would otherwise pass as the newest
     # (and pruning would then delete the real newer step).
     if manifest.get("step") != _step_of(path):
-        return f"{manifest_path} is the manifest of step {manifest.get('step')!r}, not of {path.name}"
+        return (f"{manifest_path} is the manifest of step {manifest.get('step')!r}, "
+                f"not of {path.name}")
     for name, entry in files.items():
         file = path / name
         if not file.is_file():

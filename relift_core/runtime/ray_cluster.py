@@ -243,7 +243,8 @@ class RayTrainer:
         self.rl_optimizer_steps = 0
         self.sft_optimizer_steps = 0
 
-    def rl_step(self, batch: TokenBatch, *, rows_per_minibatch: int | None = None) -> dict[str, float]:
+    def rl_step(self, batch: TokenBatch, *,
+                rows_per_minibatch: int | None = None) -> dict[str, float]:
         stats = self.ranks.call("rl_step", batch, rows_per_minibatch)[0]
         self.rl_optimizer_steps += int(stats.get("optimizer_steps", 0))
         return stats

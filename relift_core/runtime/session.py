@@ -104,7 +104,8 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device,
                            bf16_autocast=compute_autocast(cfg.model))
 
 
-def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
+def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader,
+                               device) -> DemonstrationSource:
     if cfg.algorithm.demonstrations == "dataset":
         return DatasetDemonstrations()
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
