@@ -194,7 +194,7 @@ def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: in
         return {"demos_collected": 0.0, "demos_unavailable": 0.0}
     demos = source.demonstrations([q for q, _ in wanted])
     before = len(buffer)
-    buffer.add_all([DemoEntry(uid=q.uid, prompt=list(q.prompt), demonstration=demo,
+    buffer.add_all([DemoEntry(uid=q.uid, prompt=tuple(q.prompt), demonstration=demo,
                               iteration_added=iteration, level_when_added=level.value)
                     for (q, level), demo in zip(wanted, demos, strict=True) if demo])
     return {"demos_collected": float(len(buffer) - before),

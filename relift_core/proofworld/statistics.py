@@ -91,15 +91,15 @@ def summarize(results: list[dict[str, Any]], levels: dict[str, str], families: d
     for claim, (a, b, lv_subset) in CLAIMS.items():
         if a not in mats or b not in mats:
             continue
-        cols = all_q if lv_subset is None else np.array(
+        subset = all_q if lv_subset is None else np.array(
             [j for j, u in enumerate(uids) if levels.get(u) in lv_subset], dtype=int)
-        if len(cols) == 0:
+        if len(subset) == 0:
             differences[claim] = {"mean": None, "ci": [None, None], "questions": 0}
             continue
-        q = draws_for(cols)
+        q = draws_for(subset)
         diff = bootstrap_means(mats[a], q, s_draws) - bootstrap_means(mats[b], q, s_draws)
-        mean = float(mats[a][:, cols].mean() - mats[b][:, cols].mean())
-        differences[claim] = {"mean": round(mean, 4), "ci": _ci(diff), "questions": len(cols)}
+        mean = float(mats[a][:, subset].mean() - mats[b][:, subset].mean())
+        differences[claim] = {"mean": round(mean, 4), "ci": _ci(diff), "questions": len(subset)}
     return {"runs": runs, "differences": differences, "seeds": seeds,
             "questions": len(uids),
             "levels": {lv: sum(1 for u in uids if levels.get(u) == lv) for lv in LEVEL_NAMES}}

@@ -35,7 +35,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,7 +80,9 @@ def non_finite_weights(tensors: Any) -> list[str]:
 
 def capture_rng_state() -> dict[str, Any]:
     """Every generator a run draws from, as plain tensors/tuples (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # legacy=True (the default) always returns the tuple; numpy's stub types the dict form too.
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, cached_gaussian = legacy
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
