@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-TRAINING_CURVES = ("reward_mean", "rollout_accuracy", "response_length_mean", "rl/entropy", "demos_used")
+TRAINING_CURVES = ("reward_mean", "rollout_accuracy", "response_length_mean", "rl/entropy",
+                   "demos_used")
 LEVELS = ("hardest", "hard", "medium", "easy")
 LEVEL_SHARES = tuple(f"frac_{lv}" for lv in LEVELS)
 
@@ -53,7 +54,8 @@ def runs_table(tracking_uri: str, experiment: str = "relift", *,
                "algorithm": "base" if iterations == 0 else run.data.tags.get("relift.algorithm"),
                "seed": int(p["run.seed"]) if p.get("run.seed") else None,
                "status": run.info.status, "iterations": iterations,
-               "demos_used": m.get("demos_used", 0.0), "rollout_accuracy": m.get("rollout_accuracy")}
+               "demos_used": m.get("demos_used", 0.0),
+               "rollout_accuracy": m.get("rollout_accuracy")}
         for key, value in m.items():
             column = _eval_column(key)
             if column is not None:

@@ -24,7 +24,8 @@ def _base_model_run_name() -> str:
     from prefect.runtime import flow_run
 
     try:
-        return f"base-model-{base_model_key(ExperimentConfig.model_validate(flow_run.parameters['config']))}"
+        cfg = ExperimentConfig.model_validate(flow_run.parameters["config"])
+        return f"base-model-{base_model_key(cfg)}"
     except (KeyError, ValueError):  # a bad config fails in the flow itself, with its message
         return "base-model"
 

@@ -123,7 +123,8 @@ def _options(
 def _debug_from_env() -> bool:
     return os.environ.get("RELIFT_DEBUG", "") not in ("", "0")
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="a preset name in configs/ or a YAML file")]
+PresetOpt = Annotated[str, typer.Option("--preset", "-p",
+                                        help="a preset name in configs/ or a YAML file")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. rl.lr=1e-5")]
 
 
@@ -195,7 +196,8 @@ def train_summary(result: dict, ui_hint: str = "") -> str:
         if isinstance(summary.get("avg_at_k"), (int, float)):
             scores.append(f"{name} avg@{summary.get('k', '?')} {summary['avg_at_k']:.3f}")
     held_out = ", ".join(scores) if scores else "(no evaluation)"
-    lines = [f"{result['run_name']}: held-out {held_out}; demonstrations used {result['demos_used']}",
+    lines = [f"{result['run_name']}: held-out {held_out}; "
+             f"demonstrations used {result['demos_used']}",
              f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}{ui_hint}",
              f"Prefect {result.get('prefect_url')}{ui_hint}"]
     return "\n".join(lines)
@@ -234,7 +236,8 @@ def demo(
 def dynamics(
     checkpoint: Annotated[str, typer.Option(help="a trained policy directory")],
     preset: PresetOpt = "toy",
-    base: Annotated[str | None, typer.Option(help="starting policy dir (default: the preset's)")] = None,
+    base: Annotated[str | None,
+                    typer.Option(help="starting policy dir (default: the preset's)")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Difficulty transitions of every training question: base model vs a checkpoint."""
@@ -255,7 +258,8 @@ def dynamics(
 def evaluate(
     model: Annotated[str, typer.Option(help="a preset whose model to evaluate")] = "smollm2-135m",
     checkpoint: Annotated[str | None, typer.Option(help="a saved policy directory instead")] = None,
-    benchmarks: Annotated[str | None, typer.Option(help="comma-separated, e.g. math500,gpqa_diamond")] = None,
+    benchmarks: Annotated[str | None,
+                          typer.Option(help="comma-separated, e.g. math500,gpqa_diamond")] = None,
     limit: Annotated[int | None, typer.Option(help="questions per benchmark")] = None,
     overrides: Overrides = None,
 ) -> None:
@@ -333,7 +337,8 @@ def sweep(
 def compare(
     preset: PresetOpt = "toy",
     parent: Annotated[str | None, typer.Option(help="only the children of this MLflow run")] = None,
-    out: Annotated[str | None, typer.Option(help="report directory (default <workdir>/compare)")] = None,
+    out: Annotated[str | None,
+                   typer.Option(help="report directory (default <workdir>/compare)")] = None,
     overrides: Overrides = None,
 ) -> None:
     """RL vs SFT vs ReLIFT from MLflow: held-out accuracy per algorithm (mean and 95% CI over
@@ -365,7 +370,8 @@ def compare(
 
 @app.command()
 def deploy(
-    pool: Annotated[str, typer.Option(help="the process work pool prefect.yaml names")] = "relift-local",
+    pool: Annotated[str,
+                    typer.Option(help="the process work pool prefect.yaml names")] = "relift-local",
     workdir: Annotated[str, typer.Option(help="the work directory whose `relift ui` serves the "
                                          "Prefect API, when PREFECT_API_URL is not set")] = "runs",
 ) -> None:
@@ -397,7 +403,8 @@ def deploy(
         done = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True,
                               check=False)
         if done.returncode != 0:
-            err_console.print(f"error: prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}",
+            err_console.print(f"error: prefect {' '.join(args)} failed:\n"
+                              f"{done.stdout}{done.stderr}",
                               markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
@@ -419,7 +426,8 @@ def deploy(
                   soft_wrap=True)
     console.print(f"Deployments: {ui_url}/deployments\n"
                   f"Start a worker (it runs their flow runs):\n"
-                  f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} prefect worker start --pool {pool}",
+                  f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} "
+                  f"prefect worker start --pool {pool}",
                   highlight=False, soft_wrap=True)
 
 

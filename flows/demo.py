@@ -2,13 +2,15 @@
 `--algorithms`) on a CPU, as Prefect flows.
 
     base model   <- pretrain a tiny transformer on part of the generated world (cached by world)
-    levels       <- each question's difficulty under the base model (n rollouts, as training sees it)
+    levels       <- each question's difficulty under the base model (n rollouts, as training
+                    sees it)
     runs         <- for every seed: the base model evaluated as is, and rl, sft, relift (or the
                     `algorithms` asked for) trained from it with the same budget; `jobs`
                     trainings at a time, each a `train` flow run in its own process
     comparison   <- held-out accuracy per method with bootstrap 95% CIs over questions and seeds,
-                    the paper's claims as paired differences (relift_core.proofworld.statistics), per level
-                    and family; results.json, a markdown report and a figure, in MLflow and Prefect
+                    the paper's claims as paired differences (relift_core.proofworld.statistics),
+                    per level and family; results.json, a markdown report and a figure, in MLflow
+                    and Prefect
 
 Run names carry a hash of the demo's config: the same demo re-run resumes (and so reuses) its own
 finished runs, while any changed override starts fresh runs instead of reusing old ones.
@@ -183,7 +185,8 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
                             "mlflow_run_id": out["mlflow_run_id"],
                             "accuracy": held_out_accuracy(run_cfg, run_name,
                                                           run_cfg.run.iterations)})
-        families = {uid: src.split("/")[1] for uid, src in _sources(data.eval_paths["world"]).items()}
+        families = {uid: src.split("/")[1]
+                    for uid, src in _sources(data.eval_paths["world"]).items()}
         summary = summarize(results, held_levels, families)
         summary["seconds"] = round(time.perf_counter() - start, 1)
         summary["train_levels"] = {lv: int(counts.get(lv, 0)) for lv in LEVEL_NAMES}
@@ -203,8 +206,9 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         parent.log_artifact(out_dir / "results.json")
         parent.log_artifact(figure)
         parent.log_text(text, "comparison.md")
-        parent.log_metrics({f"{m}/heldout_accuracy": r["accuracy"] for m, r in summary["runs"].items()}
-                           | {f"{m}/demos_used": r["demos_used"] for m, r in summary["runs"].items()}
+        by_method = summary["runs"].items()
+        parent.log_metrics({f"{m}/heldout_accuracy": r["accuracy"] for m, r in by_method}
+                           | {f"{m}/demos_used": r["demos_used"] for m, r in by_method}
                            | {f"diff/{_metric_name(k)}": d["mean"]
                               for k, d in summary["differences"].items() if d["mean"] is not None})
         create_markdown_artifact(markdown=text, key="demo-comparison",

@@ -39,11 +39,13 @@ def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | N
     before = classify_all(cfg, quote(questions), base)
     after = classify_all(cfg, quote(questions), str(Path(checkpoint).resolve()))
     table = transition_table(before, after)
-    tracker = open_run(cfg, run_key=f"dynamics:{checkpoint}", run_name=f"dynamics-{Path(checkpoint).name}",
+    tracker = open_run(cfg, run_key=f"dynamics:{checkpoint}",
+                       run_name=f"dynamics-{Path(checkpoint).name}",
                        tags={"relift.kind": "difficulty_dynamics"})
     tracker.log_text(table.to_csv(), "difficulty_transitions.csv")
     tracker.log_text(table.to_string(), "difficulty_transitions.txt")
     close_run(tracker)
-    create_markdown_artifact(markdown=f"### Difficulty transitions (rows: base, columns: trained)\n\n```\n{table.to_string()}\n```",
+    create_markdown_artifact(markdown="### Difficulty transitions (rows: base, columns: trained)"
+                                      f"\n\n```\n{table.to_string()}\n```",
                              key="difficulty-transitions")
     return {"table": table.to_dict(), "mlflow_run_id": tracker.run_id}

@@ -56,10 +56,12 @@ def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
     tracker = open_run(cfg, run_key=f"evaluate:{label}:{cfg.fingerprint()}", run_name=label,
                        tags={"relift.kind": "evaluate"})
     tracker.log_params({"preset": preset, "checkpoint": checkpoint or "",
-                        **{k: v for k, v in cfg.flat_params().items() if k.startswith(("eval.", "model."))}})
+                        **{k: v for k, v in cfg.flat_params().items()
+                           if k.startswith(("eval.", "model."))}})
     out_dir = Path(cfg.run.workdir) / "evaluations" / label
     try:
-        with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
+        with BatchGrader(workers=cfg.run.grader_workers,
+                         timeout_s=cfg.run.grader_timeout_s) as grader:
             summaries = evaluate_all(engine, tokenizer, grader, names=cfg.eval.benchmarks,
                                      eval_cfg=cfg.eval, out_dir=out_dir, tracker=tracker, step=0,
                                      local_sets=local_sets,

@@ -76,7 +76,8 @@ def source_identity(data: DataConfig) -> dict[str, Any]:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
         except OSError as e:
-            raise DataError(f"{data.train_path}: cannot read the training file: {e.strerror}") from e
+            raise DataError(
+                f"{data.train_path}: cannot read the training file: {e.strerror}") from e
         ident["file"] = [os.path.abspath(data.train_path), digest.hexdigest()]
     return ident
 
@@ -104,7 +105,8 @@ def data_key(data: DataConfig, seed: int, model: ModelConfig | None = None) -> s
 
 
 def load_tokenizer(model: ModelConfig) -> Any:
-    """The policy's tokenizer without its weights (the one `relift_core.runtime.models.load_policy` uses)."""
+    """The policy's tokenizer without its weights (the one
+    `relift_core.runtime.models.load_policy` uses)."""
     from relift_core.runtime.models import apply_prompt_format
 
     tokenizer = _load_raw_tokenizer(model)

@@ -43,7 +43,8 @@ def sweep_points(algorithms: list[str], seeds: list[int],
     points = []
     for algo, seed, values in itertools.product(algorithms, seeds,
                                                 itertools.product(*(grid[k] for k in keys))):
-        points.append({"algorithm.name": algo, "run.seed": seed, **dict(zip(keys, values))})
+        points.append({"algorithm.name": algo, "run.seed": seed,
+                       **dict(zip(keys, values, strict=True))})
     return points
 
 

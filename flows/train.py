@@ -81,7 +81,8 @@ def train(preset: str = "toy", overrides: list[str] | None = None,
     return run_training(cfg, parent_mlflow_run_id=parent_mlflow_run_id)
 
 
-def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
+def run_training(cfg: ExperimentConfig, *,
+                 parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     data = prepare_data.with_options(flow_run_name=f"prepare-data-{cfg.run.name}")(
         cfg.model_dump(mode="json"))
@@ -113,7 +114,8 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         link_prefect_and_mlflow(tracker, cfg.run.name)
         log_config_and_data(tracker, cfg, data)
         if session.resumed_from:
-            logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
+            logger.info(f"resumed from {session.resumed_from} "
+                        f"at iteration {session.state.iteration}")
             # A resumed run redoes the iterations after its checkpoint; what the lost attempt
             # logged for them is not logged a second time (see skip_logged_steps_from).
             tracker.skip_logged_steps_from(session.state.iteration)

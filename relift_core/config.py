@@ -81,7 +81,8 @@ class ModelConfig(_Section):
 
 
 class WorldConfig(_Section):
-    """The proof-world: generated arithmetic problems with graded difficulty (see relift_core.proofworld.problems)."""
+    """The proof-world: generated arithmetic problems with graded difficulty (see
+    relift_core.proofworld.problems)."""
 
     families: list[str] = ["add", "sub", "mul", "chain"]
     sizes: list[int] = [1, 2, 3]
@@ -111,7 +112,8 @@ class WorldConfig(_Section):
     # even at a low sampling temperature.
     pretrain_noise_style: Literal["miscopy", "last_digit_slip"] = "miscopy"
     pretrain_examples: int = Field(4000, ge=0)
-    # The base model's pretraining (relift_core.proofworld.pretrain): next-token loss on the pretrain split.
+    # The base model's pretraining (relift_core.proofworld.pretrain): next-token loss on the
+    # pretrain split.
     pretrain_steps: int = Field(1000, ge=0)
     pretrain_lr: float = Field(5e-3, gt=0)
     pretrain_batch_size: int = Field(32, gt=0)
@@ -297,7 +299,8 @@ class EvalConfig(_Section):
 
 def benchmark_logged_name(benchmark: str) -> str:
     """The name a configured benchmark is logged under: a file path by its stem."""
-    return Path(benchmark).stem if Path(benchmark).suffix.lower() in (".parquet", ".jsonl") else benchmark
+    path = Path(benchmark)
+    return path.stem if path.suffix.lower() in (".parquet", ".jsonl") else benchmark
 
 
 class TrackingConfig(_Section):
@@ -464,7 +467,8 @@ def experiment_hash(cfg: ExperimentConfig, ignore: Iterable[str] = ()) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_differences(saved: dict[str, Any],
+                       current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """key -> (saved, current) for every experiment key whose value differs (or is missing)."""
     keys = sorted(set(saved) | set(current))
     missing = object()

@@ -147,7 +147,8 @@ def measure_levels(engine: RolloutEngine, tokenizer, grader: BatchGrader,
     ledger = ledger if ledger is not None else DifficultyLedger()
     rollouts = grade(rollout(engine, tokenizer, questions, cfg, seed=seed), grader,
                      require_think=cfg.algorithm.require_think)
-    return {q.uid: lv for q, lv in zip(questions, record_levels(ledger, iteration, rollouts), strict=True)}
+    levels = record_levels(ledger, iteration, rollouts)
+    return {q.uid: lv for q, lv in zip(questions, levels, strict=True)}
 
 
 def policy_levels(cfg: ExperimentConfig, questions: list[Example],
@@ -193,7 +194,7 @@ def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: in
         return {"demos_collected": 0.0, "demos_unavailable": 0.0}
     demos = source.demonstrations([q for q, _ in wanted])
     before = len(buffer)
-    buffer.add_all([DemoEntry(uid=q.uid, prompt=list(q.prompt), demonstration=demo,
+    buffer.add_all([DemoEntry(uid=q.uid, prompt=tuple(q.prompt), demonstration=demo,
                               iteration_added=iteration, level_when_added=level.value)
                     for (q, level), demo in zip(wanted, demos, strict=True) if demo])
     return {"demos_collected": float(len(buffer) - before),
@@ -233,23 +234,25 @@ def dynamic_sampling(first: Rollouts, draw_more: Callable[[int], Rollouts], *, t
 
 
 def mix_demonstrations(rollouts: Rollouts, source: DemonstrationSource, tokenizer,
-                       grader: BatchGrader, *, max_new_tokens: int, require_think: bool) -> Rollouts:
+                       grader: BatchGrader, *, max_new_tokens: int,
+                       require_think: bool) -> Rollouts:
     """LUFFY: each question's demonstration becomes one more sample of its group, graded like
     the rollouts, its response cut at `max_new_tokens` as a rollout would be."""
     texts = source.demonstrations(rollouts.questions)
     present = [qi for qi, t in enumerate(texts) if t]
-    ids = demonstration_ids(tokenizer, [texts[qi] for qi in present], max_new_tokens)
-    grades = grader.grade([texts[qi] for qi in present],
+    chosen = [t for t in texts if t]  # the texts of `present`, in its order
+    ids = demonstration_ids(tokenizer, chosen, max_new_tokens)
+    grades = grader.grade(chosen,
                           [rollouts.questions[qi].ground_truth for qi in present],
                           [answer_type_for(rollouts.questions[qi].data_source) for qi in present],
                           require_think=require_think) if present else []
     rollouts.demonstrations = [None] * len(texts)
     rollouts.demonstration_grades = [None] * len(texts)
-    for qi, response, g in zip(present, ids, grades, strict=True):
+    for qi, text, response, g in zip(present, chosen, ids, grades, strict=True):
         stopped = bool(response) and response[-1] == tokenizer.eos_token_id
         rollouts.demonstrations[qi] = Sample(
             prompt_index=qi, prompt_ids=list(rollouts.samples[qi][0].prompt_ids),
-            response_ids=response, text=texts[qi], length=len(response),
+            response_ids=response, text=text, length=len(response),
             finish_reason="eos" if stopped else "length")
         rollouts.demonstration_grades[qi] = g
     return rollouts
@@ -266,9 +269,12 @@ def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig
     off_policy: list[bool] = []
     for qi, (group_samples, grades) in enumerate(zip(rollouts.samples, rollouts.grades,
                                                      strict=True)):
-        rows = list(zip(group_samples, grades, [False] * len(grades)))
-        if rollouts.demonstrations and rollouts.demonstrations[qi] is not None:
-            rows.append((rollouts.demonstrations[qi], rollouts.demonstration_grades[qi], True))
+        rows = list(zip(group_samples, grades, [False] * len(grades), strict=True))
+        demo = rollouts.demonstrations[qi] if rollouts.demonstrations else None
+        if demo is not None:
+            demo_grade = rollouts.demonstration_grades[qi]
+            assert demo_grade is not None  # mix_demonstrations grades every demonstration it adds
+            rows.append((demo, demo_grade, True))
         for sample, grade_, off in rows:
             samples.append(sample)
             rewards.append(grade_.reward)
@@ -308,7 +314,8 @@ def sft_update(trainer, tokenizer, entries: list[DemoEntry], *, max_target_token
 
 
 def rollout_metrics(rollouts: Rollouts, levels: list[Level]) -> dict[str, float]:
-    """Per-step figures the paper tracks: reward, solve-none/solve-all, difficulty shares, length."""
+    """Per-step figures the paper tracks: reward, solve-none/solve-all, difficulty shares,
+    length."""
     accs = accuracies(rollouts)
     flat = [g for gs in rollouts.grades for g in gs]
     lengths = [s.length for group in rollouts.samples for s in group]
@@ -353,7 +360,8 @@ class Phases:
     `tasks/train_tasks.py`; a method that changes run state changes it here, never in a task."""
 
     def draw_questions(self, session: TrainSession) -> list[Example]:
-        return draw_questions(session.state.stream, session.dataset, session.cfg.rl.prompts_per_step)
+        return draw_questions(session.state.stream, session.dataset,
+                              session.cfg.rl.prompts_per_step)
 
     def rollout(self, session: TrainSession, questions: list[Example], iteration: int,
                 draw: int = 0) -> Rollouts:

@@ -7,7 +7,8 @@ server with MLflow's SQLite store. Iteration wall times in the flow come from th
 timestamps (so they include task-run bookkeeping and metric logging). Prints both and the
 orchestration share of an iteration.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_orchestration.py [--iterations 6] [--toy] [--parts]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_orchestration.py \
+        [--iterations 6] [--toy] [--parts]
 
 --parts also times each piece of the per-iteration bookkeeping on its own.
 """
@@ -151,15 +152,16 @@ def main() -> None:
             print("per call:")
             orchestration_parts()
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    stamps = [m.timestamp for m in sorted(client.get_metric_history(result["mlflow_run_id"], "rollout_accuracy"),
-                                          key=lambda m: m.step)]
+    history = client.get_metric_history(result["mlflow_run_id"], "rollout_accuracy")
+    stamps = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
     flow_times = [(b - a) / 1000 for a, b in itertools.pairwise(stamps)]
     # The first iteration of each includes warm-up (JIT paths, grader worker start): drop it.
     p, f = statistics.mean(plain[1:]), statistics.mean(flow_times)
     print(f"iterations: {args.iterations} (first dropped)")
     print(f"plain relift_core loop : {p:.2f} s/iteration")
     print(f"Prefect + MLflow flow  : {f:.2f} s/iteration")
-    print(f"orchestration overhead : {f - p:.2f} s/iteration = {100 * (f - p) / f:.1f}% of an iteration")
+    print(f"orchestration overhead : {f - p:.2f} s/iteration = "
+          f"{100 * (f - p) / f:.1f}% of an iteration")
     # Inside the phases (as each measures itself): what the flow spends beyond the work itself
     # is outside them (task-run bookkeeping, metric logging) or slows them (busy threads).
     for key in PHASES:

@@ -1,4 +1,5 @@
-"""Rollout throughput of the HF engine: transformers `generate` vs our loop that drops finished rows.
+"""Rollout throughput of the HF engine: transformers `generate` vs our loop that drops finished
+rows.
 
 The work is a real rollout, not random tokens: the toy preset's pretrained base model (built once
 under runs/bench, as bench_orchestration --toy builds it) answering its world's training

@@ -3,7 +3,8 @@ token-budget batches (padded row-count micro-batches with whole-vocabulary logit
 packed token-budget micro-batches with the head in chunks).
 
     .venv/bin/python scripts/bench_token_budget.py
-    .venv/bin/python scripts/bench_token_budget.py --vocab 152064 --rows 32 --min-len 20 --max-len 400
+    .venv/bin/python scripts/bench_token_budget.py --vocab 152064 --rows 32 \
+        --min-len 20 --max-len 400
 
 Each configuration runs in its own process, so its peak memory is that process's resident-set
 high-water mark (getrusage's ru_maxrss) minus its resident set just before the update; beside it

@@ -106,16 +106,19 @@ def main() -> None:
               f"params {stats['params']}", flush=True)
     world_dir = wd / "world"
     write_world(cfg.data.world, world_dir)
-    train, held = load_examples(world_dir / "train.parquet"), load_examples(world_dir / "eval.parquet")
+    train = load_examples(world_dir / "train.parquet")
+    held = load_examples(world_dir / "eval.parquet")
     cell = {q.uid: q.data_source.split("/", 1)[1] for q in train + held}
-    model, tok = load_policy(cfg.model.model_copy(update={"init_from": str(base_dir)}), device="cpu")
+    model, tok = load_policy(cfg.model.model_copy(update={"init_from": str(base_dir)}),
+                             device="cpu")
     engine = build_engine(cfg, model, tok, "cpu")
     with BatchGrader(workers=2) as grader:
         train_lv = {u: lv.value for u, lv in measure_levels(engine, tok, grader, train, cfg,
                                                              seed=0).items()}
         held_lv = {u: lv.value for u, lv in measure_levels(engine, tok, grader, held, cfg,
                                                             seed=0).items()}
-    print(f"train levels: {dict(Counter(train_lv.values()))}  held: {dict(Counter(held_lv.values()))}")
+    print(f"train levels: {dict(Counter(train_lv.values()))}  "
+          f"held: {dict(Counter(held_lv.values()))}")
     for c in sorted(set(cell.values())):
         print(f"  {c}: {dict(Counter(lv for u, lv in train_lv.items() if cell[u] == c))}")
     print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)

@@ -27,7 +27,8 @@ SCALAR_KEYS = ("avg_at_k", "pass_at_1", "pass_at_k", "maj_at_k", "format_failure
 
 def resolve_benchmark(name: str, *, local_sets: dict[str, str], benchmarks_dir: str | None,
                       limit: int | None) -> Benchmark:
-    """A set made with the training data (e.g. the proof-world's held-out split), else the registry."""
+    """A set made with the training data (e.g. the proof-world's held-out split), else the
+    registry."""
     if name in local_sets:
         bench = load_benchmark(local_sets[name], limit=limit)
         bench.name = name
@@ -85,7 +86,8 @@ def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_d
     create_markdown_artifact(markdown=f"### Evaluation: {label}, step {step}\n\n{table}",
                              key=_artifact_key(label), description=f"evaluation at step {step}")
     create_table_artifact(
-        table=[{"benchmark": n, **{k: s.get(k) for k in SCALAR_KEYS}} for n, s in summaries.items()],
+        table=[{"benchmark": n, **{k: s.get(k) for k in SCALAR_KEYS}}
+               for n, s in summaries.items()],
         key=_artifact_key(label) + "-table")
     if tracker is not None:
         tracker.log_text(table, f"eval/step_{step:06d}/summary.md")

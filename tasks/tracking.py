@@ -98,7 +98,8 @@ def relocate_embedded_store(cfg: ExperimentConfig) -> None:
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
-        tables = {row[0] for row in con.execute("select name from sqlite_master where type='table'")}
+        tables = {row[0] for row in
+                  con.execute("select name from sqlite_master where type='table'")}
         if "experiments" not in tables:
             return
         roots = {loc for (loc,) in con.execute("select artifact_location from experiments")
@@ -270,8 +271,9 @@ class MlflowTracker:
 
         # Named after its run (`relift-s1-sweep-...`): the experiment's Models list tells the
         # policies apart. The fluent API logs models into the active run of the global
-        # tracking URI: both set for this call only (a global URI left set would pin every later run in the process to
-        # this store). Leaving the run ends it; the caller closes it with its status right after.
+        # tracking URI: both set for this call only (a global URI left set would pin every later
+        # run in the process to this store). Leaving the run ends it; the caller closes it with
+        # its status right after.
         with _use_tracking_uri(self.client.tracking_uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.transformers.log_model(
                 {"model": model, "tokenizer": tokenizer},
@@ -294,7 +296,8 @@ class MlflowTracker:
         """A dataset input with its fingerprint as the digest (the lineage MLflow shows)."""
         dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
         entity = dataset._to_mlflow_entity()
-        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+        tag = InputTag("mlflow.data.context", context)
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [tag])])
 
     def url(self) -> str:
         run = self.client.get_run(self.run_id)

@@ -298,7 +298,8 @@ def test_routine_task_completions_are_quiet_on_the_console_but_failures_are_not(
     assert not quiet.filter(record("prefect.task_runs", "Finished in state Completed()"))
     assert quiet.filter(record("prefect.task_runs", "Finished in state Failed('boom')",
                                logging.ERROR))
-    assert quiet.filter(record("prefect.task_runs", "Task run failed with exception ... - Retry 1/1"))
+    assert quiet.filter(record("prefect.task_runs",
+                               "Task run failed with exception ... - Retry 1/1"))
     assert quiet.filter(record("prefect.flow_runs", "Finished in state Completed()"))
     assert quiet.filter(record("prefect.flow_runs", "iter 3: acc 0.500"))
 
@@ -366,7 +367,8 @@ def test_a_numeric_question_under_a_choice_data_source_is_graded_as_maths(tmp_pa
     from relift_core.iteration import Rollouts, grade
 
     assert answer_type_for("gpqa_diamond", "147") == "math"
-    assert answer_type_for("gpqa_diamond", "C") == answer_type_for("gpqa_diamond", "(b)") == "choice"
+    assert (answer_type_for("gpqa_diamond", "C") == answer_type_for("gpqa_diamond", "(b)")
+            == "choice")
     assert answer_type_for("gpqa_diamond") == "choice"  # the name alone, as before
     question = Example(uid="q", data_source="gpqa_diamond", prompt=({"role": "user",
                        "content": "7*21?"},), ground_truth="147")

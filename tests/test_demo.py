@@ -98,7 +98,8 @@ def test_demo_runs_relift_with_teacher_demonstrations(prefect_server, tmp_path):
     teacher = summary["teacher"]
     assert teacher["teacher_verified"] + teacher["teacher_rejected"] > 0
     assert summary["runs"][TEACHER_METHOD]["demos_used"] <= teacher["teacher_verified"]
-    assert f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model" in result["markdown"]
+    assert (f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model"
+            in result["markdown"])
     assert f"{teacher['teacher_verified']} verified and used" in result["markdown"]
     # Two base models: the students' and the teacher's (another world: no gaps), both cached.
     assert len(list((tmp_path / "base_models").iterdir())) == 2

@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import pytest
 
@@ -40,6 +41,11 @@ def test_classify_rejects_accuracy_outside_unit_interval(accuracy):
 def test_level_is_a_string():
     assert Level.HARDEST == "hardest" and Level("easy") is Level.EASY
     assert [lv.value for lv in LEVELS] == ["hardest", "hard", "medium", "easy"]
+    # Formatting gives the value (a metric name built from a Level reads "frac_hard"), and a
+    # pickled Level (Prefect results, process pools) comes back as the same member.
+    assert f"frac_{Level.HARD}" == "frac_hard" and str(Level.EASY) == "easy"
+    assert pickle.loads(pickle.dumps(Level.MEDIUM)) is Level.MEDIUM
+    assert json.dumps({"level": Level.HARD}) == '{"level": "hard"}'
 
 
 def make_ledger() -> DifficultyLedger:

@@ -121,7 +121,8 @@ def test_huge_learning_rate_rolls_back_weights_and_optimizer_state(tokenizer):
     assert stats["skipped_explosive"] == 2 and stats["skipped_nonfinite"] == 0
     assert _same(before, _weights(model))
     after = _optimizer_tensors(trainer.optimizers["rl"])
-    assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(after, moments))
+    assert len(after) == len(moments)
+    assert all(torch.equal(a, b) for a, b in zip(after, moments, strict=True))
     # With a sane learning rate again, training goes on from there.
     trainer.optimizers["rl"].param_groups[0]["lr"] = 1e-3
     stats = trainer.rl_step(_rl_batch(tokenizer))

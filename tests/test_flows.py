@@ -58,7 +58,8 @@ def _overrides(tiny: list[str], tmp: Path, algo: str) -> list[str]:
 
 
 @pytest.mark.parametrize("algo", ["relift", "rl", "sft", "sft_then_rl", "luffy", "dapo"])
-def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, tmp_path_factory, algo):
+def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, tmp_path_factory,
+                                               algo):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -96,7 +97,8 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     assert any(k.startswith("heldout/world/") for k in run.data.metrics)
     # Evaluated at the start too (every curve starts at the starting policy), every 2 iterations
     # and at the end; per-question records as tables the MLflow UI previews.
-    eval_steps = [h.step for h in client.get_metric_history(run.info.run_id, "heldout/world/avg_at_k")]
+    eval_steps = [h.step
+                  for h in client.get_metric_history(run.info.run_id, "heldout/world/avg_at_k")]
     assert eval_steps[0] == 0 and 3 in eval_steps
     table = json.loads(Path(client.download_artifacts(
         run.info.run_id, "eval/step_000000/world.records.json", str(tmp))).read_text())
@@ -132,7 +134,8 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     async def task_names():
         async with get_client() as pc:
             flow_run_id = run.data.tags["prefect.flow_run_id"]
-            runs = await pc.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            by_flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            runs = await pc.read_task_runs(flow_run_filter=by_flow_run)
             return {r.name.rsplit("-", 1)[0] for r in runs if r.state.is_completed()}
 
     names = asyncio.run(task_names())
@@ -157,7 +160,8 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     progress = [a for a in asyncio.run(link_artifacts()) if a.type == "progress"]
     assert [a.data for a in progress] == [100.0], [(a.type, a.data) for a in progress]
     assert flow_run_name_of(flow_run_id) == f"train-{algo}"
-    assert {"rollout", "grade", "classify-difficulty", "collect-demonstrations", "checkpoint"} <= names
+    assert {"rollout", "grade", "classify-difficulty", "collect-demonstrations",
+            "checkpoint"} <= names
     assert ("rl-update" in names) == (algo != "sft")
     assert ("mix-demonstrations" in names) == (algo == "luffy")
 
@@ -166,7 +170,8 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     from analysis.compare import runs_table
     from flows.sweep import sweep
 
-    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1"]  # evaluated on the world: compare reads it
+    # Evaluated on the world: compare reads it.
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1"]
     result = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0],
                    grid={"algorithm.sft_buffer_threshold": [2, 4]}, overrides=overrides,
                    name="abl")
@@ -230,7 +235,8 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert (tmp_path / "compare" / "level_shares.png").stat().st_size > 0
 
 
-def test_evaluate_flow_on_real_benchmark_questions(tiny_overrides, prefect_server, tmp_path, shared_benchmarks):
+def test_evaluate_flow_on_real_benchmark_questions(tiny_overrides, prefect_server, tmp_path,
+                                                   shared_benchmarks):
     from flows.evaluate import evaluate
 
     result = evaluate(preset="toy", benchmarks=["math500", "gpqa_diamond", "world"], limit=3,
@@ -295,8 +301,8 @@ def test_difficulty_dynamics_transition_table(tiny_overrides, prefect_server, tm
     from flows.train import train
     from relift_core.runtime.checkpoint import latest_checkpoint
 
-    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]",
-                        "run.name=dyn"]
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1",
+                                  "eval.benchmarks=[]", "run.name=dyn"]
     train(preset="toy", overrides=overrides)
     ckpt = latest_checkpoint(tmp_path / "dyn" / "checkpoints") / "model"
     result = difficulty_dynamics(preset="toy", checkpoint=str(ckpt), overrides=overrides)
@@ -311,7 +317,8 @@ def test_difficulty_dynamics_transition_table(tiny_overrides, prefect_server, tm
     assert int(table.to_numpy().sum()) == n_train
 
 
-def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overrides, prefect_server, tmp_path,
+def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overrides,
+                                                                      prefect_server, tmp_path,
                                                                       monkeypatch):
     from flows.train import train
     from relift_core import iteration
@@ -325,7 +332,8 @@ def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overr
             raise RuntimeError("engine hiccup")
         return real_rollout(*args, **kwargs)
 
-    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1", "eval.benchmarks=[]"]
+    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1",
+                                  "eval.benchmarks=[]"]
     monkeypatch.setattr(iteration, "rollout", flaky)
     state = train(preset="toy", overrides=overrides + ["run.name=flaky"], return_state=True)
     assert state.is_completed() and calls["n"] == 2
@@ -364,5 +372,6 @@ def test_a_moved_run_store_reads_and_writes_its_own_artifacts(tiny_overrides, pr
     client = MlflowClient(tracking_uri=f"sqlite:///{new / 'mlflow.db'}")
     run = client.get_run(second["mlflow_run_id"])
     assert run.info.artifact_uri.startswith((new / "mlartifacts").as_uri())
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "rollout_accuracy")] == [0, 1]
+    history = client.get_metric_history(run.info.run_id, "rollout_accuracy")
+    assert [h.step for h in history] == [0, 1]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -92,7 +92,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_path_and_cause(tmp_p
         sys.path.insert(0, {str(REPO)!r})
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
-        from relift_core.runtime.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+        from relift_core.runtime.checkpoint import (
+            CheckpointError,
+            latest_checkpoint,
+            save_checkpoint,
+        )
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                              num_attention_heads=2, num_key_value_heads=1,
@@ -157,4 +161,5 @@ def test_checkpoint_files_are_readable_like_the_rest_of_the_run_directory(tmp_pa
     ordinary.write_text("x")
     modes = {p.relative_to(step).as_posix(): stat.S_IMODE(p.stat().st_mode)
              for p in step.rglob("*") if p.is_file()}
-    assert set(modes.values()) == {stat.S_IMODE(ordinary.stat().st_mode)}, modes  # weights were 0600
+    # The weights were 0600.
+    assert set(modes.values()) == {stat.S_IMODE(ordinary.stat().st_mode)}, modes

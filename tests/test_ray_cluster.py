@@ -152,7 +152,7 @@ def test_two_ranks_take_the_same_rl_and_sft_steps_as_one_process(local_ray, tiny
         assert not torch.equal(expected, start[key]), f"{key} did not move"
         torch.testing.assert_close(model.state_dict()[key], expected, rtol=0, atol=atol)
     rel = 1e-5 if dtype == "float32" else 2e-2
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         for key in ("grad_norm", "tokens", "optimizer_steps"):
             assert b[key] == pytest.approx(a[key], rel=rel), key
     assert two[0]["policy_loss"] == pytest.approx(one[0]["policy_loss"], rel=1e-3, abs=1e-5)
@@ -174,8 +174,9 @@ def _share_moved(before: dict, after: dict, grads: dict) -> float:
 def test_a_1e_6_step_with_bf16_compute_moves_the_weights(local_ray, tiny_overrides, strategy):
     """The paper's lr 1e-6 rounds away on bf16 weights (1.9% of them move); float32 masters
     take it: at least 90% of the weights whose gradient is non-zero change."""
+    chosen = STRATEGIES[0] if strategy == "one process" else strategy
     cfg = load_config("toy", [*tiny_overrides, *TWO_RANKS, "model.dtype=bfloat16",
-                              f"cluster.trainer_strategy={STRATEGIES[0] if strategy == 'one process' else strategy}",
+                              f"cluster.trainer_strategy={chosen}",
                               "rl.lr=1e-6", "sft.lr=1e-6", "rl.micro_batch_size=16"])
     model, tokenizer = load_policy(cfg.model, device="cpu", seed=0)
     _bf16_representable(model)

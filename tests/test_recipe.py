@@ -60,8 +60,10 @@ def test_prompt_format_renders_system_prompt_and_prefill_once():
     cfg = ModelConfig(chat_template="chatml", system_prompt="Think first.", prefill="<think>\n")
     apply_prompt_format(tok, cfg)
     apply_prompt_format(tok, cfg)  # a reloaded checkpoint's tokenizer already carries it
-    render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False,
-                                                  add_generation_prompt=True)
+
+    def render(msgs):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
     assert render([{"role": "user", "content": "1+1"}]) == (
         "<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\n1+1<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n")
@@ -82,7 +84,8 @@ def test_sft_targets_mask_the_prompt_and_do_not_repeat_the_prefill():
     targets = [ids[j + 1] for j, on in enumerate(batch.loss_mask[0].tolist()) if on]
     assert tok.decode(targets) == "1+1=2</think>2" + tok.eos_token  # the prefill is prompt only
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    assert ids[: len(prompt_ids)] == prompt_ids and batch.loss_mask[0, : len(prompt_ids) - 1].sum() == 0
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert batch.loss_mask[0, : len(prompt_ids) - 1].sum() == 0
 
 
 def _tiny_policy(seed: int):
@@ -128,7 +131,7 @@ def test_the_best_evaluation_keeps_its_policy(tmp_path):
     assert best_so_far(best_dir) == {"step": 10, "score": 0.5}
     kept = AutoModelForCausalLM.from_pretrained(best_dir)
     assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
-                                                  weights_at[1].state_dict().values()))
+                                                  weights_at[1].state_dict().values(), strict=True))
     assert tracker.tags["relift.best_step"] == "10"
     assert tracker.tags["relift.best_checkpoint"] == str(best_dir.resolve())
     assert tracker.history("eval/best_score") == pytest.approx([0.3, 0.5])

@@ -24,9 +24,9 @@ ITERATIONS = 6
 
 def _command(tiny_overrides: list[str], workdir: Path) -> list[str]:
     # Longer rollouts than tiny_overrides' so an iteration lasts long enough to be killed inside it.
-    overrides = tiny_overrides + ["algorithm.name=relift", "run.name=resumable", f"run.workdir={workdir}",
-                        f"run.iterations={ITERATIONS}", "eval.benchmarks=[]", "rollout.n=8",
-                        "rollout.max_new_tokens=64"]
+    overrides = tiny_overrides + ["algorithm.name=relift", "run.name=resumable",
+                                  f"run.workdir={workdir}", f"run.iterations={ITERATIONS}",
+                                  "eval.benchmarks=[]", "rollout.n=8", "rollout.max_new_tokens=64"]
     return [sys.executable, "-m", "flows.cli", "train", "--preset", "toy", *overrides]
 
 
@@ -46,8 +46,8 @@ def test_sigkill_then_resume_loses_nothing(tiny_overrides, prefect_server, tmp_p
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     env = _env()
 
-    proc = subprocess.Popen(_command(tiny_overrides, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(tiny_overrides, killed), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = killed / "resumable" / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and not (ckpts / "step_000002").exists():

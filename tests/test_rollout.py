@@ -130,7 +130,8 @@ def test_engine_satisfies_the_protocol(tiny):
 
 def test_shapes_prompt_ids_and_finish_reasons(tiny, prompts, drop_finished):
     model, tok = tiny
-    engine = HFRolloutEngine(model, tok, batch_size=5, drop_finished=drop_finished)  # 3 prompts x 4 = 12 rows: 3 chunks
+    # 3 prompts x 4 = 12 rows: 3 chunks.
+    engine = HFRolloutEngine(model, tok, batch_size=5, drop_finished=drop_finished)
     groups = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=12, seed=0)
     _check_invariants(groups, prompts, tok, 4, 12, engine.stop_token_ids)
 

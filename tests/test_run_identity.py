@@ -40,7 +40,8 @@ def finished_run(tmp_path):
 
 
 def test_same_config_resumes(finished_run):
-    session = session_for(finished_run, "run.iterations=50", "eval.samples=3")  # not experiment keys
+    # Neither is an experiment key.
+    session = session_for(finished_run, "run.iterations=50", "eval.samples=3")
     try:
         assert session.resumed_from is not None and session.state.iteration == 1
         assert session.resumed_with_changes == {}

@@ -37,7 +37,8 @@ def _temporary_servers(parent: int) -> list[psutil.Process]:
     return found
 
 
-def test_a_killed_train_takes_its_temporary_prefect_server_with_it(wait_until, tiny_overrides, tmp_path):
+def test_a_killed_train_takes_its_temporary_prefect_server_with_it(wait_until, tiny_overrides,
+                                                                   tmp_path):
     overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=500",
                                   "eval.benchmarks=[]", "run.name=killed"]
     cli = subprocess.Popen([RELIFT, "train", "-p", "toy", *overrides], cwd=REPO, env=_env(),

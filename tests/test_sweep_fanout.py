@@ -58,7 +58,8 @@ def team_stack(tmp_path_factory, databases):
     auth_ini.write_text(f"[mlflow]\ndefault_permission = READ\n"
                         f"database_uri = sqlite:///{home / 'mlflow_auth.db'}\n"
                         f"admin_username = relift\nadmin_password = {secret}\n"
-                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                        "authorization_function = "
+                        "mlflow.server.auth:authenticate_request_basic_auth\n")
     env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_API_AUTH_STRING": f"relift:{secret}",
            "PREFECT_API_AUTH_STRING": f"relift:{secret}",

@@ -46,7 +46,10 @@ def _trainer(model, *, lr: float = 1e-3, micro: int = 8, rl_overrides=None, algo
 
 def _rows(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """Prompts and responses of different lengths, so rows carry different padding."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    def enc(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
     prompts = [enc("1+2="), enc("12*3="), enc("7="), enc("100-1=")]
     responses = [enc("3"), enc("36<|im_end|>"), enc("seven!"), enc("99")]
     return prompts, responses
@@ -123,7 +126,7 @@ def test_token_logprobs_equal_an_independent_unpadded_forward(tokenizer):
     # Micro-batches of 3 rows: trimming and mixed padding inside one forward are exercised too.
     logp, entropy = trainer.token_logprobs(batch, with_entropy=True, micro_batch_size=3)
     assert logp.shape == batch.loss_mask.shape == entropy.shape
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         expected = _reference_logprobs(model, prompt, response)
         torch.testing.assert_close(_row_targets(batch, logp, row), expected, atol=1e-5, rtol=1e-5)
     assert (logp[~batch.loss_mask.bool()] == 0).all()
@@ -313,7 +316,8 @@ def test_on_policy_rows_are_not_scored_twice_and_the_update_is_unchanged(
     for w_lazy, w_eager in zip(lazy.model.parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(w_lazy, w_eager, atol=1e-6, rtol=1e-5)
     initial = _model(tokenizer)
-    assert any(not torch.equal(a, b) for a, b in zip(lazy.model.parameters(), initial.parameters()))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(lazy.model.parameters(), initial.parameters(), strict=True))
     assert stats["policy_loss"] == pytest.approx(eager_stats["policy_loss"], rel=1e-5, abs=1e-7)
     assert stats["optimizer_steps"] == eager_stats["optimizer_steps"] == epochs * 4 // mini_batch
 
@@ -349,9 +353,9 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, mode):
         results.append((trainer.grads, [p.detach() for p in trainer.model.parameters()], stats))
     (grads_1, weights_1, stats_1), *others = results
     for grads, weights, stats in others:
-        for g1, g in zip(grads_1, grads):
+        for g1, g in zip(grads_1, grads, strict=True):
             torch.testing.assert_close(g, g1, atol=1e-6, rtol=1e-4)
-        for w1, w in zip(weights_1, weights):
+        for w1, w in zip(weights_1, weights, strict=True):
             # Adam divides by |g|: where g is ~0, noise in g moves w by up to lr; 1% of lr.
             torch.testing.assert_close(w, w1, atol=1e-5, rtol=0)
         loss_key = "sft_loss" if mode == "sft" else "policy_loss"

@@ -64,8 +64,8 @@ def _page_text_contains(driver, text: str) -> bool:
         return False
 
 
-def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(wait_until, browser, tiny_overrides,
-                                                                     tmp_path):
+def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(wait_until, browser,
+                                                                     tiny_overrides, tmp_path):
     prefect_port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)

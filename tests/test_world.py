@@ -146,5 +146,5 @@ def test_pretraining_noise_changes_only_answers_in_its_style(style):
             assert p.answer[:-1] == truth[:-1]
             assert int(p.answer[-1]) == (int(truth[-1]) + 1) % 10
         else:  # one digit, anywhere, replaced by another
-            assert sum(a != b for a, b in zip(p.answer, truth)) == 1
+            assert sum(a != b for a, b in zip(p.answer, truth, strict=True)) == 1
     assert 0.25 < wrong / len(pretrain) < 0.35

@@ -57,7 +57,7 @@ class TeacherDemonstrations:
             grades = self.grader.grade(texts, [ex.ground_truth] * len(texts), answer_type,
                                        self.require_think)
             # The first verified answer; a question the teacher cannot solve gets none.
-            chosen = next((t for t, g in zip(texts, grades) if g.correct), None)
+            chosen = next((t for t, g in zip(texts, grades, strict=True) if g.correct), None)
             self.verified += chosen is not None
             self.rejected += chosen is None
             out.append(chosen)

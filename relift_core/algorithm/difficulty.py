@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import pandas as pd
 
 
-class Level(str, Enum):
+# StrEnum: equal to its value, and str()/format() give the value ("hard"), where (str, Enum)
+# gave "Level.HARD" in f-strings on 3.12. Stored forms (ledger state, buffer rows) use .value.
+class Level(StrEnum):
     HARDEST = "hardest"
     HARD = "hard"
     MEDIUM = "medium"

@@ -320,7 +320,7 @@ def choice_record(spec: BenchmarkSpec, row: dict[str, Any]) -> dict[str, Any]:
     assert spec.question_column is not None and spec.options_column is not None
     options = list(row[spec.options_column])
     letters = [chr(ord("A") + i) for i in range(len(options))]
-    lines = "\n".join(f"{letter}) {text}" for letter, text in zip(letters, options))
+    lines = "\n".join(f"{letter}) {text}" for letter, text in zip(letters, options, strict=True))
     user = (
         CHOICE_INSTRUCTION.format(letters="".join(letters))
         + f"\n\n{row[spec.question_column]}\n\n{lines}"

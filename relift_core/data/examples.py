@@ -257,7 +257,7 @@ def _first_line(e: BaseException) -> str:
 def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
     """Read as bytes and decode line by line, so invalid UTF-8 is reported with its line and
     byte offset in the file instead of a bare UnicodeDecodeError."""
-    records = []
+    records: list[dict[str, Any]] = []
     offset = 0  # byte offset of the current line's start
     with path.open("rb") as f:
         for line_no, raw in enumerate(f):
@@ -308,7 +308,7 @@ def _resolve_field_map(field_map: dict[str, str] | None) -> dict[str, tuple[str,
     resolved = {}
     for name, default_column in DEFAULT_FIELD_MAP.items():
         explicit = field_map is not None and name in field_map
-        column = field_map[name] if explicit else default_column
+        column = (field_map or {}).get(name, default_column)
         resolved[name] = (column, explicit or name not in _OPTIONAL_BY_DEFAULT)
     return resolved
 

@@ -173,7 +173,7 @@ def _run_batch(
                  if reference_reading else None)
 
     records = []
-    for i, (question, out) in enumerate(zip(questions, outputs)):
+    for i, (question, out) in enumerate(zip(questions, outputs, strict=True)):
         g = grades[i * n : (i + 1) * n]
         records.append(
             QuestionRecord(

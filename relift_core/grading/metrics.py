@@ -63,7 +63,7 @@ def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
         raise ValueError(f"{len(answers)} answers but {len(correct)} correctness flags")
     votes: dict[str, int] = {}  # insertion order = first appearance, which breaks ties
     is_correct: dict[str, bool] = {}
-    for answer, ok in zip(answers, correct):
+    for answer, ok in zip(answers, correct, strict=True):
         if answer is None:
             continue
         key = answer.strip()
@@ -103,8 +103,8 @@ def summarize(records: Iterable[GradedQuestion]) -> dict[str, float]:
         "k": k,
         "responses": sum(ns),
         "avg_at_k": sum(avg_at_k(r.correct) for r in records) / q,
-        "pass_at_1": sum(pass_at_k(n, c, 1) for n, c in zip(ns, counts)) / q,
-        "pass_at_k": sum(pass_at_k(n, c, k) for n, c in zip(ns, counts)) / q,
+        "pass_at_1": sum(pass_at_k(n, c, 1) for n, c in zip(ns, counts, strict=True)) / q,
+        "pass_at_k": sum(pass_at_k(n, c, k) for n, c in zip(ns, counts, strict=True)) / q,
         "maj_at_k": sum(maj_at_k(r.extracted, r.correct) for r in records) / q,
         "solved_questions": sum(c > 0 for c in counts),
         "correct_responses": sum(counts),

@@ -70,7 +70,7 @@ def encode_demonstrations(
                         add_special_tokens=False)["input_ids"]
     answers = tokenizer([p.demonstration for p in problems], add_special_tokens=False)["input_ids"]
     rows: list[tuple[list[int], list[int]]] = []
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(prompts, answers, strict=True):
         ids = prompt + answer + [tokenizer.eos_token_id]
         rows.append((ids, [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]))
     width = max(len(ids) for ids, _ in rows)

@@ -60,7 +60,7 @@ def _random_operand(size: int, rng: random.Random) -> int:
 def _add(size: int, rng: random.Random) -> tuple[str, int, list[str]]:
     a, b = _random_operand(size, rng), _random_operand(size, rng)
     steps, carry = [], 0
-    for x, y in zip(_digits_lsb_first(a, size), _digits_lsb_first(b, size)):
+    for x, y in zip(_digits_lsb_first(a, size), _digits_lsb_first(b, size), strict=True):
         r = x + y + carry
         steps.append(f"{x}+{y}+1={r}" if carry else f"{x}+{y}={r}")
         carry = r // 10
@@ -71,7 +71,7 @@ def _sub(size: int, rng: random.Random) -> tuple[str, int, list[str]]:
     a, b = _random_operand(size, rng), _random_operand(size, rng)
     a, b = max(a, b), min(a, b)
     steps, borrow = [], 0
-    for x, y in zip(_digits_lsb_first(a, size), _digits_lsb_first(b, size)):
+    for x, y in zip(_digits_lsb_first(a, size), _digits_lsb_first(b, size), strict=True):
         top = x + 10 if x - y - borrow < 0 else x
         r = top - y - borrow
         steps.append(f"{top}-{y}-1={r}" if borrow else f"{top}-{y}={r}")
@@ -95,11 +95,11 @@ def _chain(size: int, rng: random.Random) -> tuple[str, int, list[str]]:
     while True:
         values = [rng.randint(1, 9) for _ in range(size + 2)]
         ops = [rng.choice("+-*") for _ in range(size + 1)]
-        question = str(values[0]) + "".join(f"{o}{v}" for o, v in zip(ops, values[1:]))
+        question = str(values[0]) + "".join(f"{o}{v}" for o, v in zip(ops, values[1:], strict=True))
         steps: list[str] = []
         facts: list[tuple[int, int]] = []  # (left operand, result) of every step
         terms, term_ops = [values[0]], []
-        for op, v in zip(ops, values[1:]):  # first pass: products, left to right
+        for op, v in zip(ops, values[1:], strict=True):  # first pass: products, left to right
             if op == "*":
                 r = terms[-1] * v
                 steps.append(f"{terms[-1]}*{v}={r}")
@@ -109,7 +109,7 @@ def _chain(size: int, rng: random.Random) -> tuple[str, int, list[str]]:
                 terms.append(v)
                 term_ops.append(op)
         total = terms[0]
-        for op, v in zip(term_ops, terms[1:]):  # second pass: sums, left to right
+        for op, v in zip(term_ops, terms[1:], strict=True):  # second pass: sums, left to right
             r = total + v if op == "+" else total - v
             steps.append(f"{total}{op}{v}={r}")
             facts.append((total, r))
@@ -204,7 +204,8 @@ def miscopy_answer(p: Problem, rng: random.Random) -> Problem:
 
 
 def slip_last_digit(p: Problem) -> Problem:
-    """`p` with the last digit of its boxed answer one too high, 9 wrapping to 0 (steps unchanged)."""
+    """`p` with the last digit of its boxed answer one too high, 9 wrapping to 0 (steps
+    unchanged)."""
     answer = p.answer[:-1] + str((int(p.answer[-1]) + 1) % 10)
     head = p.demonstration.rsplit("\\boxed{", 1)[0]
     return Problem(p.uid, p.family, p.size, p.question, answer, f"{head}\\boxed{{{answer}}}")
@@ -311,7 +312,8 @@ def record_to_problem(record: dict) -> Problem:
 def write_world(
     cfg: WorldConfig, out_dir: Path, system_prompt: str | None = None
 ) -> dict[str, Path]:
-    """Write train/eval/pretrain.parquet; each file appears whole or not at all (relift_core.atomic)."""
+    """Write train/eval/pretrain.parquet; each file appears whole or not at all
+    (relift_core.atomic)."""
     import pandas as pd  # heavy; only writers need it
 
     out_dir = Path(out_dir)

@@ -43,7 +43,8 @@ def accuracy_matrix(results: list[dict[str, Any]], method: str, seeds: list[int]
 
 
 def bootstrap_means(matrix: np.ndarray, q_draws: np.ndarray, s_draws: np.ndarray) -> np.ndarray:
-    """Mean accuracy under each resample: q_draws (B x Q') and s_draws (B x S') index columns/rows."""
+    """Mean accuracy under each resample: q_draws (B x Q') and s_draws (B x S') index
+    columns/rows."""
     per_seed = matrix[:, q_draws].mean(axis=2)  # (S, B): each seed's mean over resampled questions
     return np.take_along_axis(per_seed.T, s_draws, axis=1).mean(axis=1)  # (B,)
 
@@ -90,15 +91,15 @@ def summarize(results: list[dict[str, Any]], levels: dict[str, str], families: d
     for claim, (a, b, lv_subset) in CLAIMS.items():
         if a not in mats or b not in mats:
             continue
-        cols = all_q if lv_subset is None else np.array(
+        subset = all_q if lv_subset is None else np.array(
             [j for j, u in enumerate(uids) if levels.get(u) in lv_subset], dtype=int)
-        if len(cols) == 0:
+        if len(subset) == 0:
             differences[claim] = {"mean": None, "ci": [None, None], "questions": 0}
             continue
-        q = draws_for(cols)
+        q = draws_for(subset)
         diff = bootstrap_means(mats[a], q, s_draws) - bootstrap_means(mats[b], q, s_draws)
-        mean = float(mats[a][:, cols].mean() - mats[b][:, cols].mean())
-        differences[claim] = {"mean": round(mean, 4), "ci": _ci(diff), "questions": len(cols)}
+        mean = float(mats[a][:, subset].mean() - mats[b][:, subset].mean())
+        differences[claim] = {"mean": round(mean, 4), "ci": _ci(diff), "questions": len(subset)}
     return {"runs": runs, "differences": differences, "seeds": seeds,
             "questions": len(uids),
             "levels": {lv: sum(1 for u in uids if levels.get(u) == lv) for lv in LEVEL_NAMES}}

@@ -183,12 +183,12 @@ def pack_rows(
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     if not prompts:
         raise ValueError("cannot build a batch from zero rows")
-    lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+    lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
     width = max(max(lengths), 2)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     loss_mask = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
-    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
         if not prompt:
             # Nothing would predict the first target token; every row needs a context.
             raise ValueError(f"row {row} has an empty prompt")

@@ -35,7 +35,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,7 +80,9 @@ def non_finite_weights(tensors: Any) -> list[str]:
 
 def capture_rng_state() -> dict[str, Any]:
     """Every generator a run draws from, as plain tensors/tuples (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # legacy=True (the default) always returns the tuple; numpy's stub types the dict form too.
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, cached_gaussian = legacy
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
@@ -294,7 +296,8 @@ def _manifest_problem(path: Path, *, hashes: bool) -> str | None:
     # A copy of an older step under a newer step's name would otherwise pass as the newest
     # (and pruning would then delete the real newer step).
     if manifest.get("step") != _step_of(path):
-        return f"{manifest_path} is the manifest of step {manifest.get('step')!r}, not of {path.name}"
+        return (f"{manifest_path} is the manifest of step {manifest.get('step')!r}, "
+                f"not of {path.name}")
     for name, entry in files.items():
         file = path / name
         if not file.is_file():

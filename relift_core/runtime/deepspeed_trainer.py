@@ -303,7 +303,8 @@ class DeepSpeedTrainer(TorchTrainer):
         masters = [t for t in opt.fp32_partitioned_groups_flat if t.data_ptr() not in compute_ptrs]
         moments = [v for kind in self._moments.values() for state in kind.values()
                    for v in state.values()]
-        gradients = [opt.grad_partitions_flat_buffer] if opt.grad_partitions_flat_buffer is not None else []
+        flat = opt.grad_partitions_flat_buffer
+        gradients = [flat] if flat is not None else []
         return {"weights": size(compute), "gradients": size(gradients),
                 "optimizer": size(masters) + size(moments)}
 

@@ -43,7 +43,8 @@ from relift_core.runtime.trainer import TorchTrainer, _WeightedMeans
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a transformers causal LM (Qwen2/Llama/Mistral: model.model.layers)."""
+    """The transformer blocks of a transformers causal LM (Qwen2/Llama/Mistral:
+    model.model.layers)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -112,7 +113,8 @@ class FSDPTrainer(TorchTrainer):
         for p in self.trainable_parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.measured_gradient_bytes = sum(_local_bytes(p.grad) for p in self.trainable_parameters())
+        self.measured_gradient_bytes = sum(_local_bytes(p.grad)
+                                           for p in self.trainable_parameters())
         return super()._clip_and_step(kind, grad_clip)
 
     def memory_bytes(self) -> dict[str, int]:

@@ -232,7 +232,7 @@ def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
     if zero3:
         weights = params * c / n
         optimizer += params * 4 / n
-        compute = (min(_ZERO3_MAX_LIVE_PARAMETERS, params) * c
+        compute: float = (min(_ZERO3_MAX_LIVE_PARAMETERS, params) * c
                    + min(_ZERO3_REDUCE_BUCKET, params) * 4)
         initialization = params * c + params * 4 / n
     else:

@@ -30,7 +30,7 @@ import copy
 import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,10 @@ from relift_core.runtime.distributed import ShardCountError
 from relift_core.runtime.models import export_dtype
 from relift_core.runtime.rollout import RolloutEngine, Sample, SamplingRequest
 from relift_core.runtime.trainer import STATE_VERSION
+
+if TYPE_CHECKING:  # both import their backends (torch.distributed, DeepSpeed) at import time
+    from relift_core.runtime.deepspeed_trainer import DeepSpeedTrainer
+    from relift_core.runtime.fsdp_trainer import FSDPTrainer
 
 RAY_HINT = "pip install 'relift[cluster]' (Ray 2.60)"
 
@@ -66,7 +70,8 @@ class TrainerRank:
     def __init__(self, cfg_json: dict[str, Any], rank: int, world_size: int) -> None:
         self.cfg = ExperimentConfig.model_validate(cfg_json)
         self.rank, self.world_size = rank, world_size
-        self.trainer = None
+        # Built by join(), which the driver calls on every rank before any other method.
+        self.trainer: FSDPTrainer | DeepSpeedTrainer
 
     def address(self) -> str:
         """tcp://<this node's IP>:<a free port>: rank 0 hosts the group's rendezvous (on
@@ -162,7 +167,8 @@ class TrainerRank:
             dist.destroy_process_group()
 
 
-def build_rank_trainer(cfg: ExperimentConfig, model: torch.nn.Module, options: dict):
+def build_rank_trainer(cfg: ExperimentConfig, model: torch.nn.Module,
+                       options: dict) -> FSDPTrainer | DeepSpeedTrainer:
     """cluster.trainer_strategy's trainer for one rank of an initialised process group."""
     if cfg.cluster.trainer_strategy == "deepspeed_zero3":
         from relift_core.runtime.deepspeed_trainer import DeepSpeedTrainer
@@ -243,7 +249,8 @@ class RayTrainer:
         self.rl_optimizer_steps = 0
         self.sft_optimizer_steps = 0
 
-    def rl_step(self, batch: TokenBatch, *, rows_per_minibatch: int | None = None) -> dict[str, float]:
+    def rl_step(self, batch: TokenBatch, *,
+                rows_per_minibatch: int | None = None) -> dict[str, float]:
         stats = self.ranks.call("rl_step", batch, rows_per_minibatch)[0]
         self.rl_optimizer_steps += int(stats.get("optimizer_steps", 0))
         return stats

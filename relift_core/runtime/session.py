@@ -9,6 +9,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class TrainSession:
     cfg: ExperimentConfig
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (untyped here: mypy skips transformers)
     engine: RolloutEngine
     trainer: TorchTrainer
     grader: BatchGrader
@@ -104,7 +105,8 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device,
                            bf16_autocast=compute_autocast(cfg.model))
 
 
-def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
+def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader,
+                               device) -> DemonstrationSource:
     if cfg.algorithm.demonstrations == "dataset":
         return DatasetDemonstrations()
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
@@ -201,7 +203,8 @@ def set_aside(checkpoints: Path) -> Path:
     return moved
 
 
-def _refuse_without_a_checkpoint(cfg: ExperimentConfig, skipped: list[tuple[Path, str]]) -> None:
+def _refuse_without_a_checkpoint(cfg: ExperimentConfig,
+                                 skipped: list[tuple[Path, str]]) -> NoReturn:
     shown = "; ".join(f"{path.name}: {why}" for path, why in skipped[:3])
     raise ResumeRefused(
         f"run '{cfg.run.name}' has no usable checkpoint in {skipped[0][0].parent} ({shown}): "

@@ -2,7 +2,8 @@
 
 The loop reads like torchtune's: for each epoch, for each mini-batch (one optimizer step), for
 each micro-batch (one forward/backward, gradients accumulated). The maths is in
-`relift_core.algorithm.objectives`; this file only decides *what* is fed to it and *when* a step happens.
+`relift_core.algorithm.objectives`; this file only decides *what* is fed to it and *when* a step
+happens.
 
 Gradient accumulation is exact, not "divide by the number of micro-batches": every micro-batch
 loss is weighted by its share of the mini-batch (its share of rows for per-sequence aggregation,
@@ -480,7 +481,8 @@ class TorchTrainer:
         seconds.
         """
         if batch.advantages is None:
-            raise ValueError("rl_step needs batch.advantages (see relift_core.runtime.batches.rl_batch)")
+            raise ValueError(
+                "rl_step needs batch.advantages (see relift_core.runtime.batches.rl_batch)")
         start = time.perf_counter()
         rows = rows_per_minibatch or self.default_rl_rows_per_minibatch(len(batch))
         first_on_policy = batch.old_logp is None
@@ -772,7 +774,8 @@ class TorchTrainer:
             optimizer.state.pop(p, None)
         optimizer.state.update(state)
 
-    def _weight_problem(self, before: tuple[float, float], after: tuple[float, float]) -> str | None:
+    def _weight_problem(self, before: tuple[float, float],
+                        after: tuple[float, float]) -> str | None:
         """"nonfinite", "explosive" or None, from (max |w|, ||w||) before and after a step."""
         max_before, norm_before = before
         max_after, norm_after = after

@@ -109,7 +109,7 @@ class VLLMRolloutEngine(RolloutEngine):
         # Rollouts in half precision even when the trainer keeps float32 weights (as verl does):
         # float32 would halve vLLM's throughput and KV-cache capacity.
         dtype = cfg.model.dtype if cfg.model.dtype != "float32" else "bfloat16"
-        settings = {
+        settings: dict[str, Any] = {
             "dtype": dtype,
             "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
             "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
