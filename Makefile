@@ -22,14 +22,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/relift demo
 
-test: setup
+# The whole suite, once: `make check` first (lint, format, types, fast tests), then the tests
+# marked slow (end to end: servers, flows, a browser).
+test: check
 	bash scripts/ensure_chromium.sh
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
 
-# What a commit must pass: lint, types and the tests not marked slow (about 9 minutes niced on
-# a busy 2-core machine, most of it the tests).
-# format-check joins it once the tree has been formatted with `make format`.
-check: lint types
+# What a commit must pass: lint, format, types and the tests not marked slow (about 9 minutes
+# niced on a busy 2-core machine, most of it the tests).
+check: lint format-check types
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
