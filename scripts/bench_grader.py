@@ -34,14 +34,15 @@ def distinct_pairs(benchmarks: Path) -> list[tuple[str, str]]:
     return sorted(set(zip(table["data_source"], golds, strict=True)))
 
 
-def wrong_answer(gold: str, answer_type: AnswerType, other_gold: str) -> str:
-    """The next choice, the integer plus one, or else another question's gold."""
+def surely_wrong(gold: str, answer_type: AnswerType) -> str | None:
+    """A surely wrong answer: the next choice, or the integer plus one (None otherwise).
+    tests/test_grader_shared.py checks the grader rejects every one."""
     if answer_type == "choice":
         labels = "1234" if gold.isdigit() else "ABCD"
         return labels[(labels.index(gold) + 1) % len(labels)]
     if re.fullmatch(r"[+-]?\d+", gold.strip()):
         return str(int(gold) + 1)
-    return other_gold
+    return None
 
 
 def build_batch(
@@ -53,7 +54,7 @@ def build_batch(
         answer_type = answer_type_for(source)
         right = (index // len(pairs)) % 2 == 0
         other_gold = pairs[(index + 1) % len(pairs)][1]
-        answer = gold if right else wrong_answer(gold, answer_type, other_gold)
+        answer = gold if right else (surely_wrong(gold, answer_type) or other_gold)
         responses.append(
             f"<think>\nLet me think about this step by step.\n</think>\n"
             f"The final answer is $\\boxed{{{answer}}}$."

@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from relift_core.grading.extraction import AnswerType, answer_type_for
+from relift_core.grading.extraction import answer_type_for
 from relift_core.grading.grader import BatchGrader, Grade
+from scripts.bench_grader import surely_wrong
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
@@ -39,16 +40,6 @@ Pair = tuple[str, str]  # (data_source, gold)
 
 def _response(answer: str) -> str:
     return f"<think>\nLet me work it out.\n</think>\nThe final answer is $\\boxed{{{answer}}}$."
-
-
-def _perturbed(gold: str, answer_type: AnswerType) -> str | None:
-    """A surely wrong answer: the next choice, or the integer plus one (None otherwise)."""
-    if answer_type == "choice":
-        labels = "1234" if gold.isdigit() else "ABCD"
-        return labels[(labels.index(gold) + 1) % len(labels)]
-    if re.fullmatch(r"[+-]?\d+", gold.strip()):
-        return str(int(gold) + 1)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +105,7 @@ def test_perturbed_answers_are_rejected(pairs: list[Pair], grader: BatchGrader) 
     cases = []
     for source, gold in pairs:
         answer_type = answer_type_for(source)
-        wrong = _perturbed(gold, answer_type)
+        wrong = surely_wrong(gold, answer_type)
         if wrong is not None:
             cases.append((gold, wrong, answer_type))
     assert len(cases) > 400  # 424 integer maths golds and 12 choice golds

@@ -1068,16 +1068,23 @@ def _matching(tokens: list[_Token], start: int) -> int:
     last index when it never closes."""
     if isinstance(tokens, _TokenList) and start in tokens.closing:
         return tokens.closing[start]
+    end = _balanced_at(tokens, range(start, len(tokens)), "open")
+    return len(tokens) - 1 if end is None else end
+
+
+def _balanced_at(tokens: list[_Token], indices: range, deeper: str) -> int | None:
+    """The first of `indices` at which the brackets read so far balance again (a bracket of side
+    `deeper` goes one level in, the other side one out), or None if they never do."""
     depth = 0
-    for index in range(start, len(tokens)):
+    for index in indices:
         side = _bracket(tokens[index])
-        if side == "open":
+        if side == deeper:
             depth += 1
-        elif side == "close":
+        elif side is not None:
             depth -= 1
             if depth == 0:
                 return index
-    return len(tokens) - 1
+    return None
 
 
 def _operand_before(tokens: list[_Token], end: int) -> list[_Token]:
@@ -1091,16 +1098,8 @@ def _operand_before(tokens: list[_Token], end: int) -> list[_Token]:
     if _bracket(last) == "close":
         if isinstance(tokens, _TokenList):
             return tokens[tokens.opening[index] : index + 1]
-        depth = 0
-        for start in range(index, -1, -1):
-            side = _bracket(tokens[start])
-            if side == "close":
-                depth += 1
-            elif side == "open":
-                depth -= 1
-                if depth == 0:
-                    return tokens[start : index + 1]
-        return tokens[: index + 1]
+        start = _balanced_at(tokens, range(index, -1, -1), "close")
+        return tokens[: index + 1] if start is None else tokens[start : index + 1]
     return [last]
 
 
