@@ -35,7 +35,7 @@ from flows.base_model import build_base_model
 from flows.prepare_data import prepare_data
 from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
-from relift_core.iteration import policy_levels
+from relift_core.grading.levels import policy_levels
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
 from tasks.tracking import close_run, open_run, tracking_uri
 

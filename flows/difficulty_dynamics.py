@@ -16,7 +16,7 @@ from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
 from relift_core.algorithm.difficulty import Level, transition_table
 from relift_core.config import ExperimentConfig, load_config
-from relift_core.iteration import policy_levels
+from relift_core.grading.levels import policy_levels
 from tasks.tracking import close_run, open_run
 
 

@@ -10,8 +10,8 @@ from prefect import flow, get_run_logger
 from flows.prepare_data import prepare_data
 from relift_core.config import load_config
 from relift_core.grading.grader import BatchGrader
+from relift_core.runtime.assembly import build_engine, seed_everything
 from relift_core.runtime.models import export_dtype, load_policy, resolve_device
-from relift_core.runtime.session import build_engine, seed_everything
 from tasks.eval_tasks import evaluate_all
 from tasks.tracking import close_run, open_run
 

@@ -14,10 +14,8 @@ Nothing here knows about Prefect or MLflow (metrics go to any `Tracker`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,45 +30,9 @@ from relift_core.data.question_stream import QuestionStream
 from relift_core.grading.extraction import answer_type_for
 from relift_core.grading.grader import BatchGrader, Grade
 from relift_core.runtime.batches import demonstration_ids, pack_rows, sft_batch
-from relift_core.runtime.rollout import RolloutEngine, Sample
+from relift_core.runtime.rollout import RolloutEngine, Sample, engine_asleep
+from relift_core.runtime.session import TrainSession
 from relift_core.tracker import Tracker
-
-if TYPE_CHECKING:
-    from relift_core.runtime.session import TrainSession
-
-
-@dataclass
-class RunState:
-    """Everything a run carries between iterations; all of it is checkpointed together."""
-
-    iteration: int
-    buffer: DemoBuffer
-    ledger: DifficultyLedger
-    stream: QuestionStream
-    demos_used: int = 0
-    sft_steps: int = 0
-    # Every demonstration fine-tuned on: (iteration used, uid, iteration added, level when added).
-    sft_log: list[dict[str, Any]] = field(default_factory=list)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "buffer": self.buffer.state_dict(),
-            "ledger": self.ledger.state_dict(),
-            "stream": self.stream.state_dict(),
-            "demos_used": self.demos_used,
-            "sft_steps": self.sft_steps,
-            "sft_log": self.sft_log,
-        }
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
-        self.buffer.load_state_dict(state["buffer"])
-        self.ledger.load_state_dict(state["ledger"])
-        self.stream.load_state_dict(state["stream"])
-        self.demos_used = int(state["demos_used"])
-        self.sft_steps = int(state["sft_steps"])
-        self.sft_log = list(state.get("sft_log", []))
 
 
 @dataclass
@@ -137,47 +99,6 @@ def record_levels(ledger: DifficultyLedger, iteration: int, rollouts: Rollouts) 
     """Each question's level this iteration, recorded in the run's ledger."""
     return [ledger.record(iteration, q.uid, acc)
             for q, acc in zip(rollouts.questions, accuracies(rollouts), strict=True)]
-
-
-def measure_levels(engine: RolloutEngine, tokenizer, grader: BatchGrader,
-                   questions: list[Example], cfg: ExperimentConfig, *, seed: int,
-                   ledger: DifficultyLedger | None = None, iteration: int = 0) -> dict[str, Level]:
-    """uid -> level of each question under the engine's current policy: cfg.rollout.n samples
-    at the rollout temperature, exactly as a training iteration sees the question."""
-    ledger = ledger if ledger is not None else DifficultyLedger()
-    rollouts = grade(rollout(engine, tokenizer, questions, cfg, seed=seed), grader,
-                     require_think=cfg.algorithm.require_think)
-    return {q.uid: lv for q, lv in zip(questions, record_levels(ledger, iteration, rollouts), strict=True)}
-
-
-def policy_levels(cfg: ExperimentConfig, questions: list[Example],
-                  init_from: str | None = None) -> dict[str, Level]:
-    """uid -> level of each question under a saved policy (`init_from`, default the config's
-    model), loaded fresh on cfg.run.device: the demo's and the difficulty-dynamics' measure."""
-    from relift_core.runtime.models import export_dtype, load_policy, resolve_device
-    from relift_core.runtime.session import build_engine, seed_everything
-
-    model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
-    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed,
-                                   dtype=export_dtype(cfg.model))
-    engine = build_engine(cfg, model, tokenizer, device)
-    with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-        return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
-
-
-def sampled_accuracy(engine: RolloutEngine, tokenizer, grader: BatchGrader,
-                     questions: list[Example], cfg: ExperimentConfig, *,
-                     seed: int) -> dict[str, float]:
-    """uid -> share of eval.samples answers (at the evaluation temperature) that are right:
-    avg@k per question, as the evaluation flow measures it, without writing records."""
-    eval_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={
-        "n": cfg.eval.samples or 1, "temperature": cfg.eval.temperature,
-        "top_p": cfg.eval.top_p, "max_new_tokens": cfg.eval.max_new_tokens})})
-    rollouts = grade(rollout(engine, tokenizer, questions, eval_cfg, seed=seed), grader,
-                     require_think=cfg.algorithm.require_think)
-    return {q.uid: acc for q, acc in zip(questions, accuracies(rollouts), strict=True)}
 
 
 def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: int,
@@ -335,17 +256,6 @@ def rollout_seed(run_seed: int, iteration: int, draw: int = 0) -> int:
     sampling), so a resumed run samples what the crashed one would have sampled (and two seeds
     never share an iteration's samples)."""
     return run_seed * 100_003 + iteration + draw * 1_000_033
-
-
-@contextmanager
-def engine_asleep(engine: RolloutEngine) -> Iterator[None]:
-    """The rollout engine releases its accelerator memory (vLLM: weights offloaded, KV cache
-    freed) while the trainer steps, and takes it back after, even if the step fails."""
-    engine.sleep()
-    try:
-        yield
-    finally:
-        engine.wake()
 
 
 class Phases:
