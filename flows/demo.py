@@ -37,7 +37,7 @@ from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
 from relift_core.grading.levels import policy_levels
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
-from tasks.tracking import close_run, open_run, tracking_uri
+from tasks.tracking import mlflow_run, tracking_uri
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
 # ReLIFT whose demonstrations come from a teacher model instead of the dataset: the world's model
@@ -138,9 +138,8 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
     train_levels = base_levels(base_cfg, base_dir, data.train_path)
     tag = demo_config_hash(preset, base_overrides)
 
-    parent = open_run(cfg, run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
-                      run_name=f"{name}-{tag}", tags={"relift.kind": "demo"})
-    try:
+    with mlflow_run(cfg, run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
+                    run_name=f"{name}-{tag}", tags={"relift.kind": "demo"}) as parent:
         parent.log_params({**cfg.flat_params(), "demo.seeds": ",".join(map(str, seeds)),
                            "demo.algorithms": ",".join(algorithms), "demo.config_hash": tag})
         counts = pd.Series(train_levels).value_counts().to_dict()
@@ -197,10 +196,6 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         parent.log_artifact(out_dir / "report", "report")
         create_markdown_artifact(markdown=report["report"].read_text(), key="demo-report",
                                  description="Training curves and levels (figures in MLflow)")
-        close_run(parent)
-    except BaseException:
-        close_run(parent, "FAILED")
-        raise
     logger.info("\n" + text)
     return {"summary": summary, "markdown": text, "figure": str(figure),
             "results_path": str(out_dir / "results.json"), "mlflow_run_id": parent.run_id,
