@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from relift_core.config import ExperimentConfig
 from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
+from tasks import progress as terminal
 from tasks.tracking import mlflow_run
 
 
@@ -38,6 +39,7 @@ def build_base_model(config: dict[str, Any]) -> str:
     logger = get_run_logger()
     if (out_dir / "config.json").exists():
         logger.info(f"base model cache hit: {out_dir}")
+        terminal.say(f"base model: {out_dir} (built earlier)")
         return str(out_dir)
     with mlflow_run(cfg, run_key=f"base-model:{out_dir}", run_name=f"base-model-{key}",
                     tags={"relift.kind": "base_model"}) as tracker:
@@ -46,6 +48,7 @@ def build_base_model(config: dict[str, Any]) -> str:
         stats = pretrain(cfg, out_dir)
         tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
     logger.info(f"pretrained base model in {stats['seconds']:.0f}s -> {out_dir}")
+    terminal.say(f"base model: pretrained in {stats['seconds']:.0f} s -> {out_dir}")
     return str(out_dir)
 
 

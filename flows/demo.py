@@ -37,6 +37,7 @@ from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
 from relift_core.grading.levels import policy_levels
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
+from tasks import progress as terminal
 from tasks.tracking import mlflow_run, tracking_uri
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
@@ -143,6 +144,8 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         parent.log_params({**cfg.flat_params(), "demo.seeds": ",".join(map(str, seeds)),
                            "demo.algorithms": ",".join(algorithms), "demo.config_hash": tag})
         counts = pd.Series(train_levels).value_counts().to_dict()
+        terminal.say("training questions by level under the base model: "
+                     + ", ".join(f"{lv} {counts.get(lv, 0)}" for lv in LEVEL_NAMES))
         parent.log_metrics({f"base/train_frac_{lv}": counts.get(lv, 0) / len(train_levels)
                             for lv in LEVEL_NAMES})
         runs: list[tuple[str, int, str, list[str]]] = []
@@ -158,12 +161,14 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         for (algo, seed, run_name, ovr), future in zip(runs, futures, strict=True):
             out = future.result()
             run_cfg = load_config(preset, ovr)
+            accuracy = held_out_accuracy(run_cfg, run_name, run_cfg.run.iterations)
             results.append({"algo": algo, "seed": seed, "run_name": run_name,
                             "demos_used": out["demos_used"],
                             "demonstration_counts": out.get("demonstration_counts") or {},
-                            "mlflow_run_id": out["mlflow_run_id"],
-                            "accuracy": held_out_accuracy(run_cfg, run_name,
-                                                          run_cfg.run.iterations)})
+                            "mlflow_run_id": out["mlflow_run_id"], "accuracy": accuracy})
+            terminal.say(f"{algo} seed {seed} trained ({len(results)} of {len(runs)}): held-out "
+                         f"{sum(accuracy.values()) / max(len(accuracy), 1):.3f}, "
+                         f"demonstrations used {out['demos_used']}")
         families = {uid: src.split("/")[1] for uid, src in _sources(data.eval_paths["world"]).items()}
         summary = summarize(results, held_levels, families)
         summary["seconds"] = round(time.perf_counter() - start, 1)
