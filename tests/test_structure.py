@@ -94,7 +94,7 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking_ones(tmp_
     assert graph["relift_core.a"] == {"relift_core.b"}
     assert graph["relift_core.b"] == {"relift_core", "relift_core.a"}
     assert find_cycle(graph) == ["relift_core.a", "relift_core.b", "relift_core.a"]
-    # The circle closed only under TYPE_CHECKING is no circle.
+    # b -> a under `typing.TYPE_CHECKING` is no edge; its else branch is one (b -> c -> a).
     (pkg / "b.py").write_text(
         "import typing\nif typing.TYPE_CHECKING:\n    from relift_core.a import f\n"
         "else:\n    import relift_core.c\n")
