@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from relift_core.config import ExperimentConfig
 from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
-from tasks.tracking import close_run, open_run
+from tasks import progress as terminal
+from tasks.tracking import mlflow_run
 
 
 @task(name="pretrain-base-model", cache_policy=NO_CACHE, retries=1)
@@ -39,15 +40,16 @@ def build_base_model(config: dict[str, Any]) -> str:
     logger = get_run_logger()
     if (out_dir / "config.json").exists():
         logger.info(f"base model cache hit: {out_dir}")
+        terminal.say(f"base model: {out_dir} (built earlier)")
         return str(out_dir)
-    tracker = open_run(cfg, run_key=f"base-model:{out_dir}", run_name=f"base-model-{key}",
-                       tags={"relift.kind": "base_model"})
-    tracker.log_params({k: v for k, v in cfg.flat_params().items()
-                        if k.startswith(("data.world.", "model.tiny."))})
-    stats = pretrain(cfg, out_dir)
-    tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
-    close_run(tracker)
+    with mlflow_run(cfg, run_key=f"base-model:{out_dir}", run_name=f"base-model-{key}",
+                    tags={"relift.kind": "base_model"}) as tracker:
+        tracker.log_params({k: v for k, v in cfg.flat_params().items()
+                            if k.startswith(("data.world.", "model.tiny."))})
+        stats = pretrain(cfg, out_dir)
+        tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
     logger.info(f"pretrained base model in {stats['seconds']:.0f}s -> {out_dir}")
+    terminal.say(f"base model: pretrained in {stats['seconds']:.0f} s -> {out_dir}")
     return str(out_dir)
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,7 @@ USER_ERRORS = {"ConfigError": 2, "ValidationError": 2, "DataError": 1, "Benchmar
                "DivergenceError": 1, "CheckpointError": 1, "ResumeRefused": 1, "ResumeError": 1,
                "RunLockedError": 1, "ShardCountError": 1, "RayUnavailableError": 1}
 _debug = False
+_verbose = False
 
 
 def user_error_exit_code(exc: BaseException) -> int | None:
@@ -115,16 +117,60 @@ def checked_before_servers(cfg, points: list | None = None) -> None:
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks of errors")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="show the libraries' output too (Prefect, MLflow, transformers: logs, "
+                          "warnings, progress bars); `demo` otherwise sends it to a log file")] = False,
 ) -> None:
-    global _debug
+    global _debug, _verbose
     _debug = debug or _debug_from_env()
+    _verbose = verbose
 
 
 def _debug_from_env() -> bool:
     return os.environ.get("RELIFT_DEBUG", "") not in ("", "0")
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p",
-                                        help="a preset name in configs/ or a YAML file")]
+
+@contextlib.contextmanager
+def library_output_to_log(workdir: str, command: str) -> Iterator[Path | None]:
+    """Unless --verbose: the terminal shows the command's own lines only (`console`,
+    `err_console`, tasks.progress), and everything else the process and its children write --
+    Prefect's and MLflow's console logs, Python warnings, transformers' progress bars -- goes to
+    `<workdir>/logs/<command>-<time>.log` (yielded). Descriptors 1 and 2 themselves are pointed
+    at the file, so Prefect's worker processes (spawned, inheriting them), the grader's and the
+    temporary server's write there too, whatever logging setup each makes. Prefect's API log
+    handler is untouched: the UI keeps every log. Restored before an error leaves the block, so
+    its `error:` line or traceback reaches the terminal."""
+    if _verbose:
+        yield None
+        return
+    log_dir = Path(workdir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = [os.fdopen(fd, "w", buffering=1, closefd=False) for fd in saved]
+    try:
+        with open(path, "a", buffering=1) as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            console.file, err_console.file = terminal
+            try:
+                yield path
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                console.file = err_console.file = None  # rich: sys.stdout / sys.stderr again
+    finally:
+        for stream in terminal:
+            stream.close()
+        for fd in saved:
+            os.close(fd)
+
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="a preset name in configs/ or a YAML file")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. rl.lr=1e-5")]
 
 
@@ -196,8 +242,7 @@ def train_summary(result: dict, ui_hint: str = "") -> str:
         if isinstance(summary.get("avg_at_k"), (int, float)):
             scores.append(f"{name} avg@{summary.get('k', '?')} {summary['avg_at_k']:.3f}")
     held_out = ", ".join(scores) if scores else "(no evaluation)"
-    lines = [f"{result['run_name']}: held-out {held_out}; "
-             f"demonstrations used {result['demos_used']}",
+    lines = [f"{result['run_name']}: held-out {held_out}; demonstrations used {result['demos_used']}",
              f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}{ui_hint}",
              f"Prefect {result.get('prefect_url')}{ui_hint}"]
     return "\n".join(lines)
@@ -223,21 +268,27 @@ def demo(
 
     quiet_prefect_tracebacks()
     start = time.perf_counter()
-    with prefect_api(cfg.run.workdir), terminal_progress():
-        result = demo_flow(preset=preset, overrides=overrides or [], algorithms=_csv(algorithms),
-                           seeds=[int(s) for s in _csv(seeds)] if seeds else None)
-    console.print(result["markdown"])
+    methods = ", ".join(["base", *[a for a in _csv(algorithms) or [] if a != "base"]])
+    with library_output_to_log(cfg.run.workdir, "demo") as log:
+        console.print(f"demo: {methods} on the {preset} world, seeds {seeds or cfg.run.seed}"
+                      + (f"; libraries' output: {log}" if log else ""), soft_wrap=True,
+                      highlight=False, markup=False)
+        with prefect_api(cfg.run.workdir), terminal_progress(console if log else None):
+            result = demo_flow(preset=preset, overrides=overrides or [],
+                               algorithms=_csv(algorithms),
+                               seeds=[int(s) for s in _csv(seeds)] if seeds else None)
+    # Unwrapped: a table row broken at the terminal's width is no longer a table row.
+    console.print(result["markdown"], soft_wrap=True, markup=False, highlight=False)
     console.print(f"\nresults: {result['results_path']}  figure: {result['figure']}  "
                   f"MLflow parent run: {result['mlflow_run_id']}  "
-                  f"total {time.perf_counter() - start:.0f}s")
+                  f"total {time.perf_counter() - start:.0f}s", soft_wrap=True, highlight=False)
 
 
 @app.command()
 def dynamics(
     checkpoint: Annotated[str, typer.Option(help="a trained policy directory")],
     preset: PresetOpt = "toy",
-    base: Annotated[str | None,
-                    typer.Option(help="starting policy dir (default: the preset's)")] = None,
+    base: Annotated[str | None, typer.Option(help="starting policy dir (default: the preset's)")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Difficulty transitions of every training question: base model vs a checkpoint."""
@@ -258,8 +309,7 @@ def dynamics(
 def evaluate(
     model: Annotated[str, typer.Option(help="a preset whose model to evaluate")] = "smollm2-135m",
     checkpoint: Annotated[str | None, typer.Option(help="a saved policy directory instead")] = None,
-    benchmarks: Annotated[str | None,
-                          typer.Option(help="comma-separated, e.g. math500,gpqa_diamond")] = None,
+    benchmarks: Annotated[str | None, typer.Option(help="comma-separated, e.g. math500,gpqa_diamond")] = None,
     limit: Annotated[int | None, typer.Option(help="questions per benchmark")] = None,
     overrides: Overrides = None,
 ) -> None:
@@ -337,8 +387,7 @@ def sweep(
 def compare(
     preset: PresetOpt = "toy",
     parent: Annotated[str | None, typer.Option(help="only the children of this MLflow run")] = None,
-    out: Annotated[str | None,
-                   typer.Option(help="report directory (default <workdir>/compare)")] = None,
+    out: Annotated[str | None, typer.Option(help="report directory (default <workdir>/compare)")] = None,
     overrides: Overrides = None,
 ) -> None:
     """RL vs SFT vs ReLIFT from MLflow: held-out accuracy per algorithm (mean and 95% CI over
@@ -370,8 +419,7 @@ def compare(
 
 @app.command()
 def deploy(
-    pool: Annotated[str,
-                    typer.Option(help="the process work pool prefect.yaml names")] = "relift-local",
+    pool: Annotated[str, typer.Option(help="the process work pool prefect.yaml names")] = "relift-local",
     workdir: Annotated[str, typer.Option(help="the work directory whose `relift ui` serves the "
                                          "Prefect API, when PREFECT_API_URL is not set")] = "runs",
 ) -> None:
@@ -403,8 +451,7 @@ def deploy(
         done = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True,
                               check=False)
         if done.returncode != 0:
-            err_console.print(f"error: prefect {' '.join(args)} failed:\n"
-                              f"{done.stdout}{done.stderr}",
+            err_console.print(f"error: prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}",
                               markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
@@ -426,8 +473,7 @@ def deploy(
                   soft_wrap=True)
     console.print(f"Deployments: {ui_url}/deployments\n"
                   f"Start a worker (it runs their flow runs):\n"
-                  f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} "
-                  f"prefect worker start --pool {pool}",
+                  f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} prefect worker start --pool {pool}",
                   highlight=False, soft_wrap=True)
 
 
@@ -585,8 +631,10 @@ def main(argv: list[str] | None = None) -> None:
     global _debug
     args = list(sys.argv[1:] if argv is None else argv)
     _debug = "--debug" in args or _debug_from_env()
-    # --debug is an option of the app, so it must come before the command; accept it anywhere.
-    args = (["--debug"] if "--debug" in args else []) + [a for a in args if a != "--debug"]
+    # --debug is an option of the app, so it must come before the command; accept it anywhere,
+    # --verbose too.
+    app_options = [o for o in ("--debug", "--verbose") if o in args]
+    args = app_options + [a for a in args if a not in app_options]
     for key, value in BOUNDED_SERVER_RETRIES.items():
         os.environ.setdefault(key, value)
     if argv is None:  # the process's own entry point, not a test calling main()

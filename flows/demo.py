@@ -2,15 +2,13 @@
 `--algorithms`) on a CPU, as Prefect flows.
 
     base model   <- pretrain a tiny transformer on part of the generated world (cached by world)
-    levels       <- each question's difficulty under the base model (n rollouts, as training
-                    sees it)
+    levels       <- each question's difficulty under the base model (n rollouts, as training sees it)
     runs         <- for every seed: the base model evaluated as is, and rl, sft, relift (or the
                     `algorithms` asked for) trained from it with the same budget; `jobs`
                     trainings at a time, each a `train` flow run in its own process
     comparison   <- held-out accuracy per method with bootstrap 95% CIs over questions and seeds,
-                    the paper's claims as paired differences (relift_core.proofworld.statistics),
-                    per level and family; results.json, a markdown report and a figure, in MLflow
-                    and Prefect
+                    the paper's claims as paired differences (relift_core.proofworld.statistics), per level
+                    and family; results.json, a markdown report and a figure, in MLflow and Prefect
 
 Run names carry a hash of the demo's config: the same demo re-run resumes (and so reuses) its own
 finished runs, while any changed override starts fresh runs instead of reusing old ones.
@@ -38,10 +36,11 @@ from flows.base_model import build_base_model
 from flows.prepare_data import prepare_data
 from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
-from relift_core.iteration import policy_levels
+from relift_core.grading.levels import policy_levels
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
+from tasks import progress as terminal
 from tasks.retry import retry_unless_permanent
-from tasks.tracking import close_run, open_run, tracking_uri
+from tasks.tracking import mlflow_run, tracking_uri
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
 # ReLIFT whose demonstrations come from a teacher model instead of the dataset: the world's model
@@ -158,12 +157,13 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
     train_levels = base_levels(base_cfg, base_dir, data.train_path)
     tag = demo_config_hash(preset, base_overrides)
 
-    parent = open_run(cfg, run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
-                      run_name=f"{name}-{tag}", tags={"relift.kind": "demo"})
-    try:
+    with mlflow_run(cfg, run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
+                    run_name=f"{name}-{tag}", tags={"relift.kind": "demo"}) as parent:
         parent.log_params({**cfg.flat_params(), "demo.seeds": ",".join(map(str, seeds)),
                            "demo.algorithms": ",".join(algorithms), "demo.config_hash": tag})
         counts = pd.Series(train_levels).value_counts().to_dict()
+        terminal.say("training questions by level under the base model: "
+                     + ", ".join(f"{lv} {counts.get(lv, 0)}" for lv in LEVEL_NAMES))
         parent.log_metrics({f"base/train_frac_{lv}": counts.get(lv, 0) / len(train_levels)
                             for lv in LEVEL_NAMES})
         runs: list[tuple[str, int, str, list[str]]] = []
@@ -179,14 +179,15 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         for (algo, seed, run_name, ovr), future in zip(runs, futures, strict=True):
             out = future.result()
             run_cfg = load_config(preset, ovr)
+            accuracy = held_out_accuracy(run_cfg, run_name, run_cfg.run.iterations)
             results.append({"algo": algo, "seed": seed, "run_name": run_name,
                             "demos_used": out["demos_used"],
                             "demonstration_counts": out.get("demonstration_counts") or {},
-                            "mlflow_run_id": out["mlflow_run_id"],
-                            "accuracy": held_out_accuracy(run_cfg, run_name,
-                                                          run_cfg.run.iterations)})
-        families = {uid: src.split("/")[1]
-                    for uid, src in _sources(data.eval_paths["world"]).items()}
+                            "mlflow_run_id": out["mlflow_run_id"], "accuracy": accuracy})
+            terminal.say(f"{algo} seed {seed} trained ({len(results)} of {len(runs)}): held-out "
+                         f"{sum(accuracy.values()) / max(len(accuracy), 1):.3f}, "
+                         f"demonstrations used {out['demos_used']}")
+        families = {uid: src.split("/")[1] for uid, src in _sources(data.eval_paths["world"]).items()}
         summary = summarize(results, held_levels, families)
         summary["seconds"] = round(time.perf_counter() - start, 1)
         summary["train_levels"] = {lv: int(counts.get(lv, 0)) for lv in LEVEL_NAMES}
@@ -206,9 +207,8 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         parent.log_artifact(out_dir / "results.json")
         parent.log_artifact(figure)
         parent.log_text(text, "comparison.md")
-        by_method = summary["runs"].items()
-        parent.log_metrics({f"{m}/heldout_accuracy": r["accuracy"] for m, r in by_method}
-                           | {f"{m}/demos_used": r["demos_used"] for m, r in by_method}
+        parent.log_metrics({f"{m}/heldout_accuracy": r["accuracy"] for m, r in summary["runs"].items()}
+                           | {f"{m}/demos_used": r["demos_used"] for m, r in summary["runs"].items()}
                            | {f"diff/{_metric_name(k)}": d["mean"]
                               for k, d in summary["differences"].items() if d["mean"] is not None})
         create_markdown_artifact(markdown=text, key="demo-comparison",
@@ -219,10 +219,6 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         parent.log_artifact(out_dir / "report", "report")
         create_markdown_artifact(markdown=report["report"].read_text(), key="demo-report",
                                  description="Training curves and levels (figures in MLflow)")
-        close_run(parent)
-    except BaseException:
-        close_run(parent, "FAILED")
-        raise
     logger.info("\n" + text)
     return {"summary": summary, "markdown": text, "figure": str(figure),
             "results_path": str(out_dir / "results.json"), "mlflow_run_id": parent.run_id,

@@ -16,8 +16,8 @@ from flows.base_model import build_base_model, needs_base_model
 from flows.prepare_data import prepare_data
 from relift_core.algorithm.difficulty import Level, transition_table
 from relift_core.config import ExperimentConfig, load_config
-from relift_core.iteration import policy_levels
-from tasks.tracking import close_run, open_run
+from relift_core.grading.levels import policy_levels
+from tasks.tracking import mlflow_run
 
 
 @task(name="classify-all-questions", cache_policy=NO_CACHE, retries=1)
@@ -36,16 +36,15 @@ def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | N
         base = build_base_model(cfg.model_dump(mode="json"))
     data = prepare_data(cfg.model_dump(mode="json"))
     questions = data.train_examples()
-    before = classify_all(cfg, quote(questions), base)
-    after = classify_all(cfg, quote(questions), str(Path(checkpoint).resolve()))
-    table = transition_table(before, after)
-    tracker = open_run(cfg, run_key=f"dynamics:{checkpoint}",
-                       run_name=f"dynamics-{Path(checkpoint).name}",
-                       tags={"relift.kind": "difficulty_dynamics"})
-    tracker.log_text(table.to_csv(), "difficulty_transitions.csv")
-    tracker.log_text(table.to_string(), "difficulty_transitions.txt")
-    close_run(tracker)
-    create_markdown_artifact(markdown="### Difficulty transitions (rows: base, columns: trained)"
-                                      f"\n\n```\n{table.to_string()}\n```",
+    # The MLflow run spans the classification: a failed analysis shows FAILED there.
+    with mlflow_run(cfg, run_key=f"dynamics:{checkpoint}",
+                    run_name=f"dynamics-{Path(checkpoint).name}",
+                    tags={"relift.kind": "difficulty_dynamics"}) as tracker:
+        before = classify_all(cfg, quote(questions), base)
+        after = classify_all(cfg, quote(questions), str(Path(checkpoint).resolve()))
+        table = transition_table(before, after)
+        tracker.log_text(table.to_csv(), "difficulty_transitions.csv")
+        tracker.log_text(table.to_string(), "difficulty_transitions.txt")
+    create_markdown_artifact(markdown=f"### Difficulty transitions (rows: base, columns: trained)\n\n```\n{table.to_string()}\n```",
                              key="difficulty-transitions")
     return {"table": table.to_dict(), "mlflow_run_id": tracker.run_id}

@@ -10,10 +10,10 @@ from prefect import flow, get_run_logger
 from flows.prepare_data import prepare_data
 from relift_core.config import load_config
 from relift_core.grading.grader import BatchGrader
+from relift_core.runtime.assembly import build_engine, seed_everything
 from relift_core.runtime.models import export_dtype, load_policy, resolve_device
-from relift_core.runtime.session import build_engine, seed_everything
 from tasks.eval_tasks import evaluate_all
-from tasks.tracking import close_run, open_run
+from tasks.tracking import mlflow_run
 
 
 @flow(name="evaluate", log_prints=True)
@@ -53,23 +53,17 @@ def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
     if cfg.data.world is not None and "world" in cfg.eval.benchmarks:
         local_sets = prepare_data(cfg.model_dump(mode="json")).eval_paths
     label = f"eval-{Path(checkpoint).name if checkpoint else preset}"
-    tracker = open_run(cfg, run_key=f"evaluate:{label}:{cfg.fingerprint()}", run_name=label,
-                       tags={"relift.kind": "evaluate"})
-    tracker.log_params({"preset": preset, "checkpoint": checkpoint or "",
-                        **{k: v for k, v in cfg.flat_params().items()
-                           if k.startswith(("eval.", "model."))}})
     out_dir = Path(cfg.run.workdir) / "evaluations" / label
-    try:
-        with BatchGrader(workers=cfg.run.grader_workers,
-                         timeout_s=cfg.run.grader_timeout_s) as grader:
+    with mlflow_run(cfg, run_key=f"evaluate:{label}:{cfg.fingerprint()}", run_name=label,
+                    tags={"relift.kind": "evaluate"}) as tracker:
+        tracker.log_params({"preset": preset, "checkpoint": checkpoint or "",
+                            **{k: v for k, v in cfg.flat_params().items()
+                               if k.startswith(("eval.", "model."))}})
+        with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
             summaries = evaluate_all(engine, tokenizer, grader, names=cfg.eval.benchmarks,
                                      eval_cfg=cfg.eval, out_dir=out_dir, tracker=tracker, step=0,
                                      local_sets=local_sets,
                                      require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
                                      label=label)
-        close_run(tracker)
-    except BaseException:
-        close_run(tracker, "FAILED")
-        raise
     logger.info(f"evaluation logged to MLflow run {tracker.run_id}")
     return {"mlflow_run_id": tracker.run_id, "summaries": summaries}

@@ -31,7 +31,7 @@ from analysis.compare import (
 )
 from flows.train import link_prefect_and_mlflow, train
 from relift_core.config import ConfigError, ExperimentConfig, experiment_hash, load_config
-from tasks.tracking import MlflowTracker, close_run, open_run, runs_view_url, tracking_uri
+from tasks.tracking import MlflowTracker, mlflow_run, runs_view_url, tracking_uri
 
 FAN_OUT_POLL_S = 2.0
 
@@ -107,18 +107,17 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
     seeds = seeds or [0]
     base = load_config(preset, overrides or [])
     prefix = sweep_prefix(name, base, sorted(grid or {}), _scheduled_date() if dated else None)
-    parent = open_run(base, run_key=f"sweep:{base.run.workdir}:{prefix}", run_name=prefix,
-                      tags={"relift.kind": "sweep", "relift.sweep": prefix,
-                            "relift.config_hash": prefix.rsplit("-", 1)[-1]})
-    parent.log_params({"preset": preset, "algorithms": ",".join(algorithms),
-                       "seeds": ",".join(map(str, seeds)), "grid": str(grid or {})})
-    link_prefect_and_mlflow(parent, prefix)
     children = {}
     for point in sweep_points(algorithms, seeds, grid or {}):
         run_name = point_name(prefix, point)
         children[run_name] = [*(overrides or []), *(f"{k}={v}" for k, v in point.items()),
                               f"run.name={run_name}"]
-    try:
+    with mlflow_run(base, run_key=f"sweep:{base.run.workdir}:{prefix}", run_name=prefix,
+                    tags={"relift.kind": "sweep", "relift.sweep": prefix,
+                          "relift.config_hash": prefix.rsplit("-", 1)[-1]}) as parent:
+        parent.log_params({"preset": preset, "algorithms": ",".join(algorithms),
+                           "seeds": ",".join(map(str, seeds)), "grid": str(grid or {})})
+        link_prefect_and_mlflow(parent, prefix)
         if train_deployment:
             results = _fan_out(train_deployment, preset, children, parent)
         else:
@@ -134,22 +133,15 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
                            "flow_run_id": str(state.state_details.flow_run_id or "")}
                 results[run_name] = ({**state.result(), **outcome, "message": None}
                                      if state.is_completed() else outcome)
-    except BaseException:
-        close_run(parent, "FAILED")
-        raise
-    failed = {k: r for k, r in results.items() if r["state"] != "COMPLETED"}
-    _report(results)
-    try:
+        failed = {k: r for k, r in results.items() if r["state"] != "COMPLETED"}
+        _report(results)
         comparison = publish_comparison(parent, base, prefix)
-    except BaseException:
-        close_run(parent, "FAILED")
-        raise
-    close_run(parent, "FAILED" if failed else "FINISHED")
-    if failed:
-        # Every other child's result is in MLflow and in the artifact; the flow run fails.
-        raise RuntimeError(f"{len(failed)} of {len(results)} sweep runs failed: "
-                           + "; ".join(f"{k}: {r.get('message') or r['state']}"
-                                       for k, r in failed.items()))
+        if failed:
+            # Every other child's result is in MLflow and in the artifact; the parent run ends
+            # FAILED and so does the flow run.
+            raise RuntimeError(f"{len(failed)} of {len(results)} sweep runs failed: "
+                               + "; ".join(f"{k}: {r.get('message') or r['state']}"
+                                           for k, r in failed.items()))
     return {"mlflow_run_id": parent.run_id, "mlflow_url": parent.url(), "runs": results,
             "comparison": comparison,
             "runs_view_url": runs_view_url(parent.client, table_experiment_id(parent))}

@@ -39,7 +39,7 @@ from relift_core.runtime.models import export_dtype
 from relift_core.runtime.session import build_session
 from tasks import progress as terminal
 from tasks.eval_tasks import evaluate_policy
-from tasks.tracking import MlflowTracker, close_run, open_run
+from tasks.tracking import MlflowTracker, mlflow_run
 from tasks.train_tasks import PREFECT_PHASES, quiet_completed_phases
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
@@ -81,8 +81,7 @@ def train(preset: str = "toy", overrides: list[str] | None = None,
     return run_training(cfg, parent_mlflow_run_id=parent_mlflow_run_id)
 
 
-def run_training(cfg: ExperimentConfig, *,
-                 parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
+def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     data = prepare_data.with_options(flow_run_name=f"prepare-data-{cfg.run.name}")(
         cfg.model_dump(mode="json"))
@@ -99,65 +98,56 @@ def run_training(cfg: ExperimentConfig, *,
         # into the same MLflow run (its absolute path, the run key, has changed).
         id_file = cfg.run_dir() / MLFLOW_RUN_ID_FILE
         known = id_file.read_text().strip() if id_file.exists() else None
-        tracker = open_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
-                           parent_run_id=parent_mlflow_run_id,
-                           tags={"relift.algorithm": cfg.algorithm.name,
-                                 "relift.preset_fingerprint": cfg.fingerprint()},
-                           known_run_id=known, data_fingerprint=session.data_fingerprint,
-                           start_over=session.started_over is not None)
-        id_file.write_text(tracker.run_id)
-    except BaseException:
-        session.close()
-        raise
-    try:
-        tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
-        link_prefect_and_mlflow(tracker, cfg.run.name)
-        log_config_and_data(tracker, cfg, data)
-        if session.resumed_from:
-            logger.info(f"resumed from {session.resumed_from} "
-                        f"at iteration {session.state.iteration}")
-            # A resumed run redoes the iterations after its checkpoint; what the lost attempt
-            # logged for them is not logged a second time (see skip_logged_steps_from).
-            tracker.skip_logged_steps_from(session.state.iteration)
-        for path, why in session.skipped_checkpoints:
-            logger.warning(f"skipped checkpoint {path}: {why}")
-        if session.skipped_checkpoints:
-            tracker.set_tags({"relift.skipped_checkpoints": json.dumps(
-                session.skipped_checkpoints)[:5000]})
-        if session.started_over is not None:
-            logger.warning(f"run.resume=never: started over; the earlier checkpoints are in "
-                           f"{session.started_over}")
-            tracker.set_tags({"relift.started_over": str(session.started_over)})
-        if session.resumed_with_changes:
-            changes = {k: f"{a!r} -> {b!r}" for k, (a, b) in session.resumed_with_changes.items()}
-            logger.warning(f"resumed with a changed config (run.resume=force): {changes}")
-            tracker.set_tags({"relift.resumed_with_changes": json.dumps(changes)[:5000]})
-        progress_id = create_progress_artifact(
-            progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
-            description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
-        progress_shown = time.monotonic()
-        bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
-                             completed=session.state.iteration)
-        if cfg.eval.at_start and session.state.iteration == 0 and cfg.run.iterations > 0:
-            evaluate_policy(session, tracker, 0, data)  # the starting point of every curve
-        with quiet_completed_phases():
-            for i in range(session.state.iteration, cfg.run.iterations):
-                metrics = run_iteration(
-                    session, i, phases=PREFECT_PHASES, tracker=tracker,
-                    evaluate=lambda step: evaluate_policy(session, tracker, step, data))
-                logger.info(_summary_line(i, metrics))
-                terminal.advance(bar, f"acc {metrics['rollout_accuracy']:.2f} "
-                                      f"demos {metrics['demos_used']:.0f}")
-                progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
-                                                progress_shown)
-        final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
-        tracker.log_text("\n".join(json.dumps(x) for x in session.state.sft_log),
-                         "sft_demonstrations.jsonl")
-        log_final_policy(tracker, session)
-        close_run(tracker, "FINISHED")
-    except BaseException:
-        close_run(tracker, "FAILED")
-        raise
+        with mlflow_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
+                        parent_run_id=parent_mlflow_run_id,
+                        tags={"relift.algorithm": cfg.algorithm.name,
+                              "relift.preset_fingerprint": cfg.fingerprint()},
+                        known_run_id=known, data_fingerprint=session.data_fingerprint,
+                        start_over=session.started_over is not None) as tracker:
+            id_file.write_text(tracker.run_id)
+            tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
+            link_prefect_and_mlflow(tracker, cfg.run.name)
+            log_config_and_data(tracker, cfg, data)
+            if session.resumed_from:
+                logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
+                # A resumed run redoes the iterations after its checkpoint; what the lost attempt
+                # logged for them is not logged a second time (see skip_logged_steps_from).
+                tracker.skip_logged_steps_from(session.state.iteration)
+            for path, why in session.skipped_checkpoints:
+                logger.warning(f"skipped checkpoint {path}: {why}")
+            if session.skipped_checkpoints:
+                tracker.set_tags({"relift.skipped_checkpoints": json.dumps(
+                    session.skipped_checkpoints)[:5000]})
+            if session.started_over is not None:
+                logger.warning(f"run.resume=never: started over; the earlier checkpoints are in "
+                               f"{session.started_over}")
+                tracker.set_tags({"relift.started_over": str(session.started_over)})
+            if session.resumed_with_changes:
+                changes = {k: f"{a!r} -> {b!r}" for k, (a, b) in session.resumed_with_changes.items()}
+                logger.warning(f"resumed with a changed config (run.resume=force): {changes}")
+                tracker.set_tags({"relift.resumed_with_changes": json.dumps(changes)[:5000]})
+            progress_id = create_progress_artifact(
+                progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
+                description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
+            progress_shown = time.monotonic()
+            bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
+                                 completed=session.state.iteration)
+            if cfg.eval.at_start and session.state.iteration == 0 and cfg.run.iterations > 0:
+                evaluate_policy(session, tracker, 0, data)  # the starting point of every curve
+            with quiet_completed_phases():
+                for i in range(session.state.iteration, cfg.run.iterations):
+                    metrics = run_iteration(
+                        session, i, phases=PREFECT_PHASES, tracker=tracker,
+                        evaluate=lambda step: evaluate_policy(session, tracker, step, data))
+                    logger.info(_summary_line(i, metrics))
+                    terminal.advance(bar, f"acc {metrics['rollout_accuracy']:.2f} "
+                                          f"demos {metrics['demos_used']:.0f}")
+                    progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
+                                                    progress_shown)
+            final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
+            tracker.log_text("\n".join(json.dumps(x) for x in session.state.sft_log),
+                             "sft_demonstrations.jsonl")
+            log_final_policy(tracker, session)
     finally:
         session.close()
     return {"run_name": cfg.run.name, "mlflow_run_id": tracker.run_id,

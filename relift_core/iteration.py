@@ -14,10 +14,8 @@ Nothing here knows about Prefect or MLflow (metrics go to any `Tracker`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,45 +30,9 @@ from relift_core.data.question_stream import QuestionStream
 from relift_core.grading.extraction import answer_type_for
 from relift_core.grading.grader import BatchGrader, Grade
 from relift_core.runtime.batches import demonstration_ids, pack_rows, sft_batch
-from relift_core.runtime.rollout import RolloutEngine, Sample
+from relift_core.runtime.rollout import RolloutEngine, Sample, engine_asleep
+from relift_core.runtime.session import TrainSession
 from relift_core.tracker import Tracker
-
-if TYPE_CHECKING:
-    from relift_core.runtime.session import TrainSession
-
-
-@dataclass
-class RunState:
-    """Everything a run carries between iterations; all of it is checkpointed together."""
-
-    iteration: int
-    buffer: DemoBuffer
-    ledger: DifficultyLedger
-    stream: QuestionStream
-    demos_used: int = 0
-    sft_steps: int = 0
-    # Every demonstration fine-tuned on: (iteration used, uid, iteration added, level when added).
-    sft_log: list[dict[str, Any]] = field(default_factory=list)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "buffer": self.buffer.state_dict(),
-            "ledger": self.ledger.state_dict(),
-            "stream": self.stream.state_dict(),
-            "demos_used": self.demos_used,
-            "sft_steps": self.sft_steps,
-            "sft_log": self.sft_log,
-        }
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
-        self.buffer.load_state_dict(state["buffer"])
-        self.ledger.load_state_dict(state["ledger"])
-        self.stream.load_state_dict(state["stream"])
-        self.demos_used = int(state["demos_used"])
-        self.sft_steps = int(state["sft_steps"])
-        self.sft_log = list(state.get("sft_log", []))
 
 
 @dataclass
@@ -139,48 +101,6 @@ def record_levels(ledger: DifficultyLedger, iteration: int, rollouts: Rollouts) 
             for q, acc in zip(rollouts.questions, accuracies(rollouts), strict=True)]
 
 
-def measure_levels(engine: RolloutEngine, tokenizer, grader: BatchGrader,
-                   questions: list[Example], cfg: ExperimentConfig, *, seed: int,
-                   ledger: DifficultyLedger | None = None, iteration: int = 0) -> dict[str, Level]:
-    """uid -> level of each question under the engine's current policy: cfg.rollout.n samples
-    at the rollout temperature, exactly as a training iteration sees the question."""
-    ledger = ledger if ledger is not None else DifficultyLedger()
-    rollouts = grade(rollout(engine, tokenizer, questions, cfg, seed=seed), grader,
-                     require_think=cfg.algorithm.require_think)
-    levels = record_levels(ledger, iteration, rollouts)
-    return {q.uid: lv for q, lv in zip(questions, levels, strict=True)}
-
-
-def policy_levels(cfg: ExperimentConfig, questions: list[Example],
-                  init_from: str | None = None) -> dict[str, Level]:
-    """uid -> level of each question under a saved policy (`init_from`, default the config's
-    model), loaded fresh on cfg.run.device: the demo's and the difficulty-dynamics' measure."""
-    from relift_core.runtime.models import export_dtype, load_policy, resolve_device
-    from relift_core.runtime.session import build_engine, seed_everything
-
-    model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
-    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed,
-                                   dtype=export_dtype(cfg.model))
-    engine = build_engine(cfg, model, tokenizer, device)
-    with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-        return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
-
-
-def sampled_accuracy(engine: RolloutEngine, tokenizer, grader: BatchGrader,
-                     questions: list[Example], cfg: ExperimentConfig, *,
-                     seed: int) -> dict[str, float]:
-    """uid -> share of eval.samples answers (at the evaluation temperature) that are right:
-    avg@k per question, as the evaluation flow measures it, without writing records."""
-    eval_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={
-        "n": cfg.eval.samples or 1, "temperature": cfg.eval.temperature,
-        "top_p": cfg.eval.top_p, "max_new_tokens": cfg.eval.max_new_tokens})})
-    rollouts = grade(rollout(engine, tokenizer, questions, eval_cfg, seed=seed), grader,
-                     require_think=cfg.algorithm.require_think)
-    return {q.uid: acc for q, acc in zip(questions, accuracies(rollouts), strict=True)}
-
-
 def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: int,
                            questions: list[Example], levels: list[Level],
                            source: DemonstrationSource) -> dict[str, float]:
@@ -194,7 +114,7 @@ def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: in
         return {"demos_collected": 0.0, "demos_unavailable": 0.0}
     demos = source.demonstrations([q for q, _ in wanted])
     before = len(buffer)
-    buffer.add_all([DemoEntry(uid=q.uid, prompt=tuple(q.prompt), demonstration=demo,
+    buffer.add_all([DemoEntry(uid=q.uid, prompt=list(q.prompt), demonstration=demo,
                               iteration_added=iteration, level_when_added=level.value)
                     for (q, level), demo in zip(wanted, demos, strict=True) if demo])
     return {"demos_collected": float(len(buffer) - before),
@@ -234,25 +154,23 @@ def dynamic_sampling(first: Rollouts, draw_more: Callable[[int], Rollouts], *, t
 
 
 def mix_demonstrations(rollouts: Rollouts, source: DemonstrationSource, tokenizer,
-                       grader: BatchGrader, *, max_new_tokens: int,
-                       require_think: bool) -> Rollouts:
+                       grader: BatchGrader, *, max_new_tokens: int, require_think: bool) -> Rollouts:
     """LUFFY: each question's demonstration becomes one more sample of its group, graded like
     the rollouts, its response cut at `max_new_tokens` as a rollout would be."""
     texts = source.demonstrations(rollouts.questions)
     present = [qi for qi, t in enumerate(texts) if t]
-    chosen = [t for t in texts if t]  # the texts of `present`, in its order
-    ids = demonstration_ids(tokenizer, chosen, max_new_tokens)
-    grades = grader.grade(chosen,
+    ids = demonstration_ids(tokenizer, [texts[qi] for qi in present], max_new_tokens)
+    grades = grader.grade([texts[qi] for qi in present],
                           [rollouts.questions[qi].ground_truth for qi in present],
                           [answer_type_for(rollouts.questions[qi].data_source) for qi in present],
                           require_think=require_think) if present else []
     rollouts.demonstrations = [None] * len(texts)
     rollouts.demonstration_grades = [None] * len(texts)
-    for qi, text, response, g in zip(present, chosen, ids, grades, strict=True):
+    for qi, response, g in zip(present, ids, grades, strict=True):
         stopped = bool(response) and response[-1] == tokenizer.eos_token_id
         rollouts.demonstrations[qi] = Sample(
             prompt_index=qi, prompt_ids=list(rollouts.samples[qi][0].prompt_ids),
-            response_ids=response, text=text, length=len(response),
+            response_ids=response, text=texts[qi], length=len(response),
             finish_reason="eos" if stopped else "length")
         rollouts.demonstration_grades[qi] = g
     return rollouts
@@ -270,11 +188,8 @@ def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig
     for qi, (group_samples, grades) in enumerate(zip(rollouts.samples, rollouts.grades,
                                                      strict=True)):
         rows = list(zip(group_samples, grades, [False] * len(grades), strict=True))
-        demo = rollouts.demonstrations[qi] if rollouts.demonstrations else None
-        if demo is not None:
-            demo_grade = rollouts.demonstration_grades[qi]
-            assert demo_grade is not None  # mix_demonstrations grades every demonstration it adds
-            rows.append((demo, demo_grade, True))
+        if rollouts.demonstrations and rollouts.demonstrations[qi] is not None:
+            rows.append((rollouts.demonstrations[qi], rollouts.demonstration_grades[qi], True))
         for sample, grade_, off in rows:
             samples.append(sample)
             rewards.append(grade_.reward)
@@ -314,8 +229,7 @@ def sft_update(trainer, tokenizer, entries: list[DemoEntry], *, max_target_token
 
 
 def rollout_metrics(rollouts: Rollouts, levels: list[Level]) -> dict[str, float]:
-    """Per-step figures the paper tracks: reward, solve-none/solve-all, difficulty shares,
-    length."""
+    """Per-step figures the paper tracks: reward, solve-none/solve-all, difficulty shares, length."""
     accs = accuracies(rollouts)
     flat = [g for gs in rollouts.grades for g in gs]
     lengths = [s.length for group in rollouts.samples for s in group]
@@ -344,24 +258,12 @@ def rollout_seed(run_seed: int, iteration: int, draw: int = 0) -> int:
     return run_seed * 100_003 + iteration + draw * 1_000_033
 
 
-@contextmanager
-def engine_asleep(engine: RolloutEngine) -> Iterator[None]:
-    """The rollout engine releases its accelerator memory (vLLM: weights offloaded, KV cache
-    freed) while the trainer steps, and takes it back after, even if the step fails."""
-    engine.sleep()
-    try:
-        yield
-    finally:
-        engine.wake()
-
-
 class Phases:
     """The phases of an iteration over a TrainSession. Each method is one Prefect task in
     `tasks/train_tasks.py`; a method that changes run state changes it here, never in a task."""
 
     def draw_questions(self, session: TrainSession) -> list[Example]:
-        return draw_questions(session.state.stream, session.dataset,
-                              session.cfg.rl.prompts_per_step)
+        return draw_questions(session.state.stream, session.dataset, session.cfg.rl.prompts_per_step)
 
     def rollout(self, session: TrainSession, questions: list[Example], iteration: int,
                 draw: int = 0) -> Rollouts:

@@ -33,7 +33,8 @@ def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: 
     torch.set_num_threads(1)
     from relift_core.config import load_config
     from relift_core.data.examples import load_examples
-    from relift_core.iteration import run_iteration, sampled_accuracy
+    from relift_core.grading.levels import sampled_accuracy
+    from relift_core.iteration import run_iteration
     from relift_core.runtime.session import build_session
 
     name = f"{algo}-s{seed}-{time.time_ns() % 10**9}"
@@ -89,12 +90,12 @@ def main() -> None:
     from relift_core.config import load_config
     from relift_core.data.examples import load_examples
     from relift_core.grading.grader import BatchGrader
-    from relift_core.iteration import measure_levels
+    from relift_core.grading.levels import measure_levels
     from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
     from relift_core.proofworld.problems import write_world
     from relift_core.proofworld.statistics import summarize
+    from relift_core.runtime.assembly import build_engine
     from relift_core.runtime.models import load_policy
-    from relift_core.runtime.session import build_engine
 
     t0 = time.perf_counter()
     wd = Path(args.workdir)

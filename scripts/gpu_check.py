@@ -36,10 +36,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from relift_core.config import ExperimentConfig
+from relift_core.runtime.assembly import trainer_options
 from relift_core.runtime.batches import pack_rows, rl_batch
 from relift_core.runtime.memory_plan import GIB, plan_memory
 from relift_core.runtime.rollout import HFRolloutEngine, SamplingRequest
-from relift_core.runtime.session import trainer_options
 from relift_core.runtime.trainer import TorchTrainer
 
 MODEL_DIR = ROOT / "configs" / "models" / "qwen2.5-math-1.5b-16k-think"

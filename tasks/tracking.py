@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -378,5 +379,22 @@ def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
 
 
 def close_run(tracker: MlflowTracker, status: str = "FINISHED") -> None:
-    tracker.stop_system_metrics()
-    tracker.client.set_terminated(tracker.run_id, status=status)
+    try:
+        tracker.stop_system_metrics()
+    finally:  # the run's status is set even if the monitor's last sample fails
+        tracker.client.set_terminated(tracker.run_id, status=status)
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: ExperimentConfig, **open_kwargs: Any) -> Iterator[MlflowTracker]:
+    """`open_run(cfg, **open_kwargs)` for the life of the block: the run ends FINISHED when the
+    block completes, FAILED when anything leaves it -- an exception, Ctrl-C (KeyboardInterrupt),
+    SIGTERM (SystemExit) -- which is re-raised. Every flow's MLflow run is opened here, so no
+    failure leaves one RUNNING."""
+    tracker = open_run(cfg, **open_kwargs)
+    try:
+        yield tracker
+    except BaseException:
+        close_run(tracker, "FAILED")
+        raise
+    close_run(tracker, "FINISHED")

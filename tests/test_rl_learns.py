@@ -11,7 +11,8 @@ import pytest
 from relift_core.algorithm.difficulty import Level
 from relift_core.config import load_config
 from relift_core.data.examples import load_examples
-from relift_core.iteration import measure_levels, run_iteration, sampled_accuracy
+from relift_core.grading.levels import measure_levels, sampled_accuracy
+from relift_core.iteration import run_iteration
 from relift_core.proofworld.pretrain import pretrain_base_model
 from relift_core.proofworld.problems import write_world
 from relift_core.runtime.session import build_session

@@ -447,7 +447,7 @@ def test_abort_and_missing_samples_are_errors(tmp_path, policy, monkeypatch):
 
 
 def train_step(engine, model):
-    """What the training loop does around an update (iteration.engine_asleep, then the sync)."""
+    """What the training loop does around an update (rollout.engine_asleep, then the sync)."""
     engine.sleep()
     with torch.no_grad():
         for p in model.parameters():

@@ -3,7 +3,7 @@
 It plays the role a pretrained LLM plays in the paper: competent on what pretraining showed,
 shaky at its edges, ignorant of the rest -- so that its training questions fall into all four
 difficulty levels and RL, SFT and ReLIFT have something different to do on each.
-The levels it leaves are measured by `relift_core.iteration.measure_levels`, like any policy's.
+The levels it leaves are measured by `relift_core.grading.levels.measure_levels`, like any policy's.
 """
 
 from __future__ import annotations

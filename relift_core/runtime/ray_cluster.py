@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from relift_core.config import ExperimentConfig
-from relift_core.iteration import engine_asleep
+from relift_core.runtime.assembly import build_engine, seed_everything, trainer_options
 from relift_core.runtime.batches import TokenBatch
 from relift_core.runtime.distributed import ShardCountError
-from relift_core.runtime.models import export_dtype
-from relift_core.runtime.rollout import RolloutEngine, Sample, SamplingRequest
+from relift_core.runtime.models import export_dtype, load_policy
+from relift_core.runtime.rollout import RolloutEngine, Sample, SamplingRequest, engine_asleep
 from relift_core.runtime.trainer import STATE_VERSION
 
 if TYPE_CHECKING:  # both import their backends (torch.distributed, DeepSpeed) at import time
@@ -87,9 +87,6 @@ class TrainerRank:
         import os
 
         import torch.distributed as dist
-
-        from relift_core.runtime.models import load_policy
-        from relift_core.runtime.session import build_engine, seed_everything, trainer_options
 
         cfg = self.cfg
         on_gpu = cfg.cluster.gpus_per_node > 0

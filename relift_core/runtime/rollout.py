@@ -91,6 +91,17 @@ class RolloutEngine(ABC):
         """Reacquire what `sleep` released."""
 
 
+@contextlib.contextmanager
+def engine_asleep(engine: RolloutEngine) -> Iterator[None]:
+    """The rollout engine releases its accelerator memory (vLLM: weights offloaded, KV cache
+    freed) while the trainer steps, and takes it back after, even if the step fails."""
+    engine.sleep()
+    try:
+        yield
+    finally:
+        engine.wake()
+
+
 def default_stop_token_ids(
     tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None
 ) -> list[int]:

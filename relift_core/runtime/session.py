@@ -1,17 +1,16 @@
 """Assembles a training session from the config: policy, rollout engine, trainer, grader, and
-the run state (buffer, ledger, data position), resumed from the run's last checkpoint if any."""
+the run state (buffer, ledger, data position, `RunState`), resumed from the run's last
+checkpoint if any."""
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import numpy as np
 import torch
 
 from relift_core.algorithm.demonstration_buffer import DemoBuffer
@@ -26,7 +25,7 @@ from relift_core.config import ExperimentConfig, config_differences
 from relift_core.data.examples import Example, fingerprint_examples
 from relift_core.data.question_stream import QuestionStream
 from relift_core.grading.grader import BatchGrader
-from relift_core.iteration import RunState
+from relift_core.runtime.assembly import build_engine, seed_everything, trainer_options
 from relift_core.runtime.checkpoint import (
     STATE_JSON,
     CheckpointError,
@@ -44,10 +43,44 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class RunState:
+    """Everything a run carries between iterations; all of it is checkpointed together."""
+
+    iteration: int
+    buffer: DemoBuffer
+    ledger: DifficultyLedger
+    stream: QuestionStream
+    demos_used: int = 0
+    sft_steps: int = 0
+    # Every demonstration fine-tuned on: (iteration used, uid, iteration added, level when added).
+    sft_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "buffer": self.buffer.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "stream": self.stream.state_dict(),
+            "demos_used": self.demos_used,
+            "sft_steps": self.sft_steps,
+            "sft_log": self.sft_log,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.stream.load_state_dict(state["stream"])
+        self.demos_used = int(state["demos_used"])
+        self.sft_steps = int(state["sft_steps"])
+        self.sft_log = list(state.get("sft_log", []))
+
+
+@dataclass
 class TrainSession:
     cfg: ExperimentConfig
     model: torch.nn.Module
-    tokenizer: Any  # a transformers tokenizer (untyped here: mypy skips transformers)
+    tokenizer: object
     engine: RolloutEngine
     trainer: TorchTrainer
     grader: BatchGrader
@@ -86,27 +119,7 @@ class TrainSession:
             self.lock.release()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_engine(cfg: ExperimentConfig, model, tokenizer, device,
-                 vllm_model_dir: Path | None = None) -> RolloutEngine:
-    """`vllm_model_dir`: where vLLM's starting weights are saved (one directory per process
-    that builds an engine: each Ray rank has its own)."""
-    if cfg.rollout.engine == "vllm":
-        from relift_core.runtime.vllm_engine import VLLMRolloutEngine
-
-        return VLLMRolloutEngine.from_config(cfg, model, tokenizer, model_dir=vllm_model_dir)
-    # The HF engine samples from the trainer's own model object: no weight sync needed.
-    return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
-                           bf16_autocast=compute_autocast(cfg.model))
-
-
-def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader,
-                               device) -> DemonstrationSource:
+def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
     if cfg.algorithm.demonstrations == "dataset":
         return DatasetDemonstrations()
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
@@ -117,17 +130,6 @@ def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader,
                                  temperature=cfg.eval.temperature,
                                  max_new_tokens=cfg.rollout.max_new_tokens,
                                  require_think=cfg.algorithm.require_think)
-
-
-def trainer_options(cfg: ExperimentConfig, device) -> dict:
-    """The config's trainer settings, as TorchTrainer (and its subclasses) take them."""
-    return {"algo": cfg.algorithm, "rl": cfg.rl, "sft": cfg.sft,
-            "max_response_len": cfg.rollout.max_new_tokens, "device": str(device),
-            "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
-            "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "bf16_autocast": compute_autocast(cfg.model),
-            "remove_padding": cfg.model.remove_padding,
-            "logit_chunk_tokens": cfg.model.logit_chunk_tokens}
 
 
 def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
@@ -203,8 +205,7 @@ def set_aside(checkpoints: Path) -> Path:
     return moved
 
 
-def _refuse_without_a_checkpoint(cfg: ExperimentConfig,
-                                 skipped: list[tuple[Path, str]]) -> NoReturn:
+def _refuse_without_a_checkpoint(cfg: ExperimentConfig, skipped: list[tuple[Path, str]]) -> None:
     shown = "; ".join(f"{path.name}: {why}" for path, why in skipped[:3])
     raise ResumeRefused(
         f"run '{cfg.run.name}' has no usable checkpoint in {skipped[0][0].parent} ({shown}): "

@@ -1,0 +1,112 @@
+"""What `relift demo` shows on the terminal: its own lines only, the libraries' output (Prefect
+and MLflow logs, Python warnings, progress bars, from the process and its children) in a log
+file of the work directory, everything back on the terminal with --verbose; the slow test runs
+a reduced demo and counts its lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A process that writes the way libraries do: a logging handler on stderr, a Python warning, a
+# tqdm-like bar, and a spawned child writing to its inherited stdout; and one line of its own.
+_SCRIPT = """
+import logging, multiprocessing, sys, warnings
+import flows.cli as cli
+
+def child():
+    print("child library line 100%|##########|", flush=True)
+
+if __name__ == "__main__":
+    cli._verbose = sys.argv[2] == "verbose"
+    logging.basicConfig(level=logging.INFO)
+    try:
+        with cli.library_output_to_log(sys.argv[1], "demo") as log:
+            cli.console.print("our line", highlight=False)
+            logging.getLogger("prefect.flow_runs").info("View at http://127.0.0.1/runs/1")
+            warnings.warn("a library's UserWarning")
+            print("Loading weights 50%|#####     |", file=sys.stderr)
+            p = multiprocessing.get_context("spawn").Process(target=child)
+            p.start(); p.join()
+            if sys.argv[2] == "fail":
+                raise ValueError("train.jsonl: line 3: not JSON")
+    except ValueError as e:  # as flows.cli.main reports a user error, after the block
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    cli.console.print(f"after: {log}", highlight=False, soft_wrap=True)
+"""
+
+
+def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "writes.py"  # a file: the spawned child imports its `child`
+    script.write_text(_SCRIPT)
+    return subprocess.run([sys.executable, str(script), str(tmp_path), mode], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+
+
+def test_library_output_goes_to_the_log_file_and_ours_to_the_terminal(tmp_path):
+    done = _run(tmp_path, "quiet")
+    assert done.returncode == 0 and done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0] == "our line" and lines[1].startswith("after: ") and len(lines) == 2
+    log = Path(lines[1].removeprefix("after: ").strip())
+    assert log.parent == tmp_path / "logs" and log.name.startswith("demo-")
+    kept = log.read_text()
+    for text in ("View at", "UserWarning", "Loading weights", "child library line"):
+        assert text in kept, text
+
+
+def test_an_error_leaving_the_block_still_reaches_the_terminal(tmp_path):
+    done = _run(tmp_path, "fail")
+    assert done.returncode == 1
+    assert done.stdout == "our line\n" and done.stderr == "error: train.jsonl: line 3: not JSON\n"
+    [log] = (tmp_path / "logs").glob("demo-*.log")
+    assert "UserWarning" in log.read_text()
+
+
+def test_verbose_keeps_everything_on_the_terminal(tmp_path):
+    done = _run(tmp_path, "verbose")
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout + done.stderr
+    for text in ("our line", "View at", "UserWarning", "Loading weights", "child library line"):
+        assert text in shown, text
+    assert "after: None" in done.stdout and not (tmp_path / "logs").exists()
+
+
+# As tests/test_demo.py's reduced demo, one seed: a few minutes.
+REDUCED = ["run.iterations=3", "data.world.families=[add,sub,mul,chain]", "data.world.sizes=[2,3]",
+           "data.world.cells=null", "data.world.train_per_cell=24", "data.world.eval_per_cell=4",
+           "data.world.pretrain_examples=4000", "data.world.pretrain_steps=150", "rollout.n=8",
+           "eval.samples=2", "rl.prompts_per_step=12", "rl.mini_batch_size=12",
+           "run.grader_workers=1", "algorithm.sft_buffer_threshold=4"]
+TABLE_HEADER = "| run | held-out accuracy | 95% CI |"
+
+
+@pytest.mark.slow
+def test_demo_prints_its_own_lines_only(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)  # its temporary server, as `make demo` runs it
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "-p", "toy", "--seeds", "0",
+                           *REDUCED, f"run.workdir={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=3000, check=False)
+    shown = done.stdout + done.stderr
+    assert done.returncode == 0, shown[-3000:]
+    lines = shown.splitlines()
+    print(shown)
+    assert len(lines) <= 150, len(lines)
+    for noise in ("%|", "━", "Warning", "View at", "INFO"):
+        assert noise not in shown, noise
+    assert shown.count(TABLE_HEADER) == 1
+    assert sum("trained (" in line for line in lines) == 4  # base, rl, sft, relift
+    # The libraries' output is kept, in the log file the first line names.
+    [log] = (tmp_path / "logs").glob("demo-*.log")
+    assert str(log) in lines[0]
+    kept = log.read_text()
+    assert "Finished in state Completed" in kept and "View at" in kept
