@@ -19,8 +19,13 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-TRAINING_CURVES = ("reward_mean", "rollout_accuracy", "response_length_mean", "rl/entropy",
-                   "demos_used")
+TRAINING_CURVES = (
+    "reward_mean",
+    "rollout_accuracy",
+    "response_length_mean",
+    "rl/entropy",
+    "demos_used",
+)
 LEVELS = ("hardest", "hard", "medium", "easy")
 LEVEL_SHARES = tuple(f"frac_{lv}" for lv in LEVELS)
 
@@ -34,8 +39,9 @@ def _eval_column(key: str) -> str | None:
     return bench if not rest else f"{bench}:{'/'.join(rest)}"
 
 
-def runs_table(tracking_uri: str, experiment: str = "relift", *,
-               parent_run_id: str | None = None) -> pd.DataFrame:
+def runs_table(
+    tracking_uri: str, experiment: str = "relift", *, parent_run_id: str | None = None
+) -> pd.DataFrame:
     """One row per training run: name, algorithm (`base` for 0 iterations), seed, status,
     demonstrations used, final rollout accuracy and every held-out avg@k."""
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -46,16 +52,24 @@ def runs_table(tracking_uri: str, experiment: str = "relift", *,
     if parent_run_id:
         filt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
     rows = []
-    for run in client.search_runs([exp.experiment_id], filter_string=filt, max_results=5000,
-                                  order_by=["attributes.start_time ASC"]):
+    for run in client.search_runs(
+        [exp.experiment_id],
+        filter_string=filt,
+        max_results=5000,
+        order_by=["attributes.start_time ASC"],
+    ):
         m, p = run.data.metrics, run.data.params
         iterations = int(p.get("run.iterations", "0") or 0)
-        row = {"run": run.info.run_name, "run_id": run.info.run_id,
-               "algorithm": "base" if iterations == 0 else run.data.tags.get("relift.algorithm"),
-               "seed": int(p["run.seed"]) if p.get("run.seed") else None,
-               "status": run.info.status, "iterations": iterations,
-               "demos_used": m.get("demos_used", 0.0),
-               "rollout_accuracy": m.get("rollout_accuracy")}
+        row = {
+            "run": run.info.run_name,
+            "run_id": run.info.run_id,
+            "algorithm": "base" if iterations == 0 else run.data.tags.get("relift.algorithm"),
+            "seed": int(p["run.seed"]) if p.get("run.seed") else None,
+            "status": run.info.status,
+            "iterations": iterations,
+            "demos_used": m.get("demos_used", 0.0),
+            "rollout_accuracy": m.get("rollout_accuracy"),
+        }
         for key, value in m.items():
             column = _eval_column(key)
             if column is not None:
@@ -65,16 +79,26 @@ def runs_table(tracking_uri: str, experiment: str = "relift", *,
 
 
 # Params that differ between runs of one comparison without making them different methods.
-_NOT_A_VARIANT = ("run.seed", "run.name", "algorithm.name", "run.iterations", "model.init_from",
-                  "run.workdir", "algorithm.teacher_model")
+_NOT_A_VARIANT = (
+    "run.seed",
+    "run.name",
+    "algorithm.name",
+    "run.iterations",
+    "model.init_from",
+    "run.workdir",
+    "algorithm.teacher_model",
+)
 
 
 def _with_variants(rows: list[tuple[dict, dict]]) -> pd.DataFrame:
     """Adds `variant`: the algorithm, plus every other param whose value differs between the
     runs (a sweep's grid), so runs of one method and setting group across seeds."""
     keys = set().union(*(params for _, params in rows)) if rows else set()
-    varying = sorted(k for k in keys if k not in _NOT_A_VARIANT
-                     and len({params.get(k) for _, params in rows}) > 1)
+    varying = sorted(
+        k
+        for k in keys
+        if k not in _NOT_A_VARIANT and len({params.get(k) for _, params in rows}) > 1
+    )
     out = []
     for row, params in rows:
         extra = ",".join(f"{k.rsplit('.', 1)[-1]}={params.get(k)}" for k in varying)
@@ -84,8 +108,17 @@ def _with_variants(rows: list[tuple[dict, dict]]) -> pd.DataFrame:
 
 def held_out_columns(table: pd.DataFrame) -> list[str]:
     """Benchmark columns (not their sub-groups), in table order."""
-    fixed = {"variant", "run", "run_id", "algorithm", "seed", "status", "iterations",
-             "demos_used", "rollout_accuracy"}
+    fixed = {
+        "variant",
+        "run",
+        "run_id",
+        "algorithm",
+        "seed",
+        "status",
+        "iterations",
+        "demos_used",
+        "rollout_accuracy",
+    }
     return [c for c in table.columns if c not in fixed and ":" not in c]
 
 
@@ -114,8 +147,16 @@ def summarize_by_algorithm(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     for algo, group in table.groupby("variant", sort=False):
         values = group[metric] if metric in group else pd.Series(dtype=float)
         mean, lo, hi = mean_ci(values)
-        rows.append({"algorithm": algo, "seeds": int(values.notna().sum()), "mean": mean,
-                     "ci_low": lo, "ci_high": hi, "demos_used": float(group["demos_used"].mean())})
+        rows.append(
+            {
+                "algorithm": algo,
+                "seeds": int(values.notna().sum()),
+                "mean": mean,
+                "ci_low": lo,
+                "ci_high": hi,
+                "demos_used": float(group["demos_used"].mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -127,8 +168,9 @@ def method_summary(table: pd.DataFrame) -> pd.DataFrame:
     for bench in held_out_columns(table):
         frames.append(summarize_by_algorithm(table, bench).assign(benchmark=bench))
     if not frames:
-        return pd.DataFrame(columns=["algorithm", "benchmark", "seeds", "mean", "ci_low",
-                                     "ci_high", "demos_used"])
+        return pd.DataFrame(
+            columns=["algorithm", "benchmark", "seeds", "mean", "ci_low", "ci_high", "demos_used"]
+        )
     out = pd.concat(frames, ignore_index=True)
     return out[["algorithm", "benchmark", "seeds", "mean", "ci_low", "ci_high", "demos_used"]]
 
@@ -144,20 +186,34 @@ def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for row in summary.itertuples(index=False):
         key = f"{_metric_segment(row.algorithm)}/heldout_{_metric_segment(row.benchmark)}"
-        values = {"mean": row.mean, "ci_low": row.ci_low, "ci_high": row.ci_high,
-                  "seeds": row.seeds}
-        metrics |= {f"{key}_{k}": float(v) for k, v in values.items()
-                    if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        values = {
+            "mean": row.mean,
+            "ci_low": row.ci_low,
+            "ci_high": row.ci_high,
+            "seeds": row.seeds,
+        }
+        metrics |= {
+            f"{key}_{k}": float(v)
+            for k, v in values.items()
+            if v is not None and not (isinstance(v, float) and math.isnan(v))
+        }
         metrics[f"{_metric_segment(row.algorithm)}/demos_used"] = float(row.demos_used)
     return metrics
 
 
 def summary_rows(summary: pd.DataFrame) -> list[dict[str, object]]:
     """`method_summary` rounded for display (a Prefect table artifact, the console)."""
-    return [{"method": r.algorithm, "held-out": r.benchmark, "seeds": int(r.seeds),
-             "mean": None if math.isnan(r.mean) else round(r.mean, 3),
-             "95% CI": fmt_ci(r.ci_low, r.ci_high, r.seeds),
-             "demos used": round(r.demos_used)} for r in summary.itertuples(index=False)]
+    return [
+        {
+            "method": r.algorithm,
+            "held-out": r.benchmark,
+            "seeds": int(r.seeds),
+            "mean": None if math.isnan(r.mean) else round(r.mean, 3),
+            "95% CI": fmt_ci(r.ci_low, r.ci_high, r.seeds),
+            "demos used": round(r.demos_used),
+        }
+        for r in summary.itertuples(index=False)
+    ]
 
 
 def summary_table_markdown(summary: pd.DataFrame) -> str:
@@ -165,9 +221,11 @@ def summary_table_markdown(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "No held-out evaluation among the runs."
     text = pd.DataFrame(summary_rows(summary)).to_markdown(index=False)
-    return (text + "\n\nHeld-out accuracy (avg@k) on questions never trained on; mean and 95% "
-            f"t-interval over seeds (fewer than {MIN_SEEDS_FOR_CI} seeds: marked, too few for "
-            "the interval to say much); demonstrations used: mean over seeds.")
+    return (
+        text + "\n\nHeld-out accuracy (avg@k) on questions never trained on; mean and 95% "
+        f"t-interval over seeds (fewer than {MIN_SEEDS_FOR_CI} seeds: marked, too few for "
+        "the interval to say much); demonstrations used: mean over seeds."
+    )
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> pd.DataFrame:
@@ -183,8 +241,16 @@ def curves(tracking_uri: str, table: pd.DataFrame, keys: tuple[str, ...]) -> pd.
     for run in table[table["iterations"] > 0].itertuples():
         for key in keys:
             for h in client.get_metric_history(run.run_id, key):
-                rows.append({"algorithm": run.variant, "seed": run.seed, "run_id": run.run_id,
-                             "key": key, "step": h.step, "value": h.value})
+                rows.append(
+                    {
+                        "algorithm": run.variant,
+                        "seed": run.seed,
+                        "run_id": run.run_id,
+                        "key": key,
+                        "step": h.step,
+                        "value": h.value,
+                    }
+                )
     return pd.DataFrame(rows, columns=["algorithm", "seed", "run_id", "key", "step", "value"])
 
 
@@ -231,8 +297,11 @@ def plot_level_shares(history: pd.DataFrame, out_path: Path) -> Path:
             continue
         shares = part.pivot_table(index="step", columns="key", values="value", aggfunc="mean")
         shares = shares.reindex(columns=[k for k in LEVEL_SHARES if k in shares.columns])
-        ax.stackplot(shares.index, shares.to_numpy().T,
-                     labels=[c.removeprefix("frac_") for c in shares.columns])
+        ax.stackplot(
+            shares.index,
+            shares.to_numpy().T,
+            labels=[c.removeprefix("frac_") for c in shares.columns],
+        )
         ax.set_title(algo)
         ax.set_xlabel("iteration")
         ax.set_ylim(0, 1)
@@ -257,46 +326,80 @@ def summary_markdown(table: pd.DataFrame) -> str:
     lines = []
     for bench in held_out_columns(table):
         summary = summarize_by_algorithm(table, bench)
-        frame = pd.DataFrame({
-            "algorithm": summary["algorithm"], "seeds": summary["seeds"],
-            f"held-out {bench}": summary["mean"].map(lambda v: f"{v:.3f}"),
-            "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
-                summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
-            "demos used": summary["demos_used"].map(lambda v: f"{v:.0f}")})
+        frame = pd.DataFrame(
+            {
+                "algorithm": summary["algorithm"],
+                "seeds": summary["seeds"],
+                f"held-out {bench}": summary["mean"].map(lambda v: f"{v:.3f}"),
+                "95% CI": [
+                    fmt_ci(lo, hi, n)
+                    for lo, hi, n in zip(
+                        summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True
+                    )
+                ],
+                "demos used": summary["demos_used"].map(lambda v: f"{v:.0f}"),
+            }
+        )
         lines += [f"### Held-out `{bench}`", "", frame.to_markdown(index=False), ""]
         groups = [c for c in table.columns if c.startswith(f"{bench}:")]
         if groups:
             by_group = table.groupby("variant", sort=False)[groups].mean()
             by_group.columns = [c.split(":", 1)[1] for c in groups]
-            lines += ["Per group (mean over seeds):", "",
-                      by_group.map(lambda v: f"{v:.3f}").to_markdown(), ""]
+            lines += [
+                "Per group (mean over seeds):",
+                "",
+                by_group.map(lambda v: f"{v:.3f}").to_markdown(),
+                "",
+            ]
     return "\n".join(lines)
 
 
-def write_report(tracking_uri: str, out_dir: Path, experiment: str = "relift", *,
-                 parent_run_id: str | None = None) -> dict[str, Path]:
+def write_report(
+    tracking_uri: str,
+    out_dir: Path,
+    experiment: str = "relift",
+    *,
+    parent_run_id: str | None = None,
+) -> dict[str, Path]:
     """report.md (tables with CIs over seeds) and the figures it embeds, under `out_dir`."""
     out_dir = Path(out_dir)
     table = runs_table(tracking_uri, experiment, parent_run_id=parent_run_id)
     if table.empty:
-        raise ValueError(f"no training runs in {tracking_uri}"
-                         + (f" under parent run {parent_run_id}" if parent_run_id else ""))
+        raise ValueError(
+            f"no training runs in {tracking_uri}"
+            + (f" under parent run {parent_run_id}" if parent_run_id else "")
+        )
     history = curves(tracking_uri, table, TRAINING_CURVES + LEVEL_SHARES)
-    figures = {"curves": plot_curves(history, TRAINING_CURVES, out_dir / "training_curves.png"),
-               "levels": plot_level_shares(history, out_dir / "level_shares.png")}
-    runs = table[["run", "variant", "seed", "status", "demos_used",
-                  *held_out_columns(table)]].round(3)
-    text = "\n".join([
-        "# RL vs SFT vs ReLIFT", "",
-        f"{len(table)} runs from `{tracking_uri}`"
-        + (f", children of `{parent_run_id}`" if parent_run_id else "")
-        + ". Means over seeds with 95% t-intervals.", "",
-        summary_markdown(table),
-        "## Training curves (mean over seeds, band: the seeds' range)", "",
-        "![training curves](training_curves.png)", "",
-        "## Questions per difficulty level over iterations", "",
-        "![level shares](level_shares.png)", "",
-        "## Runs", "", runs.to_markdown(index=False), ""])
+    figures = {
+        "curves": plot_curves(history, TRAINING_CURVES, out_dir / "training_curves.png"),
+        "levels": plot_level_shares(history, out_dir / "level_shares.png"),
+    }
+    runs = table[
+        ["run", "variant", "seed", "status", "demos_used", *held_out_columns(table)]
+    ].round(3)
+    text = "\n".join(
+        [
+            "# RL vs SFT vs ReLIFT",
+            "",
+            f"{len(table)} runs from `{tracking_uri}`"
+            + (f", children of `{parent_run_id}`" if parent_run_id else "")
+            + ". Means over seeds with 95% t-intervals.",
+            "",
+            summary_markdown(table),
+            "## Training curves (mean over seeds, band: the seeds' range)",
+            "",
+            "![training curves](training_curves.png)",
+            "",
+            "## Questions per difficulty level over iterations",
+            "",
+            "![level shares](level_shares.png)",
+            "",
+            "## Runs",
+            "",
+            runs.to_markdown(index=False),
+            "",
+        ]
+    )
     report = out_dir / "report.md"
     report.write_text(text)
     return {"report": report, **figures}
@@ -308,9 +411,17 @@ def short_table(table: pd.DataFrame) -> pd.DataFrame:
     benches = held_out_columns(table)
     bench = benches[0] if benches else "rollout_accuracy"
     summary = summarize_by_algorithm(table, bench)
-    return pd.DataFrame({
-        "algorithm": summary["algorithm"], "seeds": summary["seeds"],
-        f"held-out {bench}": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
-        "95% CI": [fmt_ci(lo, hi, n) for lo, hi, n in zip(
-            summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True)],
-        "demos": summary["demos_used"].map(lambda v: f"{v:.0f}")})
+    return pd.DataFrame(
+        {
+            "algorithm": summary["algorithm"],
+            "seeds": summary["seeds"],
+            f"held-out {bench}": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
+            "95% CI": [
+                fmt_ci(lo, hi, n)
+                for lo, hi, n in zip(
+                    summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True
+                )
+            ],
+            "demos": summary["demos_used"].map(lambda v: f"{v:.0f}"),
+        }
+    )

@@ -42,10 +42,19 @@ def build_base_model(config: dict[str, Any]) -> str:
         logger.info(f"base model cache hit: {out_dir}")
         terminal.say(f"base model: {out_dir} (built earlier)")
         return str(out_dir)
-    with mlflow_run(cfg, run_key=f"base-model:{out_dir}", run_name=f"base-model-{key}",
-                    tags={"relift.kind": "base_model"}) as tracker:
-        tracker.log_params({k: v for k, v in cfg.flat_params().items()
-                            if k.startswith(("data.world.", "model.tiny."))})
+    with mlflow_run(
+        cfg,
+        run_key=f"base-model:{out_dir}",
+        run_name=f"base-model-{key}",
+        tags={"relift.kind": "base_model"},
+    ) as tracker:
+        tracker.log_params(
+            {
+                k: v
+                for k, v in cfg.flat_params().items()
+                if k.startswith(("data.world.", "model.tiny."))
+            }
+        )
         stats = pretrain(cfg, out_dir)
         tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
     logger.info(f"pretrained base model in {stats['seconds']:.0f}s -> {out_dir}")
@@ -55,5 +64,9 @@ def build_base_model(config: dict[str, Any]) -> str:
 
 def needs_base_model(cfg: ExperimentConfig) -> bool:
     """A tiny model on a world with a pretraining mix starts from that world's base model."""
-    return (cfg.model.source == "tiny" and cfg.model.init_from is None
-            and cfg.data.world is not None and cfg.data.world.pretrain_examples > 0)
+    return (
+        cfg.model.source == "tiny"
+        and cfg.model.init_from is None
+        and cfg.data.world is not None
+        and cfg.data.world.pretrain_examples > 0
+    )

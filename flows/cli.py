@@ -24,16 +24,29 @@ from rich.console import Console
 
 from tasks.progress import HideRoutineTaskStates  # imports only rich: the CLI starts fast
 
-app = typer.Typer(help="ReLIFT experiment platform: RL interleaved with online fine-tuning.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="ReLIFT experiment platform: RL interleaved with online fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console()
 err_console = Console(stderr=True)
 
 # Errors a user fixes (config, data, learning rate, checkpoints), by class name so that matching
 # one imports nothing: one line each, no traceback. Anything else is a bug: full traceback.
-USER_ERRORS = {"ConfigError": 2, "ValidationError": 2, "DataError": 1, "BenchmarkError": 1,
-               "DivergenceError": 1, "CheckpointError": 1, "ResumeRefused": 1, "ResumeError": 1,
-               "RunLockedError": 1, "ShardCountError": 1, "RayUnavailableError": 1}
+USER_ERRORS = {
+    "ConfigError": 2,
+    "ValidationError": 2,
+    "DataError": 1,
+    "BenchmarkError": 1,
+    "DivergenceError": 1,
+    "CheckpointError": 1,
+    "ResumeRefused": 1,
+    "ResumeError": 1,
+    "RunLockedError": 1,
+    "ShardCountError": 1,
+    "RayUnavailableError": 1,
+}
 _debug = False
 _verbose = False
 
@@ -72,10 +85,12 @@ def quiet_prefect_tracebacks() -> None:
     # Prefect's console handler sits on the root logger; flow and task run loggers propagate.
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            is_console = (isinstance(handler, logging.StreamHandler)
-                          and type(handler).__module__.startswith("prefect."))
-            if is_console and not any(isinstance(f, _HideUserErrorTracebacks)
-                                      for f in handler.filters):
+            is_console = isinstance(handler, logging.StreamHandler) and type(
+                handler
+            ).__module__.startswith("prefect.")
+            if is_console and not any(
+                isinstance(f, _HideUserErrorTracebacks) for f in handler.filters
+            ):
                 handler.addFilter(_HideUserErrorTracebacks())
                 handler.addFilter(HideRoutineTaskStates())
 
@@ -105,21 +120,31 @@ def checked_before_servers(cfg, points: list | None = None) -> None:
 
                 world_cfg = each.data.world.model_copy(update={"pretrain_examples": 0})
                 rows[key] = examples_from_records(
-                    [problem_to_record(p, index=i) for i, p in
-                     enumerate(build_world(world_cfg)["train"])], origin="data.world")
+                    [
+                        problem_to_record(p, index=i)
+                        for i, p in enumerate(build_world(world_cfg)["train"])
+                    ],
+                    origin="data.world",
+                )
             world = rows[key]
         warnings += [w for w in preflight(each, world) if w not in warnings]
     for warning in warnings:
-        err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
-                          soft_wrap=True)
+        err_console.print(
+            f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True
+        )
 
 
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks of errors")] = False,
-    verbose: Annotated[bool, typer.Option(
-        "--verbose", help="show the libraries' output too (Prefect, MLflow, transformers: logs, "
-                          "warnings, progress bars); `demo` otherwise sends it to a log file")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="show the libraries' output too (Prefect, MLflow, transformers: logs, "
+            "warnings, progress bars); `demo` otherwise sends it to a log file",
+        ),
+    ] = False,
 ) -> None:
     global _debug, _verbose
     _debug = debug or _debug_from_env()
@@ -170,7 +195,9 @@ def library_output_to_log(workdir: str, command: str) -> Iterator[Path | None]:
             os.close(fd)
 
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="a preset name in configs/ or a YAML file")]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", "-p", help="a preset name in configs/ or a YAML file")
+]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. rl.lr=1e-5")]
 
 
@@ -197,8 +224,9 @@ def plan(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     its cluster, and the fewest GPUs it fits on. `train` refuses a config that does not fit."""
     from relift_core.runtime.memory_plan import render_plan
 
-    console.print(render_plan(validated_config(preset, overrides), preset), highlight=False,
-                  soft_wrap=True)
+    console.print(
+        render_plan(validated_config(preset, overrides), preset), highlight=False, soft_wrap=True
+    )
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -220,8 +248,11 @@ def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     quiet_prefect_tracebacks()
     with prefect_api(cfg.run.workdir) as temporary_server, terminal_progress():
         result = train_flow(preset=preset, overrides=overrides or [])
-    console.print(train_summary(result, ui_hint=_ui_hint(cfg.run.workdir, temporary_server)),
-                  soft_wrap=True, highlight=False)
+    console.print(
+        train_summary(result, ui_hint=_ui_hint(cfg.run.workdir, temporary_server)),
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def _ui_hint(workdir: str, temporary_server: str | None) -> str:
@@ -242,9 +273,11 @@ def train_summary(result: dict, ui_hint: str = "") -> str:
         if isinstance(summary.get("avg_at_k"), (int, float)):
             scores.append(f"{name} avg@{summary.get('k', '?')} {summary['avg_at_k']:.3f}")
     held_out = ", ".join(scores) if scores else "(no evaluation)"
-    lines = [f"{result['run_name']}: held-out {held_out}; demonstrations used {result['demos_used']}",
-             f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}{ui_hint}",
-             f"Prefect {result.get('prefect_url')}{ui_hint}"]
+    lines = [
+        f"{result['run_name']}: held-out {held_out}; demonstrations used {result['demos_used']}",
+        f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}{ui_hint}",
+        f"Prefect {result.get('prefect_url')}{ui_hint}",
+    ]
     return "\n".join(lines)
 
 
@@ -252,8 +285,10 @@ def train_summary(result: dict, ui_hint: str = "") -> str:
 def demo(
     preset: PresetOpt = "toy",
     algorithms: Annotated[str, typer.Option(help="comma-separated")] = "rl,sft,relift",
-    seeds: Annotated[str | None, typer.Option(help="comma-separated run seeds, e.g. 0,1,2 "
-                                              "(default: the config's run.seed)")] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="comma-separated run seeds, e.g. 0,1,2 (default: the config's run.seed)"),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """The proof-world: pretrain a base model, train RL, SFT and ReLIFT from it, compare with
@@ -270,25 +305,38 @@ def demo(
     start = time.perf_counter()
     methods = ", ".join(["base", *[a for a in _csv(algorithms) or [] if a != "base"]])
     with library_output_to_log(cfg.run.workdir, "demo") as log:
-        console.print(f"demo: {methods} on the {preset} world, seeds {seeds or cfg.run.seed}"
-                      + (f"; libraries' output: {log}" if log else ""), soft_wrap=True,
-                      highlight=False, markup=False)
+        console.print(
+            f"demo: {methods} on the {preset} world, seeds {seeds or cfg.run.seed}"
+            + (f"; libraries' output: {log}" if log else ""),
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
         with prefect_api(cfg.run.workdir), terminal_progress(console if log else None):
-            result = demo_flow(preset=preset, overrides=overrides or [],
-                               algorithms=_csv(algorithms),
-                               seeds=[int(s) for s in _csv(seeds)] if seeds else None)
+            result = demo_flow(
+                preset=preset,
+                overrides=overrides or [],
+                algorithms=_csv(algorithms),
+                seeds=[int(s) for s in _csv(seeds)] if seeds else None,
+            )
     # Unwrapped: a table row broken at the terminal's width is no longer a table row.
     console.print(result["markdown"], soft_wrap=True, markup=False, highlight=False)
-    console.print(f"\nresults: {result['results_path']}  figure: {result['figure']}  "
-                  f"MLflow parent run: {result['mlflow_run_id']}  "
-                  f"total {time.perf_counter() - start:.0f}s", soft_wrap=True, highlight=False)
+    console.print(
+        f"\nresults: {result['results_path']}  figure: {result['figure']}  "
+        f"MLflow parent run: {result['mlflow_run_id']}  "
+        f"total {time.perf_counter() - start:.0f}s",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command()
 def dynamics(
     checkpoint: Annotated[str, typer.Option(help="a trained policy directory")],
     preset: PresetOpt = "toy",
-    base: Annotated[str | None, typer.Option(help="starting policy dir (default: the preset's)")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="starting policy dir (default: the preset's)")
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Difficulty transitions of every training question: base model vs a checkpoint."""
@@ -298,8 +346,9 @@ def dynamics(
 
     quiet_prefect_tracebacks()
     with prefect_api(cfg.run.workdir):
-        result = difficulty_dynamics(preset=preset, checkpoint=checkpoint, base=base,
-                                     overrides=overrides or [])
+        result = difficulty_dynamics(
+            preset=preset, checkpoint=checkpoint, base=base, overrides=overrides or []
+        )
     import pandas as pd
 
     console.print(pd.DataFrame(result["table"]).to_string())
@@ -309,7 +358,9 @@ def dynamics(
 def evaluate(
     model: Annotated[str, typer.Option(help="a preset whose model to evaluate")] = "smollm2-135m",
     checkpoint: Annotated[str | None, typer.Option(help="a saved policy directory instead")] = None,
-    benchmarks: Annotated[str | None, typer.Option(help="comma-separated, e.g. math500,gpqa_diamond")] = None,
+    benchmarks: Annotated[
+        str | None, typer.Option(help="comma-separated, e.g. math500,gpqa_diamond")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="questions per benchmark")] = None,
     overrides: Overrides = None,
 ) -> None:
@@ -318,8 +369,15 @@ def evaluate(
     from relift_core.data.preflight import check_benchmarks
 
     # The benchmarks exist before a server starts (the training data is not read here).
-    check_benchmarks(cfg.model_copy(update={"eval": cfg.eval.model_copy(
-        update={"benchmarks": _csv(benchmarks) or cfg.eval.benchmarks})}))
+    check_benchmarks(
+        cfg.model_copy(
+            update={
+                "eval": cfg.eval.model_copy(
+                    update={"benchmarks": _csv(benchmarks) or cfg.eval.benchmarks}
+                )
+            }
+        )
+    )
     from flows.evaluate import evaluate as evaluate_flow
     from flows.temporary_server import prefect_api
     from relift_core.grading.evaluation import markdown_table
@@ -327,8 +385,13 @@ def evaluate(
 
     quiet_prefect_tracebacks()
     with prefect_api(cfg.run.workdir), terminal_progress():
-        result = evaluate_flow(preset=model, overrides=overrides or [], checkpoint=checkpoint,
-                               benchmarks=_csv(benchmarks), limit=limit)
+        result = evaluate_flow(
+            preset=model,
+            overrides=overrides or [],
+            checkpoint=checkpoint,
+            benchmarks=_csv(benchmarks),
+            limit=limit,
+        )
     console.print(markdown_table(result["summaries"]))
     console.print(f"MLflow run {result['mlflow_run_id']}")
 
@@ -340,9 +403,13 @@ def sweep(
     seeds: Annotated[str, typer.Option(help="comma-separated")] = "0",
     grid: Annotated[list[str] | None, typer.Option(help="key=v1,v2 (repeatable)")] = None,
     name: Annotated[str, typer.Option(help="sweep name")] = "sweep",
-    deployment: Annotated[str | None, typer.Option(
-        help="a `train` deployment (e.g. train/train): each point becomes a flow run of it, "
-             "run by that work pool's workers in parallel")] = None,
+    deployment: Annotated[
+        str | None,
+        typer.Option(
+            help="a `train` deployment (e.g. train/train): each point becomes a flow run of it, "
+            "run by that work pool's workers in parallel"
+        ),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Algorithms x seeds x grid values as child runs under one MLflow parent run."""
@@ -355,8 +422,10 @@ def sweep(
     from tasks.progress import terminal_progress
 
     if deployment and not os.environ.get("PREFECT_API_URL"):
-        console.print("error: --deployment needs PREFECT_API_URL set to the Prefect server whose "
-                      "workers run the deployment (README \"Scaling out\")")
+        console.print(
+            "error: --deployment needs PREFECT_API_URL set to the Prefect server whose "
+            'workers run the deployment (README "Scaling out")'
+        )
         raise typer.Exit(2)
     grid_dict = {}
     for item in grid or []:
@@ -365,29 +434,44 @@ def sweep(
     seed_list = [int(s) for s in _csv(seeds) or ["0"]]
     prefix = sweep_prefix(name, validated_config(preset, overrides), sorted(grid_dict))
     # Every point's config, as the sweep will build it, before the first one runs.
-    points = [validated_config(preset, list(overrides or []) + [f"{k}={v}" for k, v in
-                                                               point.items()]
-                               + [f"run.name={point_name(prefix, point)}"])
-              for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list,
-                                        grid_dict)]
+    points = [
+        validated_config(
+            preset,
+            list(overrides or [])
+            + [f"{k}={v}" for k, v in point.items()]
+            + [f"run.name={point_name(prefix, point)}"],
+        )
+        for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list, grid_dict)
+    ]
     checked_before_servers(validated_config(preset, overrides), points)
     quiet_prefect_tracebacks()
     with prefect_api(base_cfg.run.workdir) as temporary_server, terminal_progress():
-        result = sweep_flow(preset=preset, algorithms=_csv(algorithms),
-                            seeds=seed_list, grid=grid_dict,
-                            overrides=overrides or [], name=name,
-                            train_deployment=deployment)
+        result = sweep_flow(
+            preset=preset,
+            algorithms=_csv(algorithms),
+            seeds=seed_list,
+            grid=grid_dict,
+            overrides=overrides or [],
+            name=name,
+            train_deployment=deployment,
+        )
     console.print(result["comparison"], soft_wrap=True, markup=False, highlight=False)
     hint = _ui_hint(base_cfg.run.workdir, temporary_server)
-    console.print(f"\nMLflow parent run ({len(result['runs'])} runs): {result['mlflow_url']}{hint}"
-                  f"\nRuns by method: {result['runs_view_url']}", soft_wrap=True, highlight=False)
+    console.print(
+        f"\nMLflow parent run ({len(result['runs'])} runs): {result['mlflow_url']}{hint}"
+        f"\nRuns by method: {result['runs_view_url']}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command()
 def compare(
     preset: PresetOpt = "toy",
     parent: Annotated[str | None, typer.Option(help="only the children of this MLflow run")] = None,
-    out: Annotated[str | None, typer.Option(help="report directory (default <workdir>/compare)")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="report directory (default <workdir>/compare)")
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """RL vs SFT vs ReLIFT from MLflow: held-out accuracy per algorithm (mean and 95% CI over
@@ -412,16 +496,27 @@ def compare(
     for row in summary.itertuples(index=False):
         table.add_row(*map(str, row))
     console.print(table)
-    paths = write_report(uri, Path(out) if out else Path(cfg.run.workdir) / "compare",
-                         cfg.tracking.experiment, parent_run_id=parent)
+    paths = write_report(
+        uri,
+        Path(out) if out else Path(cfg.run.workdir) / "compare",
+        cfg.tracking.experiment,
+        parent_run_id=parent,
+    )
     console.print(f"report: {paths['report']}")
 
 
 @app.command()
 def deploy(
-    pool: Annotated[str, typer.Option(help="the process work pool prefect.yaml names")] = "relift-local",
-    workdir: Annotated[str, typer.Option(help="the work directory whose `relift ui` serves the "
-                                         "Prefect API, when PREFECT_API_URL is not set")] = "runs",
+    pool: Annotated[
+        str, typer.Option(help="the process work pool prefect.yaml names")
+    ] = "relift-local",
+    workdir: Annotated[
+        str,
+        typer.Option(
+            help="the work directory whose `relift ui` serves the "
+            "Prefect API, when PREFECT_API_URL is not set"
+        ),
+    ] = "runs",
 ) -> None:
     """Create the work pool, deploy prefect.yaml (train, evaluate, the weekly sweep) to the
     configured Prefect API (PREFECT_API_URL, or the work directory's running `relift ui`), and
@@ -438,9 +533,14 @@ def deploy(
     if not api:
         ui_info = running_ui(workdir)
         if ui_info is None:
-            err_console.print(f"error: no Prefect API to deploy to: set PREFECT_API_URL, or start "
-                              f"`relift ui --workdir {workdir}` first", style="red",
-                              markup=False, highlight=False, soft_wrap=True)
+            err_console.print(
+                f"error: no Prefect API to deploy to: set PREFECT_API_URL, or start "
+                f"`relift ui --workdir {workdir}` first",
+                style="red",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2)
         api = ui_info["api"]
     repo = Path(__file__).resolve().parent.parent
@@ -448,11 +548,16 @@ def deploy(
     prefect = str(Path(sys.executable).parent / "prefect")
 
     def run(*args: str) -> None:
-        done = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run(
+            [prefect, *args], cwd=repo, env=env, capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
-            err_console.print(f"error: prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}",
-                              markup=False, highlight=False, soft_wrap=True)
+            err_console.print(
+                f"error: prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1)
 
     os.environ["PREFECT_API_URL"] = api
@@ -468,20 +573,28 @@ def deploy(
         deployments = client.read_deployments()
         flows = {f.id: f.name for f in client.read_flows()}
     ui_url = api.removesuffix("/api")
-    console.print("deployed: " + ", ".join(sorted(f"{flows.get(d.flow_id, '?')}/{d.name}"
-                                                  for d in deployments)), highlight=False,
-                  soft_wrap=True)
-    console.print(f"Deployments: {ui_url}/deployments\n"
-                  f"Start a worker (it runs their flow runs):\n"
-                  f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} prefect worker start --pool {pool}",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        "deployed: "
+        + ", ".join(sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in deployments)),
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"Deployments: {ui_url}/deployments\n"
+        f"Start a worker (it runs their flow runs):\n"
+        f"  PREFECT_API_URL={api} RELIFT_REPO_DIR={repo} prefect worker start --pool {pool}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
 def ui(
-    workdir: Annotated[str, typer.Option(help="the runs directory holding mlflow.db and "
-                                         "prefect.db")] = "runs",
-    prefect_port: int = 4200, mlflow_port: int = 5000,
+    workdir: Annotated[
+        str, typer.Option(help="the runs directory holding mlflow.db and prefect.db")
+    ] = "runs",
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
 ) -> None:
     """Start the Prefect UI and the MLflow UI on 127.0.0.1 for a work directory's runs (Ctrl-C
     or SIGTERM stops both). While it runs, commands on that work directory report to it."""
@@ -503,25 +616,58 @@ def ui(
     db = work / "mlflow.db"
     prefect_ui = f"http://127.0.0.1:{prefect_port}"
     # Prefect's API answers cross-origin requests from any site by default; only its own UI here.
-    prefect_env = {**os.environ, **database_env(prefect_database(work)),
-                   "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": prefect_ui,
-                   # The UI's pages call this API (by default :4200, whatever port serves them).
-                   "PREFECT_UI_API_URL": f"{prefect_ui}/api"}
+    prefect_env = {
+        **os.environ,
+        **database_env(prefect_database(work)),
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": prefect_ui,
+        # The UI's pages call this API (by default :4200, whatever port serves them).
+        "PREFECT_UI_API_URL": f"{prefect_ui}/api",
+    }
     procs = [
-        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
-                          "--port", str(prefect_port)], env=prefect_env),
-        subprocess.Popen([str(bindir / "mlflow"), "ui", "--host", "127.0.0.1", "--port",
-                          str(mlflow_port), "--backend-store-uri", f"sqlite:///{db}"]),
+        subprocess.Popen(
+            [
+                str(bindir / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+            ],
+            env=prefect_env,
+        ),
+        subprocess.Popen(
+            [
+                str(bindir / "mlflow"),
+                "ui",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{db}",
+            ]
+        ),
     ]
     ui_file = work / UI_FILE
-    ui_file.write_text(json.dumps({"api": f"{prefect_ui}/api", "ui": prefect_ui,
-                                   "mlflow": f"http://127.0.0.1:{mlflow_port}",
-                                   "pid": os.getpid()}))
-    console.print(f"Prefect UI {prefect_ui}  MLflow UI http://127.0.0.1:{mlflow_port}\n"
-                  f"Commands on {workdir} report to this Prefect server while it runs; "
-                  f"elsewhere: PREFECT_API_URL={prefect_ui}/api\n"
-                  f"Deployments: {prefect_ui}/deployments (after `relift deploy`)",
-                  highlight=False, soft_wrap=True)
+    ui_file.write_text(
+        json.dumps(
+            {
+                "api": f"{prefect_ui}/api",
+                "ui": prefect_ui,
+                "mlflow": f"http://127.0.0.1:{mlflow_port}",
+                "pid": os.getpid(),
+            }
+        )
+    )
+    console.print(
+        f"Prefect UI {prefect_ui}  MLflow UI http://127.0.0.1:{mlflow_port}\n"
+        f"Commands on {workdir} report to this Prefect server while it runs; "
+        f"elsewhere: PREFECT_API_URL={prefect_ui}/api\n"
+        f"Deployments: {prefect_ui}/deployments (after `relift deploy`)",
+        highlight=False,
+        soft_wrap=True,
+    )
     try:
         for p in procs:
             p.wait()
@@ -535,10 +681,12 @@ def ui(
 
 # A lost server must end a command within a minute, not after MLflow's 7 retries with a factor-2
 # backoff (577 s were seen) or Prefect's 5: set unless the user sets them.
-BOUNDED_SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # 1 + 2 + 4 s of backoff
-                          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                          "PREFECT_CLIENT_MAX_RETRIES": "2"}
+BOUNDED_SERVER_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # 1 + 2 + 4 s of backoff
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "PREFECT_CLIENT_MAX_RETRIES": "2",
+}
 # How long Prefect may take, once a command ends, to send the logs and events it still queues.
 # It drains them at exit with no deadline: with its server gone (killed, or a temporary server
 # stopped by the same Ctrl-C) the process never ended, retrying one queued event every 7 s.
@@ -604,8 +752,11 @@ _interrupted = threading.Event()
 
 def _exit_after_grace(code: int) -> None:
     time.sleep(INTERRUPT_GRACE_S)
-    err_console.print(f"warning: still running {INTERRUPT_GRACE_S:.0f} s after the signal; "
-                      "ending its processes", markup=False, highlight=False)
+    err_console.print(
+        f"warning: still running {INTERRUPT_GRACE_S:.0f} s after the signal; ending its processes",
+        markup=False,
+        highlight=False,
+    )
     _end_children(grace_s=5.0)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -617,8 +768,9 @@ def _interrupt(signum, frame) -> None:
     deadline for the whole process (INTERRUPT_GRACE_S)."""
     if not _interrupted.is_set():
         _interrupted.set()
-        threading.Thread(target=_exit_after_grace, args=(128 + signum,), daemon=True,
-                         name="relift-exit-deadline").start()
+        threading.Thread(
+            target=_exit_after_grace, args=(128 + signum,), daemon=True, name="relift-exit-deadline"
+        ).start()
     raise KeyboardInterrupt
 
 
@@ -653,16 +805,21 @@ def main(argv: list[str] | None = None) -> None:
         if line is None or _debug:
             raise
         code = user_code or 1
-        err_console.print(f"error: {line}", style="red", markup=False, highlight=False,
-                          soft_wrap=True)
+        err_console.print(
+            f"error: {line}", style="red", markup=False, highlight=False, soft_wrap=True
+        )
         sys.exit(code)
     finally:
         if argv is None:
             drained = _prefect_drained(PREFECT_DRAIN_S)
             if not drained:
-                err_console.print(f"warning: Prefect's server did not take its last logs and "
-                                  f"events within {2 * PREFECT_DRAIN_S:.0f} s; exiting without "
-                                  "them", markup=False, highlight=False)
+                err_console.print(
+                    f"warning: Prefect's server did not take its last logs and "
+                    f"events within {2 * PREFECT_DRAIN_S:.0f} s; exiting without "
+                    "them",
+                    markup=False,
+                    highlight=False,
+                )
             if code != 0 or not drained:
                 # An interrupted or failed command does not wait on the interpreter's exit: a
                 # process pool joins its workers there, and `demo`'s were still retrying a dead

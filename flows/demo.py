@@ -2,13 +2,15 @@
 `--algorithms`) on a CPU, as Prefect flows.
 
     base model   <- pretrain a tiny transformer on part of the generated world (cached by world)
-    levels       <- each question's difficulty under the base model (n rollouts, as training sees it)
+    levels       <- each question's difficulty under the base model (n rollouts, as training
+                    sees it)
     runs         <- for every seed: the base model evaluated as is, and rl, sft, relift (or the
                     `algorithms` asked for) trained from it with the same budget; `jobs`
                     trainings at a time, each a `train` flow run in its own process
     comparison   <- held-out accuracy per method with bootstrap 95% CIs over questions and seeds,
-                    the paper's claims as paired differences (relift_core.proofworld.statistics), per level
-                    and family; results.json, a markdown report and a figure, in MLflow and Prefect
+                    the paper's claims as paired differences
+                    (relift_core.proofworld.statistics), per level and family; results.json,
+                    a markdown report and a figure, in MLflow and Prefect
 
 Run names carry a hash of the demo's config: the same demo re-run resumes (and so reuses) its own
 finished runs, while any changed override starts fresh runs instead of reusing old ones.
@@ -65,17 +67,20 @@ def build_teacher(preset: str, overrides: list[str]) -> str:
     torch.set_num_threads(1)
     cfg = load_config(preset, [*overrides, *TEACHER_WORLD])
     return build_base_model.with_options(flow_run_name="build-teacher-model")(
-        cfg.model_dump(mode="json"))
+        cfg.model_dump(mode="json")
+    )
 
 
 class TrainingFailed(RuntimeError):
     """A demo training's error whose own exception could not travel back from the worker."""
 
 
-@task(name="train-method", cache_policy=NO_CACHE, retries=1,
-      retry_condition_fn=retry_unless_permanent)
-def train_method(preset: str, overrides: list[str], run_name: str,
-                 parent_mlflow_run_id: str) -> dict[str, Any]:
+@task(
+    name="train-method", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_permanent
+)
+def train_method(
+    preset: str, overrides: list[str], run_name: str, parent_mlflow_run_id: str
+) -> dict[str, Any]:
     """One `train` flow run (in a worker process of the demo's task runner). A retry (a server
     that answered 503, say) resumes the run from its last checkpoint."""
     import torch
@@ -85,7 +90,8 @@ def train_method(preset: str, overrides: list[str], run_name: str,
     torch.set_num_threads(1)  # `jobs` trainings share the cores
     try:
         return train.with_options(flow_run_name=f"train-{run_name}")(
-            preset=preset, overrides=overrides, parent_mlflow_run_id=parent_mlflow_run_id)
+            preset=preset, overrides=overrides, parent_mlflow_run_id=parent_mlflow_run_id
+        )
     except Exception as exc:
         # The result goes back to the demo's process pickled, and some errors do not unpickle
         # (httpx's HTTPStatusError needs keyword arguments): the demo then failed with a
@@ -99,22 +105,30 @@ def train_method(preset: str, overrides: list[str], run_name: str,
 
 def demo_config_hash(preset: str, overrides: list[str]) -> str:
     """Identifies the demo's experiment: the resolved config minus the run seed and name."""
-    return experiment_hash(load_config(preset, overrides),
-                           ignore=("run.seed", "run.name", "algorithm.name"))
+    return experiment_hash(
+        load_config(preset, overrides), ignore=("run.seed", "run.name", "algorithm.name")
+    )
 
 
 def held_out_accuracy(cfg: ExperimentConfig, run_name: str, step: int) -> dict[str, float]:
-    path = (Path(cfg.run.workdir) / run_name / "eval" / f"step_{step:06d}"
-            / "world.records.parquet")
+    path = Path(cfg.run.workdir) / run_name / "eval" / f"step_{step:06d}" / "world.records.parquet"
     df = pd.read_parquet(path, columns=["uid", "accuracy"])
     return dict(zip(df["uid"], df["accuracy"].astype(float), strict=True))
 
 
-@flow(name="demo", flow_run_name="demo-{name}", log_prints=True,
-      task_runner=ProcessPoolTaskRunner(max_workers=2))
-def demo(preset: str = "toy", overrides: list[str] | None = None,
-         algorithms: list[str] | None = None, seeds: list[int] | None = None,
-         name: str = "demo") -> dict[str, Any]:
+@flow(
+    name="demo",
+    flow_run_name="demo-{name}",
+    log_prints=True,
+    task_runner=ProcessPoolTaskRunner(max_workers=2),
+)
+def demo(
+    preset: str = "toy",
+    overrides: list[str] | None = None,
+    algorithms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    name: str = "demo",
+) -> dict[str, Any]:
     """RL vs SFT vs ReLIFT from one base model, over `seeds` (default: the config's run.seed)."""
     start = time.perf_counter()
     overrides = list(overrides or [])
@@ -144,8 +158,15 @@ def _workers_report_here() -> Iterator[None]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
-def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: list[int],
-             name: str, cfg: ExperimentConfig, start: float) -> dict[str, Any]:
+def _compare(
+    preset: str,
+    overrides: list[str],
+    algorithms: list[str],
+    seeds: list[int],
+    name: str,
+    cfg: ExperimentConfig,
+    start: float,
+) -> dict[str, Any]:
     logger = get_run_logger()
     # The teacher pretrains in a worker process while the base model pretrains here.
     teacher = build_teacher.submit(preset, overrides) if TEACHER_METHOD in algorithms else None
@@ -157,37 +178,69 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
     train_levels = base_levels(base_cfg, base_dir, data.train_path)
     tag = demo_config_hash(preset, base_overrides)
 
-    with mlflow_run(cfg, run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
-                    run_name=f"{name}-{tag}", tags={"relift.kind": "demo"}) as parent:
-        parent.log_params({**cfg.flat_params(), "demo.seeds": ",".join(map(str, seeds)),
-                           "demo.algorithms": ",".join(algorithms), "demo.config_hash": tag})
+    with mlflow_run(
+        cfg,
+        run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
+        run_name=f"{name}-{tag}",
+        tags={"relift.kind": "demo"},
+    ) as parent:
+        parent.log_params(
+            {
+                **cfg.flat_params(),
+                "demo.seeds": ",".join(map(str, seeds)),
+                "demo.algorithms": ",".join(algorithms),
+                "demo.config_hash": tag,
+            }
+        )
         counts = pd.Series(train_levels).value_counts().to_dict()
-        terminal.say("training questions by level under the base model: "
-                     + ", ".join(f"{lv} {counts.get(lv, 0)}" for lv in LEVEL_NAMES))
-        parent.log_metrics({f"base/train_frac_{lv}": counts.get(lv, 0) / len(train_levels)
-                            for lv in LEVEL_NAMES})
+        terminal.say(
+            "training questions by level under the base model: "
+            + ", ".join(f"{lv} {counts.get(lv, 0)}" for lv in LEVEL_NAMES)
+        )
+        parent.log_metrics(
+            {f"base/train_frac_{lv}": counts.get(lv, 0) / len(train_levels) for lv in LEVEL_NAMES}
+        )
         runs: list[tuple[str, int, str, list[str]]] = []
         for seed in seeds:
             for algo in ["base", *algorithms]:
                 extra = _method_overrides(algo, teacher)
                 run_name = f"{algo}-s{seed}-{name}-{tag}"  # method and seed lead
-                runs.append((algo, seed, run_name, [*base_overrides, *extra, f"run.seed={seed}",
-                                                    f"run.name={run_name}"]))
-        futures = [train_method.submit(preset, ovr, run_name, parent.run_id)
-                   for _, _, run_name, ovr in runs]
+                runs.append(
+                    (
+                        algo,
+                        seed,
+                        run_name,
+                        [*base_overrides, *extra, f"run.seed={seed}", f"run.name={run_name}"],
+                    )
+                )
+        futures = [
+            train_method.submit(preset, ovr, run_name, parent.run_id)
+            for _, _, run_name, ovr in runs
+        ]
         results = []
         for (algo, seed, run_name, ovr), future in zip(runs, futures, strict=True):
             out = future.result()
             run_cfg = load_config(preset, ovr)
             accuracy = held_out_accuracy(run_cfg, run_name, run_cfg.run.iterations)
-            results.append({"algo": algo, "seed": seed, "run_name": run_name,
-                            "demos_used": out["demos_used"],
-                            "demonstration_counts": out.get("demonstration_counts") or {},
-                            "mlflow_run_id": out["mlflow_run_id"], "accuracy": accuracy})
-            terminal.say(f"{algo} seed {seed} trained ({len(results)} of {len(runs)}): held-out "
-                         f"{sum(accuracy.values()) / max(len(accuracy), 1):.3f}, "
-                         f"demonstrations used {out['demos_used']}")
-        families = {uid: src.split("/")[1] for uid, src in _sources(data.eval_paths["world"]).items()}
+            results.append(
+                {
+                    "algo": algo,
+                    "seed": seed,
+                    "run_name": run_name,
+                    "demos_used": out["demos_used"],
+                    "demonstration_counts": out.get("demonstration_counts") or {},
+                    "mlflow_run_id": out["mlflow_run_id"],
+                    "accuracy": accuracy,
+                }
+            )
+            terminal.say(
+                f"{algo} seed {seed} trained ({len(results)} of {len(runs)}): held-out "
+                f"{sum(accuracy.values()) / max(len(accuracy), 1):.3f}, "
+                f"demonstrations used {out['demos_used']}"
+            )
+        families = {
+            uid: src.split("/")[1] for uid, src in _sources(data.eval_paths["world"]).items()
+        }
         summary = summarize(results, held_levels, families)
         summary["seconds"] = round(time.perf_counter() - start, 1)
         summary["train_levels"] = {lv: int(counts.get(lv, 0)) for lv in LEVEL_NAMES}
@@ -195,8 +248,10 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         summary["mlflow_runs"] = {f"{r['algo']}-s{r['seed']}": r["mlflow_run_id"] for r in results}
         teacher_runs = [r["demonstration_counts"] for r in results if r["algo"] == TEACHER_METHOD]
         if teacher_runs:
-            summary["teacher"] = {k: int(sum(c.get(k, 0) for c in teacher_runs))
-                                  for k in ("teacher_verified", "teacher_rejected")}
+            summary["teacher"] = {
+                k: int(sum(c.get(k, 0) for c in teacher_runs))
+                for k in ("teacher_verified", "teacher_rejected")
+            }
 
         out_dir = Path(cfg.run.workdir) / name
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,22 +262,43 @@ def _compare(preset: str, overrides: list[str], algorithms: list[str], seeds: li
         parent.log_artifact(out_dir / "results.json")
         parent.log_artifact(figure)
         parent.log_text(text, "comparison.md")
-        parent.log_metrics({f"{m}/heldout_accuracy": r["accuracy"] for m, r in summary["runs"].items()}
-                           | {f"{m}/demos_used": r["demos_used"] for m, r in summary["runs"].items()}
-                           | {f"diff/{_metric_name(k)}": d["mean"]
-                              for k, d in summary["differences"].items() if d["mean"] is not None})
-        create_markdown_artifact(markdown=text, key="demo-comparison",
-                                 description="RL vs SFT vs ReLIFT on the proof-world")
+        parent.log_metrics(
+            {f"{m}/heldout_accuracy": r["accuracy"] for m, r in summary["runs"].items()}
+            | {f"{m}/demos_used": r["demos_used"] for m, r in summary["runs"].items()}
+            | {
+                f"diff/{_metric_name(k)}": d["mean"]
+                for k, d in summary["differences"].items()
+                if d["mean"] is not None
+            }
+        )
+        create_markdown_artifact(
+            markdown=text,
+            key="demo-comparison",
+            description="RL vs SFT vs ReLIFT on the proof-world",
+        )
         # Training curves with seed bands and per-level shares, from the children in MLflow.
-        report = write_report(tracking_uri(cfg), out_dir / "report", cfg.tracking.experiment,
-                              parent_run_id=parent.run_id)
+        report = write_report(
+            tracking_uri(cfg),
+            out_dir / "report",
+            cfg.tracking.experiment,
+            parent_run_id=parent.run_id,
+        )
         parent.log_artifact(out_dir / "report", "report")
-        create_markdown_artifact(markdown=report["report"].read_text(), key="demo-report",
-                                 description="Training curves and levels (figures in MLflow)")
+        create_markdown_artifact(
+            markdown=report["report"].read_text(),
+            key="demo-report",
+            description="Training curves and levels (figures in MLflow)",
+        )
     logger.info("\n" + text)
-    return {"summary": summary, "markdown": text, "figure": str(figure),
-            "results_path": str(out_dir / "results.json"), "mlflow_run_id": parent.run_id,
-            "train_levels": counts, "runs": {r["run_name"]: r["mlflow_run_id"] for r in results}}
+    return {
+        "summary": summary,
+        "markdown": text,
+        "figure": str(figure),
+        "results_path": str(out_dir / "results.json"),
+        "mlflow_run_id": parent.run_id,
+        "train_levels": counts,
+        "runs": {r["run_name"]: r["mlflow_run_id"] for r in results},
+    }
 
 
 def _method_overrides(algo: str, teacher) -> list[str]:
@@ -233,8 +309,12 @@ def _method_overrides(algo: str, teacher) -> list[str]:
     # Each seed's base run is every trained run's step-0 evaluation already.
     trained = ["eval.at_start=false"]
     if algo == TEACHER_METHOD:
-        return [*trained, "algorithm.name=relift", "algorithm.demonstrations=teacher",
-                f"algorithm.teacher_model={teacher.result()}"]
+        return [
+            *trained,
+            "algorithm.name=relift",
+            "algorithm.demonstrations=teacher",
+            f"algorithm.teacher_model={teacher.result()}",
+        ]
     return [*trained, f"algorithm.name={algo}"]
 
 
@@ -253,33 +333,49 @@ def render_markdown(summary: dict[str, Any]) -> str:
     runs = summary["runs"]
     start = ", ".join(f"{lv} {n}" for lv, n in summary["train_levels"].items())
     held = ", ".join(f"{lv} {n}" for lv, n in summary["levels"].items())
-    lines = [(f"Seeds {', '.join(map(str, seeds))}; {summary['questions']} held-out questions "
-             f"(avg@k). Training questions by level under the base model: {start}. "
-             f"Held-out: {held}."), "",
-             "| run | held-out accuracy | 95% CI | demonstrations used | "
-             + " | ".join(LEVEL_NAMES) + " |",
-             "|---|---|---|---|" + "---|" * len(LEVEL_NAMES)]
+    lines = [
+        (
+            f"Seeds {', '.join(map(str, seeds))}; {summary['questions']} held-out questions "
+            f"(avg@k). Training questions by level under the base model: {start}. "
+            f"Held-out: {held}."
+        ),
+        "",
+        "| run | held-out accuracy | 95% CI | demonstrations used | "
+        + " | ".join(LEVEL_NAMES)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(LEVEL_NAMES),
+    ]
     for m, r in runs.items():
-        levels = " | ".join("-" if r["by_level"][lv] is None else f"{r['by_level'][lv]:.3f}"
-                            for lv in LEVEL_NAMES)
-        lines.append(f"| {m} | {r['accuracy']:.3f} | {r['ci'][0]:.3f} to {r['ci'][1]:.3f} | "
-                     f"{r['demos_used']:.0f} | {levels} |")
+        levels = " | ".join(
+            "-" if r["by_level"][lv] is None else f"{r['by_level'][lv]:.3f}" for lv in LEVEL_NAMES
+        )
+        lines.append(
+            f"| {m} | {r['accuracy']:.3f} | {r['ci'][0]:.3f} to {r['ci'][1]:.3f} | "
+            f"{r['demos_used']:.0f} | {levels} |"
+        )
     families = sorted(next(iter(runs.values()))["by_family"])
     lines += ["", "| run | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
     for m, r in runs.items():
         lines.append(f"| {m} | " + " | ".join(f"{r['by_family'][f]:.3f}" for f in families) + " |")
     if "teacher" in summary:
         t = summary["teacher"]
-        lines += ["", (f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model (the "
-                       "world's model pretrained without its gaps), each verified by the grader: "
-                       f"{t['teacher_verified']} verified and used, "
-                       f"{t['teacher_rejected']} rejected.")]
+        lines += [
+            "",
+            (
+                f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model (the "
+                "world's model pretrained without its gaps), each verified by the grader: "
+                f"{t['teacher_verified']} verified and used, "
+                f"{t['teacher_rejected']} rejected."
+            ),
+        ]
     lines += ["", "| paired difference | mean | 95% CI | questions |", "|---|---|---|---|"]
     for k, d in summary["differences"].items():
         if d["mean"] is None:
             continue
-        lines.append(f"| {k} | {d['mean']:+.3f} | {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f} | "
-                     f"{d['questions']} |")
+        lines.append(
+            f"| {k} | {d['mean']:+.3f} | {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f} | "
+            f"{d['questions']} |"
+        )
     return "\n".join(lines)
 
 
@@ -293,8 +389,10 @@ def plot(summary: dict[str, Any], out: Path) -> Path:
     names = list(runs)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     acc = [runs[m]["accuracy"] for m in names]
-    err = [[runs[m]["accuracy"] - runs[m]["ci"][0] for m in names],
-           [runs[m]["ci"][1] - runs[m]["accuracy"] for m in names]]
+    err = [
+        [runs[m]["accuracy"] - runs[m]["ci"][0] for m in names],
+        [runs[m]["ci"][1] - runs[m]["accuracy"] for m in names],
+    ]
     axes[0].bar(names, acc, yerr=err, capsize=4, color="tab:blue")
     axes[0].set_title(f"held-out accuracy (95% CI, seeds {summary['seeds']})")
     by_level = pd.DataFrame({m: runs[m]["by_level"] for m in names}).reindex(list(LEVEL_NAMES))
@@ -302,10 +400,16 @@ def plot(summary: dict[str, Any], out: Path) -> Path:
     axes[1].set_ylim(0, 1)
     diffs = {k: d for k, d in summary["differences"].items() if d["mean"] is not None}
     keys = list(diffs)
-    axes[2].barh(keys, [diffs[k]["mean"] for k in keys],
-                 xerr=[[diffs[k]["mean"] - diffs[k]["ci"][0] for k in keys],
-                       [diffs[k]["ci"][1] - diffs[k]["mean"] for k in keys]],
-                 capsize=4, color="tab:green")
+    axes[2].barh(
+        keys,
+        [diffs[k]["mean"] for k in keys],
+        xerr=[
+            [diffs[k]["mean"] - diffs[k]["ci"][0] for k in keys],
+            [diffs[k]["ci"][1] - diffs[k]["mean"] for k in keys],
+        ],
+        capsize=4,
+        color="tab:green",
+    )
     axes[2].axvline(0, color="black", linewidth=0.8)
     axes[2].set_title("paired differences (95% CI)")
     fig.tight_layout()

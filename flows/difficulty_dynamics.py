@@ -26,8 +26,12 @@ def classify_all(cfg: ExperimentConfig, questions, init_from: str | None) -> dic
 
 
 @flow(name="difficulty_dynamics", log_prints=True)
-def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | None = None,
-                        overrides: list[str] | None = None) -> dict[str, Any]:
+def difficulty_dynamics(
+    preset: str = "toy",
+    checkpoint: str = "",
+    base: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """`checkpoint`: a trained policy directory; `base`: the starting policy (default: the
     preset's model). Returns the transition table as {level_before: {level_after: count}}."""
     cfg = load_config(preset, overrides or [])
@@ -37,14 +41,20 @@ def difficulty_dynamics(preset: str = "toy", checkpoint: str = "", base: str | N
     data = prepare_data(cfg.model_dump(mode="json"))
     questions = data.train_examples()
     # The MLflow run spans the classification: a failed analysis shows FAILED there.
-    with mlflow_run(cfg, run_key=f"dynamics:{checkpoint}",
-                    run_name=f"dynamics-{Path(checkpoint).name}",
-                    tags={"relift.kind": "difficulty_dynamics"}) as tracker:
+    with mlflow_run(
+        cfg,
+        run_key=f"dynamics:{checkpoint}",
+        run_name=f"dynamics-{Path(checkpoint).name}",
+        tags={"relift.kind": "difficulty_dynamics"},
+    ) as tracker:
         before = classify_all(cfg, quote(questions), base)
         after = classify_all(cfg, quote(questions), str(Path(checkpoint).resolve()))
         table = transition_table(before, after)
         tracker.log_text(table.to_csv(), "difficulty_transitions.csv")
         tracker.log_text(table.to_string(), "difficulty_transitions.txt")
-    create_markdown_artifact(markdown=f"### Difficulty transitions (rows: base, columns: trained)\n\n```\n{table.to_string()}\n```",
-                             key="difficulty-transitions")
+    create_markdown_artifact(
+        markdown="### Difficulty transitions (rows: base, columns: trained)\n\n"
+        f"```\n{table.to_string()}\n```",
+        key="difficulty-transitions",
+    )
     return {"table": table.to_dict(), "mlflow_run_id": tracker.run_id}

@@ -17,9 +17,13 @@ from tasks.tracking import mlflow_run
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
-             checkpoint: str | None = None, benchmarks: list[str] | None = None,
-             limit: int | None = None) -> dict[str, Any]:
+def evaluate(
+    preset: str = "smollm2-135m",
+    overrides: list[str] | None = None,
+    checkpoint: str | None = None,
+    benchmarks: list[str] | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
     """Evaluate the preset's model (or `checkpoint`, a saved policy directory) on `benchmarks`.
 
     Args:
@@ -45,8 +49,9 @@ def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     # Inference only: the weights in the compute dtype (no float32 masters needed).
-    model, tokenizer = load_policy(cfg.model, device=str(device), seed=cfg.run.seed,
-                                   dtype=export_dtype(cfg.model))
+    model, tokenizer = load_policy(
+        cfg.model, device=str(device), seed=cfg.run.seed, dtype=export_dtype(cfg.model)
+    )
     engine = build_engine(cfg, model, tokenizer, device)
     # The proof-world's held-out split is made with the data, not registered: prepare it.
     local_sets = {}
@@ -54,16 +59,35 @@ def evaluate(preset: str = "smollm2-135m", overrides: list[str] | None = None,
         local_sets = prepare_data(cfg.model_dump(mode="json")).eval_paths
     label = f"eval-{Path(checkpoint).name if checkpoint else preset}"
     out_dir = Path(cfg.run.workdir) / "evaluations" / label
-    with mlflow_run(cfg, run_key=f"evaluate:{label}:{cfg.fingerprint()}", run_name=label,
-                    tags={"relift.kind": "evaluate"}) as tracker:
-        tracker.log_params({"preset": preset, "checkpoint": checkpoint or "",
-                            **{k: v for k, v in cfg.flat_params().items()
-                               if k.startswith(("eval.", "model."))}})
-        with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-            summaries = evaluate_all(engine, tokenizer, grader, names=cfg.eval.benchmarks,
-                                     eval_cfg=cfg.eval, out_dir=out_dir, tracker=tracker, step=0,
-                                     local_sets=local_sets,
-                                     require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
-                                     label=label)
+    with mlflow_run(
+        cfg,
+        run_key=f"evaluate:{label}:{cfg.fingerprint()}",
+        run_name=label,
+        tags={"relift.kind": "evaluate"},
+    ) as tracker:
+        tracker.log_params(
+            {
+                "preset": preset,
+                "checkpoint": checkpoint or "",
+                **{k: v for k, v in cfg.flat_params().items() if k.startswith(("eval.", "model."))},
+            }
+        )
+        with BatchGrader(
+            workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s
+        ) as grader:
+            summaries = evaluate_all(
+                engine,
+                tokenizer,
+                grader,
+                names=cfg.eval.benchmarks,
+                eval_cfg=cfg.eval,
+                out_dir=out_dir,
+                tracker=tracker,
+                step=0,
+                local_sets=local_sets,
+                require_think=cfg.algorithm.require_think,
+                seed=cfg.run.seed,
+                label=label,
+            )
     logger.info(f"evaluation logged to MLflow run {tracker.run_id}")
     return {"mlflow_run_id": tracker.run_id, "summaries": summaries}

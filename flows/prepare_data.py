@@ -77,7 +77,8 @@ def source_identity(data: DataConfig) -> dict[str, Any]:
                     digest.update(chunk)
         except OSError as e:
             raise DataError(
-                f"{data.train_path}: cannot read the training file: {e.strerror}") from e
+                f"{data.train_path}: cannot read the training file: {e.strerror}"
+            ) from e
         ident["file"] = [os.path.abspath(data.train_path), digest.hexdigest()]
     return ident
 
@@ -88,19 +89,37 @@ def tokenizer_identity(model: ModelConfig | None) -> dict[str, Any] | None:
         return None
     # The prompt format changes the rendered prompt's length (only named when set, so the
     # keys of data prepared before it existed still match).
-    prompt_format = {k: v for k, v in (("chat_template", model.chat_template),
-                                       ("system_prompt", model.system_prompt),
-                                       ("prefill", model.prefill or None)) if v is not None}
+    prompt_format = {
+        k: v
+        for k, v in (
+            ("chat_template", model.chat_template),
+            ("system_prompt", model.system_prompt),
+            ("prefill", model.prefill or None),
+        )
+        if v is not None
+    }
     if model.source == "tiny":
         # always the character tokenizer, whatever init_from holds
         return {"source": "tiny", **prompt_format}
-    return {"source": model.source, "name_or_path": model.name_or_path,
-            "gguf_path": model.gguf_path, "init_from": model.init_from, **prompt_format}
+    return {
+        "source": model.source,
+        "name_or_path": model.name_or_path,
+        "gguf_path": model.gguf_path,
+        "init_from": model.init_from,
+        **prompt_format,
+    }
 
 
 def data_key(data: DataConfig, seed: int, model: ModelConfig | None = None) -> str:
-    blob = json.dumps({**source_identity(data), "seed": seed, "version": PREPARE_VERSION,
-                       "tokenizer": tokenizer_identity(model)}, sort_keys=True)
+    blob = json.dumps(
+        {
+            **source_identity(data),
+            "seed": seed,
+            "version": PREPARE_VERSION,
+            "tokenizer": tokenizer_identity(model),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -132,7 +151,8 @@ def _load_raw_tokenizer(model: ModelConfig) -> Any:
 
     gguf = Path(model.gguf_path) if model.gguf_path else smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(
-        convert_gguf(gguf, Path(model.cache_dir) if model.cache_dir else None))
+        convert_gguf(gguf, Path(model.cache_dir) if model.cache_dir else None)
+    )
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -146,19 +166,27 @@ def warn_numeric_golds_under_choice_sources(examples: list[Example], source: str
     """One warning for rows whose data_source names a multiple-choice set (gpqa*, ...) but whose
     gold is no choice letter: they are graded as maths (`answer_type_for`), not silently as
     letters that could never match. Returns how many there are."""
-    rows = [(i, ex) for i, ex in enumerate(examples)
-            if names_choice_source(ex.data_source) and not is_choice_label(ex.ground_truth)]
+    rows = [
+        (i, ex)
+        for i, ex in enumerate(examples)
+        if names_choice_source(ex.data_source) and not is_choice_label(ex.ground_truth)
+    ]
     if rows:
         row, ex = rows[0]
         _logger().warning(
             f"{source}: {len(rows)} rows have a multiple-choice data_source but a gold that is no "
             f"choice letter (first: row {row}, data_source {ex.data_source!r}, gold "
-            f"{ex.ground_truth[:40]!r}); they are graded as maths answers")
+            f"{ex.ground_truth[:40]!r}); they are graded as maths answers"
+        )
     return len(rows)
 
 
-def prepare_examples(data: DataConfig, out: Path, model: ModelConfig | None = None,
-                     over_long: OverLongPolicy = "drop") -> PreparedData:
+def prepare_examples(
+    data: DataConfig,
+    out: Path,
+    model: ModelConfig | None = None,
+    over_long: OverLongPolicy = "drop",
+) -> PreparedData:
     """Load, validate, filter and write the training set of `data` into `out`.
 
     `model` picks the tokenizer prompts are counted with (None: the tiny model's character
@@ -176,30 +204,38 @@ def prepare_examples(data: DataConfig, out: Path, model: ModelConfig | None = No
         source = data.train_path or data.hf_dataset
         if source is None:
             raise ConfigError("data: set one of data.train_path, data.hf_dataset or data.world")
-        train = load_examples(source, split=data.hf_split, field_map=data.field_map or None,
-                              limit=data.limit)
+        train = load_examples(
+            source, split=data.hf_split, field_map=data.field_map or None, limit=data.limit
+        )
         evals = {}
     if data.limit and len(train) > data.limit:
         train = train[: data.limit]
     warn_numeric_golds_under_choice_sources(train, source)
     counter = prompt_token_counter(load_tokenizer(model or ModelConfig()))
     total = len(train)
-    train, dropped = filter_long_prompts(train, count_tokens=counter,
-                                         max_tokens=data.max_prompt_tokens, origin=source,
-                                         policy=over_long)
+    train, dropped = filter_long_prompts(
+        train,
+        count_tokens=counter,
+        max_tokens=data.max_prompt_tokens,
+        origin=source,
+        policy=over_long,
+    )
     if dropped:
         shown = ", ".join(f"row {d.row} ({d.uid})" for d in dropped[:5])
         more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
-        _logger().warning(f"{source}: dropped {len(dropped)} of {total} rows whose prompt is over "
-                          f"data.max_prompt_tokens={data.max_prompt_tokens} tokens: {shown}{more}")
+        _logger().warning(
+            f"{source}: dropped {len(dropped)} of {total} rows whose prompt is over "
+            f"data.max_prompt_tokens={data.max_prompt_tokens} tokens: {shown}{more}"
+        )
     train_path = out / "prepared_train.parquet"
     write_examples(train, train_path)
     return PreparedData(
         train_path=str(train_path),
         train_fingerprint=fingerprint_examples(train),
         eval_paths=evals,
-        eval_fingerprints={k: fingerprint_examples(load_examples(v, allow_empty=True))
-                           for k, v in evals.items()},
+        eval_fingerprints={
+            k: fingerprint_examples(load_examples(v, allow_empty=True)) for k, v in evals.items()
+        },
         dropped_over_long=len(dropped),
     )
 
@@ -212,11 +248,22 @@ def _cache_key(context, parameters) -> str:
 
 # The cached result is JSON (paths, fingerprints, counts), never a pickle: a cache hit reads
 # data, it does not unpickle code from the results directory.
-@task(name="prepare-training-set", cache_key_fn=_cache_key, persist_result=True,
-      result_serializer="json", cache_expiration=timedelta(days=30), retries=1,
-      retry_condition_fn=retry_unless_permanent)
-def prepare_training_set(data_json: dict[str, Any], seed: int, key: str, out_dir: str,
-                         model_json: dict[str, Any] | None = None) -> dict[str, Any]:
+@task(
+    name="prepare-training-set",
+    cache_key_fn=_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    cache_expiration=timedelta(days=30),
+    retries=1,
+    retry_condition_fn=retry_unless_permanent,
+)
+def prepare_training_set(
+    data_json: dict[str, Any],
+    seed: int,
+    key: str,
+    out_dir: str,
+    model_json: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     data = DataConfig.model_validate(data_json)
     model = ModelConfig.model_validate(model_json) if model_json is not None else None
     return asdict(prepare_examples(data, Path(out_dir), model, over_long=data.over_long_prompts))
@@ -228,13 +275,20 @@ def prepare_data(config: dict[str, Any]) -> PreparedData:
     cfg = ExperimentConfig.model_validate(config)
     key = data_key(cfg.data, cfg.run.seed, cfg.model)  # raises DataError before any retried task
     out_dir = str((Path(cfg.run.workdir) / "data" / key).resolve())
-    args = (cfg.data.model_dump(mode="json"), cfg.run.seed, key, out_dir,
-            cfg.model.model_dump(mode="json"))
+    args = (
+        cfg.data.model_dump(mode="json"),
+        cfg.run.seed,
+        key,
+        out_dir,
+        cfg.model.model_dump(mode="json"),
+    )
     prepared = PreparedData(**prepare_training_set(*args))
     if not Path(prepared.train_path).exists():
         # A cache hit whose files were deleted: prepare again.
         prepared = PreparedData(**prepare_training_set.with_options(refresh_cache=True)(*args))
     dropped = prepared.dropped_over_long
-    get_run_logger().info(f"training set {prepared.train_path} (fingerprint "
-                          f"{prepared.train_fingerprint}; {dropped} over-long prompts dropped)")
+    get_run_logger().info(
+        f"training set {prepared.train_path} (fingerprint "
+        f"{prepared.train_fingerprint}; {dropped} over-long prompts dropped)"
+    )
     return prepared

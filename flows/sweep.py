@@ -36,28 +36,35 @@ from tasks.tracking import MlflowTracker, mlflow_run, runs_view_url, tracking_ur
 FAN_OUT_POLL_S = 2.0
 
 
-def sweep_points(algorithms: list[str], seeds: list[int],
-                 grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def sweep_points(
+    algorithms: list[str], seeds: list[int], grid: dict[str, list[Any]]
+) -> list[dict[str, Any]]:
     """Every combination, as override dicts (the cartesian product, in a stable order)."""
     keys = sorted(grid)
     points = []
-    for algo, seed, values in itertools.product(algorithms, seeds,
-                                                itertools.product(*(grid[k] for k in keys))):
-        points.append({"algorithm.name": algo, "run.seed": seed,
-                       **dict(zip(keys, values, strict=True))})
+    for algo, seed, values in itertools.product(
+        algorithms, seeds, itertools.product(*(grid[k] for k in keys))
+    ):
+        points.append(
+            {"algorithm.name": algo, "run.seed": seed, **dict(zip(keys, values, strict=True))}
+        )
     return points
 
 
 def point_name(prefix: str, point: dict[str, Any]) -> str:
     """`<method>-s<seed>[-<setting><value>...]-<prefix>`: method and seed lead."""
     parts = [str(point["algorithm.name"]), f"s{point['run.seed']}"]
-    parts += [f"{k.split('.')[-1]}{v}" for k, v in point.items()
-              if k not in ("algorithm.name", "run.seed")]
+    parts += [
+        f"{k.split('.')[-1]}{v}"
+        for k, v in point.items()
+        if k not in ("algorithm.name", "run.seed")
+    ]
     return "-".join(parts) + f"-{prefix}"
 
 
-def sweep_prefix(name: str, base: ExperimentConfig, grid_keys: list[str],
-                 date: str | None = None) -> str:
+def sweep_prefix(
+    name: str, base: ExperimentConfig, grid_keys: list[str], date: str | None = None
+) -> str:
     """`name[-date]-hash`: the hash of what every point shares (the points' own keys aside)."""
     tag = experiment_hash(base, ignore=("run.seed", "run.name", "algorithm.name", *grid_keys))
     return "-".join(p for p in (name, date, tag) if p)
@@ -84,10 +91,16 @@ def _sweep_run_name() -> str:
 
 
 @flow(name="sweep", log_prints=True, flow_run_name=_sweep_run_name)
-def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[int] | None = None,
-          grid: dict[str, list[Any]] | None = None, overrides: list[str] | None = None,
-          name: str = "sweep", dated: bool = False,
-          train_deployment: str | None = None) -> dict[str, Any]:
+def sweep(
+    preset: str = "toy",
+    algorithms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    grid: dict[str, list[Any]] | None = None,
+    overrides: list[str] | None = None,
+    name: str = "sweep",
+    dated: bool = False,
+    train_deployment: str | None = None,
+) -> dict[str, Any]:
     """Runs `train` once per point of algorithms x seeds x grid (e.g. grid =
     {"algorithm.sft_buffer_threshold": [4, 8]}) as child flow runs.
 
@@ -110,13 +123,29 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
     children = {}
     for point in sweep_points(algorithms, seeds, grid or {}):
         run_name = point_name(prefix, point)
-        children[run_name] = [*(overrides or []), *(f"{k}={v}" for k, v in point.items()),
-                              f"run.name={run_name}"]
-    with mlflow_run(base, run_key=f"sweep:{base.run.workdir}:{prefix}", run_name=prefix,
-                    tags={"relift.kind": "sweep", "relift.sweep": prefix,
-                          "relift.config_hash": prefix.rsplit("-", 1)[-1]}) as parent:
-        parent.log_params({"preset": preset, "algorithms": ",".join(algorithms),
-                           "seeds": ",".join(map(str, seeds)), "grid": str(grid or {})})
+        children[run_name] = [
+            *(overrides or []),
+            *(f"{k}={v}" for k, v in point.items()),
+            f"run.name={run_name}",
+        ]
+    with mlflow_run(
+        base,
+        run_key=f"sweep:{base.run.workdir}:{prefix}",
+        run_name=prefix,
+        tags={
+            "relift.kind": "sweep",
+            "relift.sweep": prefix,
+            "relift.config_hash": prefix.rsplit("-", 1)[-1],
+        },
+    ) as parent:
+        parent.log_params(
+            {
+                "preset": preset,
+                "algorithms": ",".join(algorithms),
+                "seeds": ",".join(map(str, seeds)),
+                "grid": str(grid or {}),
+            }
+        )
         link_prefect_and_mlflow(parent, prefix)
         if train_deployment:
             results = _fan_out(train_deployment, preset, children, parent)
@@ -125,26 +154,40 @@ def sweep(preset: str = "toy", algorithms: list[str] | None = None, seeds: list[
             for run_name, child_overrides in children.items():
                 get_run_logger().info(f"sweep point {run_name}")
                 state = train.with_options(flow_run_name=f"train-{run_name}")(
-                    preset=preset, overrides=child_overrides, parent_mlflow_run_id=parent.run_id,
-                    return_state=True)
+                    preset=preset,
+                    overrides=child_overrides,
+                    parent_mlflow_run_id=parent.run_id,
+                    return_state=True,
+                )
                 # The same keys as a fanned-out child's (state, message, flow_run_id), plus
                 # the training's own result when it completed.
-                outcome = {"state": state.type.value, "message": state.message,
-                           "flow_run_id": str(state.state_details.flow_run_id or "")}
-                results[run_name] = ({**state.result(), **outcome, "message": None}
-                                     if state.is_completed() else outcome)
+                outcome = {
+                    "state": state.type.value,
+                    "message": state.message,
+                    "flow_run_id": str(state.state_details.flow_run_id or ""),
+                }
+                results[run_name] = (
+                    {**state.result(), **outcome, "message": None}
+                    if state.is_completed()
+                    else outcome
+                )
         failed = {k: r for k, r in results.items() if r["state"] != "COMPLETED"}
         _report(results)
         comparison = publish_comparison(parent, base, prefix)
         if failed:
             # Every other child's result is in MLflow and in the artifact; the parent run ends
             # FAILED and so does the flow run.
-            raise RuntimeError(f"{len(failed)} of {len(results)} sweep runs failed: "
-                               + "; ".join(f"{k}: {r.get('message') or r['state']}"
-                                           for k, r in failed.items()))
-    return {"mlflow_run_id": parent.run_id, "mlflow_url": parent.url(), "runs": results,
-            "comparison": comparison,
-            "runs_view_url": runs_view_url(parent.client, table_experiment_id(parent))}
+            raise RuntimeError(
+                f"{len(failed)} of {len(results)} sweep runs failed: "
+                + "; ".join(f"{k}: {r.get('message') or r['state']}" for k, r in failed.items())
+            )
+    return {
+        "mlflow_run_id": parent.run_id,
+        "mlflow_url": parent.url(),
+        "runs": results,
+        "comparison": comparison,
+        "runs_view_url": runs_view_url(parent.client, table_experiment_id(parent)),
+    }
 
 
 def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], parent) -> dict:
@@ -161,13 +204,22 @@ def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], paren
     for run_name, child_overrides in children.items():
         if run_name in finished:
             logger.info(f"sweep point {run_name}: finished earlier, not run again")
-            results[run_name] = {"state": "COMPLETED", "skipped": True,
-                                 "mlflow_run_id": finished[run_name]}
+            results[run_name] = {
+                "state": "COMPLETED",
+                "skipped": True,
+                "mlflow_run_id": finished[run_name],
+            }
             continue
         flow_run = run_deployment(
-            name=deployment, timeout=0, flow_run_name=f"train-{run_name}",
-            parameters={"preset": preset, "overrides": child_overrides,
-                        "parent_mlflow_run_id": parent.run_id})
+            name=deployment,
+            timeout=0,
+            flow_run_name=f"train-{run_name}",
+            parameters={
+                "preset": preset,
+                "overrides": child_overrides,
+                "parent_mlflow_run_id": parent.run_id,
+            },
+        )
         logger.info(f"sweep point {run_name}: flow run {flow_run.id} of {deployment}")
         submitted[run_name] = flow_run.id
     with prefect_client(sync_client=True) as client:
@@ -175,8 +227,11 @@ def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], paren
             for run_name, flow_run_id in list(submitted.items()):
                 state = client.read_flow_run(flow_run_id).state
                 if state is not None and state.is_final():
-                    results[run_name] = {"state": state.type.value, "message": state.message,
-                                         "flow_run_id": str(flow_run_id)}
+                    results[run_name] = {
+                        "state": state.type.value,
+                        "message": state.message,
+                        "flow_run_id": str(flow_run_id),
+                    }
                     logger.info(f"sweep point {run_name}: {state.type.value}")
                     del submitted[run_name]
             if submitted:
@@ -195,7 +250,8 @@ def finished_children(parent) -> dict[str, str]:
     runs = parent.client.search_runs(
         [parent.client.get_run(parent.run_id).info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and "
-                      "attributes.status = 'FINISHED'")
+        "attributes.status = 'FINISHED'",
+    )
     return {r.info.run_name: r.info.run_id for r in runs}
 
 
@@ -203,10 +259,15 @@ def _report(results: dict[str, dict]) -> None:
     """The children's outcomes as a Prefect table artifact (the sweep's page in the UI)."""
     from prefect.artifacts import create_table_artifact
 
-    rows = [{"run": k, "state": r["state"],
-             "mlflow_run_id": r.get("mlflow_run_id", ""),
-             "note": "finished earlier" if r.get("skipped") else (r.get("message") or "")}
-            for k, r in results.items()]
+    rows = [
+        {
+            "run": k,
+            "state": r["state"],
+            "mlflow_run_id": r.get("mlflow_run_id", ""),
+            "note": "finished earlier" if r.get("skipped") else (r.get("message") or ""),
+        }
+        for k, r in results.items()
+    ]
     create_table_artifact(rows, key="sweep-runs", description="Each sweep point's outcome")
 
 
@@ -225,19 +286,44 @@ def publish_comparison(parent: MlflowTracker, base: ExperimentConfig, prefix: st
     parent.log_metrics(summary_metrics(summary))
     text = summary_table_markdown(summary)
     flow_run = parent.client.get_run(parent.run_id).data.tags.get("prefect.flow_run_url", "")
-    parent.set_tags({"mlflow.note.content": "\n".join([
-        f"## Which method is best: sweep `{prefix}`", "", text, "",
-        (f"{len(table)} training runs (the child runs below); training curves and per-level "
-         "shares: artifacts `report/report.md`, `report/*.png`."), "",
-        (f"Prefect flow run: [{prefix}]({flow_run}) · "
-         f"[all runs by method]({runs_view_url(parent.client, table_experiment_id(parent))})")])})
-    report = write_report(uri, Path(base.run.workdir) / "compare" / prefix,
-                          base.tracking.experiment, parent_run_id=parent.run_id)
+    parent.set_tags(
+        {
+            "mlflow.note.content": "\n".join(
+                [
+                    f"## Which method is best: sweep `{prefix}`",
+                    "",
+                    text,
+                    "",
+                    (
+                        f"{len(table)} training runs (the child runs below); training curves "
+                        "and per-level "
+                        "shares: artifacts `report/report.md`, `report/*.png`."
+                    ),
+                    "",
+                    (
+                        f"Prefect flow run: [{prefix}]({flow_run}) · "
+                        "[all runs by method]"
+                        f"({runs_view_url(parent.client, table_experiment_id(parent))})"
+                    ),
+                ]
+            )
+        }
+    )
+    report = write_report(
+        uri,
+        Path(base.run.workdir) / "compare" / prefix,
+        base.tracking.experiment,
+        parent_run_id=parent.run_id,
+    )
     parent.log_artifact(report["report"].parent, "report")
-    create_table_artifact(summary_rows(summary), key="sweep-comparison",
-                          description="Held-out accuracy per method: mean, 95% CI over seeds, "
-                                      "demonstrations used")
-    create_markdown_artifact(markdown=f"{text}\n\n[MLflow parent run]({parent.url()})",
-                             key="sweep-comparison-md",
-                             description="Which method is best (the MLflow parent run's table)")
+    create_table_artifact(
+        summary_rows(summary),
+        key="sweep-comparison",
+        description="Held-out accuracy per method: mean, 95% CI over seeds, demonstrations used",
+    )
+    create_markdown_artifact(
+        markdown=f"{text}\n\n[MLflow parent run]({parent.url()})",
+        key="sweep-comparison-md",
+        description="Which method is best (the MLflow parent run's table)",
+    )
     return text

@@ -55,9 +55,10 @@ SQLITE_BUSY_TIMEOUT_S = 60
 
 def database_env(database: str | Path) -> dict[str, str]:
     """What points a Prefect server at `database` (a SQLite file)."""
-    return {"PREFECT_SERVER_DATABASE_CONNECTION_URL":
-            f"sqlite+aiosqlite:///{Path(database).resolve()}",
-            "PREFECT_SERVER_DATABASE_TIMEOUT": str(SQLITE_BUSY_TIMEOUT_S)}
+    return {
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{Path(database).resolve()}",
+        "PREFECT_SERVER_DATABASE_TIMEOUT": str(SQLITE_BUSY_TIMEOUT_S),
+    }
 
 
 def lasting_ui_url(workdir: str | Path) -> str:
@@ -109,8 +110,17 @@ def prefect_api(workdir: str | Path = "runs", timeout_s: float = 180.0) -> Itera
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.temporary_server", "--parent", str(os.getpid()),
-         "--port", str(port), "--database", str(prefect_database(workdir))],
+        [
+            sys.executable,
+            "-m",
+            "flows.temporary_server",
+            "--parent",
+            str(os.getpid()),
+            "--port",
+            str(port),
+            "--database",
+            str(prefect_database(workdir)),
+        ],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     try:
@@ -194,16 +204,27 @@ def main() -> None:
     if os.getppid() != args.parent:
         sys.exit(f"parent {args.parent} is already gone")
     # What Prefect's own temporary server sets: no UI, an ephemeral server's settings.
-    os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                       "PREFECT__SERVER_FINAL": "1",
-                       # Prefect answers any origin by default; only its own may call it.
-                       "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{args.port}",
-                       **database_env(args.database)})
+    os.environ.update(
+        {
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            # Prefect answers any origin by default; only its own may call it.
+            "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{args.port}",
+            **database_env(args.database),
+        }
+    )
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
     import uvicorn
 
-    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
-                port=args.port, log_level="error", lifespan="on")
+    uvicorn.run(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        host="127.0.0.1",
+        port=args.port,
+        log_level="error",
+        lifespan="on",
+    )
 
 
 if __name__ == "__main__":

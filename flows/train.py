@@ -60,8 +60,9 @@ def _train_run_name() -> str:
 
 
 @flow(name="train", log_prints=True, flow_run_name=_train_run_name)
-def train(preset: str = "toy", overrides: list[str] | None = None,
-          parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
+def train(
+    preset: str = "toy", overrides: list[str] | None = None, parent_mlflow_run_id: str | None = None
+) -> dict[str, Any]:
     """Train one run: ReLIFT or a baseline, from a preset with overrides.
 
     Args:
@@ -81,10 +82,13 @@ def train(preset: str = "toy", overrides: list[str] | None = None,
     return run_training(cfg, parent_mlflow_run_id=parent_mlflow_run_id)
 
 
-def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = None
+) -> dict[str, Any]:
     logger = get_run_logger()
     data = prepare_data.with_options(flow_run_name=f"prepare-data-{cfg.run.name}")(
-        cfg.model_dump(mode="json"))
+        cfg.model_dump(mode="json")
+    )
     examples = data.train_examples()
     # Checked again here (the CLI checks before any server starts): a deployment's run has no
     # CLI in front of it.
@@ -98,63 +102,93 @@ def run_training(cfg: ExperimentConfig, *, parent_mlflow_run_id: str | None = No
         # into the same MLflow run (its absolute path, the run key, has changed).
         id_file = cfg.run_dir() / MLFLOW_RUN_ID_FILE
         known = id_file.read_text().strip() if id_file.exists() else None
-        with mlflow_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
-                        parent_run_id=parent_mlflow_run_id,
-                        tags={"relift.algorithm": cfg.algorithm.name,
-                              "relift.preset_fingerprint": cfg.fingerprint()},
-                        known_run_id=known, data_fingerprint=session.data_fingerprint,
-                        start_over=session.started_over is not None) as tracker:
+        with mlflow_run(
+            cfg,
+            run_key=str(cfg.run_dir().resolve()),
+            run_name=cfg.run.name,
+            parent_run_id=parent_mlflow_run_id,
+            tags={
+                "relift.algorithm": cfg.algorithm.name,
+                "relift.preset_fingerprint": cfg.fingerprint(),
+            },
+            known_run_id=known,
+            data_fingerprint=session.data_fingerprint,
+            start_over=session.started_over is not None,
+        ) as tracker:
             id_file.write_text(tracker.run_id)
             tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
             link_prefect_and_mlflow(tracker, cfg.run.name)
             log_config_and_data(tracker, cfg, data)
             if session.resumed_from:
-                logger.info(f"resumed from {session.resumed_from} at iteration {session.state.iteration}")
+                logger.info(
+                    f"resumed from {session.resumed_from} at iteration {session.state.iteration}"
+                )
                 # A resumed run redoes the iterations after its checkpoint; what the lost attempt
                 # logged for them is not logged a second time (see skip_logged_steps_from).
                 tracker.skip_logged_steps_from(session.state.iteration)
             for path, why in session.skipped_checkpoints:
                 logger.warning(f"skipped checkpoint {path}: {why}")
             if session.skipped_checkpoints:
-                tracker.set_tags({"relift.skipped_checkpoints": json.dumps(
-                    session.skipped_checkpoints)[:5000]})
+                tracker.set_tags(
+                    {"relift.skipped_checkpoints": json.dumps(session.skipped_checkpoints)[:5000]}
+                )
             if session.started_over is not None:
-                logger.warning(f"run.resume=never: started over; the earlier checkpoints are in "
-                               f"{session.started_over}")
+                logger.warning(
+                    f"run.resume=never: started over; the earlier checkpoints are in "
+                    f"{session.started_over}"
+                )
                 tracker.set_tags({"relift.started_over": str(session.started_over)})
             if session.resumed_with_changes:
-                changes = {k: f"{a!r} -> {b!r}" for k, (a, b) in session.resumed_with_changes.items()}
+                changes = {
+                    k: f"{a!r} -> {b!r}" for k, (a, b) in session.resumed_with_changes.items()
+                }
                 logger.warning(f"resumed with a changed config (run.resume=force): {changes}")
                 tracker.set_tags({"relift.resumed_with_changes": json.dumps(changes)[:5000]})
             progress_id = create_progress_artifact(
                 progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
-                description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}")
+                description=f"{cfg.run.name}: iterations done of {cfg.run.iterations}",
+            )
             progress_shown = time.monotonic()
-            bar = terminal.start(f"{cfg.run.name} ({cfg.algorithm.name})", cfg.run.iterations,
-                                 completed=session.state.iteration)
+            bar = terminal.start(
+                f"{cfg.run.name} ({cfg.algorithm.name})",
+                cfg.run.iterations,
+                completed=session.state.iteration,
+            )
             if cfg.eval.at_start and session.state.iteration == 0 and cfg.run.iterations > 0:
                 evaluate_policy(session, tracker, 0, data)  # the starting point of every curve
             with quiet_completed_phases():
                 for i in range(session.state.iteration, cfg.run.iterations):
                     metrics = run_iteration(
-                        session, i, phases=PREFECT_PHASES, tracker=tracker,
-                        evaluate=lambda step: evaluate_policy(session, tracker, step, data))
+                        session,
+                        i,
+                        phases=PREFECT_PHASES,
+                        tracker=tracker,
+                        evaluate=lambda step: evaluate_policy(session, tracker, step, data),
+                    )
                     logger.info(_summary_line(i, metrics))
-                    terminal.advance(bar, f"acc {metrics['rollout_accuracy']:.2f} "
-                                          f"demos {metrics['demos_used']:.0f}")
-                    progress_shown = _show_progress(progress_id, i + 1, cfg.run.iterations,
-                                                    progress_shown)
+                    terminal.advance(
+                        bar,
+                        f"acc {metrics['rollout_accuracy']:.2f} demos {metrics['demos_used']:.0f}",
+                    )
+                    progress_shown = _show_progress(
+                        progress_id, i + 1, cfg.run.iterations, progress_shown
+                    )
             final = evaluate_policy(session, tracker, cfg.run.iterations, data, final=True)
-            tracker.log_text("\n".join(json.dumps(x) for x in session.state.sft_log),
-                             "sft_demonstrations.jsonl")
+            tracker.log_text(
+                "\n".join(json.dumps(x) for x in session.state.sft_log), "sft_demonstrations.jsonl"
+            )
             log_final_policy(tracker, session)
     finally:
         session.close()
-    return {"run_name": cfg.run.name, "mlflow_run_id": tracker.run_id,
-            "mlflow_url": tracker.url(),
-            "prefect_url": prefect_flow_run_url(str(get_run_context().flow_run.id)),
-            "demos_used": session.state.demos_used,
-            "demonstration_counts": session.demonstration_source.counts(), "eval": final}
+    return {
+        "run_name": cfg.run.name,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_url": tracker.url(),
+        "prefect_url": prefect_flow_run_url(str(get_run_context().flow_run.id)),
+        "demos_used": session.state.demos_used,
+        "demonstration_counts": session.demonstration_source.counts(),
+        "eval": final,
+    }
 
 
 PROGRESS_ARTIFACT_EVERY_S = 5.0
@@ -189,16 +223,21 @@ def link_prefect_and_mlflow(tracker: MlflowTracker, run_name: str) -> None:
     runs of `train`, and the parent runs of `sweep`)."""
     flow_run = get_run_context().flow_run
     prefect_url = prefect_flow_run_url(str(flow_run.id))
-    tracker.set_tags({
-        "prefect.flow_run_id": str(flow_run.id),
-        "prefect.flow_run_name": flow_run.name,
-        "prefect.flow_run_url": prefect_url,
-        # The run's description in the MLflow UI (markdown): a link that clicks back.
-        "mlflow.note.content": f"Prefect flow run [{flow_run.name}]({prefect_url})",
-    })
-    create_link_artifact(key="mlflow-run", link=tracker.url(),
-                         link_text=f"MLflow run {run_name} ({tracker.run_id})",
-                         description="This flow run's MLflow run: metrics, artifacts, records")
+    tracker.set_tags(
+        {
+            "prefect.flow_run_id": str(flow_run.id),
+            "prefect.flow_run_name": flow_run.name,
+            "prefect.flow_run_url": prefect_url,
+            # The run's description in the MLflow UI (markdown): a link that clicks back.
+            "mlflow.note.content": f"Prefect flow run [{flow_run.name}]({prefect_url})",
+        }
+    )
+    create_link_artifact(
+        key="mlflow-run",
+        link=tracker.url(),
+        link_text=f"MLflow run {run_name} ({tracker.run_id})",
+        description="This flow run's MLflow run: metrics, artifacts, records",
+    )
 
 
 def prefect_flow_run_url(flow_run_id: str) -> str:
@@ -210,15 +249,23 @@ def prefect_flow_run_url(flow_run_id: str) -> str:
 
 
 def log_config_and_data(tracker: MlflowTracker, cfg: ExperimentConfig, data) -> None:
-    tracker.log_params({**cfg.flat_params(),
-                        "data.dropped_over_long": getattr(data, "dropped_over_long", 0)})
+    tracker.log_params(
+        {**cfg.flat_params(), "data.dropped_over_long": getattr(data, "dropped_over_long", 0)}
+    )
     tracker.log_text(cfg.to_yaml(), "config.yaml")
     for name, (df, source, digest) in data.mlflow_datasets().items():
-        tracker.log_dataset(df, name=name, source=source, digest=digest,
-                            context="training" if name == "train" else "evaluation")
+        tracker.log_dataset(
+            df,
+            name=name,
+            source=source,
+            digest=digest,
+            context="training" if name == "train" else "evaluation",
+        )
 
 
 def _summary_line(i: int, m: dict[str, float]) -> str:
-    return (f"iter {i}: acc {m['rollout_accuracy']:.3f} reward {m['reward_mean']:.3f} "
-            f"hardest {m['frac_hardest']:.2f} buffer {m['buffer_size']:.0f} "
-            f"demos_used {m['demos_used']:.0f} ({m['time/iteration']:.1f}s)")
+    return (
+        f"iter {i}: acc {m['rollout_accuracy']:.3f} reward {m['reward_mean']:.3f} "
+        f"hardest {m['frac_hardest']:.2f} buffer {m['buffer_size']:.0f} "
+        f"demos_used {m['demos_used']:.0f} ({m['time/iteration']:.1f}s)"
+    )

@@ -100,8 +100,9 @@ class WorldConfig(_Section):
     # known steps: `add_carry_out` leaves out multi-digit additions whose sum is longer than
     # their operands (47+58=105), `mul_carry_out` the same for products (64*3=192): every step
     # is a known fact, only writing the final carry into the answer is new.
-    pretrain_holdout: list[Literal["add_carry_out", "add1_carry_out", "mul_carry_out",
-                                   "long_answer"]] = []
+    pretrain_holdout: list[
+        Literal["add_carry_out", "add1_carry_out", "mul_carry_out", "long_answer"]
+    ] = []
     # Share of pretraining demonstrations whose final answer has one digit miscopied (the steps
     # stay right), as a web corpus holds careless solutions: the base model is unsure where it
     # should not be, and sampling at temperature 1 shows it -- what RL sharpens away.
@@ -219,8 +220,10 @@ class AlgorithmConfig(_Section):
         if self.demonstrations == "teacher" and not self.teacher_model:
             raise ValueError("algorithm.demonstrations=teacher needs algorithm.teacher_model")
         if self.clip_ratio_high is not None and self.clip_ratio is None:
-            raise ValueError("algorithm.clip_ratio_high needs algorithm.clip_ratio (the lower "
-                             "bound); set both or neither")
+            raise ValueError(
+                "algorithm.clip_ratio_high needs algorithm.clip_ratio (the lower "
+                "bound); set both or neither"
+            )
         return self
 
 
@@ -379,11 +382,23 @@ class ClusterConfig(_Section):
 
 # Keys that may change when a run resumes without making it another experiment: how long it
 # runs, how it is checkpointed, tracked and evaluated, where its files live, how fast it grades.
-RESUMABLE_CHANGES = ("run.iterations", "run.checkpoint_every", "run.grader_workers",
-                     "run.grader_timeout_s", "run.workdir", "run.resume", "run.device",
-                     "run.max_bad_steps",
-                     "tracking.", "eval.", "rollout.batch_size", "model.init_from",
-                     "model.cache_dir", "cluster.ray_address", "cluster.gpu_memory_gib")
+RESUMABLE_CHANGES = (
+    "run.iterations",
+    "run.checkpoint_every",
+    "run.grader_workers",
+    "run.grader_timeout_s",
+    "run.workdir",
+    "run.resume",
+    "run.device",
+    "run.max_bad_steps",
+    "tracking.",
+    "eval.",
+    "rollout.batch_size",
+    "model.init_from",
+    "model.cache_dir",
+    "cluster.ray_address",
+    "cluster.gpu_memory_gib",
+)
 
 
 class ExperimentConfig(_Section):
@@ -400,22 +415,27 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _context_holds_prompt_and_response(self) -> ExperimentConfig:
-        needed = self.data.max_prompt_tokens + max(self.rollout.max_new_tokens,
-                                                   self.eval.max_new_tokens)
+        needed = self.data.max_prompt_tokens + max(
+            self.rollout.max_new_tokens, self.eval.max_new_tokens
+        )
         if self.rollout.max_model_len is not None and self.rollout.max_model_len < needed:
             raise ValueError(
                 f"rollout.max_model_len={self.rollout.max_model_len} cannot hold "
-                f"data.max_prompt_tokens + the longest response ({needed} tokens)")
+                f"data.max_prompt_tokens + the longest response ({needed} tokens)"
+            )
         return self
 
     @model_validator(mode="after")
     def _overlong_buffer_fits(self) -> ExperimentConfig:
-        if (self.algorithm.overlong == "soft_penalty"
-                and self.algorithm.overlong_buffer_len >= self.rollout.max_new_tokens):
+        if (
+            self.algorithm.overlong == "soft_penalty"
+            and self.algorithm.overlong_buffer_len >= self.rollout.max_new_tokens
+        ):
             raise ValueError(
                 f"algorithm.overlong_buffer_len={self.algorithm.overlong_buffer_len} must be "
                 f"below rollout.max_new_tokens={self.rollout.max_new_tokens} (the soft overlong "
-                "penalty starts that many tokens before the limit)")
+                "penalty starts that many tokens before the limit)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -455,8 +475,7 @@ class ExperimentConfig(_Section):
 
     def experiment_params(self) -> dict[str, Any]:
         """The flat params that define the experiment: what a resumed run must share."""
-        return {k: v for k, v in self.flat_params().items()
-                if not k.startswith(RESUMABLE_CHANGES)}
+        return {k: v for k, v in self.flat_params().items() if not k.startswith(RESUMABLE_CHANGES)}
 
 
 def experiment_hash(cfg: ExperimentConfig, ignore: Iterable[str] = ()) -> str:
@@ -467,8 +486,9 @@ def experiment_hash(cfg: ExperimentConfig, ignore: Iterable[str] = ()) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def config_differences(saved: dict[str, Any],
-                       current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:
     """key -> (saved, current) for every experiment key whose value differs (or is missing)."""
     keys = sorted(set(saved) | set(current))
     missing = object()
@@ -565,8 +585,9 @@ def load_config(
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    items = list(overrides.items() if isinstance(overrides, dict)
-                 else map(parse_override, overrides or []))
+    items = list(
+        overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    )
     data = apply_overrides(_switch_method(data, items), overrides or [])
     try:
         return ExperimentConfig.model_validate(data)

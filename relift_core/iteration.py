@@ -48,27 +48,47 @@ class Rollouts:
 
     def select(self, indices: list[int]) -> Rollouts:
         """The groups of questions `indices` (graded, not yet mixed)."""
-        return Rollouts([self.questions[i] for i in indices], [self.samples[i] for i in indices],
-                        [self.grades[i] for i in indices], self.seconds)
+        return Rollouts(
+            [self.questions[i] for i in indices],
+            [self.samples[i] for i in indices],
+            [self.grades[i] for i in indices],
+            self.seconds,
+        )
 
     @staticmethod
     def concat(parts: list[Rollouts]) -> Rollouts:
-        return Rollouts([q for r in parts for q in r.questions],
-                        [g for r in parts for g in r.samples],
-                        [g for r in parts for g in r.grades], sum(r.seconds for r in parts))
+        return Rollouts(
+            [q for r in parts for q in r.questions],
+            [g for r in parts for g in r.samples],
+            [g for r in parts for g in r.grades],
+            sum(r.seconds for r in parts),
+        )
 
 
 def draw_questions(stream: QuestionStream, dataset: list[Example], k: int) -> list[Example]:
     return [dataset[i] for i in stream.next_indices(min(k, len(dataset)))]
 
 
-def rollout(engine: RolloutEngine, tokenizer, questions: list[Example], cfg: ExperimentConfig,
-            *, seed: int, progress=None) -> Rollouts:
+def rollout(
+    engine: RolloutEngine,
+    tokenizer,
+    questions: list[Example],
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+    progress=None,
+) -> Rollouts:
     start = time.perf_counter()
     prompts = [render_prompt(tokenizer, list(q.prompt)) for q in questions]
-    samples = engine.generate(prompts, n=cfg.rollout.n, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                              seed=seed, progress=progress)
+    samples = engine.generate(
+        prompts,
+        n=cfg.rollout.n,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=seed,
+        progress=progress,
+    )
     return Rollouts(questions, samples, seconds=time.perf_counter() - start)
 
 
@@ -97,28 +117,49 @@ def accuracies(rollouts: Rollouts) -> list[float]:
 
 def record_levels(ledger: DifficultyLedger, iteration: int, rollouts: Rollouts) -> list[Level]:
     """Each question's level this iteration, recorded in the run's ledger."""
-    return [ledger.record(iteration, q.uid, acc)
-            for q, acc in zip(rollouts.questions, accuracies(rollouts), strict=True)]
+    return [
+        ledger.record(iteration, q.uid, acc)
+        for q, acc in zip(rollouts.questions, accuracies(rollouts), strict=True)
+    ]
 
 
-def collect_demonstrations(buffer: DemoBuffer, strategy: Strategy, iteration: int,
-                           questions: list[Example], levels: list[Level],
-                           source: DemonstrationSource) -> dict[str, float]:
+def collect_demonstrations(
+    buffer: DemoBuffer,
+    strategy: Strategy,
+    iteration: int,
+    questions: list[Example],
+    levels: list[Level],
+    source: DemonstrationSource,
+) -> dict[str, float]:
     """Buffers the demonstrations the strategy asks for.
 
     Returns counts: `demos_collected` (entered the buffer), `demos_unavailable` (the source had
     none, e.g. a teacher whose answers the grader rejected)."""
-    wanted = [(q, lv) for q, lv in zip(questions, levels, strict=True)
-              if strategy.collects(iteration, lv)]
+    wanted = [
+        (q, lv) for q, lv in zip(questions, levels, strict=True) if strategy.collects(iteration, lv)
+    ]
     if not wanted:
         return {"demos_collected": 0.0, "demos_unavailable": 0.0}
     demos = source.demonstrations([q for q, _ in wanted])
     before = len(buffer)
-    buffer.add_all([DemoEntry(uid=q.uid, prompt=list(q.prompt), demonstration=demo,
-                              iteration_added=iteration, level_when_added=level.value)
-                    for (q, level), demo in zip(wanted, demos, strict=True) if demo])
-    return {"demos_collected": float(len(buffer) - before),
-            "demos_unavailable": float(sum(not d for d in demos)), **source.counts()}
+    buffer.add_all(
+        [
+            DemoEntry(
+                uid=q.uid,
+                prompt=tuple(q.prompt),
+                demonstration=demo,
+                iteration_added=iteration,
+                level_when_added=level.value,
+            )
+            for (q, level), demo in zip(wanted, demos, strict=True)
+            if demo
+        ]
+    )
+    return {
+        "demos_collected": float(len(buffer) - before),
+        "demos_unavailable": float(sum(not d for d in demos)),
+        **source.counts(),
+    }
 
 
 def has_signal(grades: list[Grade]) -> bool:
@@ -126,8 +167,9 @@ def has_signal(grades: list[Grade]) -> bool:
     return len({g.reward for g in grades}) > 1
 
 
-def dynamic_sampling(first: Rollouts, draw_more: Callable[[int], Rollouts], *, target: int,
-                     max_draws: int) -> tuple[Rollouts, Rollouts, dict[str, float]]:
+def dynamic_sampling(
+    first: Rollouts, draw_more: Callable[[int], Rollouts], *, target: int, max_draws: int
+) -> tuple[Rollouts, Rollouts, dict[str, float]]:
     """DAPO's dynamic sampling: (everything drawn, the groups kept, stats).
 
     Groups without reward variance are dropped, and `draw_more(d)` (the d-th draw of graded
@@ -143,41 +185,63 @@ def dynamic_sampling(first: Rollouts, draw_more: Callable[[int], Rollouts], *, t
         kept += [(len(drawn), qi) for qi, grades in enumerate(more.grades) if has_signal(grades)]
         drawn.append(more)
     kept = kept[:target]
-    chosen = Rollouts.concat([drawn[d].select([qi for dd, qi in kept if dd == d])
-                              for d in range(len(drawn))])
+    chosen = Rollouts.concat(
+        [drawn[d].select([qi for dd, qi in kept if dd == d]) for d in range(len(drawn))]
+    )
     everything = Rollouts.concat(drawn)
-    stats = {"dynamic_sampling/draws": float(len(drawn)),
-             "dynamic_sampling/prompts_drawn": float(len(everything.questions)),
-             "dynamic_sampling/groups_kept": float(len(kept)),
-             "dynamic_sampling/batch_filled": float(len(kept) == target)}
+    stats = {
+        "dynamic_sampling/draws": float(len(drawn)),
+        "dynamic_sampling/prompts_drawn": float(len(everything.questions)),
+        "dynamic_sampling/groups_kept": float(len(kept)),
+        "dynamic_sampling/batch_filled": float(len(kept) == target),
+    }
     return everything, chosen, stats
 
 
-def mix_demonstrations(rollouts: Rollouts, source: DemonstrationSource, tokenizer,
-                       grader: BatchGrader, *, max_new_tokens: int, require_think: bool) -> Rollouts:
+def mix_demonstrations(
+    rollouts: Rollouts,
+    source: DemonstrationSource,
+    tokenizer,
+    grader: BatchGrader,
+    *,
+    max_new_tokens: int,
+    require_think: bool,
+) -> Rollouts:
     """LUFFY: each question's demonstration becomes one more sample of its group, graded like
     the rollouts, its response cut at `max_new_tokens` as a rollout would be."""
     texts = source.demonstrations(rollouts.questions)
     present = [qi for qi, t in enumerate(texts) if t]
-    ids = demonstration_ids(tokenizer, [texts[qi] for qi in present], max_new_tokens)
-    grades = grader.grade([texts[qi] for qi in present],
-                          [rollouts.questions[qi].ground_truth for qi in present],
-                          [answer_type_for(rollouts.questions[qi].data_source) for qi in present],
-                          require_think=require_think) if present else []
+    chosen = [t for t in texts if t]  # the texts of `present`, in its order
+    ids = demonstration_ids(tokenizer, chosen, max_new_tokens)
+    grades = (
+        grader.grade(
+            chosen,
+            [rollouts.questions[qi].ground_truth for qi in present],
+            [answer_type_for(rollouts.questions[qi].data_source) for qi in present],
+            require_think=require_think,
+        )
+        if present
+        else []
+    )
     rollouts.demonstrations = [None] * len(texts)
     rollouts.demonstration_grades = [None] * len(texts)
-    for qi, response, g in zip(present, ids, grades, strict=True):
+    for qi, text, response, g in zip(present, chosen, ids, grades, strict=True):
         stopped = bool(response) and response[-1] == tokenizer.eos_token_id
         rollouts.demonstrations[qi] = Sample(
-            prompt_index=qi, prompt_ids=list(rollouts.samples[qi][0].prompt_ids),
-            response_ids=response, text=texts[qi], length=len(response),
-            finish_reason="eos" if stopped else "length")
+            prompt_index=qi,
+            prompt_ids=list(rollouts.samples[qi][0].prompt_ids),
+            response_ids=response,
+            text=text,
+            length=len(response),
+            finish_reason="eos" if stopped else "length",
+        )
         rollouts.demonstration_grades[qi] = g
     return rollouts
 
 
-def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig,
-              max_new_tokens: int) -> dict[str, float]:
+def rl_update(
+    trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig, max_new_tokens: int
+) -> dict[str, float]:
     """GRPO: each sample's advantage is its reward against its own question's group, which
     holds the question's demonstration too when the rollouts were mixed (LUFFY). Over-long
     samples are masked or penalised as algorithm.overlong says."""
@@ -185,11 +249,15 @@ def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig
     rewards: list[float] = []
     group: list[int] = []
     off_policy: list[bool] = []
-    for qi, (group_samples, grades) in enumerate(zip(rollouts.samples, rollouts.grades,
-                                                     strict=True)):
+    for qi, (group_samples, grades) in enumerate(
+        zip(rollouts.samples, rollouts.grades, strict=True)
+    ):
         rows = list(zip(group_samples, grades, [False] * len(grades), strict=True))
-        if rollouts.demonstrations and rollouts.demonstrations[qi] is not None:
-            rows.append((rollouts.demonstrations[qi], rollouts.demonstration_grades[qi], True))
+        demo = rollouts.demonstrations[qi] if rollouts.demonstrations else None
+        if demo is not None:
+            demo_grade = rollouts.demonstration_grades[qi]
+            assert demo_grade is not None  # mix_demonstrations grades every demonstration it adds
+            rows.append((demo, demo_grade, True))
         for sample, grade_, off in rows:
             samples.append(sample)
             rewards.append(grade_.reward)
@@ -201,14 +269,18 @@ def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig
         torch.tensor(rewards, dtype=torch.float32),
         torch.tensor([s.length for s in samples]),
         torch.tensor([s.finish_reason == "length" for s in samples]),
-        algo.overlong, max_len=max_new_tokens, buffer_len=algo.overlong_buffer_len,
-        penalty_factor=algo.overlong_penalty_factor)
+        algo.overlong,
+        max_len=max_new_tokens,
+        buffer_len=algo.overlong_buffer_len,
+        penalty_factor=algo.overlong_penalty_factor,
+    )
     advantages = grpo_advantages(shaped, torch.tensor(group), norm_by_std=algo.norm_adv_by_std)
     if not torch.any((advantages * keep) != 0):
         # Every group all-right or all-wrong: the policy gradient is exactly zero, skip the step.
         return {"rl_skipped": 1.0}
-    batch = pack_rows([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id,
-                      advantages)
+    batch = pack_rows(
+        [s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id, advantages
+    )
     batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
     if any(off_policy):
         batch.off_policy = torch.tensor(off_policy)
@@ -220,16 +292,19 @@ def rl_update(trainer, rollouts: Rollouts, *, pad_id: int, algo: AlgorithmConfig
     return stats
 
 
-def sft_update(trainer, tokenizer, entries: list[DemoEntry], *, max_target_tokens: int,
-               prefill: str = "") -> dict[str, float]:
+def sft_update(
+    trainer, tokenizer, entries: list[DemoEntry], *, max_target_tokens: int, prefill: str = ""
+) -> dict[str, float]:
     prompts = [render_prompt(tokenizer, e.prompt) for e in entries]
-    batch = sft_batch(tokenizer, prompts, [e.demonstration for e in entries], max_target_tokens,
-                      prefill=prefill)
+    batch = sft_batch(
+        tokenizer, prompts, [e.demonstration for e in entries], max_target_tokens, prefill=prefill
+    )
     return trainer.sft_step(batch)
 
 
 def rollout_metrics(rollouts: Rollouts, levels: list[Level]) -> dict[str, float]:
-    """Per-step figures the paper tracks: reward, solve-none/solve-all, difficulty shares, length."""
+    """Per-step figures the paper tracks: reward, solve-none/solve-all, difficulty shares,
+    length."""
     accs = accuracies(rollouts)
     flat = [g for gs in rollouts.grades for g in gs]
     lengths = [s.length for group in rollouts.samples for s in group]
@@ -243,8 +318,10 @@ def rollout_metrics(rollouts: Rollouts, levels: list[Level]) -> dict[str, float]
         "format_failure_rate": sum(not g.format_ok for g in flat) / max(len(flat), 1),
         "response_length_mean": sum(lengths) / max(len(lengths), 1),
         "response_length_max": float(max(lengths, default=0)),
-        "truncated_rate": sum(s.finish_reason == "length" for group in rollouts.samples
-                              for s in group) / max(len(lengths), 1),
+        "truncated_rate": sum(
+            s.finish_reason == "length" for group in rollouts.samples for s in group
+        )
+        / max(len(lengths), 1),
     }
     for level in Level:
         out[f"frac_{level.value}"] = sum(lv is level for lv in levels) / n_q
@@ -263,12 +340,20 @@ class Phases:
     `tasks/train_tasks.py`; a method that changes run state changes it here, never in a task."""
 
     def draw_questions(self, session: TrainSession) -> list[Example]:
-        return draw_questions(session.state.stream, session.dataset, session.cfg.rl.prompts_per_step)
+        return draw_questions(
+            session.state.stream, session.dataset, session.cfg.rl.prompts_per_step
+        )
 
-    def rollout(self, session: TrainSession, questions: list[Example], iteration: int,
-                draw: int = 0) -> Rollouts:
-        return rollout(session.engine, session.tokenizer, questions, session.cfg,
-                       seed=rollout_seed(session.cfg.run.seed, iteration, draw))
+    def rollout(
+        self, session: TrainSession, questions: list[Example], iteration: int, draw: int = 0
+    ) -> Rollouts:
+        return rollout(
+            session.engine,
+            session.tokenizer,
+            questions,
+            session.cfg,
+            seed=rollout_seed(session.cfg.run.seed, iteration, draw),
+        )
 
     def grade(self, session: TrainSession, rollouts: Rollouts) -> Rollouts:
         return grade(rollouts, session.grader, require_think=session.cfg.algorithm.require_think)
@@ -276,22 +361,38 @@ class Phases:
     def classify(self, session: TrainSession, iteration: int, rollouts: Rollouts) -> list[Level]:
         return record_levels(session.state.ledger, iteration, rollouts)
 
-    def collect_demonstrations(self, session: TrainSession, iteration: int, rollouts: Rollouts,
-                               levels: list[Level]) -> dict[str, float]:
-        return collect_demonstrations(session.state.buffer, session.strategy, iteration,
-                                      rollouts.questions, levels, session.demonstration_source)
+    def collect_demonstrations(
+        self, session: TrainSession, iteration: int, rollouts: Rollouts, levels: list[Level]
+    ) -> dict[str, float]:
+        return collect_demonstrations(
+            session.state.buffer,
+            session.strategy,
+            iteration,
+            rollouts.questions,
+            levels,
+            session.demonstration_source,
+        )
 
     def mix_demonstrations(self, session: TrainSession, rollouts: Rollouts) -> Rollouts:
-        return mix_demonstrations(rollouts, session.demonstration_source, session.tokenizer,
-                                  session.grader, max_new_tokens=session.cfg.rollout.max_new_tokens,
-                                  require_think=session.cfg.algorithm.require_think)
+        return mix_demonstrations(
+            rollouts,
+            session.demonstration_source,
+            session.tokenizer,
+            session.grader,
+            max_new_tokens=session.cfg.rollout.max_new_tokens,
+            require_think=session.cfg.algorithm.require_think,
+        )
 
     def rl_update(self, session: TrainSession, rollouts: Rollouts) -> dict[str, float]:
         start = time.perf_counter()
         with engine_asleep(session.engine):
-            stats = rl_update(session.trainer, rollouts, pad_id=session.tokenizer.pad_token_id,
-                              algo=session.cfg.algorithm,
-                              max_new_tokens=session.cfg.rollout.max_new_tokens)
+            stats = rl_update(
+                session.trainer,
+                rollouts,
+                pad_id=session.tokenizer.pad_token_id,
+                algo=session.cfg.algorithm,
+                max_new_tokens=session.cfg.rollout.max_new_tokens,
+            )
         # LUFFY's demonstrations are trained on in the RL step: they count as used.
         session.state.demos_used += int(stats.get("off_policy_rows", 0))
         session.engine.sync_weights(session.model)
@@ -305,14 +406,24 @@ class Phases:
         state = session.state
         entries = state.buffer.peek(k)
         with engine_asleep(session.engine):
-            stats = sft_update(session.trainer, session.tokenizer, entries,
-                               max_target_tokens=session.cfg.sft.max_target_tokens,
-                               prefill=session.cfg.model.prefill)
+            stats = sft_update(
+                session.trainer,
+                session.tokenizer,
+                entries,
+                max_target_tokens=session.cfg.sft.max_target_tokens,
+                prefill=session.cfg.model.prefill,
+            )
         state.buffer.take(k)
         state.demos_used += k
         state.sft_log.extend(
-            {"iteration": iteration, "uid": e.uid, "iteration_added": e.iteration_added,
-             "level_when_added": e.level_when_added} for e in entries)
+            {
+                "iteration": iteration,
+                "uid": e.uid,
+                "iteration_added": e.iteration_added,
+                "level_when_added": e.level_when_added,
+            }
+            for e in entries
+        )
         state.sft_steps += 1
         session.engine.sync_weights(session.model)
         return {**stats, "seconds": time.perf_counter() - start}
@@ -324,9 +435,14 @@ class Phases:
 DIRECT_PHASES = Phases()
 
 
-def run_iteration(session: TrainSession, i: int, *, phases: Phases = DIRECT_PHASES,
-                  tracker: Tracker | None = None,
-                  evaluate: Callable[[int], object] | None = None) -> dict[str, float]:
+def run_iteration(
+    session: TrainSession,
+    i: int,
+    *,
+    phases: Phases = DIRECT_PHASES,
+    tracker: Tracker | None = None,
+    evaluate: Callable[[int], object] | None = None,
+) -> dict[str, float]:
     """Iteration `i` of the run: Algorithm 1's body. Returns (and logs) the step's metrics.
 
     `evaluate(step)` is called every `eval.every` iterations (not after the last one: the caller
@@ -352,8 +468,11 @@ def run_iteration(session: TrainSession, i: int, *, phases: Phases = DIRECT_PHAS
             return phases.grade(session, more)
 
         rollouts, trained, sampling_stats = dynamic_sampling(
-            rollouts, draw_more, target=cfg.rl.prompts_per_step,
-            max_draws=cfg.algorithm.dynamic_sampling_max_draws)
+            rollouts,
+            draw_more,
+            target=cfg.rl.prompts_per_step,
+            max_draws=cfg.algorithm.dynamic_sampling_max_draws,
+        )
         phase["dynamic_sampling"] = time.perf_counter() - sampling_start
     levels = phases.classify(session, i, rollouts)
     metrics = rollout_metrics(rollouts, levels)
@@ -376,8 +495,11 @@ def run_iteration(session: TrainSession, i: int, *, phases: Phases = DIRECT_PHAS
         sft_stats = phases.sft_update(session, size, i)
         phase["sft_update"] = phase.get("sft_update", 0.0) + sft_stats.pop("seconds")
         metrics.update({f"sft/{key}": v for key, v in sft_stats.items()})
-    metrics.update(buffer_size=float(len(state.buffer)), demos_used=float(state.demos_used),
-                   sft_steps=float(state.sft_steps))
+    metrics.update(
+        buffer_size=float(len(state.buffer)),
+        demos_used=float(state.demos_used),
+        sft_steps=float(state.sft_steps),
+    )
 
     if evaluate is not None and (i + 1) % cfg.eval.every == 0 and (i + 1) < cfg.run.iterations:
         eval_start = time.perf_counter()

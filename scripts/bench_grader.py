@@ -91,8 +91,9 @@ def main() -> None:
 
     pairs = distinct_pairs(args.benchmarks)
     batch = build_batch(pairs, args.responses)
-    math_jobs = sum(isinstance(_prepare(r, g, t, True), _MathJob)
-                    for r, g, t in zip(*batch, strict=True))
+    math_jobs = sum(
+        isinstance(_prepare(r, g, t, True), _MathJob) for r, g, t in zip(*batch, strict=True)
+    )
     print(
         f"{args.responses} responses from {len(pairs)} distinct (source, gold) pairs; "
         f"{math_jobs} go to math-verify (the rest: choices, plain numbers, pre-filtered); "
@@ -111,14 +112,18 @@ def measure_proof_world(n: int) -> None:
 
     rng = random.Random(0)
     golds = [str(rng.randint(0, 999)) for _ in range(n)]
-    responses = [f"<think>7+8=15 4+5+1=10</think> \\boxed{{{int(g) + rng.choice((0, 0, 1))}}}"
-                 for g in golds]
+    responses = [
+        f"<think>7+8=15 4+5+1=10</think> \\boxed{{{int(g) + rng.choice((0, 0, 1))}}}" for g in golds
+    ]
     with BatchGrader(workers=1) as grader:
         started = time.perf_counter()
         grades = grader.grade(responses, golds, "math", require_think=True)
         elapsed = time.perf_counter() - started
-    print(f"proof-world answers (plain integers): {n / elapsed:9.0f} answers/s "
-          f"({n} in {elapsed:.2f} s; {sum(g.correct for g in grades)} correct)", flush=True)
+    print(
+        f"proof-world answers (plain integers): {n / elapsed:9.0f} answers/s "
+        f"({n} in {elapsed:.2f} s; {sum(g.correct for g in grades)} correct)",
+        flush=True,
+    )
 
 
 # The guard matters: grader workers start from a fork server that imports this script.

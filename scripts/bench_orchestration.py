@@ -25,17 +25,37 @@ from pathlib import Path
 # Every size the timing depends on is pinned here, not taken from configs/toy.yaml (which
 # changes as the demo is tuned): both sides run exactly this experiment.
 OVERRIDES = [
-    "model.source=tiny", "model.tiny.architecture=qwen2", "model.tiny.hidden_size=64",
-    "model.tiny.num_layers=2", "model.tiny.num_heads=4", "model.tiny.num_kv_heads=2",
-    "model.tiny.intermediate_size=192", "model.tiny.max_position_embeddings=256",
-    "data.world.families=[add,sub,mul,chain]", "data.world.sizes=[2,3]",
-    "data.world.cells=null", "data.world.train_per_cell=16", "data.world.eval_per_cell=1",
+    "model.source=tiny",
+    "model.tiny.architecture=qwen2",
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=4",
+    "model.tiny.num_kv_heads=2",
+    "model.tiny.intermediate_size=192",
+    "model.tiny.max_position_embeddings=256",
+    "data.world.families=[add,sub,mul,chain]",
+    "data.world.sizes=[2,3]",
+    "data.world.cells=null",
+    "data.world.train_per_cell=16",
+    "data.world.eval_per_cell=1",
     "data.world.pretrain_examples=0",
-    "rollout.engine=hf", "rollout.n=8", "rollout.max_new_tokens=48", "rollout.batch_size=64",
-    "rl.prompts_per_step=16", "rl.mini_batch_size=16", "rl.micro_batch_size=64",
-    "sft.mini_batch_size=8", "sft.micro_batch_size=8", "sft.max_target_tokens=64",
-    "algorithm.name=relift", "algorithm.sft_buffer_threshold=8", "algorithm.require_think=false",
-    "eval.benchmarks=[]", "run.checkpoint_every=1", "run.device=cpu", "run.grader_workers=1",
+    "rollout.engine=hf",
+    "rollout.n=8",
+    "rollout.max_new_tokens=48",
+    "rollout.batch_size=64",
+    "rl.prompts_per_step=16",
+    "rl.mini_batch_size=16",
+    "rl.micro_batch_size=64",
+    "sft.mini_batch_size=8",
+    "sft.micro_batch_size=8",
+    "sft.max_target_tokens=64",
+    "algorithm.name=relift",
+    "algorithm.sft_buffer_threshold=8",
+    "algorithm.require_think=false",
+    "eval.benchmarks=[]",
+    "run.checkpoint_every=1",
+    "run.device=cpu",
+    "run.grader_workers=1",
 ]
 
 
@@ -72,8 +92,14 @@ def toy_overrides() -> list[str]:
     base_dir = Path(__file__).resolve().parent.parent / "runs" / "bench" / base_model_key(cfg)
     if not (base_dir / "config.json").exists():
         pretrain_base_model(cfg.data.world, cfg.model.tiny, base_dir)
-    return [f"model.init_from={base_dir}", "algorithm.name=relift", "eval.benchmarks=[]",
-            "run.checkpoint_every=1", "run.device=cpu", "run.grader_workers=1"]
+    return [
+        f"model.init_from={base_dir}",
+        "algorithm.name=relift",
+        "eval.benchmarks=[]",
+        "run.checkpoint_every=1",
+        "run.device=cpu",
+        "run.grader_workers=1",
+    ]
 
 
 def orchestration_parts(n: int = 50) -> None:
@@ -113,8 +139,11 @@ def orchestration_parts(n: int = 50) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
     run = client.create_run(client.create_experiment("bench")).info.run_id
     names = [f"metric/{k}" for k in range(45)]
-    result["MLflow metric batch (45, SQLite)"] = per_call(lambda i: client.log_batch(
-        run, metrics=[Metric(k, 1.0, int(time.time() * 1000), i + 1) for k in names]))
+    result["MLflow metric batch (45, SQLite)"] = per_call(
+        lambda i: client.log_batch(
+            run, metrics=[Metric(k, 1.0, int(time.time() * 1000), i + 1) for k in names]
+        )
+    )
     for key, ms in result.items():
         print(f"  {key:34s} {ms:6.1f} ms")
 
@@ -122,11 +151,17 @@ def orchestration_parts(n: int = 50) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=6)
-    parser.add_argument("--toy", action="store_true",
-                        help="the toy preset's own iteration (64 prompts x 8, its pretrained base "
-                             "model, built once under runs/bench) instead of the pinned small run")
-    parser.add_argument("--parts", action="store_true",
-                        help="also time each piece of per-iteration bookkeeping on its own")
+    parser.add_argument(
+        "--toy",
+        action="store_true",
+        help="the toy preset's own iteration (64 prompts x 8, its pretrained base "
+        "model, built once under runs/bench) instead of the pinned small run",
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time each piece of per-iteration bookkeeping on its own",
+    )
     args = parser.parse_args()
     if args.iterations < 2:
         parser.error("--iterations must be at least 2 (the first one is warm-up and dropped)")
@@ -160,17 +195,25 @@ def main() -> None:
     print(f"iterations: {args.iterations} (first dropped)")
     print(f"plain relift_core loop : {p:.2f} s/iteration")
     print(f"Prefect + MLflow flow  : {f:.2f} s/iteration")
-    print(f"orchestration overhead : {f - p:.2f} s/iteration = "
-          f"{100 * (f - p) / f:.1f}% of an iteration")
+    print(
+        f"orchestration overhead : {f - p:.2f} s/iteration = "
+        f"{100 * (f - p) / f:.1f}% of an iteration"
+    )
     # Inside the phases (as each measures itself): what the flow spends beyond the work itself
     # is outside them (task-run bookkeeping, metric logging) or slows them (busy threads).
     for key in PHASES:
-        flow_phase = [m.value for m in sorted(client.get_metric_history(result["mlflow_run_id"],
-                                                                        f"time/{key}"),
-                                              key=lambda m: m.step)][1:]
+        flow_phase = [
+            m.value
+            for m in sorted(
+                client.get_metric_history(result["mlflow_run_id"], f"time/{key}"),
+                key=lambda m: m.step,
+            )
+        ][1:]
         if plain_phases[key][1:] and flow_phase:
-            print(f"  {key:11s} plain {statistics.mean(plain_phases[key][1:]):.3f} s, "
-                  f"flow {statistics.mean(flow_phase):.3f} s")
+            print(
+                f"  {key:11s} plain {statistics.mean(plain_phases[key][1:]):.3f} s, "
+                f"flow {statistics.mean(flow_phase):.3f} s"
+            )
 
 
 if __name__ == "__main__":

@@ -56,16 +56,20 @@ def bench(name: str, model, tokenizer, prompts: list[str], args) -> None:
         times, tokens = [], []
         for call in range(args.repeats + 1):  # call 0: warm-up
             start = time.perf_counter()
-            groups = engine.generate(prompts, n=args.n, temperature=1.0,
-                                     max_new_tokens=args.max_new_tokens, seed=call)
+            groups = engine.generate(
+                prompts, n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=call
+            )
             if call:
                 times.append(time.perf_counter() - start)
                 tokens.append(sum(s.length for g in groups for s in g))
         seconds = statistics.median(times)
         rate = statistics.median(t / s for t, s in zip(tokens, times, strict=True))
         label = "drop finished rows" if drop else "transformers generate"
-        print(f"{name:14s} {label:22s} {seconds:7.2f} s/call  {rate:8.0f} generated tok/s  "
-              f"mean length {statistics.mean(tokens) / (len(prompts) * args.n):5.1f}", flush=True)
+        print(
+            f"{name:14s} {label:22s} {seconds:7.2f} s/call  {rate:8.0f} generated tok/s  "
+            f"mean length {statistics.mean(tokens) / (len(prompts) * args.n):5.1f}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -80,15 +84,22 @@ def main() -> None:
     ap.add_argument("--smollm2-prompts", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.prompts} prompts"
-          f" x {args.n} samples, batches of {args.batch_size} rows, <= {args.max_new_tokens} new "
-          "tokens, temperature 1.0", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.prompts} prompts"
+        f" x {args.n} samples, batches of {args.batch_size} rows, <= {args.max_new_tokens} new "
+        "tokens, temperature 1.0",
+        flush=True,
+    )
     cfg, model, tokenizer = toy_policy()
     world_questions = questions(cfg, args.prompts)
 
     def render(tok, qs):
-        return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                        add_generation_prompt=True) for q in qs]
+        return [
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in qs
+        ]
 
     bench("toy base model", model, tokenizer, render(tokenizer, world_questions), args)
     if args.smollm2:

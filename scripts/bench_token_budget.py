@@ -26,11 +26,25 @@ import time
 
 CONFIGS = {
     "before: padded, 8 rows per micro-batch, whole logits": {
-        "micro": 8, "budget": None, "packed": False, "chunk": None},
+        "micro": 8,
+        "budget": None,
+        "packed": False,
+        "chunk": None,
+    },
     "packed, token budget, whole logits": {
-        "micro": 8, "budget": None, "packed": True, "chunk": None, "budget_from_rows": 8},
+        "micro": 8,
+        "budget": None,
+        "packed": True,
+        "chunk": None,
+        "budget_from_rows": 8,
+    },
     "after: packed, token budget, logits in chunks of 512": {
-        "micro": 8, "budget": None, "packed": True, "chunk": 512, "budget_from_rows": 8},
+        "micro": 8,
+        "budget": None,
+        "packed": True,
+        "chunk": 512,
+        "budget_from_rows": 8,
+    },
 }
 
 
@@ -68,26 +82,53 @@ def _child(args, name: str) -> dict:
     if spec.get("budget_from_rows"):
         # The same work per forward on average: the padded version's rows x the mean length.
         budget = int(spec["budget_from_rows"] * float(lengths.float().mean()))
-    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=2 * args.hidden, tie_word_embeddings=True,
-                         max_position_embeddings=args.prompt_len + args.max_len + 8)
+    config = Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * args.hidden,
+        tie_word_embeddings=True,
+        max_position_embeddings=args.prompt_len + args.max_len + 8,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     trainer = TorchTrainer(
-        model, algo=AlgorithmConfig(entropy_coef=0.001, loss_agg="token_mean"),
-        rl=RLConfig(lr=1e-6, micro_batch_size=spec["micro"], max_tokens_per_micro_batch=budget,
-                    mini_batch_size=args.rows, prompts_per_step=args.rows),
-        sft=SFTConfig(), max_response_len=args.max_len,
-        remove_padding=spec["packed"], logit_chunk_tokens=spec["chunk"])
+        model,
+        algo=AlgorithmConfig(entropy_coef=0.001, loss_agg="token_mean"),
+        rl=RLConfig(
+            lr=1e-6,
+            micro_batch_size=spec["micro"],
+            max_tokens_per_micro_batch=budget,
+            mini_batch_size=args.rows,
+            prompts_per_step=args.rows,
+        ),
+        sft=SFTConfig(),
+        max_response_len=args.max_len,
+        remove_padding=spec["packed"],
+        logit_chunk_tokens=spec["chunk"],
+    )
     micros = trainer._micro_rows(batch, spec["micro"], budget)
     # The plan's figure for the largest micro-batch this update runs.
-    widths = [(int(lengths[r].sum()) if spec["packed"] else len(r) * int(lengths[r].max()),
-               int(batch.loss_mask[r].sum())) for r in micros]
+    widths = [
+        (
+            int(lengths[r].sum()) if spec["packed"] else len(r) * int(lengths[r].max()),
+            int(batch.loss_mask[r].sum()),
+        )
+        for r in micros
+    ]
     tokens, targets = max(widths)
     logit_tokens = min(targets, spec["chunk"]) if spec["chunk"] else targets
-    arch = Architecture(hidden=args.hidden, layers=2, heads=4, kv_heads=2,
-                        intermediate=2 * args.hidden, vocab=args.vocab, tied_embeddings=True)
+    arch = Architecture(
+        hidden=args.hidden,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=2 * args.hidden,
+        vocab=args.vocab,
+        tied_embeddings=True,
+    )
     planned = activation_bytes(arch, tokens, logit_tokens, "float32", False)
 
     trainer.rl_step(batch, rows_per_minibatch=len(batch))  # warm-up
@@ -98,9 +139,16 @@ def _child(args, name: str) -> dict:
         trainer.rl_step(batch, rows_per_minibatch=len(batch))
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"name": name, "seconds": statistics.median(times), "peak_extra": peak - rss_before,
-            "planned": planned, "micro_batches": len(micros), "budget": budget,
-            "real_tokens": int(lengths.sum()), "targets": int(batch.loss_mask.sum())}
+    return {
+        "name": name,
+        "seconds": statistics.median(times),
+        "peak_extra": peak - rss_before,
+        "planned": planned,
+        "micro_batches": len(micros),
+        "budget": budget,
+        "real_tokens": int(lengths.sum()),
+        "targets": int(batch.loss_mask.sum()),
+    }
 
 
 def main() -> None:
@@ -120,26 +168,38 @@ def main() -> None:
     forwarded = [a for a in sys.argv[1:]]
     results = []
     for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, *forwarded, "--child", name],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, __file__, *forwarded, "--child", name],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first = results[0]
     load = os.getloadavg()[0]
-    print(f"machine: {os.cpu_count()} cores, load average {load:.1f} (seconds are comparable "
-          "only on a quiet machine; peak memory does not depend on the load)")
-    print(f"RL update: {args.rows} responses of {args.min_len}-{args.max_len} tokens "
-          f"(+{args.prompt_len}-token prompts; {first['real_tokens']:,} real tokens, "
-          f"{first['targets']:,} targets), vocabulary {args.vocab:,}, hidden {args.hidden}, "
-          "float32, one thread")
+    print(
+        f"machine: {os.cpu_count()} cores, load average {load:.1f} (seconds are comparable "
+        "only on a quiet machine; peak memory does not depend on the load)"
+    )
+    print(
+        f"RL update: {args.rows} responses of {args.min_len}-{args.max_len} tokens "
+        f"(+{args.prompt_len}-token prompts; {first['real_tokens']:,} real tokens, "
+        f"{first['targets']:,} targets), vocabulary {args.vocab:,}, hidden {args.hidden}, "
+        "float32, one thread"
+    )
     print(f"{'':54} {'s/update':>9} {'peak MiB':>9} {'plan MiB':>9} {'micro':>6}")
     for r in results:
-        print(f"{r['name']:54} {r['seconds']:9.2f} {r['peak_extra'] / 2**20:9.0f} "
-              f"{r['planned'] / 2**20:9.0f} {r['micro_batches']:6d}")
+        print(
+            f"{r['name']:54} {r['seconds']:9.2f} {r['peak_extra'] / 2**20:9.0f} "
+            f"{r['planned'] / 2**20:9.0f} {r['micro_batches']:6d}"
+        )
     before, after = results[0], results[-1]
-    print(f"speed-up {before['seconds'] / after['seconds']:.2f}x, peak memory "
-          f"{before['peak_extra'] / max(after['peak_extra'], 1):.1f}x lower "
-          f"(token budget {after['budget']:,})")
+    print(
+        f"speed-up {before['seconds'] / after['seconds']:.2f}x, peak memory "
+        f"{before['peak_extra'] / max(after['peak_extra'], 1):.1f}x lower "
+        f"(token budget {after['budget']:,})"
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TEMPERATURE, LR = 1.0, 1e-6
-SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 512, "max_position_embeddings": 512}
+SHAPE = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 512,
+    "max_position_embeddings": 512,
+}
 
 
 # One- and two-digit addition and subtraction: after the warm-up the policy gets most one-digit
@@ -89,8 +95,11 @@ def warmed_up_policy(model_name: str, cache: Path, threads: int) -> Path:
     """The benchmark's policy, built once and cached: the model (`SETUPS[model_name]`), then its
     warm-up steps on the world's demonstrations."""
     setup = SETUPS[model_name]
-    key = hashlib.sha256(json.dumps([model_name, SHAPE, setup.warmup_steps, setup.warmup_batch,
-                                     setup.warmup_lr, WORLD]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(
+        json.dumps(
+            [model_name, SHAPE, setup.warmup_steps, setup.warmup_batch, setup.warmup_lr, WORLD]
+        ).encode()
+    ).hexdigest()[:10]
     out = cache / f"{model_name}-warm-{key}"
     if (out / "config.json").exists():
         return out
@@ -107,29 +116,44 @@ def warmed_up_policy(model_name: str, cache: Path, threads: int) -> Path:
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     if model_name == "tiny":
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
-                                             bos_token_id=tokenizer.bos_token_id,
-                                             eos_token_id=tokenizer.eos_token_id, **SHAPE))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tokenizer),
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **SHAPE,
+            )
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir())
     batch = setup.warmup_batch
-    trainer = TorchTrainer(model, algo=AlgorithmConfig(), rl=RLConfig(),
-                           sft=SFTConfig(lr=setup.warmup_lr, mini_batch_size=batch,
-                                         micro_batch_size=batch),
-                           max_response_len=setup.max_new_tokens)
+    trainer = TorchTrainer(
+        model,
+        algo=AlgorithmConfig(),
+        rl=RLConfig(),
+        sft=SFTConfig(lr=setup.warmup_lr, mini_batch_size=batch, micro_batch_size=batch),
+        max_response_len=setup.max_new_tokens,
+    )
     records = world_records()
     prompts = [render_prompt(tokenizer, list(r["prompt"])) for r in records]
     targets = [r["target"] for r in records]
     start = time.perf_counter()
     for step in range(setup.warmup_steps):
         rows = [(step * batch + j) % len(records) for j in range(batch)]
-        stats = trainer.sft_step(sft_batch(tokenizer, [prompts[j] for j in rows],
-                                           [_text(targets[j]) for j in rows],
-                                           setup.max_new_tokens))
+        stats = trainer.sft_step(
+            sft_batch(
+                tokenizer,
+                [prompts[j] for j in rows],
+                [_text(targets[j]) for j in rows],
+                setup.max_new_tokens,
+            )
+        )
         if step % 20 == 0:
             print(f"  warm-up step {step}: nll {stats['sft_loss']:.3f}", flush=True)
-    print(f"  warm-up: {setup.warmup_steps} steps in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    print(
+        f"  warm-up: {setup.warmup_steps} steps in {time.perf_counter() - start:.0f} s", flush=True
+    )
     save_policy(model, tokenizer, out)
     return out
 
@@ -147,43 +171,67 @@ def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: 
 
     prompts, samples, max_new = setup.prompts, setup.samples, setup.max_new_tokens
     overrides = [
-        "algorithm.name=rl", "model.source=hf", f"model.name_or_path={model_dir}",
-        "data.world=null", f"data.train_path={data}", "data.max_prompt_tokens=512",
-        f"rollout.n={samples}", f"rollout.max_new_tokens={max_new}",
-        f"rollout.temperature={TEMPERATURE}", f"rollout.batch_size={prompts * samples}",
-        f"rl.prompts_per_step={prompts}", f"rl.mini_batch_size={prompts}",
-        f"rl.micro_batch_size={prompts * samples}", f"rl.lr={LR}", "algorithm.entropy_coef=0",
-        "eval.benchmarks=[]", "eval.at_start=false", f"run.iterations={steps + 1}",
-        f"run.workdir={workdir}", "run.name=bench", "tracking.system_metrics_interval_s=null",
+        "algorithm.name=rl",
+        "model.source=hf",
+        f"model.name_or_path={model_dir}",
+        "data.world=null",
+        f"data.train_path={data}",
+        "data.max_prompt_tokens=512",
+        f"rollout.n={samples}",
+        f"rollout.max_new_tokens={max_new}",
+        f"rollout.temperature={TEMPERATURE}",
+        f"rollout.batch_size={prompts * samples}",
+        f"rl.prompts_per_step={prompts}",
+        f"rl.mini_batch_size={prompts}",
+        f"rl.micro_batch_size={prompts * samples}",
+        f"rl.lr={LR}",
+        "algorithm.entropy_coef=0",
+        "eval.benchmarks=[]",
+        "eval.at_start=false",
+        f"run.iterations={steps + 1}",
+        f"run.workdir={workdir}",
+        "run.name=bench",
+        "tracking.system_metrics_interval_s=null",
         # As TRL runs: forwards under bf16 autocast (its bf16=True default), no checkpoint
         # inside the timed steps (its save_strategy="no"; ours is written after the last one).
-        "model.bf16_autocast=true", f"run.checkpoint_every={steps + 1}",
+        "model.bf16_autocast=true",
+        f"run.checkpoint_every={steps + 1}",
         "tracking.log_checkpoints=false",
     ]
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "relift"), "train", "-p", "toy",
-                    *overrides], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "relift"), "train", "-p", "toy", *overrides],
+        cwd=REPO,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     total = time.perf_counter() - started
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("relift").experiment_id])
-    stamps = sorted((m.step, m.timestamp) for m in client.get_metric_history(run.info.run_id,
-                                                                              "rollout_accuracy"))
+    stamps = sorted(
+        (m.step, m.timestamp)
+        for m in client.get_metric_history(run.info.run_id, "rollout_accuracy")
+    )
     per_step = [(b - a) / 1000 for (_, a), (_, b) in itertools.pairwise(stamps)]
 
     def median_of(key: str) -> float:
         values = [m.value for m in client.get_metric_history(run.info.run_id, key)][1:]
         return statistics.median(values) if values else 0.0
 
-    return {"seconds_per_step": statistics.median(per_step), "steps": per_step,
-            "phases": {k: median_of(f"time/{k}") for k in ("rollout", "grade", "rl_update")},
-            "response_length": median_of("response_length_mean"),
-            "accuracy": median_of("rollout_accuracy"), "command_seconds": total}
+    return {
+        "seconds_per_step": statistics.median(per_step),
+        "steps": per_step,
+        "phases": {k: median_of(f"time/{k}") for k in ("rollout", "grade", "rl_update")},
+        "response_length": median_of("response_length_mean"),
+        "accuracy": median_of("rollout_accuracy"),
+        "command_seconds": total,
+    }
 
 
-def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int,
-             workdir: Path) -> dict:
+def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int, workdir: Path) -> dict:
     try:
         from trl import GRPOConfig, GRPOTrainer
     except ImportError:
@@ -216,30 +264,55 @@ def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int,
                 self.lengths.append(logs["completions/mean_length"])
                 self.rewards.append(logs.get("reward", float("nan")))
 
-    dataset = Dataset.from_list([{"prompt": list(r["prompt"]),
-                                  "ground_truth": r["reward_model"]["ground_truth"]}
-                                 for r in records])
+    dataset = Dataset.from_list(
+        [
+            {"prompt": list(r["prompt"]), "ground_truth": r["reward_model"]["ground_truth"]}
+            for r in records
+        ]
+    )
     timer = StepTimer()
     config = GRPOConfig(
-        output_dir=str(workdir), per_device_train_batch_size=setup.prompts * setup.samples,
-        num_generations=setup.samples, max_completion_length=setup.max_new_tokens,
+        output_dir=str(workdir),
+        per_device_train_batch_size=setup.prompts * setup.samples,
+        num_generations=setup.samples,
+        max_completion_length=setup.max_new_tokens,
         temperature=TEMPERATURE,
-        beta=0.0, loss_type="dr_grpo", scale_rewards="none", learning_rate=LR,
-        num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1, bf16=True,
-        max_steps=steps + 1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-        disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
-                          reward_funcs=[reward], args=config, train_dataset=dataset,
-                          processing_class=AutoTokenizer.from_pretrained(model_dir),
-                          callbacks=[timer])
+        beta=0.0,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        learning_rate=LR,
+        num_iterations=1,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        bf16=True,
+        max_steps=steps + 1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=[reward],
+        args=config,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        callbacks=[timer],
+    )
     try:
         trainer.train()
     finally:
         grader.close()
     timed = timer.seconds[1:]
-    return {"seconds_per_step": statistics.median(timed), "steps": timed,
-            "response_length": statistics.median(timer.lengths[1:] or timer.lengths),
-            "reward": statistics.median(timer.rewards[1:] or timer.rewards)}
+    return {
+        "seconds_per_step": statistics.median(timed),
+        "steps": timed,
+        "response_length": statistics.median(timer.lengths[1:] or timer.lengths),
+        "reward": statistics.median(timer.rewards[1:] or timer.rewards),
+    }
 
 
 def main() -> None:
@@ -249,19 +322,26 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-relift", action="store_true")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--model", choices=sorted(SETUPS), default="tiny",
-                        help="tiny: the warmed-up tiny Qwen2 (default); smollm2: "
-                             "SmolLM2-135M-Instruct, warmed up, at a reduced size")
+    parser.add_argument(
+        "--model",
+        choices=sorted(SETUPS),
+        default="tiny",
+        help="tiny: the warmed-up tiny Qwen2 (default); smollm2: "
+        "SmolLM2-135M-Instruct, warmed up, at a reduced size",
+    )
     args = parser.parse_args()
     setup = SETUPS[args.model]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {os.cpu_count()} cores, torch threads {args.threads}, load average "
-          f"{os.getloadavg()[0]:.1f}; model {args.model}; {setup.prompts} prompts x "
-          f"{setup.samples} samples, <= {setup.max_new_tokens} new tokens, temperature 1.0, one "
-          "optimizer step per step", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, torch threads {args.threads}, load average "
+        f"{os.getloadavg()[0]:.1f}; model {args.model}; {setup.prompts} prompts x "
+        f"{setup.samples} samples, <= {setup.max_new_tokens} new tokens, temperature 1.0, one "
+        "optimizer step per step",
+        flush=True,
+    )
     model_dir = warmed_up_policy(args.model, args.cache, args.threads)
     records = world_records()
     results = {}
@@ -274,17 +354,23 @@ def main() -> None:
         if not args.skip_relift:
             results["relift"] = time_relift(setup, model_dir, data, args.steps, tmp / "relift")
             r = results["relift"]
-            print(f"relift: {r['seconds_per_step']:.2f} s/step (steps "
-                  f"{', '.join(f'{s:.2f}' for s in r['steps'])}); rollout "
-                  f"{r['phases']['rollout']:.2f} s, grade {r['phases']['grade']:.2f} s, "
-                  f"rl_update {r['phases']['rl_update']:.2f} s; mean response length "
-                  f"{r['response_length']:.1f} tokens; accuracy {r['accuracy']:.3f}", flush=True)
+            print(
+                f"relift: {r['seconds_per_step']:.2f} s/step (steps "
+                f"{', '.join(f'{s:.2f}' for s in r['steps'])}); rollout "
+                f"{r['phases']['rollout']:.2f} s, grade {r['phases']['grade']:.2f} s, "
+                f"rl_update {r['phases']['rl_update']:.2f} s; mean response length "
+                f"{r['response_length']:.1f} tokens; accuracy {r['accuracy']:.3f}",
+                flush=True,
+            )
         if not args.skip_trl:
             results["trl"] = time_trl(setup, model_dir, records, args.steps, tmp / "trl")
             t = results["trl"]
-            print(f"TRL 1.16 GRPOTrainer: {t['seconds_per_step']:.2f} s/step (steps "
-                  f"{', '.join(f'{s:.2f}' for s in t['steps'])}); mean response length "
-                  f"{t['response_length']:.1f} tokens; reward {t['reward']:.3f}", flush=True)
+            print(
+                f"TRL 1.16 GRPOTrainer: {t['seconds_per_step']:.2f} s/step (steps "
+                f"{', '.join(f'{s:.2f}' for s in t['steps'])}); mean response length "
+                f"{t['response_length']:.1f} tokens; reward {t['reward']:.3f}",
+                flush=True,
+            )
     if len(results) == 2:
         ratio = results["trl"]["seconds_per_step"] / results["relift"]["seconds_per_step"]
         print(f"ratio TRL / relift: {ratio:.2f}x", flush=True)

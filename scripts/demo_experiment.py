@@ -26,8 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: str,
-              base_dir: str, world_dir: str) -> dict:
+def train_one(
+    preset: str,
+    overrides: list[str],
+    algo: str,
+    seed: int,
+    workdir: str,
+    base_dir: str,
+    world_dir: str,
+) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -39,11 +46,20 @@ def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: 
 
     name = f"{algo}-s{seed}-{time.time_ns() % 10**9}"
     iters_override = ["run.iterations=0"] if algo == "base" else []
-    cfg = load_config(preset, [*overrides, *iters_override, f"run.workdir={workdir}",
-                               f"model.init_from={base_dir}", f"run.seed={seed}",
-                               f"algorithm.name={'rl' if algo == 'base' else algo}",
-                               f"run.name={name}", "run.checkpoint_every=1000000",
-                               "run.grader_workers=1"])
+    cfg = load_config(
+        preset,
+        [
+            *overrides,
+            *iters_override,
+            f"run.workdir={workdir}",
+            f"model.init_from={base_dir}",
+            f"run.seed={seed}",
+            f"algorithm.name={'rl' if algo == 'base' else algo}",
+            f"run.name={name}",
+            "run.checkpoint_every=1000000",
+            "run.grader_workers=1",
+        ],
+    )
     train = load_examples(Path(world_dir) / "train.parquet")
     held = load_examples(Path(world_dir) / "eval.parquet")
     start = time.perf_counter()
@@ -53,12 +69,19 @@ def train_one(preset: str, overrides: list[str], algo: str, seed: int, workdir: 
         for i in range(cfg.run.iterations):
             m = run_iteration(session, i)
             trace.append(round(m["rollout_accuracy"], 3))
-        acc = sampled_accuracy(session.engine, session.tokenizer, session.grader, held, cfg,
-                                  seed=10_000 + seed)
+        acc = sampled_accuracy(
+            session.engine, session.tokenizer, session.grader, held, cfg, seed=10_000 + seed
+        )
     finally:
         session.close()
-    return {"algo": algo, "seed": seed, "accuracy": acc, "demos_used": session.state.demos_used,
-            "train_trace": trace, "seconds": time.perf_counter() - start}
+    return {
+        "algo": algo,
+        "seed": seed,
+        "accuracy": acc,
+        "demos_used": session.state.demos_used,
+        "train_trace": trace,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def render_summary(summary: dict) -> str:
@@ -66,8 +89,10 @@ def render_summary(summary: dict) -> str:
     for m, r in summary["runs"].items():
         lv = " ".join(f"{k[:4]} {v:.3f}" for k, v in r["by_level"].items() if v is not None)
         fam = " ".join(f"{k} {v:.3f}" for k, v in r["by_family"].items())
-        lines.append(f"{m:7s} {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
-                     f"demos {r['demos_used']:6.0f} | {lv} | {fam}")
+        lines.append(
+            f"{m:7s} {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
+            f"demos {r['demos_used']:6.0f} | {lv} | {fam}"
+        )
     for k, d in summary["differences"].items():
         if d["mean"] is not None:
             lines.append(f"{k:22s} {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
@@ -103,23 +128,30 @@ def main() -> None:
     base_dir = wd.parent / "base_models" / base_model_key(cfg)
     if not (base_dir / "config.json").exists():
         stats = pretrain_base_model(cfg.data.world, cfg.model.tiny, base_dir)
-        print(f"pretrain {stats['seconds']:.0f}s final_loss {stats['final_loss']:.3f} "
-              f"params {stats['params']}", flush=True)
+        print(
+            f"pretrain {stats['seconds']:.0f}s final_loss {stats['final_loss']:.3f} "
+            f"params {stats['params']}",
+            flush=True,
+        )
     world_dir = wd / "world"
     write_world(cfg.data.world, world_dir)
     train = load_examples(world_dir / "train.parquet")
     held = load_examples(world_dir / "eval.parquet")
     cell = {q.uid: q.data_source.split("/", 1)[1] for q in train + held}
-    model, tok = load_policy(cfg.model.model_copy(update={"init_from": str(base_dir)}),
-                             device="cpu")
+    model, tok = load_policy(
+        cfg.model.model_copy(update={"init_from": str(base_dir)}), device="cpu"
+    )
     engine = build_engine(cfg, model, tok, "cpu")
     with BatchGrader(workers=2) as grader:
-        train_lv = {u: lv.value for u, lv in measure_levels(engine, tok, grader, train, cfg,
-                                                             seed=0).items()}
-        held_lv = {u: lv.value for u, lv in measure_levels(engine, tok, grader, held, cfg,
-                                                            seed=0).items()}
-    print(f"train levels: {dict(Counter(train_lv.values()))}  "
-          f"held: {dict(Counter(held_lv.values()))}")
+        train_lv = {
+            u: lv.value for u, lv in measure_levels(engine, tok, grader, train, cfg, seed=0).items()
+        }
+        held_lv = {
+            u: lv.value for u, lv in measure_levels(engine, tok, grader, held, cfg, seed=0).items()
+        }
+    print(
+        f"train levels: {dict(Counter(train_lv.values()))}  held: {dict(Counter(held_lv.values()))}"
+    )
     for c in sorted(set(cell.values())):
         print(f"  {c}: {dict(Counter(lv for u, lv in train_lv.items() if cell[u] == c))}")
     print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)
@@ -129,14 +161,28 @@ def main() -> None:
     results = []
     # spawn: a forked child would inherit the parent's grader fork-server connection.
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_one, args.preset, args.overrides, a, s, str(wd / "runs"),
-                               str(base_dir), str(world_dir)) for a, s in jobs]
+        futures = [
+            pool.submit(
+                train_one,
+                args.preset,
+                args.overrides,
+                a,
+                s,
+                str(wd / "runs"),
+                str(base_dir),
+                str(world_dir),
+            )
+            for a, s in jobs
+        ]
         for f in futures:
             r = f.result()
             results.append(r)
             mean = sum(r["accuracy"].values()) / len(r["accuracy"])
-            print(f"{r['algo']} s{r['seed']}: held-out {mean:.3f} demos {r['demos_used']} "
-                  f"({r['seconds']:.0f}s) train acc: {r['train_trace'][::4]}", flush=True)
+            print(
+                f"{r['algo']} s{r['seed']}: held-out {mean:.3f} demos {r['demos_used']} "
+                f"({r['seconds']:.0f}s) train acc: {r['train_trace'][::4]}",
+                flush=True,
+            )
     summary = summarize(results, held_lv, {u: c.split("/")[0] for u, c in cell.items()})
     print(render_summary(summary))
     (wd / "summary.json").write_text(json.dumps(summary, indent=1))

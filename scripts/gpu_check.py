@@ -44,17 +44,42 @@ from relift_core.runtime.trainer import TorchTrainer
 
 MODEL_DIR = ROOT / "configs" / "models" / "qwen2.5-math-1.5b-16k-think"
 # Dense bf16 peak FLOP/s by device name (vendor datasheets, no sparsity).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "A10": 125e12, "L4": 121e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
 # Shapes: the model, then prompts x samples, prompt and response tokens, rows per forward.
 SHAPES = {
-    "1.5b": {"overrides": {}, "prompts": 8, "n": 4, "prompt_len": 512, "response_len": 512,
-             "micro": 4},
-    "tiny": {"overrides": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "num_key_value_heads": 2,
-                           "vocab_size": 512, "max_position_embeddings": 512,
-                           "bos_token_id": 1, "eos_token_id": 1},
-             "prompts": 2, "n": 2, "prompt_len": 16, "response_len": 16, "micro": 4},
+    "1.5b": {
+        "overrides": {},
+        "prompts": 8,
+        "n": 4,
+        "prompt_len": 512,
+        "response_len": 512,
+        "micro": 4,
+    },
+    "tiny": {
+        "overrides": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 512,
+            "max_position_embeddings": 512,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+        },
+        "prompts": 2,
+        "n": 2,
+        "prompt_len": 16,
+        "response_len": 16,
+        "micro": 4,
+    },
 }
 
 
@@ -64,8 +89,12 @@ def stand_in_tokenizer(vocab_size: int, eos_id: int):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"<t{i}>": i for i in range(vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "<t0>")),
-                                  pad_token="<t0>", eos_token=f"<t{eos_id}>", unk_token="<t0>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, "<t0>")),
+        pad_token="<t0>",
+        eos_token=f"<t{eos_id}>",
+        unk_token="<t0>",
+    )
     return tok
 
 
@@ -85,25 +114,44 @@ def build_model(shape: dict, device: torch.device, config_dir: Path):
     return model, config
 
 
-def experiment(shape: dict, dtype: str, device: torch.device, gpu_gib: float,
-               config_dir: Path) -> ExperimentConfig:
+def experiment(
+    shape: dict, dtype: str, device: torch.device, gpu_gib: float, config_dir: Path
+) -> ExperimentConfig:
     """The config whose trainer settings and memory plan match this check's shapes."""
     rows = shape["prompts"] * shape["n"]
-    cfg = ExperimentConfig.model_validate({
-        "model": {"source": "hf", "name_or_path": str(config_dir), "dtype": dtype,
-                  "gradient_checkpointing": device.type == "cuda"},
-        "data": {"max_prompt_tokens": shape["prompt_len"]},
-        "rollout": {"engine": "hf", "n": shape["n"], "max_new_tokens": shape["response_len"],
-                    "batch_size": rows},
-        "rl": {"lr": 1e-6, "prompts_per_step": shape["prompts"],
-               "mini_batch_size": shape["prompts"], "micro_batch_size": shape["micro"],
-               "grad_clip": 0.7},
-        "sft": {"lr": 1e-6, "mini_batch_size": shape["prompts"],
-                "micro_batch_size": shape["micro"], "grad_clip": 1.0,
-                "max_target_tokens": shape["response_len"]},
-        "eval": {"max_new_tokens": shape["response_len"]},
-        "cluster": {"gpu_memory_gib": gpu_gib},
-    })
+    cfg = ExperimentConfig.model_validate(
+        {
+            "model": {
+                "source": "hf",
+                "name_or_path": str(config_dir),
+                "dtype": dtype,
+                "gradient_checkpointing": device.type == "cuda",
+            },
+            "data": {"max_prompt_tokens": shape["prompt_len"]},
+            "rollout": {
+                "engine": "hf",
+                "n": shape["n"],
+                "max_new_tokens": shape["response_len"],
+                "batch_size": rows,
+            },
+            "rl": {
+                "lr": 1e-6,
+                "prompts_per_step": shape["prompts"],
+                "mini_batch_size": shape["prompts"],
+                "micro_batch_size": shape["micro"],
+                "grad_clip": 0.7,
+            },
+            "sft": {
+                "lr": 1e-6,
+                "mini_batch_size": shape["prompts"],
+                "micro_batch_size": shape["micro"],
+                "grad_clip": 1.0,
+                "max_target_tokens": shape["response_len"],
+            },
+            "eval": {"max_new_tokens": shape["response_len"]},
+            "cluster": {"gpu_memory_gib": gpu_gib},
+        }
+    )
     return cfg
 
 
@@ -143,13 +191,17 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def run(shape_name: str, device_name: str, dtype: str | None,
-        peak_tflops: float | None) -> dict[str, float | str | None]:
+def run(
+    shape_name: str, device_name: str, dtype: str | None, peak_tflops: float | None
+) -> dict[str, float | str | None]:
     device = torch.device(device_name)
     shape = SHAPES[shape_name]
     dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    gpu_gib = (torch.cuda.get_device_properties(device).total_memory / GIB
-               if device.type == "cuda" else 80.0)
+    gpu_gib = (
+        torch.cuda.get_device_properties(device).total_memory / GIB
+        if device.type == "cuda"
+        else 80.0
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -158,16 +210,21 @@ def run(shape_name: str, device_name: str, dtype: str | None,
     cfg = experiment(shape, dtype, device, gpu_gib, config_dir)
     trainer = TorchTrainer(model, **trainer_options(cfg, device))
     tokenizer = stand_in_tokenizer(config.vocab_size, config.eos_token_id)
-    engine = HFRolloutEngine(trainer.model, tokenizer, batch_size=cfg.rollout.batch_size,
-                             stop_token_ids=[config.eos_token_id],
-                             bf16_autocast=cfg.model.bf16_autocast)
+    engine = HFRolloutEngine(
+        trainer.model,
+        tokenizer,
+        batch_size=cfg.rollout.batch_size,
+        stop_token_ids=[config.eos_token_id],
+        bf16_autocast=cfg.model.bf16_autocast,
+    )
     params = sum(p.numel() for p in trainer.model.parameters())
     setup_s = time.perf_counter() - start
 
     # Rollout: random prompts (never the pad id), n samples each, plain sampling.
     generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(2, config.vocab_size, (shape["prompts"], shape["prompt_len"]),
-                            generator=generator).tolist()
+    prompts = torch.randint(
+        2, config.vocab_size, (shape["prompts"], shape["prompt_len"]), generator=generator
+    ).tolist()
     request = SamplingRequest(prompts, shape["n"], 1.0, 1.0, shape["response_len"], 0, None)
     synchronize(device)
     t0 = time.perf_counter()
@@ -183,11 +240,11 @@ def run(shape_name: str, device_name: str, dtype: str | None,
     rl_stats, rl_s, rl_share = timed_update(lambda: trainer.rl_step(batch), trainer.model, device)
 
     # One SFT step: the prompts with random demonstrations of the full target length.
-    targets = torch.randint(2, config.vocab_size, (shape["prompts"], shape["response_len"]),
-                            generator=generator).tolist()
+    targets = torch.randint(
+        2, config.vocab_size, (shape["prompts"], shape["response_len"]), generator=generator
+    ).tolist()
     sft = pack_rows(prompts, targets, tokenizer.pad_token_id)
-    sft_stats, sft_s, sft_share = timed_update(lambda: trainer.sft_step(sft), trainer.model,
-                                               device)
+    sft_stats, sft_s, sft_share = timed_update(lambda: trainer.sft_step(sft), trainer.model, device)
 
     flops = peak_flops(device, peak_tflops)
     train_tokens = batch.num_tokens + sft.num_tokens
@@ -196,16 +253,23 @@ def run(shape_name: str, device_name: str, dtype: str | None,
     measured = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "shape": shape_name, "parameters": params, "dtype": dtype,
+        "shape": shape_name,
+        "parameters": params,
+        "dtype": dtype,
         "weights_dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
         "setup_s": setup_s,
-        "rl_share_of_weights_changed": rl_share, "sft_share_of_weights_changed": sft_share,
-        "rl_loss": rl_stats.get("policy_loss"), "sft_loss": sft_stats.get("sft_loss"),
-        "rl_step_s": rl_s, "sft_step_s": sft_s,
-        "rl_tokens": batch.num_tokens, "sft_tokens": sft.num_tokens,
+        "rl_share_of_weights_changed": rl_share,
+        "sft_share_of_weights_changed": sft_share,
+        "rl_loss": rl_stats.get("policy_loss"),
+        "sft_loss": sft_stats.get("sft_loss"),
+        "rl_step_s": rl_s,
+        "sft_step_s": sft_s,
+        "rl_tokens": batch.num_tokens,
+        "sft_tokens": sft.num_tokens,
         "train_tokens_per_s": train_tps,
         "mfu": 6 * params * train_tps / flops if flops else None,
-        "rollout_generated_tokens": generated, "rollout_s": rollout_s,
+        "rollout_generated_tokens": generated,
+        "rollout_s": rollout_s,
         "rollout_tokens_per_s": generated / rollout_s,
         "peak_memory_gib": measured / GIB if measured is not None else None,
         "plan_training_phase_gib": plan.training_phase / GIB,
@@ -216,12 +280,24 @@ def run(shape_name: str, device_name: str, dtype: str | None,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="1.5b (default on CUDA) or tiny (default on CPU)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                        help="model.dtype, the compute dtype (default bfloat16 on CUDA)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's peak bf16 TFLOP/s for MFU (default: known GPUs)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="1.5b (default on CUDA) or tiny (default on CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="model.dtype, the compute dtype (default bfloat16 on CUDA)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak bf16 TFLOP/s for MFU (default: known GPUs)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     shape = args.shape or ("1.5b" if args.device.startswith("cuda") else "tiny")

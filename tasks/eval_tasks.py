@@ -20,13 +20,22 @@ from tasks import progress as terminal
 # `heldout/<benchmark>/<group>/avg_at_k` per data source of a mixed set, `heldout/<average>`.
 # (The training's own rollouts are `rollout_accuracy`, `reward_mean`, ...)
 HELD_OUT = "heldout"
-SCALAR_KEYS = ("avg_at_k", "pass_at_1", "pass_at_k", "maj_at_k", "format_failure_rate",
-               "truncation_rate", "response_length_mean", "response_length_max",
-               "reference_avg_at_k")
+SCALAR_KEYS = (
+    "avg_at_k",
+    "pass_at_1",
+    "pass_at_k",
+    "maj_at_k",
+    "format_failure_rate",
+    "truncation_rate",
+    "response_length_mean",
+    "response_length_max",
+    "reference_avg_at_k",
+)
 
 
-def resolve_benchmark(name: str, *, local_sets: dict[str, str], benchmarks_dir: str | None,
-                      limit: int | None) -> Benchmark:
+def resolve_benchmark(
+    name: str, *, local_sets: dict[str, str], benchmarks_dir: str | None, limit: int | None
+) -> Benchmark:
     """A set made with the training data (e.g. the proof-world's held-out split), else the
     registry."""
     if name in local_sets:
@@ -38,57 +47,113 @@ def resolve_benchmark(name: str, *, local_sets: dict[str, str], benchmarks_dir: 
 
 
 @task(name="evaluate-benchmark", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def evaluate_one(engine, tokenizer, grader, bench: Benchmark, *, eval_cfg, out_dir: Path,
-                 require_think: bool, seed: int) -> tuple[list, dict[str, Any]]:
+def evaluate_one(
+    engine,
+    tokenizer,
+    grader,
+    bench: Benchmark,
+    *,
+    eval_cfg,
+    out_dir: Path,
+    require_think: bool,
+    seed: int,
+) -> tuple[list, dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return evaluate_benchmark(
-        engine, tokenizer, bench, grader,
-        samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
-        max_new_tokens=eval_cfg.max_new_tokens, seed=seed, require_think=require_think,
+        engine,
+        tokenizer,
+        bench,
+        grader,
+        samples=eval_cfg.samples,
+        temperature=eval_cfg.temperature,
+        top_p=eval_cfg.top_p,
+        max_new_tokens=eval_cfg.max_new_tokens,
+        seed=seed,
+        require_think=require_think,
         reference_reading=eval_cfg.reference_reading,
         records_path=out_dir / f"{bench.name}.records.jsonl",
         progress=terminal.callback(f"evaluate {bench.name} (questions)"),
     )
 
 
-def evaluate_all(engine, tokenizer, grader, *, names: list[str], eval_cfg, out_dir: Path,
-                 tracker: Tracker | None, step: int, local_sets: dict[str, str] | None = None,
-                 require_think: bool, seed: int, label: str) -> dict[str, dict[str, Any]]:
+def evaluate_all(
+    engine,
+    tokenizer,
+    grader,
+    *,
+    names: list[str],
+    eval_cfg,
+    out_dir: Path,
+    tracker: Tracker | None,
+    step: int,
+    local_sets: dict[str, str] | None = None,
+    require_think: bool,
+    seed: int,
+    label: str,
+) -> dict[str, dict[str, Any]]:
     """Evaluates every benchmark in `names`; logs metrics, records and tables. Returns summaries."""
     summaries: dict[str, dict[str, Any]] = {}
     for given in names:
-        bench = resolve_benchmark(given, local_sets=local_sets or {},
-                                  benchmarks_dir=eval_cfg.benchmarks_dir, limit=eval_cfg.limit)
+        bench = resolve_benchmark(
+            given,
+            local_sets=local_sets or {},
+            benchmarks_dir=eval_cfg.benchmarks_dir,
+            limit=eval_cfg.limit,
+        )
         # A benchmark given as a file path is named by its file's stem: metric keys and file
         # names hold no slashes (MLflow refused `heldout//abs/path.parquet/avg_at_k`).
         name = bench.name
         # quote(): keep Prefect from walking the model and every question (see flows/train.py).
-        records, summary = evaluate_one(quote(engine), quote(tokenizer), quote(grader),
-                                        quote(bench), eval_cfg=eval_cfg, out_dir=out_dir,
-                                        require_think=require_think, seed=seed)
+        records, summary = evaluate_one(
+            quote(engine),
+            quote(tokenizer),
+            quote(grader),
+            quote(bench),
+            eval_cfg=eval_cfg,
+            out_dir=out_dir,
+            require_think=require_think,
+            seed=seed,
+        )
         summaries[name] = summary
         parquet = out_dir / f"{name}.records.parquet"
         records_to_parquet(records, parquet)
         if tracker is not None:
-            tracker.log_metrics({f"{HELD_OUT}/{name}/{k}": float(summary[k]) for k in SCALAR_KEYS
-                                 if isinstance(summary.get(k), (int, float))}, step=step)
+            tracker.log_metrics(
+                {
+                    f"{HELD_OUT}/{name}/{k}": float(summary[k])
+                    for k in SCALAR_KEYS
+                    if isinstance(summary.get(k), (int, float))
+                },
+                step=step,
+            )
             tracker.log_artifact(parquet, f"eval/step_{step:06d}")
             tracker.log_table(record_rows(records), f"eval/step_{step:06d}/{name}.records.json")
             by_source = summarize_by(records, "data_source")
             if len(by_source) > 1:  # a mixed set (the proof-world): one figure per family
-                tracker.log_metrics({f"{HELD_OUT}/{name}/{group_name(name, src)}/avg_at_k":
-                                     float(sub["avg_at_k"]) for src, sub in by_source.items()},
-                                    step=step)
+                tracker.log_metrics(
+                    {
+                        f"{HELD_OUT}/{name}/{group_name(name, src)}/avg_at_k": float(
+                            sub["avg_at_k"]
+                        )
+                        for src, sub in by_source.items()
+                    },
+                    step=step,
+                )
     averages = paper_averages(summaries)
     if tracker is not None and averages:
         tracker.log_metrics({f"{HELD_OUT}/{k}": float(v) for k, v in averages.items()}, step=step)
     table = markdown_table(summaries)
-    create_markdown_artifact(markdown=f"### Evaluation: {label}, step {step}\n\n{table}",
-                             key=_artifact_key(label), description=f"evaluation at step {step}")
+    create_markdown_artifact(
+        markdown=f"### Evaluation: {label}, step {step}\n\n{table}",
+        key=_artifact_key(label),
+        description=f"evaluation at step {step}",
+    )
     create_table_artifact(
-        table=[{"benchmark": n, **{k: s.get(k) for k in SCALAR_KEYS}}
-               for n, s in summaries.items()],
-        key=_artifact_key(label) + "-table")
+        table=[
+            {"benchmark": n, **{k: s.get(k) for k in SCALAR_KEYS}} for n, s in summaries.items()
+        ],
+        key=_artifact_key(label) + "-table",
+    )
     if tracker is not None:
         tracker.log_text(table, f"eval/step_{step:06d}/summary.md")
     return summaries
@@ -106,11 +171,18 @@ TABLE_TEXT_CHARS = 300
 
 def record_rows(records) -> list[dict[str, Any]]:
     """Per-question records as rows the MLflow UI can preview: accuracy, gold, first answer."""
-    return [{"uid": r.uid, "data_source": r.data_source, "ground_truth": r.ground_truth,
-             "accuracy": r.accuracy, "samples": len(r.correct),
-             "first_extracted": r.extracted[0] if r.extracted else None,
-             "first_response": (r.samples[0][:TABLE_TEXT_CHARS] if r.samples else None)}
-            for r in records]
+    return [
+        {
+            "uid": r.uid,
+            "data_source": r.data_source,
+            "ground_truth": r.ground_truth,
+            "accuracy": r.accuracy,
+            "samples": len(r.correct),
+            "first_extracted": r.extracted[0] if r.extracted else None,
+            "first_response": (r.samples[0][:TABLE_TEXT_CHARS] if r.samples else None),
+        }
+        for r in records
+    ]
 
 
 def _artifact_key(label: str) -> str:
@@ -124,11 +196,20 @@ def evaluate_policy(session, tracker: Tracker, step: int, data, *, final: bool =
     if not cfg.eval.benchmarks:
         return {}
     out_dir = cfg.run_dir() / "eval" / f"step_{step:06d}"
-    summaries = evaluate_all(session.engine, session.tokenizer, session.grader,
-                             names=cfg.eval.benchmarks, eval_cfg=cfg.eval, out_dir=out_dir,
-                             tracker=tracker, step=step, local_sets=data.eval_paths,
-                             require_think=cfg.algorithm.require_think, seed=cfg.run.seed,
-                             label=f"{cfg.run.name}{'-final' if final else ''}")
+    summaries = evaluate_all(
+        session.engine,
+        session.tokenizer,
+        session.grader,
+        names=cfg.eval.benchmarks,
+        eval_cfg=cfg.eval,
+        out_dir=out_dir,
+        tracker=tracker,
+        step=step,
+        local_sets=data.eval_paths,
+        require_think=cfg.algorithm.require_think,
+        seed=cfg.run.seed,
+        label=f"{cfg.run.name}{'-final' if final else ''}",
+    )
     if cfg.eval.keep_best:
         keep_best_policy(session, tracker, step, summaries)
     return summaries
@@ -147,5 +228,10 @@ def keep_best_policy(session, tracker: Tracker, step: int, summaries) -> None:
     if keep_if_best(best_dir, step, score, session.model, session.tokenizer):
         tracker.log_metrics({"eval/best_score": score, "eval/best_step": float(step)}, step=step)
         if hasattr(tracker, "set_tags"):  # MLflow; the in-memory tracker has no tags
-            tracker.set_tags({"relift.best_checkpoint": str(best_dir.resolve()),
-                              "relift.best_step": str(step), "relift.best_score": f"{score:.6f}"})
+            tracker.set_tags(
+                {
+                    "relift.best_checkpoint": str(best_dir.resolve()),
+                    "relift.best_step": str(step),
+                    "relift.best_score": f"{score:.6f}",
+                }
+            )

@@ -21,9 +21,16 @@ def terminal_progress(console: Console | None = None):
     and with them the libraries' output the CLI sends to its log file (`relift demo`)."""
     global _progress
     redirect = console is None
-    _progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
-                         redirect_stdout=redirect, redirect_stderr=redirect)
+    _progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        redirect_stdout=redirect,
+        redirect_stderr=redirect,
+    )
     try:
         with _progress:
             yield _progress
@@ -66,5 +73,7 @@ class HideRoutineTaskStates(logging.Filter):
     the one `iter i:` line), and the Prefect UI keeps every task run's state."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("prefect.task_runs")
-                    and record.getMessage().startswith("Finished in state Completed"))
+        return not (
+            record.name.startswith("prefect.task_runs")
+            and record.getMessage().startswith("Finished in state Completed")
+        )

@@ -79,9 +79,13 @@ def _embedded_store_lock(cfg: ExperimentConfig):
 
 
 # Where the embedded store keeps absolute artifact locations.
-_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
-                     ("model_versions", "source"))
+_ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
 
 
 def relocate_embedded_store(cfg: ExperimentConfig) -> None:
@@ -99,18 +103,24 @@ def relocate_embedded_store(cfg: ExperimentConfig) -> None:
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
-        tables = {row[0] for row in
-                  con.execute("select name from sqlite_master where type='table'")}
+        tables = {
+            row[0] for row in con.execute("select name from sqlite_master where type='table'")
+        }
         if "experiments" not in tables:
             return
-        roots = {loc for (loc,) in con.execute("select artifact_location from experiments")
-                 if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/mlartifacts")}
+        roots = {
+            loc
+            for (loc,) in con.execute("select artifact_location from experiments")
+            if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/mlartifacts")
+        }
         for old_root in roots - {new_root}:
             for table, column in _ARTIFACT_COLUMNS:
                 if table in tables:
-                    con.execute(f"update {table} set {column} = ? || substr({column}, ?) "
-                                f"where substr({column}, 1, ?) = ?",
-                                (new_root, len(old_root) + 1, len(old_root), old_root))
+                    con.execute(
+                        f"update {table} set {column} = ? || substr({column}, ?) "
+                        f"where substr({column}, 1, ?) = ?",
+                        (new_root, len(old_root) + 1, len(old_root), old_root),
+                    )
 
 
 # The experiment tag MLflow 3's UI reads to choose its view (mlflow/server/js: `experimentKind`);
@@ -131,14 +141,25 @@ def runs_view_state(cfg: ExperimentConfig) -> dict[str, Any]:
     backquotes: tags.`relift.algorithm`)."""
     from tasks.eval_tasks import HELD_OUT
 
-    held_out = [f"metrics.`{HELD_OUT}/{benchmark_logged_name(b)}/avg_at_k`"
-                for b in cfg.eval.benchmarks]
-    return {"selectedColumns": ["tags.`relift.algorithm`", "params.`run.seed`", *held_out,
-                                "metrics.`demos_used`", "metrics.`rollout_accuracy`",
-                                "attributes.`Models`"],
-            "groupBy": {"aggregateFunction": "average",
-                        "groupByKeys": [{"mode": "tag", "groupByData": "relift.algorithm"}]},
-            "useGroupedValuesInCharts": True, "hideEmptyCharts": True}
+    held_out = [
+        f"metrics.`{HELD_OUT}/{benchmark_logged_name(b)}/avg_at_k`" for b in cfg.eval.benchmarks
+    ]
+    return {
+        "selectedColumns": [
+            "tags.`relift.algorithm`",
+            "params.`run.seed`",
+            *held_out,
+            "metrics.`demos_used`",
+            "metrics.`rollout_accuracy`",
+            "attributes.`Models`",
+        ],
+        "groupBy": {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "tag", "groupByData": "relift.algorithm"}],
+        },
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+    }
 
 
 def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
@@ -147,9 +168,11 @@ def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         try:
-            exp_id = client.create_experiment(cfg.tracking.experiment,
-                                              artifact_location=artifact_root(cfg),
-                                              tags=dict([EXPERIMENT_KIND]))
+            exp_id = client.create_experiment(
+                cfg.tracking.experiment,
+                artifact_location=artifact_root(cfg),
+                tags=dict([EXPERIMENT_KIND]),
+            )
         except mlflow.exceptions.MlflowException:
             # Another run of a sweep created it first.
             exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -157,8 +180,10 @@ def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
     else:
         exp_id = exp.experiment_id
     tags = exp.tags if exp is not None else dict([EXPERIMENT_KIND])
-    wanted = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
-              f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(runs_view_state(cfg))}
+    wanted = {
+        EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
+        f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(runs_view_state(cfg)),
+    }
     for key, value in wanted.items():
         if tags.get(key) != value:
             client.set_experiment_tag(exp_id, key, value)
@@ -167,8 +192,10 @@ def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
 
 def runs_view_url(client: MlflowClient, exp_id: str) -> str:
     """The experiment's runs table with the saved view (method, seed, held-out score)."""
-    return (f"{ui_base(client)}/#/experiments/{exp_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
-            "&workflowType=machine_learning")
+    return (
+        f"{ui_base(client)}/#/experiments/{exp_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+        "&workflowType=machine_learning"
+    )
 
 
 def ui_base(client: MlflowClient) -> str:
@@ -205,8 +232,9 @@ class MlflowTracker:
         run = self.client.get_run(self.run_id)
         self._logged = {}
         for key in run.data.metrics:
-            steps = {m.step for m in self.client.get_metric_history(self.run_id, key)
-                     if m.step >= step}
+            steps = {
+                m.step for m in self.client.get_metric_history(self.run_id, key) if m.step >= step
+            }
             if steps:
                 self._logged[key] = steps
 
@@ -218,8 +246,11 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if v is not None and (step or 0) not in self._logged.get(k, ())]
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and (step or 0) not in self._logged.get(k, ())
+        ]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
@@ -242,8 +273,11 @@ class MlflowTracker:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._system_metrics = SystemMetricsMonitor(
-            self.run_id, sampling_interval=interval_s, resume_logging=True,
-            tracking_uri=self.client.tracking_uri)
+            self.run_id,
+            sampling_interval=interval_s,
+            resume_logging=True,
+            tracking_uri=self.client.tracking_uri,
+        )
         self._log_system_sample()  # before the thread starts: no sample is shared with it
         self._system_metrics.start()
 
@@ -278,11 +312,15 @@ class MlflowTracker:
         with _use_tracking_uri(self.client.tracking_uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.transformers.log_model(
                 {"model": model, "tokenizer": tokenizer},
-                name=self.client.get_run(self.run_id).info.run_name, task="text-generation",
+                name=self.client.get_run(self.run_id).info.run_name,
+                task="text-generation",
                 step=step,
                 # Explicit: inferring them imports every optional module torch knows of.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                  f"transformers=={transformers.__version__}"])
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"transformers=={transformers.__version__}",
+                ],
+            )
         return info.model_uri
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
@@ -292,8 +330,9 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_dataset(self, df: pd.DataFrame, *, name: str, source: str, digest: str,
-                    context: str) -> None:
+    def log_dataset(
+        self, df: pd.DataFrame, *, name: str, source: str, digest: str, context: str
+    ) -> None:
         """A dataset input with its fingerprint as the digest (the lineage MLflow shows)."""
         dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
         entity = dataset._to_mlflow_entity()
@@ -304,8 +343,10 @@ class MlflowTracker:
         run = self.client.get_run(self.run_id)
         # workflowType=machine_learning: the training view even for an experiment made before
         # EXPERIMENT_KIND was set (MLflow 3 opens those in its GenAI view).
-        return (f"{ui_base(self.client)}/#/experiments/{run.info.experiment_id}/runs/"
-                f"{self.run_id}?workflowType=machine_learning")
+        return (
+            f"{ui_base(self.client)}/#/experiments/{run.info.experiment_id}/runs/"
+            f"{self.run_id}?workflowType=machine_learning"
+        )
 
 
 IDENTITY_TAG = "relift.experiment"  # experiment_hash of the config that made the run
@@ -320,9 +361,11 @@ def _refuse_other_experiment(cfg: ExperimentConfig, run, data_fingerprint: str |
     tags, diffs = run.data.tags, {}
     if tags.get(IDENTITY_TAG) not in (None, experiment_hash(cfg)):
         current = {k: str(v)[:MAX_PARAM_LEN] for k, v in cfg.experiment_params().items()}
-        diffs = {k: (run.data.params.get(k), v) for k, v in current.items()
-                 if run.data.params.get(k) != v} or {"(config)": (tags[IDENTITY_TAG],
-                                                                   experiment_hash(cfg))}
+        diffs = {
+            k: (run.data.params.get(k), v)
+            for k, v in current.items()
+            if run.data.params.get(k) != v
+        } or {"(config)": (tags[IDENTITY_TAG], experiment_hash(cfg))}
     if data_fingerprint and tags.get(DATA_TAG) not in (None, data_fingerprint):
         diffs[DATA_KEY] = (tags[DATA_TAG], data_fingerprint)
     if diffs and cfg.run.resume != "force":
@@ -330,14 +373,22 @@ def _refuse_other_experiment(cfg: ExperimentConfig, run, data_fingerprint: str |
         raise ResumeRefused(
             f"run '{cfg.run.name}' has an MLflow run ({run.info.run_id}) made by another "
             f"experiment ({shown}); choose another run.name, pass run.resume=never to start a "
-            "new MLflow run, or run.resume=force to continue this one anyway")
+            "new MLflow run, or run.resume=force to continue this one anyway"
+        )
     return diffs
 
 
-def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
-             parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-             known_run_id: str | None = None, data_fingerprint: str | None = None,
-             start_over: bool = False) -> MlflowTracker:
+def open_run(
+    cfg: ExperimentConfig,
+    *,
+    run_key: str,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    known_run_id: str | None = None,
+    data_fingerprint: str | None = None,
+    start_over: bool = False,
+) -> MlflowTracker:
     """The MLflow run for `run_key` (or `known_run_id`, recorded by an earlier attempt): the
     one a crashed attempt left behind, or a new one.
 
@@ -355,8 +406,12 @@ def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             found = [client.get_run(known_run_id)]
     if not found and not start_over:
-        found = client.search_runs([exp_id], filter_string=f"tags.`relift.run_key` = '{run_key}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        found = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`relift.run_key` = '{run_key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
     identity = {IDENTITY_TAG: experiment_hash(cfg)}
     if data_fingerprint:
         identity[DATA_TAG] = data_fingerprint
@@ -367,8 +422,13 @@ def open_run(cfg: ExperimentConfig, *, run_key: str, run_name: str,
             client.update_run(run_id, status="RUNNING")
         tracker = MlflowTracker(client, run_id)
         if diffs:  # run.resume=force
-            tracker.set_tags({"relift.resumed_with_changes": json.dumps(
-                {k: f"{a!r} -> {b!r}" for k, (a, b) in diffs.items()})[:5000]})
+            tracker.set_tags(
+                {
+                    "relift.resumed_with_changes": json.dumps(
+                        {k: f"{a!r} -> {b!r}" for k, (a, b) in diffs.items()}
+                    )[:5000]
+                }
+            )
         tracker.set_tags(identity)
         return tracker
     all_tags = {"relift.run_key": run_key, **identity, **(tags or {})}

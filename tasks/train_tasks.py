@@ -24,22 +24,31 @@ from tasks.progress import HideRoutineTaskStates
 from tasks.retry import retry_unless_permanent
 
 # An engine hiccup may pass on a retry; bad data or a diverged update never does.
-ENGINE_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10],
-                  "retry_condition_fn": retry_unless_permanent}
+ENGINE_RETRIES = {
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": retry_unless_permanent,
+}
 _CORE = Phases()
 
 rollout_task = task(name="rollout", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.rollout)
 grade_task = task(name="grade", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.grade)
 classify_task = task(name="classify-difficulty", cache_policy=NO_CACHE)(_CORE.classify)
-collect_task = task(name="collect-demonstrations", cache_policy=NO_CACHE,
-                    **ENGINE_RETRIES)(_CORE.collect_demonstrations)
-mix_task = task(name="mix-demonstrations", cache_policy=NO_CACHE,
-                **ENGINE_RETRIES)(_CORE.mix_demonstrations)
+collect_task = task(name="collect-demonstrations", cache_policy=NO_CACHE, **ENGINE_RETRIES)(
+    _CORE.collect_demonstrations
+)
+mix_task = task(name="mix-demonstrations", cache_policy=NO_CACHE, **ENGINE_RETRIES)(
+    _CORE.mix_demonstrations
+)
 rl_update_task = task(name="rl-update", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.rl_update)
 sft_update_task = task(name="sft-update", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.sft_update)
-checkpoint_task = task(name="checkpoint", cache_policy=NO_CACHE, retries=2,
-                       retry_delay_seconds=[1, 5],
-                       retry_condition_fn=retry_unless_permanent)(_CORE.checkpoint)
+checkpoint_task = task(
+    name="checkpoint",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_unless_permanent,
+)(_CORE.checkpoint)
 
 
 class PrefectPhases(Phases):

@@ -53,14 +53,32 @@ def prefect_server():
 # evaluated benchmark, a checkpoint every iteration (test_resume kills between them) and the
 # iteration at which sft_then_rl switches to RL.
 _TINY_RUN = [
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
-    "data.world.families=[add,sub,mul,chain]", "data.world.sizes=[2,3]", "data.world.cells=null",
-    "data.world.train_per_cell=2", "data.world.eval_per_cell=1", "data.world.pretrain_examples=0",
-    "rollout.n=4", "rollout.max_new_tokens=24", "rl.prompts_per_step=6", "rl.mini_batch_size=6",
-    "sft.mini_batch_size=4", "sft.max_target_tokens=48", "algorithm.sft_buffer_threshold=3",
-    "algorithm.require_think=false", "eval.every=2", "eval.max_new_tokens=24", "eval.limit=6",
-    "eval.samples=2", "eval.benchmarks=[world]", "algorithm.sft_then_rl_switch=1",
-    "run.iterations=3", "run.checkpoint_every=1", "run.grader_workers=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.intermediate_size=64",
+    "data.world.families=[add,sub,mul,chain]",
+    "data.world.sizes=[2,3]",
+    "data.world.cells=null",
+    "data.world.train_per_cell=2",
+    "data.world.eval_per_cell=1",
+    "data.world.pretrain_examples=0",
+    "rollout.n=4",
+    "rollout.max_new_tokens=24",
+    "rl.prompts_per_step=6",
+    "rl.mini_batch_size=6",
+    "sft.mini_batch_size=4",
+    "sft.max_target_tokens=48",
+    "algorithm.sft_buffer_threshold=3",
+    "algorithm.require_think=false",
+    "eval.every=2",
+    "eval.max_new_tokens=24",
+    "eval.limit=6",
+    "eval.samples=2",
+    "eval.benchmarks=[world]",
+    "algorithm.sft_then_rl_switch=1",
+    "run.iterations=3",
+    "run.checkpoint_every=1",
+    "run.grader_workers=1",
 ]
 
 
@@ -101,8 +119,13 @@ def record_gradients(trainer) -> dict:
     step = trainer._clip_and_step
 
     def record(kind, clip):
-        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
-                      if p.grad is not None})
+        grads.update(
+            {
+                n: p.grad.detach().clone()
+                for n, p in trainer.model.named_parameters()
+                if p.grad is not None
+            }
+        )
         return step(kind, clip)
 
     trainer._clip_and_step = record

@@ -56,8 +56,9 @@ def test_group_of_one_has_zero_advantage():
 
 def test_std_normalisation_on_a_known_group():
     # group [1, 0, 0, 0]: mean 0.25, unbiased std sqrt(0.25) = 0.5 (as torch.std / verl)
-    adv = grpo_advantages(t(1, 0, 0, 0), torch.zeros(4, dtype=torch.long), norm_by_std=True,
-                          eps=0.0)
+    adv = grpo_advantages(
+        t(1, 0, 0, 0), torch.zeros(4, dtype=torch.long), norm_by_std=True, eps=0.0
+    )
     assert_close(adv, t(1.5, -0.5, -0.5, -0.5))
     assert torch.tensor([1.0, 0, 0, 0]).std() == 0.5
 
@@ -107,8 +108,11 @@ def test_policy_loss_on_policy_equals_minus_advantage():
     loss, stats = policy_loss(logp, logp.clone(), adv, MASK, loss_agg="token_mean")
     # ratio 1 everywhere: per-token loss is -A; tokens: 3 with -1, 2 with +2
     assert loss.item() == pytest.approx((-3 + 4) / 5)
-    assert stats == {"clip_frac": 0.0, "ratio_mean": pytest.approx(1.0),
-                     "approx_kl": pytest.approx(0.0)}
+    assert stats == {
+        "clip_frac": 0.0,
+        "ratio_mean": pytest.approx(1.0),
+        "approx_kl": pytest.approx(0.0),
+    }
 
 
 def test_policy_loss_gradient_has_the_sign_of_minus_advantage():
@@ -139,8 +143,7 @@ def test_ppo_clipping_outside_the_trust_region():
     ratio = t(1.5, 0.5, 1.5, 0.5)  # above 1+c, below 1-c, above, below
     logp = torch.log(ratio).view(1, 4).requires_grad_()
     adv = t(1.0, 1.0, -1.0, -1.0).view(1, 4)  # per-token advantages
-    loss, stats = policy_loss(logp, old, adv, torch.ones(1, 4), clip_ratio=c,
-                              loss_agg="token_mean")
+    loss, stats = policy_loss(logp, old, adv, torch.ones(1, 4), clip_ratio=c, loss_agg="token_mean")
     # A>0,r>1+c: clipped to -1.2 (no more gain). A>0,r<1-c: unclipped -0.5 is larger (pessimistic).
     # A<0,r>1+c: unclipped 1.5 is larger. A<0,r<1-c: clipped 0.8 (no more gain).
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8) / 4)
@@ -222,8 +225,9 @@ def test_clip_higher_clips_asymmetrically():
     logp = torch.log(ratio).view(1, 4).requires_grad_()
     adv = t(1.0, 1.0, -1.0, -1.0).view(1, 4)
     mask = torch.ones(1, 4)
-    loss, stats = policy_loss(logp, old, adv, mask, clip_ratio=0.2, clip_ratio_high=0.28,
-                              loss_agg="token_mean")
+    loss, stats = policy_loss(
+        logp, old, adv, mask, clip_ratio=0.2, clip_ratio_high=0.28, loss_agg="token_mean"
+    )
     # A>0: 1.25 is inside [0.8, 1.28] (kept: -1.25), 1.3 is clipped to -1.28.
     # A<0: 0.75 is below 0.8, clipped to 0.8; 0.85 is inside (kept: 0.85).
     assert loss.item() == pytest.approx((-1.25 - 1.28 + 0.8 + 0.85) / 4)
@@ -231,16 +235,18 @@ def test_clip_higher_clips_asymmetrically():
     loss.backward()
     assert_close(logp.grad, t(-1.25, 0.0, 0.0, 0.85).view(1, 4) / 4)
     # The symmetric 0.2 would have clipped the 1.25 token too.
-    symmetric, sym_stats = policy_loss(logp.detach(), old, adv, mask, clip_ratio=0.2,
-                                       loss_agg="token_mean")
+    symmetric, sym_stats = policy_loss(
+        logp.detach(), old, adv, mask, clip_ratio=0.2, loss_agg="token_mean"
+    )
     assert symmetric.item() == pytest.approx((-1.2 - 1.2 + 0.8 + 0.85) / 4)
     assert sym_stats["clip_frac"] == pytest.approx(0.75)
 
 
 def test_clip_ratio_high_without_a_lower_bound_is_refused():
     with pytest.raises(ValueError, match="clip_ratio_high needs clip_ratio"):
-        policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), t(1.0), torch.ones(1, 2),
-                    clip_ratio_high=0.28)
+        policy_loss(
+            torch.zeros(1, 2), torch.zeros(1, 2), t(1.0), torch.ones(1, 2), clip_ratio_high=0.28
+        )
 
 
 # --- LUFFY's mixed groups and shaped off-policy loss -----------------------------------------
@@ -262,9 +268,17 @@ def test_luffy_shaped_off_policy_loss_by_hand():
     old = torch.stack([torch.log(p_on), t(-100.0, 50.0)])
     adv = t(-0.5, 0.5)
     off = torch.tensor([False, True])
-    loss, stats = policy_loss(logp, old, adv, torch.ones(2, 2), clip_ratio=0.2,
-                              clip_ratio_high=0.28, loss_agg="token_mean", off_policy=off,
-                              off_policy_gamma=0.1)
+    loss, stats = policy_loss(
+        logp,
+        old,
+        adv,
+        torch.ones(2, 2),
+        clip_ratio=0.2,
+        clip_ratio_high=0.28,
+        loss_agg="token_mean",
+        off_policy=off,
+        off_policy_gamma=0.1,
+    )
     on_tokens = [0.5, 0.5]  # -A * 1
     off_tokens = [-0.5 * 0.5 / 0.6, -0.5 * 0.9 / 1.0]
     assert loss.item() == pytest.approx(sum(on_tokens + off_tokens) / 4)
@@ -276,8 +290,15 @@ def test_luffy_shaped_off_policy_loss_by_hand():
     assert_close(logp.grad, torch.tensor([[0.5, 0.5], off_grad]) / 4)
     # Sequence-sum aggregation over the max length, as the LUFFY script's
     # loss_remove_token_mean: each row's token sum / 8, averaged over rows.
-    seq, _ = policy_loss(logp.detach(), old, adv, torch.ones(2, 2), loss_agg="seq_sum_div_max_len",
-                         max_len=8, off_policy=off)
+    seq, _ = policy_loss(
+        logp.detach(),
+        old,
+        adv,
+        torch.ones(2, 2),
+        loss_agg="seq_sum_div_max_len",
+        max_len=8,
+        off_policy=off,
+    )
     assert seq.item() == pytest.approx((sum(on_tokens) / 8 + sum(off_tokens) / 8) / 2)
 
 
@@ -329,8 +350,9 @@ def test_overlong_modes_treat_exactly_the_truncated_samples():
     r, keep = overlong_shaping(rewards, lengths, truncated, "soft_penalty", **kw)
     # 0 up to 64 - 16 = 48 tokens, then linear: 60 -> -12/16, and every truncated one -1.
     assert_close(r, t(1.0, 0.25, 0.0, -1.0)) and torch.equal(keep, t(1, 1, 1, 1))
-    r, _ = overlong_shaping(rewards, lengths, truncated, "soft_penalty", max_len=64,
-                            buffer_len=16, penalty_factor=0.5)
+    r, _ = overlong_shaping(
+        rewards, lengths, truncated, "soft_penalty", max_len=64, buffer_len=16, penalty_factor=0.5
+    )
     assert_close(r, t(1.0, 0.625, 0.5, -0.5))
     with pytest.raises(ValueError, match="buffer_len"):
         overlong_shaping(rewards, lengths, truncated, "soft_penalty", max_len=64, buffer_len=64)

@@ -29,9 +29,12 @@ SYSTEM = {"role": "system", "content": "Answer in \\boxed{}."}
 
 
 def row(i: int, question: str = "1+1?", answer: str = "2") -> dict:
-    return {"data_source": "toy", "prompt": [SYSTEM, {"role": "user", "content": question}],
-            "reward_model": {"ground_truth": answer, "style": "rule"},
-            "extra_info": {"index": i}}
+    return {
+        "data_source": "toy",
+        "prompt": [SYSTEM, {"role": "user", "content": question}],
+        "reward_model": {"ground_truth": answer, "style": "rule"},
+        "extra_info": {"index": i},
+    }
 
 
 def write_jsonl(path, rows) -> str:
@@ -42,16 +45,20 @@ def write_jsonl(path, rows) -> str:
 # ----------------------------------------------------------------------------------- run names
 
 
-@pytest.mark.parametrize("name", ["../escaped_run", "it's", "", "a/b", ".hidden", "-x", "a b",
-                                  "x" * 101, "run\n", "naïve"])
+@pytest.mark.parametrize(
+    "name",
+    ["../escaped_run", "it's", "", "a/b", ".hidden", "-x", "a b", "x" * 101, "run\n", "naïve"],
+)
 def test_unsafe_run_names_are_refused(name):
     with pytest.raises(ConfigError) as e:
         load_config("toy", {"run.name": name})
     assert "'run.name'" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["toy", "rl-s0", "sweep-relift-s1-sft_buffer_threshold4",
-                                  "qwen2.5-math-7b", "x" * 100, "0"])
+@pytest.mark.parametrize(
+    "name",
+    ["toy", "rl-s0", "sweep-relift-s1-sft_buffer_threshold4", "qwen2.5-math-7b", "x" * 100, "0"],
+)
 def test_safe_run_names_are_kept(name):
     assert RunConfig(name=name).name == name
 
@@ -75,8 +82,9 @@ def test_zero_row_parquet_is_refused_naming_the_file(tmp_path):
     assert load_examples(path, allow_empty=True) == []
 
 
-@pytest.mark.parametrize("content", [b"", b"PAR1garbage-that-is-no-parquet-footerPAR1",
-                                     b"\x00\x01 not parquet at all"])
+@pytest.mark.parametrize(
+    "content", [b"", b"PAR1garbage-that-is-no-parquet-footerPAR1", b"\x00\x01 not parquet at all"]
+)
 def test_empty_or_corrupt_parquet_is_a_data_error_naming_the_file(tmp_path, content):
     path = tmp_path / "broken.parquet"
     path.write_bytes(content)
@@ -130,13 +138,15 @@ def test_over_long_prompts_are_dropped_and_counted_or_refused(tmp_path):
     count = prompt_token_counter(_NoLongTokenizing(build_char_tokenizer()))
     # the chat template counts: a 5-character question is more than 5 tokens
     assert count(examples[0], 128) > len("1+1?") + len(SYSTEM["content"])
-    kept, dropped = filter_long_prompts(examples, count_tokens=count, max_tokens=128,
-                                        origin="d.jsonl")
+    kept, dropped = filter_long_prompts(
+        examples, count_tokens=count, max_tokens=128, origin="d.jsonl"
+    )
     assert [e.uid for e in kept] == ["toy-0", "toy-2"]
     assert [(d.row, d.uid) for d in dropped] == [(1, "toy-1"), (3, "toy-3")]
     with pytest.raises(DataError, match=r"d\.jsonl: row 1 \(uid 'toy-1'\).*max_prompt_tokens=128"):
-        filter_long_prompts(examples, count_tokens=count, max_tokens=128, origin="d.jsonl",
-                            policy="error")
+        filter_long_prompts(
+            examples, count_tokens=count, max_tokens=128, origin="d.jsonl", policy="error"
+        )
     with pytest.raises(DataError, match=r"d\.jsonl: all 2 rows were dropped"):
         filter_long_prompts(examples[1::2], count_tokens=count, max_tokens=128, origin="d.jsonl")
 
@@ -153,8 +163,10 @@ def test_prepare_drops_over_long_prompts_before_any_rollout(tmp_path, caplog):
     kept = prepared.train_examples()
     assert [e.uid for e in kept] == ["toy-0", "toy-2"]
     assert max(len(m["content"]) for e in kept for m in e.prompt) < 100
-    assert any("dropped 1 of 3 rows" in r.getMessage() and "row 1 (toy-1)" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "dropped 1 of 3 rows" in r.getMessage() and "row 1 (toy-1)" in r.getMessage()
+        for r in caplog.records
+    )
     with pytest.raises(DataError, match=r"train\.jsonl: row 1"):
         prepare_examples(data, tmp_path / "out2", ModelConfig(), over_long="error")
 
@@ -205,13 +217,17 @@ def flow_calls(monkeypatch):
     import flows.train
 
     calls = []
-    monkeypatch.setattr(flows.train, "train", lambda **kw: calls.append(kw) or {
-        "mlflow_run_id": "x", "demos_used": 0})
+    monkeypatch.setattr(
+        flows.train,
+        "train",
+        lambda **kw: calls.append(kw) or {"mlflow_run_id": "x", "demos_used": 0},
+    )
     return calls
 
 
-@pytest.mark.parametrize("override", ["rl.lr=inf", "run.name=../escaped_run", "rl.lr=1e30",
-                                      "rl.no_such_key=1"])
+@pytest.mark.parametrize(
+    "override", ["rl.lr=inf", "run.name=../escaped_run", "rl.lr=1e30", "rl.no_such_key=1"]
+)
 def test_cli_bad_config_one_line_before_any_flow(override, flow_calls, capsys):
     from flows.cli import main
 
@@ -231,9 +247,11 @@ def test_cli_data_and_divergence_errors_one_line_traceback_with_debug(monkeypatc
     from relift_core.runtime.checkpoint import NonFiniteWeightsError
     from relift_core.runtime.trainer import DivergenceError
 
-    exc = {"data": DataError("train.jsonl: line 3: invalid UTF-8 at byte offset 81"),
-           "divergence": DivergenceError("training diverged: 3 optimizer steps in a row"),
-           "checkpoint": NonFiniteWeightsError("step_000001: weights hold NaN or inf")}[error]
+    exc = {
+        "data": DataError("train.jsonl: line 3: invalid UTF-8 at byte offset 81"),
+        "divergence": DivergenceError("training diverged: 3 optimizer steps in a row"),
+        "checkpoint": NonFiniteWeightsError("step_000001: weights hold NaN or inf"),
+    }[error]
 
     def failing(**kwargs):
         raise exc
@@ -279,8 +297,15 @@ def test_prefect_console_tracebacks_of_user_errors_are_hidden():
             raise exc
         except type(exc):
             info = sys.exc_info()
-        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1,
-                                 "Encountered exception during execution", None, info)
+        return logging.LogRecord(
+            "prefect.flow_runs",
+            logging.ERROR,
+            __file__,
+            1,
+            "Encountered exception during execution",
+            None,
+            info,
+        )
 
     hide = _HideUserErrorTracebacks()
     assert not hide.filter(record(DataError("bad row")))
@@ -296,10 +321,12 @@ def test_routine_task_completions_are_quiet_on_the_console_but_failures_are_not(
 
     quiet = HideRoutineTaskStates()
     assert not quiet.filter(record("prefect.task_runs", "Finished in state Completed()"))
-    assert quiet.filter(record("prefect.task_runs", "Finished in state Failed('boom')",
-                               logging.ERROR))
-    assert quiet.filter(record("prefect.task_runs",
-                               "Task run failed with exception ... - Retry 1/1"))
+    assert quiet.filter(
+        record("prefect.task_runs", "Finished in state Failed('boom')", logging.ERROR)
+    )
+    assert quiet.filter(
+        record("prefect.task_runs", "Task run failed with exception ... - Retry 1/1")
+    )
     assert quiet.filter(record("prefect.flow_runs", "Finished in state Completed()"))
     assert quiet.filter(record("prefect.flow_runs", "iter 3: acc 0.500"))
 
@@ -309,8 +336,9 @@ def test_routine_task_completions_are_quiet_on_the_console_but_failures_are_not(
 
 def test_a_preset_with_a_duplicate_key_is_refused_naming_key_and_file(tmp_path):
     preset = tmp_path / "dup.yaml"
-    preset.write_text("run: {name: a}\nrl: {lr: 1.0e-3}\nmodel: {source: tiny}\n"
-                      "rl: {prompts_per_step: 4}\n")
+    preset.write_text(
+        "run: {name: a}\nrl: {lr: 1.0e-3}\nmodel: {source: tiny}\nrl: {prompts_per_step: 4}\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_config(str(preset))
     assert str(e.value) == f"{preset}: key 'rl' appears twice (again on line 4)"
@@ -327,11 +355,14 @@ def test_seeds_numpy_cannot_take_are_refused(override):
     assert override.split("=")[0] in str(e.value)
 
 
-@pytest.mark.parametrize(("overrides", "reason"), [
-    (["rollout.n=1"], "rollout.n=1 with algorithm.name=relift"),
-    (["rollout.n=1", "algorithm.name=rl"], "always 0 for a group of one"),
-    (["rollout.temperature=0"], "rollout.temperature=0 with rollout.n=8"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["rollout.n=1"], "rollout.n=1 with algorithm.name=relift"),
+        (["rollout.n=1", "algorithm.name=rl"], "always 0 for a group of one"),
+        (["rollout.temperature=0"], "rollout.temperature=0 with rollout.n=8"),
+    ],
+)
 def test_settings_under_which_rl_never_updates_are_refused_with_the_reason(overrides, reason):
     with pytest.raises(ConfigError) as e:
         load_config("toy", overrides)
@@ -347,14 +378,22 @@ def test_settings_the_data_refutes_are_refused_or_warned(tmp_path):
     for r in rows[:3]:
         r["target"] = "<think>add</think> \\boxed{x}"
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = load_config("toy", {"data.world": None, "data.train_path": path,
-                              "rl.prompts_per_step": 8, "algorithm.sft_buffer_threshold": 4})
+    cfg = load_config(
+        "toy",
+        {
+            "data.world": None,
+            "data.train_path": path,
+            "rl.prompts_per_step": 8,
+            "algorithm.sft_buffer_threshold": 4,
+        },
+    )
     examples, source = training_examples(cfg)
     with pytest.raises(ConfigError) as e:
         settings_against_data(cfg, examples, source)
     assert str(e.value).startswith(f"algorithm.sft_buffer_threshold=4 but {path} has only 3 ")
-    ok = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(
-        update={"sft_buffer_threshold": 3})})
+    ok = cfg.model_copy(
+        update={"algorithm": cfg.algorithm.model_copy(update={"sft_buffer_threshold": 3})}
+    )
     [warning] = settings_against_data(ok, examples, source)
     assert warning.startswith("rl.prompts_per_step=8 is more than the 5 training questions")
 
@@ -367,11 +406,16 @@ def test_a_numeric_question_under_a_choice_data_source_is_graded_as_maths(tmp_pa
     from relift_core.iteration import Rollouts, grade
 
     assert answer_type_for("gpqa_diamond", "147") == "math"
-    assert (answer_type_for("gpqa_diamond", "C") == answer_type_for("gpqa_diamond", "(b)")
-            == "choice")
+    assert (
+        answer_type_for("gpqa_diamond", "C") == answer_type_for("gpqa_diamond", "(b)") == "choice"
+    )
     assert answer_type_for("gpqa_diamond") == "choice"  # the name alone, as before
-    question = Example(uid="q", data_source="gpqa_diamond", prompt=({"role": "user",
-                       "content": "7*21?"},), ground_truth="147")
+    question = Example(
+        uid="q",
+        data_source="gpqa_diamond",
+        prompt=({"role": "user", "content": "7*21?"},),
+        ground_truth="147",
+    )
 
     class Sample:
         text = "<think>7*21</think> \\boxed{147}"
@@ -403,15 +447,27 @@ def test_an_absolute_benchmark_path_is_named_by_its_stem(tmp_path, monkeypatch):
     cfg = load_config("toy", {"eval.benchmarks": [str(path)]})
     summary = {"avg_at_k": 0.5, "k": 1, "questions": 2}
     seen = []
-    monkeypatch.setattr(eval_tasks, "evaluate_one",
-                        lambda *a, **kw: seen.append(a[3].unwrap().name) or ([], summary))
+    monkeypatch.setattr(
+        eval_tasks,
+        "evaluate_one",
+        lambda *a, **kw: seen.append(a[3].unwrap().name) or ([], summary),
+    )
     for artifact in ("create_markdown_artifact", "create_table_artifact"):
         monkeypatch.setattr(eval_tasks, artifact, lambda **kw: None)
     tracker = InMemoryTracker()
-    summaries = eval_tasks.evaluate_all(None, None, None, names=cfg.eval.benchmarks,
-                                        eval_cfg=cfg.eval, out_dir=tmp_path / "eval",
-                                        tracker=tracker, step=0, require_think=True, seed=0,
-                                        label="t")
+    summaries = eval_tasks.evaluate_all(
+        None,
+        None,
+        None,
+        names=cfg.eval.benchmarks,
+        eval_cfg=cfg.eval,
+        out_dir=tmp_path / "eval",
+        tracker=tracker,
+        step=0,
+        require_think=True,
+        seed=0,
+        label="t",
+    )
     assert seen == ["held_out"] and list(summaries) == ["held_out"]
     keys = [key for _, metrics in tracker.metrics for key in metrics]
     assert "heldout/held_out/avg_at_k" in keys
@@ -427,24 +483,33 @@ def _cli(*args: str):
     env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)  # so that a server would be started, were one needed
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=str(REPO), check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=str(REPO),
+        check=False,
+    )
     return done, time.monotonic() - start
 
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("args", "code", "says"), [
-    (["run.seed=-1"], 2, "'run.seed'"),
-    (["rollout.n=1"], 2, "rollout.n=1"),
-    (["algorithm.sft_buffer_threshold=100000"], 2, "would never fill"),
-    (["eval.benchmarks=[/no/such/set.parquet]"], 1, "/no/such/set.parquet: no such file"),
-    (["data.world=null", "data.train_path=BAD", "eval.benchmarks=[]"], 1, "row 1"),
-    (["evaluate --model toy --benchmarks world,nope"], 1, "unknown benchmark 'nope'"),
-])
-def test_cli_refuses_config_and_data_in_one_line_before_a_server_starts(tmp_path, args, code,
-                                                                         says):
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["run.seed=-1"], 2, "'run.seed'"),
+        (["rollout.n=1"], 2, "rollout.n=1"),
+        (["algorithm.sft_buffer_threshold=100000"], 2, "would never fill"),
+        (["eval.benchmarks=[/no/such/set.parquet]"], 1, "/no/such/set.parquet: no such file"),
+        (["data.world=null", "data.train_path=BAD", "eval.benchmarks=[]"], 1, "row 1"),
+        (["evaluate --model toy --benchmarks world,nope"], 1, "unknown benchmark 'nope'"),
+    ],
+)
+def test_cli_refuses_config_and_data_in_one_line_before_a_server_starts(tmp_path, args, code, says):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(row(0)) + "\n" + json.dumps({"prompt": "q"}) + "\n")
     args = [a.replace("BAD", str(bad)) for a in args]

@@ -17,13 +17,32 @@ from analysis.compare import (
 
 
 def _table() -> pd.DataFrame:
-    rows = [("rl", 0, 0.30, 0), ("rl", 1, 0.34, 0), ("rl", 2, 0.32, 0),
-            ("relift", 0, 0.0078125, 5), ("relift", 1, 0.0078125, 7),
-            ("sft", 0, 0.5, 40)]
-    return pd.DataFrame([{"variant": v, "run": f"{v}-s{s}", "run_id": f"{v}{s}", "algorithm": v,
-                          "seed": s, "status": "FINISHED", "iterations": 3, "demos_used": d,
-                          "rollout_accuracy": 0.1, "world": acc, "world:add/2": acc}
-                         for v, s, acc, d in rows])
+    rows = [
+        ("rl", 0, 0.30, 0),
+        ("rl", 1, 0.34, 0),
+        ("rl", 2, 0.32, 0),
+        ("relift", 0, 0.0078125, 5),
+        ("relift", 1, 0.0078125, 7),
+        ("sft", 0, 0.5, 40),
+    ]
+    return pd.DataFrame(
+        [
+            {
+                "variant": v,
+                "run": f"{v}-s{s}",
+                "run_id": f"{v}{s}",
+                "algorithm": v,
+                "seed": s,
+                "status": "FINISHED",
+                "iterations": 3,
+                "demos_used": d,
+                "rollout_accuracy": 0.1,
+                "world": acc,
+                "world:add/2": acc,
+            }
+            for v, s, acc, d in rows
+        ]
+    )
 
 
 def test_each_method_gets_mean_ci_seeds_and_demonstrations():

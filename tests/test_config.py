@@ -29,8 +29,16 @@ def test_paper_settings_in_gpu_presets():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("toy", ["rl.lr=1e-5", "algorithm.name=rl", "run.iterations=3",
-                              "eval.benchmarks=[math500,gpqa_diamond]", "algorithm.clip_ratio=0.2"])
+    cfg = load_config(
+        "toy",
+        [
+            "rl.lr=1e-5",
+            "algorithm.name=rl",
+            "run.iterations=3",
+            "eval.benchmarks=[math500,gpqa_diamond]",
+            "algorithm.clip_ratio=0.2",
+        ],
+    )
     assert cfg.rl.lr == 1e-5 and cfg.algorithm.name == "rl" and cfg.run.iterations == 3
     assert cfg.eval.benchmarks == ["math500", "gpqa_diamond"] and cfg.algorithm.clip_ratio == 0.2
 
@@ -63,21 +71,24 @@ def test_fingerprint_changes_with_config():
     assert a.flat_params()["rl.lr"] == a.rl.lr
 
 
-@pytest.mark.parametrize("override, key", [
-    ("algorithm.name=ppo", "algorithm.name"),
-    ("algorithm.clip_ratio_high=-0.1", "algorithm.clip_ratio_high"),
-    ("algorithm.clip_ratio_high=0.28", "algorithm.clip_ratio_high"),  # no lower bound (toy)
-    ("algorithm.kl_coef=-1", "algorithm.kl_coef"),
-    ("algorithm.kl_coef=.inf", "algorithm.kl_coef"),
-    ("algorithm.kl_estimator=k2", "algorithm.kl_estimator"),
-    ("algorithm.dynamic_sampling=sometimes", "algorithm.dynamic_sampling"),
-    ("algorithm.dynamic_sampling_max_draws=0", "algorithm.dynamic_sampling_max_draws"),
-    ("algorithm.overlong=truncate", "algorithm.overlong"),
-    ("algorithm.overlong_buffer_len=0", "algorithm.overlong_buffer_len"),
-    ("algorithm.overlong_penalty_factor=-1", "algorithm.overlong_penalty_factor"),
-    ("algorithm.off_policy_shaping_gamma=0", "algorithm.off_policy_shaping_gamma"),
-    ("algorithm.off_policy_shaping_gamma=.nan", "algorithm.off_policy_shaping_gamma"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("algorithm.name=ppo", "algorithm.name"),
+        ("algorithm.clip_ratio_high=-0.1", "algorithm.clip_ratio_high"),
+        ("algorithm.clip_ratio_high=0.28", "algorithm.clip_ratio_high"),  # no lower bound (toy)
+        ("algorithm.kl_coef=-1", "algorithm.kl_coef"),
+        ("algorithm.kl_coef=.inf", "algorithm.kl_coef"),
+        ("algorithm.kl_estimator=k2", "algorithm.kl_estimator"),
+        ("algorithm.dynamic_sampling=sometimes", "algorithm.dynamic_sampling"),
+        ("algorithm.dynamic_sampling_max_draws=0", "algorithm.dynamic_sampling_max_draws"),
+        ("algorithm.overlong=truncate", "algorithm.overlong"),
+        ("algorithm.overlong_buffer_len=0", "algorithm.overlong_buffer_len"),
+        ("algorithm.overlong_penalty_factor=-1", "algorithm.overlong_penalty_factor"),
+        ("algorithm.off_policy_shaping_gamma=0", "algorithm.off_policy_shaping_gamma"),
+        ("algorithm.off_policy_shaping_gamma=.nan", "algorithm.off_policy_shaping_gamma"),
+    ],
+)
 def test_a_bad_value_of_each_method_key_is_one_line_naming_it(override, key):
     with pytest.raises(ConfigError) as e:
         load_config("toy", [override])
@@ -100,8 +111,9 @@ def test_switching_method_by_override_brings_its_settings():
     dapo = load_config("toy", ["algorithm.name=dapo"]).algorithm
     assert (dapo.clip_ratio, dapo.clip_ratio_high, dapo.loss_agg) == (0.2, 0.28, "token_mean")
     assert dapo.dynamic_sampling and dapo.overlong == "soft_penalty"
-    tuned = load_config("toy", ["algorithm.name=dapo", "algorithm.clip_ratio_high=0.3",
-                                "algorithm.overlong=mask"]).algorithm
+    tuned = load_config(
+        "toy", ["algorithm.name=dapo", "algorithm.clip_ratio_high=0.3", "algorithm.overlong=mask"]
+    ).algorithm
     assert tuned.clip_ratio_high == 0.3 and tuned.overlong == "mask" and tuned.dynamic_sampling
     luffy = load_config("toy", ["algorithm.name=luffy"]).algorithm
     assert luffy.clip_ratio is None and luffy.loss_agg == "seq_sum_div_max_len"

@@ -46,9 +46,15 @@ if __name__ == "__main__":
 def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
     script = tmp_path / "writes.py"  # a file: the spawned child imports its `child`
     script.write_text(_SCRIPT)
-    return subprocess.run([sys.executable, str(script), str(tmp_path), mode], cwd=REPO,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path), mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
 
 
 def test_library_output_goes_to_the_log_file_and_ours_to_the_terminal(tmp_path):
@@ -81,11 +87,22 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path):
 
 
 # As tests/test_demo.py's reduced demo, one seed: a few minutes.
-REDUCED = ["run.iterations=3", "data.world.families=[add,sub,mul,chain]", "data.world.sizes=[2,3]",
-           "data.world.cells=null", "data.world.train_per_cell=24", "data.world.eval_per_cell=4",
-           "data.world.pretrain_examples=4000", "data.world.pretrain_steps=150", "rollout.n=8",
-           "eval.samples=2", "rl.prompts_per_step=12", "rl.mini_batch_size=12",
-           "run.grader_workers=1", "algorithm.sft_buffer_threshold=4"]
+REDUCED = [
+    "run.iterations=3",
+    "data.world.families=[add,sub,mul,chain]",
+    "data.world.sizes=[2,3]",
+    "data.world.cells=null",
+    "data.world.train_per_cell=24",
+    "data.world.eval_per_cell=4",
+    "data.world.pretrain_examples=4000",
+    "data.world.pretrain_steps=150",
+    "rollout.n=8",
+    "eval.samples=2",
+    "rl.prompts_per_step=12",
+    "rl.mini_batch_size=12",
+    "run.grader_workers=1",
+    "algorithm.sft_buffer_threshold=4",
+]
 TABLE_HEADER = "| run | held-out accuracy | 95% CI |"
 
 
@@ -93,9 +110,26 @@ TABLE_HEADER = "| run | held-out accuracy | 95% CI |"
 def test_demo_prints_its_own_lines_only(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)  # its temporary server, as `make demo` runs it
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "-p", "toy", "--seeds", "0",
-                           *REDUCED, f"run.workdir={tmp_path}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=3000, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "demo",
+            "-p",
+            "toy",
+            "--seeds",
+            "0",
+            *REDUCED,
+            f"run.workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+        check=False,
+    )
     shown = done.stdout + done.stderr
     assert done.returncode == 0, shown[-3000:]
     lines = shown.splitlines()

@@ -90,12 +90,21 @@ def test_field_map_for_a_flat_dataset():
     records = [
         {"problem": "What is 2+3?", "answer": 5, "solution": "2+3=5", "id": "q7", "src": "gsm"},
     ]
-    field_map = {"prompt": "problem", "ground_truth": "answer", "target": "solution",
-                 "uid": "id", "data_source": "src"}
+    field_map = {
+        "prompt": "problem",
+        "ground_truth": "answer",
+        "target": "solution",
+        "uid": "id",
+        "data_source": "src",
+    }
     (ex,) = examples_from_records(records, origin="hf", field_map=field_map)
     assert ex == Example(
-        uid="q7", data_source="gsm", prompt=({"role": "user", "content": "What is 2+3?"},),
-        ground_truth="5", target="2+3=5", extra={},
+        uid="q7",
+        data_source="gsm",
+        prompt=({"role": "user", "content": "What is 2+3?"},),
+        ground_truth="5",
+        target="2+3=5",
+        extra={},
     )
 
 
@@ -113,13 +122,26 @@ def test_unknown_field_map_key():
         ({"prompt": [], "reward_model": {"ground_truth": "2"}}, "prompt", "empty"),
         ({"prompt": "  ", "reward_model": {"ground_truth": "2"}}, "prompt", "empty"),
         ({"prompt": 3, "reward_model": {"ground_truth": "2"}}, "prompt", "int"),
-        ({"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "2"}}, "prompt",
-         "content"),
+        (
+            {"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "2"}},
+            "prompt",
+            "content",
+        ),
         ({"prompt": "q", "reward_model": {"ground_truth": "2"}, "target": 7}, "target", "int"),
-        ({"prompt": "q", "reward_model": {"ground_truth": "2"},
-          "target": [{"role": "user", "content": "x"}]}, "target", "assistant"),
-        ({"prompt": "q", "reward_model": {"ground_truth": "2"}, "data_source": 1},
-         "data_source", "1"),
+        (
+            {
+                "prompt": "q",
+                "reward_model": {"ground_truth": "2"},
+                "target": [{"role": "user", "content": "x"}],
+            },
+            "target",
+            "assistant",
+        ),
+        (
+            {"prompt": "q", "reward_model": {"ground_truth": "2"}, "data_source": 1},
+            "data_source",
+            "1",
+        ),
     ],
 )
 def test_malformed_row_names_file_row_and_field(tmp_path, row, field, problem):
@@ -134,8 +156,11 @@ def test_malformed_row_names_file_row_and_field(tmp_path, row, field, problem):
 
 def test_missing_explicitly_mapped_column_is_an_error():
     with pytest.raises(DataError, match="row 0: field 'target'.*missing"):
-        examples_from_records([{"prompt": "q", "reward_model": {"ground_truth": "2"}}],
-                              origin="x", field_map={"target": "solution"})
+        examples_from_records(
+            [{"prompt": "q", "reward_model": {"ground_truth": "2"}}],
+            origin="x",
+            field_map={"target": "solution"},
+        )
 
 
 def test_missing_local_file_and_bad_suffix(tmp_path):
@@ -165,11 +190,18 @@ def test_hugging_face_id_goes_through_datasets(monkeypatch):
         return FakeDataset({"question": f"q{i}", "answer": str(i)} for i in range(4))
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    examples = load_examples("org/some-math", split="test", limit=3,
-                             field_map={"prompt": "question", "ground_truth": "answer"})
+    examples = load_examples(
+        "org/some-math",
+        split="test",
+        limit=3,
+        field_map={"prompt": "question", "ground_truth": "answer"},
+    )
     assert calls == [("org/some-math", "test")]
     assert [(e.uid, e.ground_truth) for e in examples] == [
-        ("some-math-0", "0"), ("some-math-1", "1"), ("some-math-2", "2")]
+        ("some-math-0", "0"),
+        ("some-math-1", "1"),
+        ("some-math-2", "2"),
+    ]
 
 
 def test_write_then_load_round_trips(tmp_path):
@@ -195,8 +227,9 @@ def test_failed_write_leaves_existing_file_intact(tmp_path):
     good = examples_from_records([verl_row(0)], origin="x")
     write_examples(good, out)
     before = out.read_bytes()
-    unserialisable = [Example("u", "toy", ({"role": "user", "content": "q"},), "2",
-                              extra={"blob": object()})]
+    unserialisable = [
+        Example("u", "toy", ({"role": "user", "content": "q"},), "2", extra={"blob": object()})
+    ]
     with pytest.raises(pa.ArrowException):
         write_examples(unserialisable, out)
     assert out.read_bytes() == before
@@ -241,7 +274,13 @@ def test_loads_the_shared_benchmarks(shared_benchmarks):
     for e in math:
         by_source.setdefault(e.data_source, set()).add(e.extra["extra_info"]["index"])
     assert {s: len(ix) for s, ix in by_source.items()} == {
-        "aime": 30, "aime25": 30, "amc": 83, "math": 500, "minerva": 272, "olympiad_bench": 675}
+        "aime": 30,
+        "aime25": 30,
+        "amc": 83,
+        "math": 500,
+        "minerva": 272,
+        "olympiad_bench": 675,
+    }
     assert all(e.prompt[-1]["role"] == "user" and e.ground_truth for e in math)
     assert "__index_level_0__" not in math[0].extra
 

@@ -17,19 +17,31 @@ pytestmark = pytest.mark.slow
 # Every size the assertions (and the run time) depend on is pinned here: configs/toy.yaml is
 # tuned as the demo evolves. 8 cells x 24 training questions > 3 iterations x 12 prompts, so no
 # question is drawn twice and SFT uses exactly 36 demonstrations.
-REDUCED = ["run.iterations=3", "data.world.families=[add,sub,mul,chain]", "data.world.sizes=[2,3]",
-           "data.world.cells=null", "data.world.train_per_cell=24", "data.world.eval_per_cell=4",
-           "data.world.pretrain_examples=4000", "data.world.pretrain_steps=150", "rollout.n=8",
-           "eval.samples=2", "rl.prompts_per_step=12", "rl.mini_batch_size=12",
-           "run.grader_workers=1", "algorithm.sft_buffer_threshold=4"]
+REDUCED = [
+    "run.iterations=3",
+    "data.world.families=[add,sub,mul,chain]",
+    "data.world.sizes=[2,3]",
+    "data.world.cells=null",
+    "data.world.train_per_cell=24",
+    "data.world.eval_per_cell=4",
+    "data.world.pretrain_examples=4000",
+    "data.world.pretrain_steps=150",
+    "rollout.n=8",
+    "eval.samples=2",
+    "rl.prompts_per_step=12",
+    "rl.mini_batch_size=12",
+    "run.grader_workers=1",
+    "algorithm.sft_buffer_threshold=4",
+]
 
 
 def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     from flows.demo import demo
 
     api_url_before = os.environ.get("PREFECT_API_URL")
-    result = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}"], name="demo",
-                  seeds=[0, 1])
+    result = demo(
+        preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}"], name="demo", seeds=[0, 1]
+    )
     summary = result["summary"]
     # The workers were pointed at this flow's server for its life only.
     assert os.environ.get("PREFECT_API_URL") == api_url_before
@@ -42,15 +54,20 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
         lo, hi = run["ci"]
         assert lo <= run["accuracy"] <= hi
         assert set(run["by_level"]) == {"hardest", "hard", "medium", "easy"}
-    assert set(saved["differences"]) == {"rl-base@non_hardest", "sft-rl@hardest", "relift-rl",
-                                         "relift-sft"}
+    assert set(saved["differences"]) == {
+        "rl-base@non_hardest",
+        "sft-rl@hardest",
+        "relift-rl",
+        "relift-sft",
+    }
     assert saved == json.loads(json.dumps(summary))
 
     # Eight trainings (4 methods x 2 seeds) under one MLflow parent, all finished.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     children = client.search_runs(
         [client.get_experiment_by_name("relift").experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")
+        filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'",
+    )
     assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.params["demo.seeds"] == "0,1"
@@ -65,8 +82,11 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     # ReLIFT fine-tuned only on questions that were hardest when they entered the buffer; RL
     # never fine-tunes; SFT fine-tunes on questions of every level.
     tag = saved["config_hash"]
-    state = json.loads((latest_checkpoint(tmp_path / f"relift-s0-demo-{tag}" / "checkpoints")
-                        / "state.json").read_text())["extra_state"]
+    state = json.loads(
+        (
+            latest_checkpoint(tmp_path / f"relift-s0-demo-{tag}" / "checkpoints") / "state.json"
+        ).read_text()
+    )["extra_state"]
     assert len(state["sft_log"]) == state["demos_used"]
     assert {e["level_when_added"] for e in state["sft_log"]} <= {"hardest"}
     assert summary["runs"]["rl"]["demos_used"] == 0
@@ -79,8 +99,13 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     assert "95% CI" in report and "| sft " in report
 
     # A changed override never reuses these runs: it gets another config hash, fresh run names.
-    again = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}", "rl.lr=1e-5"],
-                 name="demo", seeds=[0], algorithms=["rl"])
+    again = demo(
+        preset="toy",
+        overrides=REDUCED + [f"run.workdir={tmp_path}", "rl.lr=1e-5"],
+        name="demo",
+        seeds=[0],
+        algorithms=["rl"],
+    )
     assert again["summary"]["config_hash"] != tag
     assert (tmp_path / f"rl-s0-demo-{again['summary']['config_hash']}").is_dir()
 
@@ -91,15 +116,21 @@ def test_demo_runs_relift_with_teacher_demonstrations(prefect_server, tmp_path):
     verifies are used, and the demo's report says how many."""
     from flows.demo import TEACHER_METHOD, demo
 
-    result = demo(preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}"], name="demo",
-                  seeds=[0], algorithms=["relift", TEACHER_METHOD])
+    result = demo(
+        preset="toy",
+        overrides=REDUCED + [f"run.workdir={tmp_path}"],
+        name="demo",
+        seeds=[0],
+        algorithms=["relift", TEACHER_METHOD],
+    )
     summary = result["summary"]
     assert set(summary["runs"]) == {"base", "relift", TEACHER_METHOD}
     teacher = summary["teacher"]
     assert teacher["teacher_verified"] + teacher["teacher_rejected"] > 0
     assert summary["runs"][TEACHER_METHOD]["demos_used"] <= teacher["teacher_verified"]
-    assert (f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model"
-            in result["markdown"])
+    assert (
+        f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model" in result["markdown"]
+    )
     assert f"{teacher['teacher_verified']} verified and used" in result["markdown"]
     # Two base models: the students' and the teacher's (another world: no gaps), both cached.
     assert len(list((tmp_path / "base_models").iterdir())) == 2

@@ -96,7 +96,7 @@ def test_state_dict_round_trips_exactly(order):
     waiting = uids(restored.peek(2))
     assert not restored.add(entry(waiting[0]))  # the waiting set is restored too
     restored.add(entry("f", 7))
-    expected = (["f", *uids(buffer.peek(2))] if order == "newest" else [*uids(buffer.peek(2)), "f"])
+    expected = ["f", *uids(buffer.peek(2))] if order == "newest" else [*uids(buffer.peek(2)), "f"]
     assert uids(restored.take(3)) == expected
     assert not set(uids(taken)) & set(expected)
 

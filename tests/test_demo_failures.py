@@ -16,7 +16,8 @@ def _server_unavailable() -> PrefectHTTPStatusError:
     request = httpx.Request("POST", "http://127.0.0.1:1/api/task_runs/")
     response = httpx.Response(503, request=request)
     return PrefectHTTPStatusError.from_httpx_error(
-        httpx.HTTPStatusError("Service Unavailable", request=request, response=response))
+        httpx.HTTPStatusError("Service Unavailable", request=request, response=response)
+    )
 
 
 class _FailingTrain:
@@ -32,8 +33,11 @@ class _FailingTrain:
 
 def test_an_error_that_does_not_unpickle_names_the_training(monkeypatch):
     monkeypatch.setattr(flows.train, "train", _FailingTrain(_server_unavailable()))
-    with pytest.raises(TrainingFailed, match=r"training rl-s0-demo: PrefectHTTPStatusError: "
-                                             r"Service Unavailable"):
+    with pytest.raises(
+        TrainingFailed,
+        match=r"training rl-s0-demo: PrefectHTTPStatusError: "
+        r"Service Unavailable",
+    ):
         train_method.fn("toy", [], "rl-s0-demo", "parent")
 
 

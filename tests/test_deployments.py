@@ -30,26 +30,48 @@ def deployed(tmp_path_factory):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     # No RELIFT_REPO_DIR: `relift deploy` and the worker command it prints supply it.
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_CLI_PROMPT": "false",
-           # The scheduler visits deployments every 60 s by default; the test need not wait.
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        # The scheduler visits deployments every 60 s by default; the test need not wait.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+    }
     env.pop("PREFECT_API_KEY", None)
     env.pop("RELIFT_REPO_DIR", None)
     log_path = home / "server.log"
     log = open(log_path, "w")  # noqa: SIM115  (closed at teardown)
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [str(BIN / "prefect"), *args],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     try:
         wait_healthy(api, server, timeout_s=120)
-        deploy = subprocess.run([str(BIN / "relift"), "deploy"], env=env, cwd=REPO,
-                                capture_output=True, text=True, timeout=300, check=False)
+        deploy = subprocess.run(
+            [str(BIN / "relift"), "deploy"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         yield env, run, log_path, deploy.stdout
     finally:
@@ -65,10 +87,15 @@ def test_the_weekly_sweep_gets_scheduled_runs(deployed):
     deadline = time.time() + 120
     scheduled: list[dict] = []
     while time.time() < deadline and not scheduled:
-        body = json.dumps({"deployments": {"name": {"any_": ["weekly-rl-sft-relift"]}},
-                           "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).encode()
-        request = urllib.request.Request(f"{api}/flow_runs/filter", data=body,
-                                         headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "deployments": {"name": {"any_": ["weekly-rl-sft-relift"]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             scheduled = json.loads(response.read())
         if not scheduled:
@@ -82,8 +109,9 @@ def test_the_weekly_sweep_gets_scheduled_runs(deployed):
     assert all(r["parameters"].get("dated") is True for r in scheduled)
 
 
-def test_relift_deploy_then_the_worker_it_names_runs_a_deployment(deployed, tiny_overrides,
-                                                                  tmp_path):
+def test_relift_deploy_then_the_worker_it_names_runs_a_deployment(
+    deployed, tiny_overrides, tmp_path
+):
     env, run, log_path, printed = deployed
     assert "work pool relift-local: created" in printed, printed
     assert f"{env['PREFECT_API_URL'].removesuffix('/api')}/deployments" in printed
@@ -94,19 +122,39 @@ def test_relift_deploy_then_the_worker_it_names_runs_a_deployment(deployed, tiny
     r = run("deployment", "ls")
     for name in ("train/train", "evaluate/evaluate", "sweep/weekly-rl-sft-relift"):
         assert name in r.stdout.replace("\n", " ") or name.split("/")[1] in r.stdout, r.stdout
-    overrides = tiny_overrides + ["algorithm.name=relift", "run.name=deployed",
-                                  f"run.workdir={tmp_path / 'runs'}", "eval.benchmarks=[]"]
+    overrides = tiny_overrides + [
+        "algorithm.name=relift",
+        "run.name=deployed",
+        f"run.workdir={tmp_path / 'runs'}",
+        "eval.benchmarks=[]",
+    ]
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115  (closed in finally)
     worker_env = {**env, **dict(part.split("=", 1) for part in command.split()[:2])}
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "relift-local"],
-                              env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "relift-local"],
+        env=worker_env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        r = run("deployment", "run", "train/train", "--param", "preset=toy",
-                "--param", f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout",
-                "600", timeout=700)
+        r = run(
+            "deployment",
+            "run",
+            "train/train",
+            "--param",
+            "preset=toy",
+            "--param",
+            f"overrides={json.dumps(overrides)}",
+            "--watch",
+            "--watch-timeout",
+            "600",
+            timeout=700,
+        )
         out = r.stdout + r.stderr
         assert r.returncode == 0 and "Completed" in out, (
-            out + (tmp_path / "worker.log").read_text()[-4000:] + log_path.read_text()[-2000:])
+            out + (tmp_path / "worker.log").read_text()[-4000:] + log_path.read_text()[-2000:]
+        )
         assert (tmp_path / "runs" / "deployed" / "checkpoints").is_dir()
     finally:
         stop_process(worker, grace_s=20)
@@ -115,8 +163,15 @@ def test_relift_deploy_then_the_worker_it_names_runs_a_deployment(deployed, tiny
 
 def test_relift_deploy_again_keeps_the_pool(deployed):
     env, _, _, _ = deployed
-    again = subprocess.run([str(BIN / "relift"), "deploy"], env=env, cwd=REPO,
-                           capture_output=True, text=True, timeout=300, check=False)
+    again = subprocess.run(
+        [str(BIN / "relift"), "deploy"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "work pool relift-local: exists" in again.stdout
     assert "weekly-rl-sft-relift" in again.stdout
@@ -125,8 +180,15 @@ def test_relift_deploy_again_keeps_the_pool(deployed):
 def test_relift_deploy_without_a_prefect_api_says_what_to_do(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # no profile's API
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([str(BIN / "relift"), "deploy", "--workdir", str(tmp_path)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [str(BIN / "relift"), "deploy", "--workdir", str(tmp_path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2
     assert "set PREFECT_API_URL" in done.stderr and "relift ui" in done.stderr
 

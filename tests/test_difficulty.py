@@ -76,15 +76,26 @@ def test_rerecording_an_iteration_replaces_it_and_order_is_kept():
     ledger.record(2, "q1", 0.5)  # a resumed run replays iteration 2
     ledger.record(1, "q1", 1.0)  # recorded out of order: still sorted by iteration
     assert ledger.history("q1") == [
-        (0, 0.0, Level.HARDEST), (1, 1.0, Level.EASY), (2, 0.5, Level.MEDIUM)]
+        (0, 0.0, Level.HARDEST),
+        (1, 1.0, Level.EASY),
+        (2, 0.5, Level.MEDIUM),
+    ]
 
 
 def test_level_counts_are_records_made_at_that_iteration():
     ledger = make_ledger()
     assert ledger.level_counts(0) == {
-        Level.HARDEST: 1, Level.HARD: 0, Level.MEDIUM: 1, Level.EASY: 1}
+        Level.HARDEST: 1,
+        Level.HARD: 0,
+        Level.MEDIUM: 1,
+        Level.EASY: 1,
+    }
     assert ledger.level_counts(2) == {
-        Level.HARDEST: 0, Level.HARD: 1, Level.MEDIUM: 0, Level.EASY: 1}
+        Level.HARDEST: 0,
+        Level.HARD: 1,
+        Level.MEDIUM: 0,
+        Level.EASY: 1,
+    }
     nothing = ledger.level_counts(1)
     assert list(nothing) == list(LEVELS) and sum(nothing.values()) == 0
 

@@ -42,15 +42,17 @@ def _trainer(tokenizer, *, rl_lr: float = 1e-3, sft_lr: float = 1e-3, **kwargs):
     sft = SFTConfig.model_construct(
         **{**SFTConfig(micro_batch_size=8, mini_batch_size=8).model_dump(), "lr": sft_lr}
     )
-    trainer = TorchTrainer(model, algo=AlgorithmConfig(entropy_coef=0.0), rl=rl, sft=sft,
-                           max_response_len=16, **kwargs)
+    trainer = TorchTrainer(
+        model, algo=AlgorithmConfig(entropy_coef=0.0), rl=rl, sft=sft, max_response_len=16, **kwargs
+    )
     return model, trainer
 
 
 def _rl_batch(tokenizer):
     # Two mini-batches of one row each (prompts_per_step 128 / mini_batch 64): two steps a call.
-    return pack_rows([[5, 6, 7], [5, 6]], [[8, 9], [10, 11, 12]], tokenizer.pad_token_id,
-                     advantages=[1.0, -1.0])
+    return pack_rows(
+        [[5, 6, 7], [5, 6]], [[8, 9], [10, 11, 12]], tokenizer.pad_token_id, advantages=[1.0, -1.0]
+    )
 
 
 def _sft_batch(tokenizer):
@@ -77,8 +79,19 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("override", ["rl.lr=inf", "rl.lr=nan", "rl.lr=.inf", "sft.lr=inf",
-                                      "sft.lr=nan", "rl.lr=1e30", "sft.lr=2.0", "rl.lr=-1e-3"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "rl.lr=inf",
+        "rl.lr=nan",
+        "rl.lr=.inf",
+        "sft.lr=inf",
+        "sft.lr=nan",
+        "rl.lr=1e30",
+        "sft.lr=2.0",
+        "rl.lr=-1e-3",
+    ],
+)
 def test_config_refuses_non_finite_and_absurd_learning_rates(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as e:
@@ -146,8 +159,9 @@ def test_sane_steps_take_no_snapshot(tokenizer, monkeypatch):
     """Rolling back needs a copy of weights and optimizer state; sane steps must not pay it."""
     copies = []
     real = TorchTrainer._take_snapshot
-    monkeypatch.setattr(TorchTrainer, "_take_snapshot",
-                        staticmethod(lambda *a: copies.append(1) or real(*a)))
+    monkeypatch.setattr(
+        TorchTrainer, "_take_snapshot", staticmethod(lambda *a: copies.append(1) or real(*a))
+    )
     _, trainer = _trainer(tokenizer)
     for _ in range(3):
         assert trainer.rl_step(_rl_batch(tokenizer))["skipped_steps"] == 0
@@ -237,8 +251,9 @@ def _save_without_the_check(monkeypatch, path, model, trainer, step):
     """A checkpoint as an older writer made it: no finiteness check, no manifest marker."""
     with monkeypatch.context() as m:
         m.setattr(checkpoint_module, "non_finite_weights", lambda tensors: [])
-        ckpt = save_checkpoint(path, model=model, trainer_state=trainer.state_dict(), step=step,
-                               keep=10)
+        ckpt = save_checkpoint(
+            path, model=model, trainer_state=trainer.state_dict(), step=step, keep=10
+        )
     manifest = json.loads((ckpt / MANIFEST).read_text())
     manifest.pop(checkpoint_module.WEIGHTS_FINITE)
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
@@ -250,8 +265,9 @@ def test_latest_checkpoint_skips_back_past_diverged_ones_with_a_warning(
 ):
     model, trainer = _trainer(tokenizer)
     good_old = _save_without_the_check(monkeypatch, tmp_path, model, trainer, 1)  # finite
-    good = save_checkpoint(tmp_path, model=model, trainer_state=trainer.state_dict(), step=2,
-                           keep=10)
+    good = save_checkpoint(
+        tmp_path, model=model, trainer_state=trainer.state_dict(), step=2, keep=10
+    )
     good_weights = _weights(model)
     _poison(model)
     bad = [_save_without_the_check(monkeypatch, tmp_path, model, trainer, s) for s in (3, 4)]

@@ -48,8 +48,9 @@ def _base(tiny_overrides, tmp_path) -> list[str]:
     return [*tiny_overrides, f"run.workdir={tmp_path}"]
 
 
-def test_a_failed_train_flow_leaves_its_run_failed(tiny_overrides, prefect_server, tmp_path,
-                                                   monkeypatch):
+def test_a_failed_train_flow_leaves_its_run_failed(
+    tiny_overrides, prefect_server, tmp_path, monkeypatch
+):
     import flows.train
 
     def evaluation_lost(*args, **kwargs):
@@ -57,14 +58,17 @@ def test_a_failed_train_flow_leaves_its_run_failed(tiny_overrides, prefect_serve
 
     monkeypatch.setattr(flows.train, "evaluate_policy", evaluation_lost)
     with pytest.raises(RuntimeError, match="simulated"):
-        flows.train.train(preset="toy", overrides=_base(tiny_overrides, tmp_path)
-                          + ["run.iterations=0", "run.name=t"])
+        flows.train.train(
+            preset="toy",
+            overrides=_base(tiny_overrides, tmp_path) + ["run.iterations=0", "run.name=t"],
+        )
     run = _only_run(tmp_path)
     assert run.info.run_name == "t" and run.info.status == "FAILED"
 
 
-def test_a_failed_evaluate_flow_leaves_its_run_failed(tiny_overrides, prefect_server, tmp_path,
-                                                      monkeypatch):
+def test_a_failed_evaluate_flow_leaves_its_run_failed(
+    tiny_overrides, prefect_server, tmp_path, monkeypatch
+):
     import flows.evaluate
 
     def engine_lost(*args, **kwargs):
@@ -72,8 +76,9 @@ def test_a_failed_evaluate_flow_leaves_its_run_failed(tiny_overrides, prefect_se
 
     monkeypatch.setattr(flows.evaluate, "evaluate_all", engine_lost)
     with pytest.raises(RuntimeError, match="simulated"):
-        flows.evaluate.evaluate(preset="toy", overrides=_base(tiny_overrides, tmp_path),
-                                benchmarks=["world"], limit=2)
+        flows.evaluate.evaluate(
+            preset="toy", overrides=_base(tiny_overrides, tmp_path), benchmarks=["world"], limit=2
+        )
     assert _only_run(tmp_path, "evaluate").info.status == "FAILED"
 
 
@@ -82,13 +87,20 @@ def test_a_failed_sweep_leaves_its_parent_run_failed(tiny_overrides, prefect_ser
 
     # The value passes the sweep's own checks but no training accepts it: every point fails.
     with pytest.raises(RuntimeError, match="1 of 1 sweep runs failed"):
-        sweep(preset="toy", algorithms=["rl"], seeds=[0], grid={"rl.lr": [2.0]},
-              overrides=_base(tiny_overrides, tmp_path), name="bad")
+        sweep(
+            preset="toy",
+            algorithms=["rl"],
+            seeds=[0],
+            grid={"rl.lr": [2.0]},
+            overrides=_base(tiny_overrides, tmp_path),
+            name="bad",
+        )
     assert _only_run(tmp_path, "sweep").info.status == "FAILED"
 
 
-def test_a_failed_base_model_flow_leaves_its_run_failed(tiny_overrides, prefect_server, tmp_path,
-                                                        monkeypatch):
+def test_a_failed_base_model_flow_leaves_its_run_failed(
+    tiny_overrides, prefect_server, tmp_path, monkeypatch
+):
     import flows.base_model
 
     def pretraining_crashed(*args, **kwargs):
@@ -101,8 +113,9 @@ def test_a_failed_base_model_flow_leaves_its_run_failed(tiny_overrides, prefect_
     assert _only_run(tmp_path, "base_model").info.status == "FAILED"
 
 
-def test_a_failed_difficulty_dynamics_flow_leaves_its_run_failed(tiny_overrides, prefect_server,
-                                                                 tmp_path, monkeypatch):
+def test_a_failed_difficulty_dynamics_flow_leaves_its_run_failed(
+    tiny_overrides, prefect_server, tmp_path, monkeypatch
+):
     import flows.difficulty_dynamics
 
     def checkpoint_unreadable(*args, **kwargs):
@@ -111,25 +124,31 @@ def test_a_failed_difficulty_dynamics_flow_leaves_its_run_failed(tiny_overrides,
     monkeypatch.setattr(flows.difficulty_dynamics, "policy_levels", checkpoint_unreadable)
     with pytest.raises(RuntimeError, match="simulated"):
         flows.difficulty_dynamics.difficulty_dynamics(
-            preset="toy", checkpoint=str(tmp_path / "step_000001" / "model"),
-            overrides=_base(tiny_overrides, tmp_path))
+            preset="toy",
+            checkpoint=str(tmp_path / "step_000001" / "model"),
+            overrides=_base(tiny_overrides, tmp_path),
+        )
     assert _only_run(tmp_path, "difficulty_dynamics").info.status == "FAILED"
 
 
 @task(name="train-method", cache_policy=NO_CACHE)
-def crashed_training(preset: str, overrides: list[str], run_name: str,
-                     parent_mlflow_run_id: str) -> dict:
+def crashed_training(
+    preset: str, overrides: list[str], run_name: str, parent_mlflow_run_id: str
+) -> dict:
     """The demo's training task, crashing in its worker process as a diverged run would."""
     raise RuntimeError(f"{run_name}: training diverged (simulated)")
 
 
-def test_a_failed_demo_leaves_its_parent_run_failed(tiny_overrides, prefect_server, tmp_path,
-                                                    monkeypatch):
+def test_a_failed_demo_leaves_its_parent_run_failed(
+    tiny_overrides, prefect_server, tmp_path, monkeypatch
+):
     import flows.demo
 
     monkeypatch.setattr(flows.demo, "train_method", crashed_training)
-    overrides = _base(tiny_overrides, tmp_path) + ["data.world.pretrain_examples=200",
-                                                   "data.world.pretrain_steps=2"]
+    overrides = _base(tiny_overrides, tmp_path) + [
+        "data.world.pretrain_examples=200",
+        "data.world.pretrain_steps=2",
+    ]
     with pytest.raises(RuntimeError, match="simulated"):
         flows.demo.demo(preset="toy", overrides=overrides, algorithms=["rl"], seeds=[0])
     assert _only_run(tmp_path, "demo").info.status == "FAILED"

@@ -45,7 +45,8 @@ def _table_artifact(flow_run_id: str, key: str) -> list[dict]:
         async with get_client() as pc:
             return await pc.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])),
+            )
 
     (artifact,) = asyncio.run(read())
     data = artifact.data
@@ -53,13 +54,18 @@ def _table_artifact(flow_run_id: str, key: str) -> list[dict]:
 
 
 def _overrides(tiny: list[str], tmp: Path, algo: str) -> list[str]:
-    return tiny + [f"algorithm.name={algo}", f"run.name={algo}", f"run.workdir={tmp}",
-                   "tracking.system_metrics_interval_s=0.2"]  # a sample even in a short run
+    return tiny + [
+        f"algorithm.name={algo}",
+        f"run.name={algo}",
+        f"run.workdir={tmp}",
+        "tracking.system_metrics_interval_s=0.2",
+    ]  # a sample even in a short run
 
 
 @pytest.mark.parametrize("algo", ["relift", "rl", "sft", "sft_then_rl", "luffy", "dapo"])
-def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, tmp_path_factory,
-                                               algo):
+def test_train_each_algorithm_three_iterations(
+    tiny_overrides, prefect_server, tmp_path_factory, algo
+):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -80,8 +86,17 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     assert run.data.tags["relift.algorithm"] == algo
     history = client.get_metric_history(run.info.run_id, "rollout_accuracy")
     assert [h.step for h in history] == [0, 1, 2]
-    for key in ("reward_mean", "solve_none", "solve_all", "frac_hardest", "frac_easy",
-                "buffer_size", "demos_used", "response_length_mean", "time/rollout"):
+    for key in (
+        "reward_mean",
+        "solve_none",
+        "solve_all",
+        "frac_hardest",
+        "frac_easy",
+        "buffer_size",
+        "demos_used",
+        "response_length_mean",
+        "time/rollout",
+    ):
         assert key in run.data.metrics, key
     if algo in ("rl", "relift", "dapo"):
         assert "rl/policy_loss" in run.data.metrics or "rl/rl_skipped" in run.data.metrics
@@ -97,27 +112,36 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
     assert any(k.startswith("heldout/world/") for k in run.data.metrics)
     # Evaluated at the start too (every curve starts at the starting policy), every 2 iterations
     # and at the end; per-question records as tables the MLflow UI previews.
-    eval_steps = [h.step
-                  for h in client.get_metric_history(run.info.run_id, "heldout/world/avg_at_k")]
+    eval_steps = [
+        h.step for h in client.get_metric_history(run.info.run_id, "heldout/world/avg_at_k")
+    ]
     assert eval_steps[0] == 0 and 3 in eval_steps
-    table = json.loads(Path(client.download_artifacts(
-        run.info.run_id, "eval/step_000000/world.records.json", str(tmp))).read_text())
+    table = json.loads(
+        Path(
+            client.download_artifacts(
+                run.info.run_id, "eval/step_000000/world.records.json", str(tmp)
+            )
+        ).read_text()
+    )
     assert {"uid", "accuracy", "ground_truth", "first_response"} <= set(table["columns"])
     assert len(table["data"]) > 0
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "sft_demonstrations.jsonl"} <= artifacts
     # The policy as an MLflow model (transformers flavour): listed with the run, registrable.
-    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
     assert [m.name for m in models] == [algo]  # named after its run
     assert run.data.tags["relift.policy_model_uri"] == f"models:/{models[0].model_id}"
     if algo == "relift":
         import mlflow
 
         client.create_registered_model("relift-policy")
-        version = client.create_model_version("relift-policy", models[0].artifact_location,
-                                              run_id=run.info.run_id)
+        version = client.create_model_version(
+            "relift-policy", models[0].artifact_location, run_id=run.info.run_id
+        )
         assert int(version.version) == 1 and version.status == "READY"
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
@@ -149,19 +173,29 @@ def test_train_each_algorithm_three_iterations(tiny_overrides, prefect_server, t
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         async with get_client() as pc:
-            return await pc.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return await pc.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
+            )
 
     # (Prefect stores a link artifact as markdown `[text](link)`.)
     links = [a for a in asyncio.run(link_artifacts()) if a.key == "mlflow-run"]
-    assert any(result["mlflow_run_id"] in a.data and "workflowType=machine_learning" in a.data
-               for a in links), [a.data for a in links]
+    assert any(
+        result["mlflow_run_id"] in a.data and "workflowType=machine_learning" in a.data
+        for a in links
+    ), [a.data for a in links]
     # The progress artifact (updated at most every few seconds) ends at 100%.
     progress = [a for a in asyncio.run(link_artifacts()) if a.type == "progress"]
     assert [a.data for a in progress] == [100.0], [(a.type, a.data) for a in progress]
     assert flow_run_name_of(flow_run_id) == f"train-{algo}"
-    assert {"rollout", "grade", "classify-difficulty", "collect-demonstrations",
-            "checkpoint"} <= names
+    assert {
+        "rollout",
+        "grade",
+        "classify-difficulty",
+        "collect-demonstrations",
+        "checkpoint",
+    } <= names
     assert ("rl-update" in names) == (algo != "sft")
     assert ("mix-demonstrations" in names) == (algo == "luffy")
 
@@ -172,9 +206,14 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
 
     # Evaluated on the world: compare reads it.
     overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1"]
-    result = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0],
-                   grid={"algorithm.sft_buffer_threshold": [2, 4]}, overrides=overrides,
-                   name="abl")
+    result = sweep(
+        preset="toy",
+        algorithms=["rl", "relift"],
+        seeds=[0],
+        grid={"algorithm.sft_buffer_threshold": [2, 4]},
+        overrides=overrides,
+        name="abl",
+    )
     assert len(result["runs"]) == 4
     # Each point says how it ended, as a fanned-out sweep's points do (test_sweep_fanout).
     for r in result["runs"].values():
@@ -184,7 +223,8 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     client = MlflowClient(tracking_uri=uri)
     children = client.search_runs(
         [client.get_experiment_by_name("relift").experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")
+        filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'",
+    )
     assert len(children) == 4
     assert {c.data.params["algorithm.sft_buffer_threshold"] for c in children} == {"2", "4"}
     table = runs_table(uri, parent_run_id=result["mlflow_run_id"])
@@ -192,8 +232,10 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert (table.loc[table["algorithm"] == "rl", "demos_used"] == 0).all()
     assert "world" in table.columns and not any("world/world" in c for c in table.columns)
     # Run names: the point first (method, seed, setting), then the sweep's name and hash.
-    assert all(n.split("-")[0] in ("rl", "relift") and n.split("-")[1] == "s0"
-               and "-abl-" in n for n in result["runs"])
+    assert all(
+        n.split("-")[0] in ("rl", "relift") and n.split("-")[1] == "s0" and "-abl-" in n
+        for n in result["runs"]
+    )
 
     # The parent run answers which method is best: metrics, description, report, figures.
     parent = client.get_run(result["mlflow_run_id"])
@@ -205,7 +247,8 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert metrics["rl sft_buffer_threshold_2/demos_used"] == 0
     child = table.set_index("variant").loc["relift sft_buffer_threshold=4"]
     assert metrics["relift sft_buffer_threshold_4/heldout_world_mean"] == pytest.approx(
-        child["world"])
+        child["world"]
+    )
     note = parent.data.tags["mlflow.note.content"]
     assert "Which method is best" in note and "relift sft_buffer_threshold=4" in note
     assert "- (1 seed)" in note  # no interval from one seed, and it says so
@@ -223,9 +266,22 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     # `relift compare` as a user runs it, in a 100-column terminal: readable, and a report.
     env = {**os.environ, "COLUMNS": "100"}
     env.pop("PREFECT_API_URL", None)
-    out = subprocess.run([str(Path(sys.executable).parent / "relift"), "compare", "-p", "toy",
-                          "--parent", result["mlflow_run_id"], f"run.workdir={tmp_path}"],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "relift"),
+            "compare",
+            "-p",
+            "toy",
+            "--parent",
+            result["mlflow_run_id"],
+            f"run.workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "…" not in out.stdout and max(map(len, out.stdout.splitlines())) <= 100, out.stdout
     assert "relift" in out.stdout and "held-out world" in out.stdout
@@ -235,13 +291,18 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert (tmp_path / "compare" / "level_shares.png").stat().st_size > 0
 
 
-def test_evaluate_flow_on_real_benchmark_questions(tiny_overrides, prefect_server, tmp_path,
-                                                   shared_benchmarks):
+def test_evaluate_flow_on_real_benchmark_questions(
+    tiny_overrides, prefect_server, tmp_path, shared_benchmarks
+):
     from flows.evaluate import evaluate
 
-    result = evaluate(preset="toy", benchmarks=["math500", "gpqa_diamond", "world"], limit=3,
-                      overrides=tiny_overrides + [f"run.workdir={tmp_path}",
-                                        f"eval.benchmarks_dir={shared_benchmarks}"])
+    result = evaluate(
+        preset="toy",
+        benchmarks=["math500", "gpqa_diamond", "world"],
+        limit=3,
+        overrides=tiny_overrides
+        + [f"run.workdir={tmp_path}", f"eval.benchmarks_dir={shared_benchmarks}"],
+    )
     assert set(result["summaries"]) == {"math500", "gpqa_diamond", "world"}
     assert result["summaries"]["math500"]["questions"] == 3
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -262,7 +323,8 @@ def _task_states(flow_run_id) -> dict[str, str]:
     async def read():
         async with get_client() as pc:
             runs = await pc.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
             return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
     return asyncio.run(read())
@@ -287,8 +349,11 @@ def test_prepare_data_is_cached_by_input_hash(tiny_overrides, prefect_server, tm
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
     storage = Path(PREFECT_LOCAL_STORAGE_PATH.value()).expanduser()
-    records = [f for f in storage.iterdir()
-               if f.name.startswith("prepare-") and f.stat().st_mtime >= started]
+    records = [
+        f
+        for f in storage.iterdir()
+        if f.name.startswith("prepare-") and f.stat().st_mtime >= started
+    ]
     assert records
     for record in records:
         stored = json.loads(record.read_text())
@@ -301,8 +366,12 @@ def test_difficulty_dynamics_transition_table(tiny_overrides, prefect_server, tm
     from flows.train import train
     from relift_core.runtime.checkpoint import latest_checkpoint
 
-    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1",
-                                  "eval.benchmarks=[]", "run.name=dyn"]
+    overrides = tiny_overrides + [
+        f"run.workdir={tmp_path}",
+        "run.iterations=1",
+        "eval.benchmarks=[]",
+        "run.name=dyn",
+    ]
     train(preset="toy", overrides=overrides)
     ckpt = latest_checkpoint(tmp_path / "dyn" / "checkpoints") / "model"
     result = difficulty_dynamics(preset="toy", checkpoint=str(ckpt), overrides=overrides)
@@ -317,9 +386,9 @@ def test_difficulty_dynamics_transition_table(tiny_overrides, prefect_server, tm
     assert int(table.to_numpy().sum()) == n_train
 
 
-def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overrides,
-                                                                      prefect_server, tmp_path,
-                                                                      monkeypatch):
+def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(
+    tiny_overrides, prefect_server, tmp_path, monkeypatch
+):
     from flows.train import train
     from relift_core import iteration
 
@@ -332,8 +401,11 @@ def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overr
             raise RuntimeError("engine hiccup")
         return real_rollout(*args, **kwargs)
 
-    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=1",
-                                  "eval.benchmarks=[]"]
+    overrides = tiny_overrides + [
+        f"run.workdir={tmp_path}",
+        "run.iterations=1",
+        "eval.benchmarks=[]",
+    ]
     monkeypatch.setattr(iteration, "rollout", flaky)
     state = train(preset="toy", overrides=overrides + ["run.name=flaky"], return_state=True)
     assert state.is_completed() and calls["n"] == 2
@@ -345,15 +417,19 @@ def test_engine_task_retries_then_a_persistent_failure_fails_the_flow(tiny_overr
     state = train(preset="toy", overrides=overrides + ["run.name=broken"], return_state=True)
     assert state.is_failed()
     assert "CUDA out of memory (simulated)" in str(state.message) or "CUDA out of memory" in repr(
-        state.result(raise_on_failure=False))
+        state.result(raise_on_failure=False)
+    )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("relift").experiment_id],
-                              filter_string="attributes.run_name = 'broken'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("relift").experiment_id],
+        filter_string="attributes.run_name = 'broken'",
+    )
     assert runs[0].info.status == "FAILED"
 
 
-def test_a_moved_run_store_reads_and_writes_its_own_artifacts(tiny_overrides, prefect_server,
-                                                              tmp_path):
+def test_a_moved_run_store_reads_and_writes_its_own_artifacts(
+    tiny_overrides, prefect_server, tmp_path
+):
     """Copy runs/ elsewhere and resume there: the same MLflow run continues, and what it reads
     and writes is under the new directory, never the old one."""
     import shutil
@@ -365,8 +441,10 @@ def test_a_moved_run_store_reads_and_writes_its_own_artifacts(tiny_overrides, pr
     first = train(preset="toy", overrides=overrides + [f"run.workdir={old}"])
     shutil.copytree(old, new)
     before = sorted(p.relative_to(old) for p in old.rglob("*"))
-    second = train(preset="toy", overrides=[*overrides[:-2], "run.iterations=2",
-                                            "eval.benchmarks=[]", f"run.workdir={new}"])
+    second = train(
+        preset="toy",
+        overrides=[*overrides[:-2], "run.iterations=2", "eval.benchmarks=[]", f"run.workdir={new}"],
+    )
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # resumed into the same run
     assert sorted(p.relative_to(old) for p in old.rglob("*")) == before  # old store untouched
     client = MlflowClient(tracking_uri=f"sqlite:///{new / 'mlflow.db'}")

@@ -16,9 +16,25 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_check_runs_on_cpu(tmp_path):
     dtype = "bfloat16"  # the GPU presets' compute dtype
     out = tmp_path / "check.json"
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu",
-                           "--shape", "tiny", "--dtype", dtype, "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/gpu_check.py",
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--dtype",
+            dtype,
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["shape"] == "tiny" and result["dtype"] == dtype

@@ -64,13 +64,27 @@ def test_pip_resolves_the_gpu_install(tmp_path):
     """README's GPU line, as pip's resolver sees it: `pip install -c constraints-gpu.txt
     -e '.[gpu,cluster]'`, metadata only (`--dry-run`)."""
     report = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-           "--quiet", "--disable-pip-version-check", "--report", str(report),
-           "-c", str(ROOT / "constraints-gpu.txt"), f"{ROOT}[gpu,cluster]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--report",
+        str(report),
+        "-c",
+        str(ROOT / "constraints-gpu.txt"),
+        f"{ROOT}[gpu,cluster]",
+    ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    resolved = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
-                for item in json.loads(report.read_text())["install"]}
+    resolved = {
+        canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
     resolved.pop("relift")
     # Everything the install brings is pinned, at the pinned version: nothing floats.
     assert {name: v for name, v in resolved.items() if GPU_PINS.get(name) != v} == {}

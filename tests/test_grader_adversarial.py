@@ -290,8 +290,7 @@ def test_long_boxed_answers_are_graded_fast(shape, length: int) -> None:
     answer = shape(length)
     for gold in ("42", "1" * MAX_GOLD_CHARS):
         # gold=gold: bound now, though _best_of calls it before the loop moves on anyway.
-        grade, elapsed = _best_of(3, lambda gold=gold: _prepare(_boxed(answer), gold, "math",
-                                                                True))
+        grade, elapsed = _best_of(3, lambda gold=gold: _prepare(_boxed(answer), gold, "math", True))
         assert elapsed < FAST_S, (gold[:5], length)
         assert getattr(grade, "correct", None) is False  # refused before any worker
 
@@ -315,6 +314,7 @@ def test_the_scientific_notation_pattern_reads_a_digit_run_once() -> None:
     assert _SCIENTIFIC.search("1" * 100_000) is None
     assert _SCIENTIFIC.search("1" * 100_000 + "e5") is not None
     assert time.monotonic() - start < 0.1
+
     # What it reads is unchanged: a number written with an exponent, not a letter after one.
     def found(text: str) -> list[tuple[str | None, ...]]:
         return [m.groups() for m in _SCIENTIFIC.finditer(text)]

@@ -138,8 +138,12 @@ def test_the_exact_number_fast_path_agrees_with_math_verify(pairs: list[Pair]) -
         if re.fullmatch(r"[+-]?\d+", g):
             cases |= {(g, str(int(g) + 1)), (g, str(int(g) - 1)), (g, f"{g}.5")}
         if re.fullmatch(r"[+-]?\d*\.\d+", g):
-            cases |= {(g, g + "1"), (g, g.rstrip("0") or "0"), (g, f"{float(g):.2f}"),
-                      (g, g.replace("0.", ".", 1))}
+            cases |= {
+                (g, g + "1"),
+                (g, g.rstrip("0") or "0"),
+                (g, f"{float(g):.2f}"),
+                (g, g.replace("0.", ".", 1)),
+            }
     decided = [(g, p, exact_number_verdict(p, g)) for g, p in sorted(cases)]
     decided = [(g, p, v) for g, p, v in decided if v is not None]
     assert len(decided) > 1000  # most maths golds are plain numbers

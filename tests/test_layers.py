@@ -23,8 +23,11 @@ def _module_name(path: Path) -> str:
 def _relift_imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if (isinstance(node, ast.ImportFrom) and node.module
-                and node.module.startswith("relift_core")):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("relift_core")
+        ):
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
@@ -49,8 +52,9 @@ def test_relift_core_imports_neither_prefect_nor_mlflow():
 def test_algorithm_core_depends_only_on_itself_and_config():
     for name in PURE_ALGORITHM:
         imported = _relift_imports(CORE / "algorithm" / f"{name}.py")
-        foreign = {m for m in imported
-                   if not m.startswith(("relift_core.algorithm", "relift_core.config"))}
+        foreign = {
+            m for m in imported if not m.startswith(("relift_core.algorithm", "relift_core.config"))
+        }
         assert not foreign, f"relift_core.algorithm.{name} imports {sorted(foreign)}"
 
 

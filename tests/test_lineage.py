@@ -25,8 +25,13 @@ def _cfg(workdir: Path, *overrides: str):
 
 
 def _open(cfg, data="data-a", **kw):
-    return open_run(cfg, run_key=str(cfg.run_dir().resolve()), run_name=cfg.run.name,
-                    data_fingerprint=data, **kw)
+    return open_run(
+        cfg,
+        run_key=str(cfg.run_dir().resolve()),
+        run_name=cfg.run.name,
+        data_fingerprint=data,
+        **kw,
+    )
 
 
 def test_an_mlflow_run_is_continued_only_by_the_same_experiment(tmp_path):
@@ -76,8 +81,15 @@ def test_first_runs_started_together_in_one_workdir_all_get_the_store(tmp_path):
         client.create_run(experiment_id(client, cfg))
         print("ok")
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     results = [p.communicate(timeout=120) for p in procs]
     # Before the lock: one "ok", the others `OperationalError: table runs already exists`
     # (or `duplicate column name: step`, a migration run twice).
@@ -111,12 +123,15 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_path_and_cause(tmp_p
             print("ERROR", type(e).__name__, str(e))
         print("LATEST", latest_checkpoint({str(tmp_path)!r}).name)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
     lines = done.stdout.splitlines()
     [error] = [line for line in lines if line.startswith("ERROR")]
-    assert error.startswith(f"ERROR CheckpointWriteError cannot write checkpoint "
-                            f"{tmp_path / 'step_000002'}: File too large"), done.stderr[-2000:]
+    assert error.startswith(
+        f"ERROR CheckpointWriteError cannot write checkpoint "
+        f"{tmp_path / 'step_000002'}: File too large"
+    ), done.stderr[-2000:]
     assert "LATEST step_000001" in lines  # the kept checkpoint is intact and still the latest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # no partial copy
 
@@ -153,13 +168,23 @@ def test_checkpoint_files_are_readable_like_the_rest_of_the_run_directory(tmp_pa
     from relift_core.runtime.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1,
-                                         intermediate_size=32))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+        )
+    )
     step = save_checkpoint(tmp_path, model=model, trainer_state={}, step=1)
     ordinary = tmp_path / "ordinary.txt"
     ordinary.write_text("x")
-    modes = {p.relative_to(step).as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for p in step.rglob("*") if p.is_file()}
+    modes = {
+        p.relative_to(step).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in step.rglob("*")
+        if p.is_file()
+    }
     # The weights were 0600.
     assert set(modes.values()) == {stat.S_IMODE(ordinary.stat().st_mode)}, modes

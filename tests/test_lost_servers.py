@@ -26,8 +26,15 @@ ITERATIONS = 8
 
 def _overrides(tiny_overrides: list[str], workdir: Path, name: str) -> list[str]:
     # Longer rollouts than tiny_overrides' so that a run is still going when it is hit.
-    return [*tiny_overrides, f"run.workdir={workdir}", f"run.name={name}", "eval.benchmarks=[]",
-            f"run.iterations={ITERATIONS}", "rollout.n=8", "rollout.max_new_tokens=64"]
+    return [
+        *tiny_overrides,
+        f"run.workdir={workdir}",
+        f"run.name={name}",
+        "eval.benchmarks=[]",
+        f"run.iterations={ITERATIONS}",
+        "rollout.n=8",
+        "rollout.max_new_tokens=64",
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -38,9 +45,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _train(overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
     # Its own session, so that a Ctrl-C can go to its whole process group, as a terminal's does.
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "-p", "toy", *overrides],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "-p", "toy", *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -98,14 +111,27 @@ def mlflow_server(tmp_path):
     """A real MLflow tracking server (SQLite behind it) that a test may kill and restart."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--serve-artifacts",
-            "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(), "--workers", "1"]
+    args = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        (tmp_path / "server-artifacts").as_uri(),
+        "--workers",
+        "1",
+    ]
     servers = []
 
     def start() -> subprocess.Popen:
-        server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         servers.append(server)
         wait_healthy(uri, server, timeout_s=180)
         return server
@@ -123,7 +149,8 @@ def mlflow_server(tmp_path):
 
 
 def test_a_lost_mlflow_server_ends_the_run_and_a_rerun_logs_every_step_once(
-        tiny_overrides, tmp_path, mlflow_server):
+    tiny_overrides, tmp_path, mlflow_server
+):
     env = _env(MLFLOW_TRACKING_URI=mlflow_server["uri"])
     overrides = _overrides(tiny_overrides, tmp_path, "tracked")
     server = mlflow_server["start"]()
@@ -133,19 +160,30 @@ def test_a_lost_mlflow_server_ends_the_run_and_a_rerun_logs_every_step_once(
     seconds, err = _ended_within(proc, 60)  # was 577 s of HTTP retries
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and lines, err[-3000:]
-    assert lines[-1].startswith("error: lost the MLflow tracking server") and \
-        mlflow_server["uri"] in lines[-1], lines
+    assert (
+        lines[-1].startswith("error: lost the MLflow tracking server")
+        and mlflow_server["uri"] in lines[-1]
+    ), lines
 
     mlflow_server["start"]()  # back again: the same command resumes and finishes
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "-p", "toy", *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "-p", "toy", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = _runs(mlflow_server["uri"])
     assert run.info.status == "FINISHED"
     client = MlflowClient(tracking_uri=mlflow_server["uri"])
-    histories = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
-                 for key in run.data.metrics if not key.startswith("system/")}
+    histories = {
+        key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        for key in run.data.metrics
+        if not key.startswith("system/")
+    }
     repeated = {k: steps for k, steps in histories.items() if len(steps) != len(set(steps))}
     assert not repeated  # was 0,1,2,0,1,2,3,...: a redone step logged twice
     per_iteration = max(histories.values(), key=len)
@@ -169,15 +207,40 @@ def test_a_lost_prefect_server_ends_the_run_within_a_minute(tiny_overrides, tmp_
 def test_a_signal_ends_demo_within_seconds_with_no_process_left(tmp_path, how):
     """`demo` trains in a process pool: after Ctrl-C it joined workers that were retrying the
     server the same Ctrl-C had stopped (no exit after 4 minutes, 10 processes left)."""
-    demo = [sys.executable, "-m", "flows.cli", "demo", "-p", "toy", "--seeds", "0,1",
-            "run.iterations=20", "data.world.families=[add,sub,mul,chain]",
-            "data.world.sizes=[2,3]", "data.world.cells=null", "data.world.train_per_cell=24",
-            "data.world.eval_per_cell=4", "data.world.pretrain_examples=4000",
-            "data.world.pretrain_steps=150", "rollout.n=8", "eval.samples=2",
-            "rl.prompts_per_step=12", "rl.mini_batch_size=12", "run.grader_workers=1",
-            "algorithm.sft_buffer_threshold=4", f"run.workdir={tmp_path}"]
-    proc = subprocess.Popen(demo, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    demo = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "demo",
+        "-p",
+        "toy",
+        "--seeds",
+        "0,1",
+        "run.iterations=20",
+        "data.world.families=[add,sub,mul,chain]",
+        "data.world.sizes=[2,3]",
+        "data.world.cells=null",
+        "data.world.train_per_cell=24",
+        "data.world.eval_per_cell=4",
+        "data.world.pretrain_examples=4000",
+        "data.world.pretrain_steps=150",
+        "rollout.n=8",
+        "eval.samples=2",
+        "rl.prompts_per_step=12",
+        "rl.mini_batch_size=12",
+        "run.grader_workers=1",
+        "algorithm.sft_buffer_threshold=4",
+        f"run.workdir={tmp_path}",
+    ]
+    proc = subprocess.Popen(
+        demo,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 900
     while not list(tmp_path.glob("*/checkpoints/step_000002")):
         assert proc.poll() is None, proc.communicate()
@@ -195,6 +258,7 @@ def test_a_signal_ends_demo_within_seconds_with_no_process_left(tmp_path, how):
     runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], err[-2000:]
     # The demo's parent run and the trainings it interrupted end FAILED, not FINISHED.
-    assert [r for r in runs if r.info.status == "FAILED"], [(r.info.run_name, r.info.status)
-                                                            for r in runs]
+    assert [r for r in runs if r.info.status == "FAILED"], [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
     print(f"{how} to demo: exited {seconds:.1f} s after the signal")

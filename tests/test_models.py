@@ -94,8 +94,9 @@ def test_load_policy_tiny_prepares_tokenizer_and_dtype():
     assert tok.pad_token is not None
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.device.type == "cpu"
-    served, _ = load_policy(ModelConfig(source="tiny", dtype="bfloat16"), seed=3,
-                            dtype=torch.bfloat16)
+    served, _ = load_policy(
+        ModelConfig(source="tiny", dtype="bfloat16"), seed=3, dtype=torch.bfloat16
+    )
     assert {p.dtype for p in served.parameters()} == {torch.bfloat16}
 
 

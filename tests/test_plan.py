@@ -24,13 +24,21 @@ from relift_core.runtime.memory_plan import (
 
 def _real_count(name: str) -> int:
     a = KNOWN_ARCHITECTURES[name]
-    common = {"hidden_size": a.hidden, "num_hidden_layers": a.layers,
-              "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
-              "intermediate_size": a.intermediate, "vocab_size": a.vocab,
-              "tie_word_embeddings": a.tied_embeddings}
+    common = {
+        "hidden_size": a.hidden,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "intermediate_size": a.intermediate,
+        "vocab_size": a.vocab,
+        "tie_word_embeddings": a.tied_embeddings,
+    }
     with torch.device("meta"):
-        model = (Qwen2ForCausalLM(Qwen2Config(**common)) if a.qkv_bias
-                 else LlamaForCausalLM(LlamaConfig(**common)))
+        model = (
+            Qwen2ForCausalLM(Qwen2Config(**common))
+            if a.qkv_bias
+            else LlamaForCausalLM(LlamaConfig(**common))
+        )
     return sum(p.numel() for p in model.parameters())
 
 
@@ -94,13 +102,30 @@ def test_check_fits_refuses_with_the_figures():
 
 
 def test_cli_plan_and_train_refusal():
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "plan", "-p", "qwen2.5-math-7b"],
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "plan", "-p", "qwen2.5-math-7b"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "7,615,616,512 parameters" in out.stdout and "fewest GPUs it fits on: 4" in out.stdout
-    refused = subprocess.run([sys.executable, "-m", "flows.cli", "train", "-p", "qwen2.5-math-7b",
-                              "cluster.gpus_per_node=2"], capture_output=True, text=True,
-                             timeout=120, check=False)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "train",
+            "-p",
+            "qwen2.5-math-7b",
+            "cluster.gpus_per_node=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert refused.returncode == 2
     assert "fits on 4 GPUs" in refused.stdout + refused.stderr
     assert "Prefect" not in refused.stdout + refused.stderr  # refused before any server starts

@@ -1,20 +1,39 @@
-
 import torch
 
 from relift_core.config import TinyModelConfig, WorldConfig
 from relift_core.proofworld.pretrain import load_base_model, pretrain_base_model
 
-TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                       intermediate_size=64, max_position_embeddings=128)
-WORLD = WorldConfig(families=["add"], sizes=[1], train_per_cell=2, eval_per_cell=2,
-                    pretrain_families=["add"], pretrain_sizes=[1], pretrain_examples=64)
+TINY = TinyModelConfig(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
+WORLD = WorldConfig(
+    families=["add"],
+    sizes=[1],
+    train_per_cell=2,
+    eval_per_cell=2,
+    pretrain_families=["add"],
+    pretrain_sizes=[1],
+    pretrain_examples=64,
+)
 
 
 def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     torch.set_num_threads(1)
     losses: list[float] = []
-    stats = pretrain_base_model(WORLD, TINY, tmp_path / "base", steps=30, lr=5e-3, batch_size=8,
-                                progress=lambda step, total, loss: losses.append(loss))
+    stats = pretrain_base_model(
+        WORLD,
+        TINY,
+        tmp_path / "base",
+        steps=30,
+        lr=5e-3,
+        batch_size=8,
+        progress=lambda step, total, loss: losses.append(loss),
+    )
     assert len(losses) == 30 and stats["final_loss"] < stats["initial_loss"] - 0.5
     assert stats["params"] > 0 and stats["seconds"] > 0
     assert not list(tmp_path.glob(".*"))  # no temp dir left behind

@@ -43,8 +43,12 @@ from tests.conftest import record_gradients
 
 pytestmark = pytest.mark.slow
 
-TWO_RANKS = ["cluster.backend=ray", "cluster.cpu_ranks_per_node=2", "model.init_from=null",
-             "data.world.pretrain_examples=0"]
+TWO_RANKS = [
+    "cluster.backend=ray",
+    "cluster.cpu_ranks_per_node=2",
+    "model.init_from=null",
+    "data.world.pretrain_examples=0",
+]
 STRATEGIES = ["fsdp2", "deepspeed_zero3"]
 
 
@@ -88,8 +92,12 @@ def _batches(tokenizer, cfg):
             advantages.append(float((k % 2) * 2 - 1) * (0.5 + q / 4))
     rl = rl_batch(samples, torch.tensor(advantages), tokenizer.pad_token_id)
     prompts = [f"<|im_start|>user\n{a}+{a}<|im_end|>\n<|im_start|>assistant\n" for a in range(6)]
-    sft = sft_batch(tokenizer, prompts, [f"{2 * a} is the answer {a}" for a in range(6)],
-                    cfg.sft.max_target_tokens)
+    sft = sft_batch(
+        tokenizer,
+        prompts,
+        [f"{2 * a} is the answer {a}" for a in range(6)],
+        cfg.sft.max_target_tokens,
+    )
     return rl, sft
 
 
@@ -108,32 +116,52 @@ def _ranks_and_single(cfg):
     _bf16_representable(model)
     # One process with padded micro-batches of a fixed row count, whatever the ranks use.
     rows = {"max_tokens_per_micro_batch": None}
-    single = TorchTrainer(copy.deepcopy(model), algo=cfg.algorithm,
-                          rl=cfg.rl.model_copy(update=rows), sft=cfg.sft.model_copy(update=rows),
-                          max_response_len=cfg.rollout.max_new_tokens, dtype=cfg.model.dtype)
+    single = TorchTrainer(
+        copy.deepcopy(model),
+        algo=cfg.algorithm,
+        rl=cfg.rl.model_copy(update=rows),
+        sft=cfg.sft.model_copy(update=rows),
+        max_response_len=cfg.rollout.max_new_tokens,
+        dtype=cfg.model.dtype,
+    )
     ranks = RayRanks(cfg, model)
     return model, tokenizer, single, ranks, RayTrainer(ranks, model, cfg.cluster.trainer_strategy)
 
 
 # Packed: the ranks score without padding, in token-budget micro-batches (11 RL, 3 SFT here),
 # with the head in chunks (FSDP2), against one padded, unchunked process.
-PACKED = ["model.remove_padding=true", "model.logit_chunk_tokens=7",
-          "rl.max_tokens_per_micro_batch=20", "sft.max_tokens_per_micro_batch=60"]
+PACKED = [
+    "model.remove_padding=true",
+    "model.logit_chunk_tokens=7",
+    "rl.max_tokens_per_micro_batch=20",
+    "sft.max_tokens_per_micro_batch=60",
+]
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float32 packed"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_ranks_take_the_same_rl_and_sft_steps_as_one_process(local_ray, tiny_overrides,
-                                                                 strategy, dtype):
+def test_two_ranks_take_the_same_rl_and_sft_steps_as_one_process(
+    local_ray, tiny_overrides, strategy, dtype
+):
     # 16 RL rows in micro-batches of 6 and 6 SFT rows in micro-batches of 2: 3 micro-batches
     # each, so one rank runs a zero-weight padding micro-batch in both updates.
     lr = 1e-3
     dtype, *packed = dtype.split()
-    cfg = load_config("toy", [*tiny_overrides, *TWO_RANKS, f"cluster.trainer_strategy={strategy}",
-                              f"model.dtype={dtype}", "rl.micro_batch_size=6",
-                              "sft.micro_batch_size=2", f"rl.lr={lr}", f"sft.lr={lr}",
-                              *(PACKED if packed else [])])
+    cfg = load_config(
+        "toy",
+        [
+            *tiny_overrides,
+            *TWO_RANKS,
+            f"cluster.trainer_strategy={strategy}",
+            f"model.dtype={dtype}",
+            "rl.micro_batch_size=6",
+            "sft.micro_batch_size=2",
+            f"rl.lr={lr}",
+            f"sft.lr={lr}",
+            *(PACKED if packed else []),
+        ],
+    )
     model, tokenizer, single, ranks, trainer = _ranks_and_single(cfg)
     start = copy.deepcopy(model.state_dict())
     rl, sft = _batches(tokenizer, cfg)
@@ -175,15 +203,30 @@ def test_a_1e_6_step_with_bf16_compute_moves_the_weights(local_ray, tiny_overrid
     """The paper's lr 1e-6 rounds away on bf16 weights (1.9% of them move); float32 masters
     take it: at least 90% of the weights whose gradient is non-zero change."""
     chosen = STRATEGIES[0] if strategy == "one process" else strategy
-    cfg = load_config("toy", [*tiny_overrides, *TWO_RANKS, "model.dtype=bfloat16",
-                              f"cluster.trainer_strategy={chosen}",
-                              "rl.lr=1e-6", "sft.lr=1e-6", "rl.micro_batch_size=16"])
+    cfg = load_config(
+        "toy",
+        [
+            *tiny_overrides,
+            *TWO_RANKS,
+            "model.dtype=bfloat16",
+            f"cluster.trainer_strategy={chosen}",
+            "rl.lr=1e-6",
+            "sft.lr=1e-6",
+            "rl.micro_batch_size=16",
+        ],
+    )
     model, tokenizer = load_policy(cfg.model, device="cpu", seed=0)
     _bf16_representable(model)
     rl, _ = _batches(tokenizer, cfg)
     # Which weights get a gradient: one process, the same batch and weights.
-    probe = TorchTrainer(copy.deepcopy(model), algo=cfg.algorithm, rl=cfg.rl, sft=cfg.sft,
-                         max_response_len=cfg.rollout.max_new_tokens, dtype="bfloat16")
+    probe = TorchTrainer(
+        copy.deepcopy(model),
+        algo=cfg.algorithm,
+        rl=cfg.rl,
+        sft=cfg.sft,
+        max_response_len=cfg.rollout.max_new_tokens,
+        dtype="bfloat16",
+    )
     grads = record_gradients(probe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     probe.rl_step(rl)
@@ -244,23 +287,35 @@ RUN = textwrap.dedent("""
 
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_rank_relift_run_resumes_after_a_kill_to_the_same_state(local_ray, tiny_overrides,
-                                                                      tmp_path, strategy):
+def test_two_rank_relift_run_resumes_after_a_kill_to_the_same_state(
+    local_ray, tiny_overrides, tmp_path, strategy
+):
     from relift_core.proofworld.problems import write_world
 
     address = local_ray.get_runtime_context().gcs_address
-    base = [*tiny_overrides, *TWO_RANKS, "algorithm.name=relift", "run.iterations=3",
-            f"cluster.trainer_strategy={strategy}",
-            "rl.micro_batch_size=6", "sft.micro_batch_size=2", f"run.workdir={tmp_path}"]
+    base = [
+        *tiny_overrides,
+        *TWO_RANKS,
+        "algorithm.name=relift",
+        "run.iterations=3",
+        f"cluster.trainer_strategy={strategy}",
+        "rl.micro_batch_size=6",
+        "sft.micro_batch_size=2",
+        f"run.workdir={tmp_path}",
+    ]
     cfg = load_config("toy", base)
     train = write_world(cfg.data.world, tmp_path / "world")["train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(name: str, *hold: str) -> subprocess.Popen:
         args = json.dumps([*base, f"run.name={name}"])
-        return subprocess.Popen([sys.executable, "-c", RUN, args, str(train), address, *hold],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env)
+        return subprocess.Popen(
+            [sys.executable, "-c", RUN, args, str(train), address, *hold],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
 
     def finish(proc: subprocess.Popen) -> tuple[str, dict]:
         out, _ = proc.communicate(timeout=600)
@@ -296,9 +351,18 @@ def test_per_rank_bytes_match_the_memory_plan(local_ray, tiny_overrides, strateg
     from relift_core.runtime.memory_plan import plan_memory
     from relift_core.runtime.ray_cluster import RayRanks, RayTrainer
 
-    cfg = load_config("toy", [*tiny_overrides, *TWO_RANKS, f"cluster.trainer_strategy={strategy}",
-                              "model.dtype=bfloat16", "model.tiny.hidden_size=64",
-                              "model.tiny.num_layers=2", "rl.micro_batch_size=16"])
+    cfg = load_config(
+        "toy",
+        [
+            *tiny_overrides,
+            *TWO_RANKS,
+            f"cluster.trainer_strategy={strategy}",
+            "model.dtype=bfloat16",
+            "model.tiny.hidden_size=64",
+            "model.tiny.num_layers=2",
+            "rl.micro_batch_size=16",
+        ],
+    )
     model, tokenizer = load_policy(cfg.model, device="cpu", seed=0)
     rl, sft = _batches(tokenizer, cfg)
     ranks = RayRanks(cfg, model)

@@ -35,14 +35,22 @@ def test_gpu_presets_start_where_the_reference_starts(size):
 def test_rl_baseline_preset_is_train_rl_sh():
     relift, rl = load_config("qwen2.5-math-7b"), load_config("qwen2.5-math-7b-rl")
     assert rl.algorithm.name == "rl" and rl.algorithm.clip_ratio == 0.2 and rl.rl.grad_clip == 1.0
-    same = {k: v for k, v in rl.flat_params().items()
-            if k not in ("algorithm.name", "algorithm.clip_ratio", "rl.grad_clip", "run.name")}
+    same = {
+        k: v
+        for k, v in rl.flat_params().items()
+        if k not in ("algorithm.name", "algorithm.clip_ratio", "rl.grad_clip", "run.name")
+    }
     assert same == {k: v for k, v in relift.flat_params().items() if k in same}
 
 
 def test_relift_config_shows_checkpoint_template_prefill_and_context():
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "config", "-p", "qwen2.5-math-7b"],
-                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "config", "-p", "qwen2.5-math-7b"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     shown = yaml.safe_load(out)  # the printed config is YAML as it stands, unwrapped
     assert shown["model"]["name_or_path"] == "RoadQAQ/Qwen2.5-Math-7B-16k-think"
     assert shown["model"]["chat_template"] == "chatml" and shown["model"]["prefill"] == "<think>\n"
@@ -66,18 +74,21 @@ def test_prompt_format_renders_system_prompt_and_prefill_once():
 
     assert render([{"role": "user", "content": "1+1"}]) == (
         "<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\n1+1<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n")
+        "<|im_start|>assistant\n<think>\n"
+    )
     # The data's own system message wins, as in the reference's training prompts.
     assert render([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]) == (
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n")
+        "<|im_start|>assistant\n<think>\n"
+    )
 
 
 def test_sft_targets_mask_the_prompt_and_do_not_repeat_the_prefill():
     tok = build_char_tokenizer()
     apply_prompt_format(tok, ModelConfig(chat_template="chatml", prefill="<think>\n"))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "1+1"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "1+1"}], tokenize=False, add_generation_prompt=True
+    )
     demo = "<think>\n1+1=2</think>2"
     batch = sft_batch(tok, [prompt], [demo], 64, prefill="<think>\n")
     ids = batch.input_ids[0].tolist()
@@ -122,16 +133,24 @@ def test_the_best_evaluation_keeps_its_policy(tmp_path):
     for step, (seed, scores) in enumerate([(0, (0.2, 0.4)), (1, (0.5, 0.5)), (2, (0.6, 0.3))]):
         model, tok = _tiny_policy(seed)
         weights_at[step] = model
-        session = SimpleNamespace(cfg=cfg, model=model, tokenizer=tok,
-                                  trainer=SimpleNamespace(gather_weights=lambda: None))
+        session = SimpleNamespace(
+            cfg=cfg,
+            model=model,
+            tokenizer=tok,
+            trainer=SimpleNamespace(gather_weights=lambda: None),
+        )
         summaries = {f"b{j}": {"questions": 5, "avg_at_k": s} for j, s in enumerate(scores)}
         keep_best_policy(session, tracker, step * 10, summaries)
     # Means 0.3, 0.5, 0.45: the step-10 policy is the best and stays kept.
     best_dir = cfg.run_dir() / "best"
     assert best_so_far(best_dir) == {"step": 10, "score": 0.5}
     kept = AutoModelForCausalLM.from_pretrained(best_dir)
-    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
-                                                  weights_at[1].state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            kept.state_dict().values(), weights_at[1].state_dict().values(), strict=True
+        )
+    )
     assert tracker.tags["relift.best_step"] == "10"
     assert tracker.tags["relift.best_checkpoint"] == str(best_dir.resolve())
     assert tracker.history("eval/best_score") == pytest.approx([0.3, 0.5])

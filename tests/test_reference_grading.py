@@ -58,8 +58,9 @@ class _Sample:
 class _Engine:
     """Answers every question with the CASES' responses, one per sample."""
 
-    def generate(self, prompts, *, n, temperature, top_p=1.0, max_new_tokens, seed=None,
-                 progress=None):
+    def generate(
+        self, prompts, *, n, temperature, top_p=1.0, max_new_tokens, seed=None, progress=None
+    ):
         return [[_Sample(CASES[j][0]) for j in range(n)] for _ in prompts]
 
 
@@ -69,20 +70,29 @@ class _Tokenizer:
 
 
 def test_evaluation_reports_both_readings(grader):
-    spec = BenchmarkSpec(name="four", source="four.parquet", data_source="math",
-                         answer_type="math", default_samples=len(CASES), group="math",
-                         in_paper_average=False)
-    question = Example(uid="q0", data_source="math",
-                       prompt=[{"role": "user", "content": "2+2?"}], ground_truth="4")
+    spec = BenchmarkSpec(
+        name="four",
+        source="four.parquet",
+        data_source="math",
+        answer_type="math",
+        default_samples=len(CASES),
+        group="math",
+        in_paper_average=False,
+    )
+    question = Example(
+        uid="q0", data_source="math", prompt=[{"role": "user", "content": "2+2?"}], ground_truth="4"
+    )
     bench = Benchmark(name="four", spec=spec, questions=[question], samples=len(CASES))
-    records, summary = evaluate_benchmark(_Engine(), _Tokenizer(), bench, grader,
-                                          require_think=True, reference_reading=True)
+    records, summary = evaluate_benchmark(
+        _Engine(), _Tokenizer(), bench, grader, require_think=True, reference_reading=True
+    )
     assert records[0].correct == [c[2] for c in CASES]
     assert records[0].correct_reference == [c[3] for c in CASES]
     assert summary["avg_at_k"] == pytest.approx(1 / 4)
     assert summary["reference_avg_at_k"] == pytest.approx(3 / 4)
 
     # Off by default: the hardened reading only.
-    records, summary = evaluate_benchmark(_Engine(), _Tokenizer(), bench, grader,
-                                          require_think=True)
+    records, summary = evaluate_benchmark(
+        _Engine(), _Tokenizer(), bench, grader, require_think=True
+    )
     assert records[0].correct_reference == [] and "reference_avg_at_k" not in summary

@@ -24,9 +24,15 @@ ITERATIONS = 6
 
 def _command(tiny_overrides: list[str], workdir: Path) -> list[str]:
     # Longer rollouts than tiny_overrides' so an iteration lasts long enough to be killed inside it.
-    overrides = tiny_overrides + ["algorithm.name=relift", "run.name=resumable",
-                                  f"run.workdir={workdir}", f"run.iterations={ITERATIONS}",
-                                  "eval.benchmarks=[]", "rollout.n=8", "rollout.max_new_tokens=64"]
+    overrides = tiny_overrides + [
+        "algorithm.name=relift",
+        "run.name=resumable",
+        f"run.workdir={workdir}",
+        f"run.iterations={ITERATIONS}",
+        "eval.benchmarks=[]",
+        "rollout.n=8",
+        "rollout.max_new_tokens=64",
+    ]
     return [sys.executable, "-m", "flows.cli", "train", "--preset", "toy", *overrides]
 
 
@@ -46,8 +52,13 @@ def test_sigkill_then_resume_loses_nothing(tiny_overrides, prefect_server, tmp_p
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     env = _env()
 
-    proc = subprocess.Popen(_command(tiny_overrides, killed), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(tiny_overrides, killed),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = killed / "resumable" / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and not (ckpts / "step_000002").exists():
@@ -60,10 +71,24 @@ def test_sigkill_then_resume_loses_nothing(tiny_overrides, prefect_server, tmp_p
     # Killed mid-run: at least 2 iterations checkpointed, the last one not.
     assert before is not None and 2 <= int(before.name.split("_")[1]) < ITERATIONS, before
 
-    subprocess.run(_command(tiny_overrides, killed), cwd=REPO, env=env, check=True, timeout=900,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run(_command(tiny_overrides, reference), cwd=REPO, env=env, check=True, timeout=900,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _command(tiny_overrides, killed),
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=900,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        _command(tiny_overrides, reference),
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=900,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     resumed, ref = _final_state(killed), _final_state(reference)
     assert resumed["step"] == ref["step"] == ITERATIONS

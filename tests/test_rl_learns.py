@@ -20,8 +20,12 @@ from relift_core.runtime.session import build_session
 pytestmark = pytest.mark.slow
 
 # The demo's world, base model and RL budget (the toy preset), one seed.
-SMALL = ["run.iterations=48", "run.grader_workers=1", "algorithm.name=rl",
-         "run.checkpoint_every=1000"]
+SMALL = [
+    "run.iterations=48",
+    "run.grader_workers=1",
+    "algorithm.name=rl",
+    "run.checkpoint_every=1000",
+]
 
 
 def test_rl_raises_heldout_accuracy_on_non_hardest(tmp_path):
@@ -32,17 +36,26 @@ def test_rl_raises_heldout_accuracy_on_non_hardest(tmp_path):
     train, held = load_examples(paths["train"]), load_examples(paths["eval"])
 
     def run(name: str, iterations: int):
-        run_cfg = load_config("toy", [*SMALL, f"run.workdir={tmp_path}", f"run.name={name}",
-                                      f"model.init_from={base_dir}",
-                                      f"run.iterations={iterations}"])
+        run_cfg = load_config(
+            "toy",
+            [
+                *SMALL,
+                f"run.workdir={tmp_path}",
+                f"run.name={name}",
+                f"model.init_from={base_dir}",
+                f"run.iterations={iterations}",
+            ],
+        )
         session = build_session(run_cfg, train)
         try:
-            levels = measure_levels(session.engine, session.tokenizer, session.grader, held,
-                                       run_cfg, seed=0)
+            levels = measure_levels(
+                session.engine, session.tokenizer, session.grader, held, run_cfg, seed=0
+            )
             for i in range(iterations):
                 run_iteration(session, i)
-            acc = sampled_accuracy(session.engine, session.tokenizer, session.grader, held,
-                                      run_cfg, seed=1)
+            acc = sampled_accuracy(
+                session.engine, session.tokenizer, session.grader, held, run_cfg, seed=1
+            )
         finally:
             session.close()
         return levels, acc

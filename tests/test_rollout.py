@@ -145,8 +145,9 @@ def _three_rows_stopping_at_steps_1_2_3(model, tok, prompt, max_new_tokens, drop
     engine = HFRolloutEngine(model, tok, drop_finished=drop_finished)
     hook = model.lm_head.register_forward_hook(_ForceEos(tok.eos_token_id, drop_finished))
     try:
-        (group,) = engine.generate([prompt], n=3, temperature=1.0, max_new_tokens=max_new_tokens,
-                                   seed=0)
+        (group,) = engine.generate(
+            [prompt], n=3, temperature=1.0, max_new_tokens=max_new_tokens, seed=0
+        )
     finally:
         hook.remove()
     return group
@@ -154,8 +155,9 @@ def _three_rows_stopping_at_steps_1_2_3(model, tok, prompt, max_new_tokens, drop
 
 def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts, drop_finished):
     model, tok = tiny
-    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=6,
-                                                drop_finished=drop_finished)
+    group = _three_rows_stopping_at_steps_1_2_3(
+        model, tok, prompts[0], max_new_tokens=6, drop_finished=drop_finished
+    )
     assert [s.length for s in group] == [1, 2, 3]
     assert all(s.finish_reason == "eos" and s.response_ids[-1] == tok.eos_token_id for s in group)
     assert group[0].text == ""  # the eos itself is a special token
@@ -165,8 +167,9 @@ def test_stops_at_eos_and_strips_the_padding_after_it(tiny, prompts, drop_finish
 def test_length_when_max_new_tokens_is_hit(tiny, prompts, drop_finished):
     model, tok = tiny
     # Rows 0..2 would stop at steps 1..3, but only 2 tokens are allowed.
-    group = _three_rows_stopping_at_steps_1_2_3(model, tok, prompts[0], max_new_tokens=2,
-                                                drop_finished=drop_finished)
+    group = _three_rows_stopping_at_steps_1_2_3(
+        model, tok, prompts[0], max_new_tokens=2, drop_finished=drop_finished
+    )
     assert [(s.length, s.finish_reason) for s in group] == [(1, "eos"), (2, "eos"), (2, "length")]
 
 
@@ -183,8 +186,9 @@ def test_same_seed_same_samples_and_global_rng_untouched(tiny, prompts, drop_fin
     assert a[0][0].response_ids != a[0][1].response_ids  # the n samples of a prompt differ
 
 
-def test_greedy_is_deterministic_and_independent_of_padding_and_chunking(tiny, prompts,
-                                                                         drop_finished):
+def test_greedy_is_deterministic_and_independent_of_padding_and_chunking(
+    tiny, prompts, drop_finished
+):
     model, tok = tiny
     batched = HFRolloutEngine(model, tok, batch_size=64, drop_finished=drop_finished)
     greedy = {"temperature": 0.0, "max_new_tokens": 12}
@@ -194,8 +198,9 @@ def test_greedy_is_deterministic_and_independent_of_padding_and_chunking(tiny, p
     assert len({s.text for s in alone}) == len(prompts)  # a model that reads its prompt
     for group, single in zip(together, alone, strict=True):
         assert [s.response_ids for s in group] == [single.response_ids] * 2
-    one_row_chunks = HFRolloutEngine(model, tok, batch_size=1, drop_finished=drop_finished
-                                     ).generate(prompts, n=2, **greedy)
+    one_row_chunks = HFRolloutEngine(
+        model, tok, batch_size=1, drop_finished=drop_finished
+    ).generate(prompts, n=2, **greedy)
     assert _ids(one_row_chunks) == _ids(together)
 
 
@@ -209,8 +214,11 @@ def test_dropping_finished_rows_decodes_what_generate_decodes(tiny, prompts):
     stops = list({group[0].response_ids[2 * r] for r, group in enumerate(free)})
 
     def decode(drop: bool):
-        return _ids(HFRolloutEngine(model, tok, batch_size=6, stop_token_ids=stops,
-                                    drop_finished=drop).generate(prompts, **greedy))
+        return _ids(
+            HFRolloutEngine(
+                model, tok, batch_size=6, stop_token_ids=stops, drop_finished=drop
+            ).generate(prompts, **greedy)
+        )
 
     ours = decode(True)
     assert len({len(group[0]) for group in ours}) > 1  # rows did stop at different steps

@@ -16,17 +16,25 @@ from relift_core.proofworld.problems import build_world, problem_to_record
 from relift_core.runtime.run_lock import RunLock, RunLockedError
 from relift_core.runtime.session import ResumeRefused, build_session
 
-TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
-        "data.world.train_per_cell=3", "data.world.eval_per_cell=1",
-        "data.world.pretrain_examples=0", "run.grader_workers=1", "run.name=ref",
-        "algorithm.name=relift"]
+TINY = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.intermediate_size=64",
+    "data.world.train_per_cell=3",
+    "data.world.eval_per_cell=1",
+    "data.world.pretrain_examples=0",
+    "run.grader_workers=1",
+    "run.name=ref",
+    "algorithm.name=relift",
+]
 
 
 def session_for(tmp_path, *extra: str):
     cfg = load_config("toy", [*TINY, f"run.workdir={tmp_path}", *extra])
     problems = build_world(cfg.data.world)["train"]
-    dataset = examples_from_records([problem_to_record(p, index=i) for i, p in enumerate(problems)],
-                                    origin="world")
+    dataset = examples_from_records(
+        [problem_to_record(p, index=i) for i, p in enumerate(problems)], origin="world"
+    )
     return build_session(cfg, dataset)
 
 
@@ -94,13 +102,22 @@ def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
 
 def test_the_lock_dies_with_its_holder(tmp_path):
     run_dir = tmp_path / "held"
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from relift_core.runtime.run_lock import RunLock
         RunLock({str(run_dir)!r}).acquire()
         print("locked", flush=True)
         time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=f"pid {child.pid}"):
@@ -126,8 +143,9 @@ def test_sweep_run_names_carry_the_shared_config_and_the_scheduled_date():
     assert sweep_prefix("weekly", changed, ["algorithm.sft_buffer_threshold"]) != prefix
     dated = sweep_prefix("weekly", base, ["algorithm.sft_buffer_threshold"], "20261123")
     assert dated.startswith("weekly-20261123-") and dated != prefix
-    name = point_name(dated, {"algorithm.name": "rl", "run.seed": 0,
-                              "algorithm.sft_buffer_threshold": 8})
+    name = point_name(
+        dated, {"algorithm.name": "rl", "run.seed": 0, "algorithm.sft_buffer_threshold": 8}
+    )
     # Method and seed first: what a runs table's truncated name column still shows.
     assert name == f"rl-s0-sft_buffer_threshold8-{dated}"
     load_config("toy", [f"run.name={name}"])  # a valid run name
@@ -169,14 +187,18 @@ def _remove_manifest(step_dir):
     (step_dir / "manifest.json").unlink()
 
 
-@pytest.mark.parametrize(("damage", "reason"), [
-    (lambda d: _flip_a_byte(d / "trainer_state.pt"), "sha256"),
-    (lambda d: _truncate(d / "model" / "model.safetensors"), "bytes"),
-    (lambda d: (d / "rng_state.pt").unlink(), "missing"),
-    (_remove_manifest, "manifest.json is missing"),  # a half-written step directory
-])
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda d: _flip_a_byte(d / "trainer_state.pt"), "sha256"),
+        (lambda d: _truncate(d / "model" / "model.safetensors"), "bytes"),
+        (lambda d: (d / "rng_state.pt").unlink(), "missing"),
+        (_remove_manifest, "manifest.json is missing"),  # a half-written step directory
+    ],
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(
-        two_checkpoints, damage, reason, caplog):
+    two_checkpoints, damage, reason, caplog
+):
     workdir, checkpoints = two_checkpoints
     damage(checkpoints / "step_000002")
     with caplog.at_level("WARNING"):
@@ -189,8 +211,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(
         assert not (checkpoints / "step_000002").exists()  # the unusable one is removed
     finally:
         session.close()
-    assert any("skipping checkpoint" in r.getMessage() and "step_000002" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "skipping checkpoint" in r.getMessage() and "step_000002" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_no_usable_checkpoint_is_refused_never_a_silent_restart(two_checkpoints):

@@ -37,12 +37,22 @@ def _temporary_servers(parent: int) -> list[psutil.Process]:
     return found
 
 
-def test_a_killed_train_takes_its_temporary_prefect_server_with_it(wait_until, tiny_overrides,
-                                                                   tmp_path):
-    overrides = tiny_overrides + [f"run.workdir={tmp_path}", "run.iterations=500",
-                                  "eval.benchmarks=[]", "run.name=killed"]
-    cli = subprocess.Popen([RELIFT, "train", "-p", "toy", *overrides], cwd=REPO, env=_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_a_killed_train_takes_its_temporary_prefect_server_with_it(
+    wait_until, tiny_overrides, tmp_path
+):
+    overrides = tiny_overrides + [
+        f"run.workdir={tmp_path}",
+        "run.iterations=500",
+        "eval.benchmarks=[]",
+        "run.name=killed",
+    ]
+    cli = subprocess.Popen(
+        [RELIFT, "train", "-p", "toy", *overrides],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         (server,) = wait_until(lambda: _temporary_servers(cli.pid), 120, "the temporary server")
         # Training has started: the run directory exists, so the server is in use.
@@ -74,21 +84,37 @@ def _answers(request) -> bool:
 def test_relift_ui_stops_both_servers_on_sigterm(wait_until, tmp_path):
     prefect_port, mlflow_port = free_port(), free_port()
     env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    ui = subprocess.Popen([RELIFT, "ui", "--workdir", str(tmp_path), "--prefect-port",
-                           str(prefect_port), "--mlflow-port", str(mlflow_port)], cwd=REPO,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [
+            RELIFT,
+            "ui",
+            "--workdir",
+            str(tmp_path),
+            "--prefect-port",
+            str(prefect_port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: _listening(prefect_port) and _listening(mlflow_port), 180,
-                  "both UIs to listen")
+        wait_until(
+            lambda: _listening(prefect_port) and _listening(mlflow_port), 180, "both UIs to listen"
+        )
         children = psutil.Process(ui.pid).children(recursive=True)
         assert children
         # Another site's page may not call the Prefect API (Prefect's default answers any origin).
-        request = urllib.request.Request(f"http://127.0.0.1:{prefect_port}/api/health",
-                                         headers={"Origin": "http://evil.example"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{prefect_port}/api/health", headers={"Origin": "http://evil.example"}
+        )
         wait_until(lambda: _answers(request), 60, "the Prefect API")
         with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.headers.get("access-control-allow-origin") in (None, ""), (
-                dict(response.headers))
+            assert response.headers.get("access-control-allow-origin") in (None, ""), dict(
+                response.headers
+            )
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
         _, alive = psutil.wait_procs(children, timeout=30)
@@ -104,23 +130,41 @@ def test_relift_ui_stops_both_servers_on_sigterm(wait_until, tmp_path):
                     child.kill()
 
 
-def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_until, tiny_overrides,
-                                                                      tmp_path):
+def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(
+    wait_until, tiny_overrides, tmp_path
+):
     """A train on a temporary server: its links (console, MLflow tag, description) name the UI
     `relift ui` serves (:4200), never the temporary port; the flow run is kept in
     <workdir>/prefect.db, so `relift ui --workdir` shows it later; while that UI runs, commands
     on the work directory report to it."""
     train = subprocess.run(
-        [RELIFT, "train", "-p", "toy", *tiny_overrides, "run.name=linked",
-         f"run.workdir={tmp_path}", "eval.benchmarks=[]", "run.iterations=1"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+        [
+            RELIFT,
+            "train",
+            "-p",
+            "toy",
+            *tiny_overrides,
+            "run.name=linked",
+            f"run.workdir={tmp_path}",
+            "eval.benchmarks=[]",
+            "run.iterations=1",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     out = train.stdout + train.stderr
     assert train.returncode == 0, out
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("relift").experiment_id],
-                                filter_string="attributes.run_name = 'linked'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("relift").experiment_id],
+        filter_string="attributes.run_name = 'linked'",
+    )
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     link = f"http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"
     assert run.data.tags["prefect.flow_run_url"] == link
@@ -131,9 +175,22 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_unti
     assert (tmp_path / "prefect.db").exists()
 
     prefect_port, mlflow_port = free_port(), free_port()
-    ui = subprocess.Popen([RELIFT, "ui", "--workdir", str(tmp_path), "--prefect-port",
-                           str(prefect_port), "--mlflow-port", str(mlflow_port)], cwd=REPO,
-                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [
+            RELIFT,
+            "ui",
+            "--workdir",
+            str(tmp_path),
+            "--prefect-port",
+            str(prefect_port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         api = f"http://127.0.0.1:{prefect_port}/api"
         wait_until(lambda: _answers(f"{api}/health"), 180, "the Prefect API of relift ui")
@@ -149,8 +206,10 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_unti
         try:
             # As in a fresh CLI process: no API set (the suite's session server sets one in
             # this process's settings context once any earlier test has used it).
-            with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}), \
-                    prefect_api(tmp_path) as temporary:
+            with (
+                temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}),
+                prefect_api(tmp_path) as temporary,
+            ):
                 assert temporary is None
                 assert PREFECT_API_URL.value() == api
                 assert PREFECT_UI_URL.value() == f"http://127.0.0.1:{prefect_port}"
@@ -163,7 +222,7 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(wait_unti
     assert not (tmp_path / "ui.json").exists()
 
 
-_PROCESS_POOL_FLOW = '''
+_PROCESS_POOL_FLOW = """
 import sys
 from prefect import flow, task
 from prefect.task_runners import ProcessPoolTaskRunner
@@ -184,7 +243,7 @@ def pooled():
 if __name__ == "__main__":
     with prefect_api(sys.argv[1]):
         print("result", pooled())
-'''
+"""
 
 
 def test_process_pool_workers_report_to_the_commands_server(tmp_path):
@@ -196,9 +255,15 @@ def test_process_pool_workers_report_to_the_commands_server(tmp_path):
     script = tmp_path / "pooled.py"
     script.write_text(_PROCESS_POOL_FLOW)
     home = tmp_path / "prefect-home"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "work")], cwd=REPO,
-                          env={**_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home)},
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "work")],
+        cwd=REPO,
+        env={**_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "result [2, 3]" in out

@@ -41,11 +41,11 @@ def test_sft_targets_are_the_demonstration_without_prompt_or_prefill(smollm2_tok
 
     tok = smollm2_tokenizer
     apply_prompt_format(tok, ModelConfig(source="gguf", prefill=PREFILL))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "7+5"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "7+5"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n" + PREFILL)
-    batch = sft_batch(tok, [prompt], [PREFILL + "7+5=12</think> \\boxed{12}"], 64,
-                      prefill=PREFILL)
+    batch = sft_batch(tok, [prompt], [PREFILL + "7+5=12</think> \\boxed{12}"], 64, prefill=PREFILL)
     ids, mask = batch.input_ids[0].tolist(), batch.loss_mask[0].tolist()
     trained = [ids[j + 1] for j, on in enumerate(mask) if on]
     assert tok.decode(trained) == "7+5=12</think> \\boxed{12}<|im_end|>"
@@ -55,19 +55,37 @@ def test_sft_targets_are_the_demonstration_without_prompt_or_prefill(smollm2_tok
 
 def _train(workdir: Path, iterations: int) -> str:
     overrides = [
-        f"run.workdir={workdir}", "run.name=smol", f"run.iterations={iterations}",
+        f"run.workdir={workdir}",
+        "run.name=smol",
+        f"run.iterations={iterations}",
         f"model.prefill={PREFILL}",
-        "data.world.families=[add,sub]", "data.world.sizes=[1]", "data.world.train_per_cell=4",
-        "rl.prompts_per_step=4", "rl.mini_batch_size=4", "rl.micro_batch_size=4",
-        "rollout.n=2", "rollout.max_new_tokens=40",
-        "algorithm.sft_buffer_threshold=2", "sft.mini_batch_size=2", "sft.micro_batch_size=2",
-        "sft.max_target_tokens=64", "eval.benchmarks=[]", "run.grader_workers=1",
-        "tracking.system_metrics_interval_s=null", "tracking.log_checkpoints=false",
+        "data.world.families=[add,sub]",
+        "data.world.sizes=[1]",
+        "data.world.train_per_cell=4",
+        "rl.prompts_per_step=4",
+        "rl.mini_batch_size=4",
+        "rl.micro_batch_size=4",
+        "rollout.n=2",
+        "rollout.max_new_tokens=40",
+        "algorithm.sft_buffer_threshold=2",
+        "sft.mini_batch_size=2",
+        "sft.micro_batch_size=2",
+        "sft.max_target_tokens=64",
+        "eval.benchmarks=[]",
+        "run.grader_workers=1",
+        "tracking.system_metrics_interval_s=null",
+        "tracking.log_checkpoints=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "-p", "smollm2-135m",
-                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "-p", "smollm2-135m", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 

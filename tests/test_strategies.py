@@ -77,8 +77,9 @@ def test_strategy_never_branches_on_a_method_name():
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare):
             operands = [node.left, *node.comparators]
-            assert not any(isinstance(o, ast.Constant) and isinstance(o.value, str)
-                           for o in operands), ast.unparse(node)
+            assert not any(
+                isinstance(o, ast.Constant) and isinstance(o.value, str) for o in operands
+            ), ast.unparse(node)
     assert "1_000_000" not in inspect.getsource(strategies)
 
 
@@ -91,12 +92,23 @@ def test_method_settings_apply_unless_given():
     assert rl.clip_ratio is None and not rl.dynamic_sampling and rl.overlong == "off"
 
 
-TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
-        "data.world.train_per_cell=3", "data.world.eval_per_cell=1",
-        "data.world.pretrain_examples=0", "rollout.n=4", "rollout.max_new_tokens=16",
-        "rl.prompts_per_step=6", "rl.mini_batch_size=6", "sft.mini_batch_size=4",
-        "sft.max_target_tokens=48", "algorithm.sft_buffer_threshold=2", "run.grader_workers=1",
-        "run.iterations=2"]
+TINY = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.intermediate_size=64",
+    "data.world.train_per_cell=3",
+    "data.world.eval_per_cell=1",
+    "data.world.pretrain_examples=0",
+    "rollout.n=4",
+    "rollout.max_new_tokens=16",
+    "rl.prompts_per_step=6",
+    "rl.mini_batch_size=6",
+    "sft.mini_batch_size=4",
+    "sft.max_target_tokens=48",
+    "algorithm.sft_buffer_threshold=2",
+    "run.grader_workers=1",
+    "run.iterations=2",
+]
 
 
 @pytest.fixture
@@ -107,11 +119,20 @@ def tiny_session(tmp_path):
     from relift_core.runtime.session import build_session
 
     def make(algo: str, *extra: str):
-        cfg = load_config("toy", [*TINY, f"algorithm.name={algo}", f"run.workdir={tmp_path}",
-                                  f"run.name={algo}", *extra])
+        cfg = load_config(
+            "toy",
+            [
+                *TINY,
+                f"algorithm.name={algo}",
+                f"run.workdir={tmp_path}",
+                f"run.name={algo}",
+                *extra,
+            ],
+        )
         problems = build_world(cfg.data.world)["train"]
         dataset = examples_from_records(
-            [problem_to_record(p, index=i) for i, p in enumerate(problems)], origin="world")
+            [problem_to_record(p, index=i) for i, p in enumerate(problems)], origin="world"
+        )
         return build_session(cfg, dataset)
 
     return make
@@ -161,8 +182,12 @@ def test_teacher_demonstrations_enter_the_buffer_only_when_verified(tiny_session
     teacher_dir = tmp_path / "teacher"
     save_policy(first.model, first.tokenizer, teacher_dir)
     first.close()
-    session = tiny_session("relift", "algorithm.demonstrations=teacher",
-                           f"algorithm.teacher_model={teacher_dir}", "run.name=teach")
+    session = tiny_session(
+        "relift",
+        "algorithm.demonstrations=teacher",
+        f"algorithm.teacher_model={teacher_dir}",
+        "run.name=teach",
+    )
     try:
         source = session.demonstration_source
         assert isinstance(source, TeacherDemonstrations)
@@ -170,16 +195,29 @@ def test_teacher_demonstrations_enter_the_buffer_only_when_verified(tiny_session
 
         class Scripted:  # a teacher that is right on the first two questions only
             def generate(self, prompts, **kw):
-                return [[Sample(prompt_index=i, prompt_ids=[], response_ids=[], text=(
-                    f"<think>x</think> \\boxed{{{q.ground_truth if i < 2 else 'nope'}}}"),
-                    length=1, finish_reason="eos")] * kw["n"]
-                    for i, (q, _) in enumerate(zip(questions, prompts, strict=True))]
+                return [
+                    [
+                        Sample(
+                            prompt_index=i,
+                            prompt_ids=[],
+                            response_ids=[],
+                            text=(
+                                f"<think>x</think> \\boxed{{{q.ground_truth if i < 2 else 'nope'}}}"
+                            ),
+                            length=1,
+                            finish_reason="eos",
+                        )
+                    ]
+                    * kw["n"]
+                    for i, (q, _) in enumerate(zip(questions, prompts, strict=True))
+                ]
 
         source.engine = Scripted()
         from relift_core.algorithm.difficulty import Level
 
-        counts = collect_demonstrations(session.state.buffer, session.strategy, 0, questions,
-                                        [Level.HARDEST] * 4, source)
+        counts = collect_demonstrations(
+            session.state.buffer, session.strategy, 0, questions, [Level.HARDEST] * 4, source
+        )
         assert counts["demos_collected"] == 2 and counts["demos_unavailable"] == 2
         assert counts["teacher_verified"] == 2 and counts["teacher_rejected"] == 2
         buffered = session.state.buffer.peek(2)
@@ -205,14 +243,34 @@ def _rollouts(correct: list[list[bool]], tag: str = "q"):
     from relift_core.iteration import Rollouts
     from relift_core.runtime.rollout import Sample
 
-    questions = [Example(uid=f"{tag}{i}", prompt=({"role": "user", "content": "1+1="},),
-                         ground_truth="2", data_source="world/add/1", target="2")
-                 for i in range(len(correct))]
-    samples = [[Sample(prompt_index=i, prompt_ids=[5, 6], response_ids=[7, 8], text="x",
-                       length=2, finish_reason="eos") for _ in row]
-               for i, row in enumerate(correct)]
-    grades = [[Grade(correct=c, format_ok=True, extracted="2" if c else "3") for c in row]
-              for row in correct]
+    questions = [
+        Example(
+            uid=f"{tag}{i}",
+            prompt=({"role": "user", "content": "1+1="},),
+            ground_truth="2",
+            data_source="world/add/1",
+            target="2",
+        )
+        for i in range(len(correct))
+    ]
+    samples = [
+        [
+            Sample(
+                prompt_index=i,
+                prompt_ids=[5, 6],
+                response_ids=[7, 8],
+                text="x",
+                length=2,
+                finish_reason="eos",
+            )
+            for _ in row
+        ]
+        for i, row in enumerate(correct)
+    ]
+    grades = [
+        [Grade(correct=c, format_ok=True, extracted="2" if c else "3") for c in row]
+        for row in correct
+    ]
     return Rollouts(questions, samples, grades)
 
 
@@ -231,8 +289,12 @@ def test_dynamic_sampling_keeps_groups_with_signal_and_fills_the_batch():
     assert calls == [1]  # one more draw filled the batch
     assert [q.uid for q in kept.questions] == ["a0", "a3", "b1"]  # first 3 with signal
     assert len(everything.questions) == 7
-    assert stats == {"dynamic_sampling/draws": 2.0, "dynamic_sampling/prompts_drawn": 7.0,
-                     "dynamic_sampling/groups_kept": 3.0, "dynamic_sampling/batch_filled": 1.0}
+    assert stats == {
+        "dynamic_sampling/draws": 2.0,
+        "dynamic_sampling/prompts_drawn": 7.0,
+        "dynamic_sampling/groups_kept": 3.0,
+        "dynamic_sampling/batch_filled": 1.0,
+    }
 
 
 def test_dynamic_sampling_stops_at_the_bound():
@@ -244,8 +306,9 @@ def test_dynamic_sampling_stops_at_the_bound():
         calls.append(draw)
         return _rollouts([[True, True], [False, False]], f"d{draw}-")
 
-    _, kept, stats = dynamic_sampling(_rollouts([[True, False], [True, True]]),
-                                               draw_more, target=4, max_draws=3)
+    _, kept, stats = dynamic_sampling(
+        _rollouts([[True, False], [True, True]]), draw_more, target=4, max_draws=3
+    )
     assert calls == [1, 2] and [q.uid for q in kept.questions] == ["q0"]
     assert stats["dynamic_sampling/draws"] == 3 and stats["dynamic_sampling/prompts_drawn"] == 6
     assert stats["dynamic_sampling/groups_kept"] == 1
@@ -267,8 +330,14 @@ def test_luffy_rows_join_each_group_with_mixed_advantages(tokenizer):
     from relift_core.runtime.rollout import Sample
 
     rollouts = _rollouts([[True, False, False], [False, False, False]])
-    demo = Sample(prompt_index=0, prompt_ids=[5, 6], response_ids=[9, 9, 9], text="d",
-                  length=3, finish_reason="eos")
+    demo = Sample(
+        prompt_index=0,
+        prompt_ids=[5, 6],
+        response_ids=[9, 9, 9],
+        text="d",
+        length=3,
+        finish_reason="eos",
+    )
     rollouts.demonstrations = [demo, demo]
     rollouts.demonstration_grades = [Grade(correct=True, format_ok=True, extracted="2")] * 2
     trainer = RecordingTrainer()
@@ -287,8 +356,9 @@ def test_overlong_mask_leaves_truncated_rows_out_of_the_loss():
     rollouts = _rollouts([[True, False]])
     rollouts.samples[0][1].finish_reason = "length"
     trainer = RecordingTrainer()
-    stats = rl_update(trainer, rollouts, pad_id=0, algo=AlgorithmConfig(overlong="mask"),
-                      max_new_tokens=2)
+    stats = rl_update(
+        trainer, rollouts, pad_id=0, algo=AlgorithmConfig(overlong="mask"), max_new_tokens=2
+    )
     assert trainer.batch.loss_mask.sum(-1).tolist() == [2.0, 0.0]
     assert trainer.batch.off_policy is None and stats["overlong_rows"] == 1
 
@@ -313,8 +383,9 @@ def test_run_iteration_luffy_learns_from_the_demonstration_when_no_rollout_is_ri
 def test_run_iteration_dapo_draws_until_the_bound_and_logs_it(tiny_session):
     from relift_core.iteration import run_iteration
 
-    session = tiny_session("dapo", "algorithm.dynamic_sampling_max_draws=3",
-                           "algorithm.overlong_buffer_len=4")
+    session = tiny_session(
+        "dapo", "algorithm.dynamic_sampling_max_draws=3", "algorithm.overlong_buffer_len=4"
+    )
     try:
         m = run_iteration(session, 0)
     finally:

@@ -20,7 +20,8 @@ def _module_name(path: Path, root: Path) -> str:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imported_names(tree: ast.AST) -> list[str]:
@@ -68,7 +69,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -88,7 +89,8 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking_ones(tmp_
     (pkg / "a.py").write_text("def f():\n    from relift_core.b import g\n")
     (pkg / "b.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import relift_core.c\n"
-        "from relift_core import a\n")
+        "from relift_core import a\n"
+    )
     (pkg / "c.py").write_text("import relift_core.a\n")
     graph = import_graph(pkg)
     assert graph["relift_core.a"] == {"relift_core.b"}
@@ -97,7 +99,8 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking_ones(tmp_
     # b -> a under `typing.TYPE_CHECKING` is no edge; its else branch is one (b -> c -> a).
     (pkg / "b.py").write_text(
         "import typing\nif typing.TYPE_CHECKING:\n    from relift_core.a import f\n"
-        "else:\n    import relift_core.c\n")
+        "else:\n    import relift_core.c\n"
+    )
     graph = import_graph(pkg)
     assert graph["relift_core.b"] == {"relift_core.c"}
     assert find_cycle(graph) == ["relift_core.a", "relift_core.b", "relift_core.c", "relift_core.a"]

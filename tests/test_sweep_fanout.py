@@ -24,8 +24,13 @@ PG = "postgresql://postgres@127.0.0.1:5432"
 
 
 def _psql(sql: str) -> None:
-    subprocess.run(["psql", f"{PG}/postgres", "-v", "ON_ERROR_STOP=1", "-c", sql],
-                   check=True, capture_output=True, text=True, timeout=60)
+    subprocess.run(
+        ["psql", f"{PG}/postgres", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +60,35 @@ def team_stack(tmp_path_factory, databases):
     # MLflow's basic-auth app with its own admin password, CORS limited to Prefect's own UI.
     secret = uuid.uuid4().hex
     auth_ini = home / "mlflow_auth.ini"
-    auth_ini.write_text(f"[mlflow]\ndefault_permission = READ\n"
-                        f"database_uri = sqlite:///{home / 'mlflow_auth.db'}\n"
-                        f"admin_username = relift\nadmin_password = {secret}\n"
-                        "authorization_function = "
-                        "mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_API_AUTH_STRING": f"relift:{secret}",
-           "PREFECT_API_AUTH_STRING": f"relift:{secret}",
-           "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{prefect_port}",
-           "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": secret,
-           "MLFLOW_TRACKING_USERNAME": "relift", "MLFLOW_TRACKING_PASSWORD": secret,
-           "PREFECT_API_DATABASE_CONNECTION_URL":
-               f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefect_db}",
-           "RELIFT_REPO_DIR": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_CLI_PROMPT": "false", "PREFECT_UI_ENABLED": "false",
-           "MLFLOW_TRACKING_URI": mlflow_uri, "OMP_NUM_THREADS": "1",
-           # Workers look for runs every 2 s (default 10): both are busy soon after submission.
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    auth_ini.write_text(
+        f"[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{home / 'mlflow_auth.db'}\n"
+        f"admin_username = relift\nadmin_password = {secret}\n"
+        "authorization_function = "
+        "mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_API_AUTH_STRING": f"relift:{secret}",
+        "PREFECT_API_AUTH_STRING": f"relift:{secret}",
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{prefect_port}",
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret,
+        "MLFLOW_TRACKING_USERNAME": "relift",
+        "MLFLOW_TRACKING_PASSWORD": secret,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefect_db}",
+        "RELIFT_REPO_DIR": str(REPO),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "OMP_NUM_THREADS": "1",
+        # Workers look for runs every 2 s (default 10): both are busy soon after submission.
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+    }
     env.pop("PREFECT_API_KEY", None)
     procs, logs = [], []
 
@@ -84,25 +100,69 @@ def team_stack(tmp_path_factory, databases):
         return proc
 
     def prefect(*args: str) -> None:
-        r = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=300, check=False)
+        r = subprocess.run(
+            [str(BIN / "prefect"), *args],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
 
     try:
-        server = start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
-                                          "127.0.0.1", "--port", str(prefect_port)])
-        tracking = start("mlflow-server", [
-            str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-            "--port", str(mlflow_port),
-            "--backend-store-uri", f"{PG}/{mlflow_db}", "--serve-artifacts",
-            "--artifacts-destination", (home / "mlflow-artifacts").as_uri(), "--workers", "1"])
+        server = start(
+            "prefect-server",
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+            ],
+        )
+        tracking = start(
+            "mlflow-server",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--app-name",
+                "basic-auth",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--backend-store-uri",
+                f"{PG}/{mlflow_db}",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                (home / "mlflow-artifacts").as_uri(),
+                "--workers",
+                "1",
+            ],
+        )
         wait_healthy(api, server, timeout_s=180)
         wait_healthy(mlflow_uri, tracking, timeout_s=180)  # MLflow answers /health too
         prefect("work-pool", "create", "relift-local", "--type", "process")
         prefect("--no-prompt", "deploy", "--name", "train")
         for i in range(2):  # two machines' workers, one run at a time each
-            start(f"worker-{i}", [str(BIN / "prefect"), "worker", "start", "--pool",
-                                  "relift-local", "--limit", "1", "--name", f"worker-{i}"])
+            start(
+                f"worker-{i}",
+                [
+                    str(BIN / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    "relift-local",
+                    "--limit",
+                    "1",
+                    "--name",
+                    f"worker-{i}",
+                ],
+            )
         yield {"env": env, "api": api, "mlflow_uri": mlflow_uri, "home": home, "secret": secret}
     finally:
         for proc in reversed(procs):
@@ -134,9 +194,12 @@ def test_the_team_stack_refuses_unauthenticated_requests(team_stack):
     import urllib.request
 
     def post(url: str, body: dict, headers: dict | None = None) -> int:
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  **(headers or {})})
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status
@@ -152,8 +215,10 @@ def test_the_team_stack_refuses_unauthenticated_requests(team_stack):
     token = base64.b64encode(team_stack["env"]["PREFECT_API_AUTH_STRING"].encode()).decode()
     assert post(f"{team_stack['api']}/flows/filter", {}, {"Authorization": f"Basic {token}"}) == 200
     preflight = urllib.request.Request(
-        f"{team_stack['api']}/flows/filter", method="OPTIONS",
-        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        f"{team_stack['api']}/flows/filter",
+        method="OPTIONS",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     try:
         with urllib.request.urlopen(preflight, timeout=30) as response:
             allowed = response.headers.get("access-control-allow-origin")
@@ -171,18 +236,31 @@ def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, m
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, team_stack["env"][key])
-    prefect_settings = {PREFECT_API_URL: team_stack["api"],
-                        PREFECT_API_AUTH_STRING: team_stack["env"]["PREFECT_API_AUTH_STRING"]}
-    overrides = [*tiny_overrides, "run.iterations=2", "eval.benchmarks=[]",
-                 f"run.workdir={tmp_path / 'runs'}"]
+    prefect_settings = {
+        PREFECT_API_URL: team_stack["api"],
+        PREFECT_API_AUTH_STRING: team_stack["env"]["PREFECT_API_AUTH_STRING"],
+    }
+    overrides = [
+        *tiny_overrides,
+        "run.iterations=2",
+        "eval.benchmarks=[]",
+        f"run.workdir={tmp_path / 'runs'}",
+    ]
     # The second threshold fails in its child (validation), after the sweep has started.
     grid = {"algorithm.sft_buffer_threshold": [3, 0]}
 
     def run_sweep():
         with temporary_settings(prefect_settings):
-            state = sweep(preset="toy", algorithms=["rl", "relift"], seeds=[0], grid=grid,
-                          overrides=overrides, name="fan", train_deployment="train/train",
-                          return_state=True)
+            state = sweep(
+                preset="toy",
+                algorithms=["rl", "relift"],
+                seeds=[0],
+                grid=grid,
+                overrides=overrides,
+                name="fan",
+                train_deployment="train/train",
+                return_state=True,
+            )
             with get_client(sync_client=True) as client:
                 runs = client.read_flow_runs()
         return state, [r for r in runs if r.name.startswith("train-") and "-fan-" in r.name]
@@ -191,8 +269,7 @@ def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, m
     assert state.is_failed(), state  # one point cannot run: the sweep says so ...
     assert "2 of 4 sweep runs failed" in state.message and "threshold0" in state.message
     done = {r.name: r for r in children if r.state.is_completed()}
-    assert len(done) == 2, (
-        [(r.name, r.state.type) for r in children], _logs(team_stack["home"]))
+    assert len(done) == 2, ([(r.name, r.state.type) for r in children], _logs(team_stack["home"]))
     # ... the others ran; and the two workers held children at the same time. A child holds
     # its worker from PENDING (the worker claimed it and starts its process, ~10 s on 2 cores)
     # to its end; the flow bodies alone (~4 s) are too short to overlap reliably.
@@ -208,7 +285,8 @@ def test_sweep_fans_out_over_two_workers(team_stack, tiny_overrides, tmp_path, m
     assert len(parents) == 1
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {r.info.run_name for r in nested if r.info.status == "FINISHED"} == {
-        n.removeprefix("train-") for n in done}
+        n.removeprefix("train-") for n in done
+    }
     # Artifacts went to the tracking server, not to the workers' disks.
     finished = next(r for r in nested if r.info.status == "FINISHED")
     assert finished.info.artifact_uri.startswith("mlflow-artifacts:")

@@ -28,8 +28,13 @@ MAX_LEN = 160
 
 def _model(tokenizer):
     # A 2-layer Qwen2 with a wide vocabulary head relative to its size: the head is most of it.
-    return build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64,
-                                            max_position_embeddings=256), tokenizer, seed=0)
+    return build_tiny_model(
+        TinyModelConfig(
+            hidden_size=32, num_layers=2, intermediate_size=64, max_position_embeddings=256
+        ),
+        tokenizer,
+        seed=0,
+    )
 
 
 def _mixed_rl_batch(tokenizer, rows: int = 12):
@@ -44,24 +49,43 @@ def _mixed_rl_batch(tokenizer, rows: int = 12):
     return rl_batch(samples, torch.tensor(advantages), tokenizer.pad_token_id)
 
 
-def _trainer(model, *, loss_agg="token_mean", budget=None, packed=False, chunk=None,
-             micro=4, entropy_coef=0.01):
+def _trainer(
+    model,
+    *,
+    loss_agg="token_mean",
+    budget=None,
+    packed=False,
+    chunk=None,
+    micro=4,
+    entropy_coef=0.01,
+):
     return TorchTrainer(
         model,
         algo=AlgorithmConfig(entropy_coef=entropy_coef, loss_agg=loss_agg),
-        rl=RLConfig(lr=1e-4, micro_batch_size=micro, mini_batch_size=8, prompts_per_step=8,
-                    max_tokens_per_micro_batch=budget),
-        sft=SFTConfig(lr=1e-4, micro_batch_size=micro, mini_batch_size=12,
-                      max_tokens_per_micro_batch=budget),
-        max_response_len=MAX_LEN, remove_padding=packed, logit_chunk_tokens=chunk,
+        rl=RLConfig(
+            lr=1e-4,
+            micro_batch_size=micro,
+            mini_batch_size=8,
+            prompts_per_step=8,
+            max_tokens_per_micro_batch=budget,
+        ),
+        sft=SFTConfig(
+            lr=1e-4, micro_batch_size=micro, mini_batch_size=12, max_tokens_per_micro_batch=budget
+        ),
+        max_response_len=MAX_LEN,
+        remove_padding=packed,
+        logit_chunk_tokens=chunk,
     )
 
 
 def _step_with_grads(trainer, kind, batch):
     """Run one update; return (stats, gradients before the optimizer step, weights after)."""
     grads = record_gradients(trainer)
-    stats = trainer.rl_step(batch, rows_per_minibatch=len(batch)) if kind == "rl" \
+    stats = (
+        trainer.rl_step(batch, rows_per_minibatch=len(batch))
+        if kind == "rl"
         else trainer.sft_step(batch)
+    )
     return stats, grads, {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
@@ -92,9 +116,9 @@ def test_packing_maps_every_target_to_its_predicting_position(tokenizer):
     assert ids[packed.targets + 1].tolist() == [10, 11, 12, 13]
 
 
-@pytest.mark.parametrize("kind, loss_agg", [("rl", "token_mean"),
-                                            ("rl", "seq_sum_div_max_len"),
-                                            ("sft", "token_mean")])
+@pytest.mark.parametrize(
+    "kind, loss_agg", [("rl", "token_mean"), ("rl", "seq_sum_div_max_len"), ("sft", "token_mean")]
+)
 def test_packed_token_budget_update_equals_the_padded_one(tokenizer, kind, loss_agg):
     """RL under every loss aggregation, and SFT (always token_mean)."""
     model = _model(tokenizer)
@@ -102,8 +126,7 @@ def test_packed_token_budget_update_equals_the_padded_one(tokenizer, kind, loss_
     if kind == "sft":
         batch.advantages = None
     padded = _trainer(copy.deepcopy(model), loss_agg=loss_agg)
-    packed = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=200, packed=True,
-                      chunk=64)
+    packed = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=200, packed=True, chunk=64)
     # And a token budget over padded rows, sorted by length (the CPU's fast path).
     sorted_rows = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=300)
     a_stats, a_grads, a_weights = _step_with_grads(padded, kind, batch)
@@ -138,5 +161,6 @@ def test_chunked_logprobs_and_entropy_equal_unchunked_values_and_gradients(token
         torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-5)
     # And without gradients (the old log-prob pass), packed too.
     packed = _trainer(copy.deepcopy(model), chunk=37, packed=True, budget=300)
-    torch.testing.assert_close(packed.token_logprobs(batch), whole.token_logprobs(batch),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        packed.token_logprobs(batch), whole.token_logprobs(batch), rtol=1e-5, atol=1e-5
+    )

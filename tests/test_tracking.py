@@ -11,8 +11,9 @@ from tasks.tracking import RUNS_VIEW_KEY, close_run, get_client, open_run, runs_
 
 
 def _cfg(tmp_path, *extra):
-    return load_config("toy", [f"run.workdir={tmp_path}", "eval.benchmarks=[world,/d/aime.parquet]",
-                               *extra])
+    return load_config(
+        "toy", [f"run.workdir={tmp_path}", "eval.benchmarks=[world,/d/aime.parquet]", *extra]
+    )
 
 
 def test_the_experiment_is_a_training_experiment_with_the_methods_view(tmp_path):
@@ -24,18 +25,23 @@ def test_the_experiment_is_a_training_experiment_with_the_methods_view(tmp_path)
     # What MLflow 3's UI reads to open the training view rather than its GenAI view.
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(exp.tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
-    assert view["selectedColumns"][:4] == ["tags.`relift.algorithm`", "params.`run.seed`",
-                                           "metrics.`heldout/world/avg_at_k`",
-                                           "metrics.`heldout/aime/avg_at_k`"]
+    assert view["selectedColumns"][:4] == [
+        "tags.`relift.algorithm`",
+        "params.`run.seed`",
+        "metrics.`heldout/world/avg_at_k`",
+        "metrics.`heldout/aime/avg_at_k`",
+    ]
     assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "relift.algorithm"}]
     assert runs_view_url(client, exp.experiment_id).endswith(
         f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
-        "&workflowType=machine_learning")
+        "&workflowType=machine_learning"
+    )
     # An experiment made before (no kind) is marked when the next run opens.
     client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
     close_run(open_run(cfg, run_key="k2", run_name="rl-s1"))
     assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == (
-        "custom_model_development")
+        "custom_model_development"
+    )
 
 
 def test_a_run_shorter_than_the_sampling_interval_has_system_metrics_at_start_and_end(tmp_path):

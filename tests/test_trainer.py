@@ -28,7 +28,6 @@ from relift_core.runtime.trainer import TorchTrainer
 MAX_LEN = 16
 
 
-
 def _model(tokenizer, seed: int = 0):
     return build_tiny_model(TinyModelConfig(), tokenizer, seed=seed)
 
@@ -146,18 +145,26 @@ def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16_and_scores_in_fp32(tokeni
         exact = _trainer(model).token_logprobs(batch)
         assert set(seen) == {torch.float32}
         seen.clear()
-        bf16 = TorchTrainer(model, algo=AlgorithmConfig(entropy_coef=0.0), rl=RLConfig(),
-                            sft=SFTConfig(), max_response_len=MAX_LEN, bf16_autocast=True)
+        bf16 = TorchTrainer(
+            model,
+            algo=AlgorithmConfig(entropy_coef=0.0),
+            rl=RLConfig(),
+            sft=SFTConfig(),
+            max_response_len=MAX_LEN,
+            bf16_autocast=True,
+        )
         approx = bf16.token_logprobs(batch)
         assert set(seen) == {torch.bfloat16}
         assert approx.dtype == torch.float32
         torch.testing.assert_close(approx, exact, atol=0.1, rtol=0.05)
         assert not torch.equal(approx, exact)
         seen.clear()
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+1"}],
-                                               tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "1+1"}], tokenize=False, add_generation_prompt=True
+        )
         HFRolloutEngine(model, tokenizer, bf16_autocast=True).generate(
-            [prompt], n=2, temperature=1.0, max_new_tokens=3, seed=0)
+            [prompt], n=2, temperature=1.0, max_new_tokens=3, seed=0
+        )
         assert set(seen) == {torch.bfloat16}
         assert all(p.dtype == torch.float32 for p in model.parameters())  # weights untouched
     finally:
@@ -304,8 +311,13 @@ def test_on_policy_rows_are_not_scored_twice_and_the_update_is_unchanged(
     update equals the one with every old log-prob scored up front (the textbook way)."""
     prompts, responses = _rows(tokenizer)
     batch = pack_rows(prompts, responses, tokenizer.pad_token_id, advantages=[1.0, -0.5, 2, -1])
-    rl = RLConfig(lr=1e-2, micro_batch_size=3, prompts_per_step=4, mini_batch_size=mini_batch,
-                  ppo_epochs=epochs)
+    rl = RLConfig(
+        lr=1e-2,
+        micro_batch_size=3,
+        prompts_per_step=4,
+        mini_batch_size=mini_batch,
+        ppo_epochs=epochs,
+    )
     algo = AlgorithmConfig(entropy_coef=0.01, clip_ratio=0.2)
     common = {"algo": algo, "rl": rl, "sft": SFTConfig(), "max_response_len": MAX_LEN}
     lazy = _CountingTrainer(_model(tokenizer), **common)
@@ -316,8 +328,10 @@ def test_on_policy_rows_are_not_scored_twice_and_the_update_is_unchanged(
     for w_lazy, w_eager in zip(lazy.model.parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(w_lazy, w_eager, atol=1e-6, rtol=1e-5)
     initial = _model(tokenizer)
-    assert any(not torch.equal(a, b)
-               for a, b in zip(lazy.model.parameters(), initial.parameters(), strict=True))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(lazy.model.parameters(), initial.parameters(), strict=True)
+    )
     assert stats["policy_loss"] == pytest.approx(eager_stats["policy_loss"], rel=1e-5, abs=1e-7)
     assert stats["optimizer_steps"] == eager_stats["optimizer_steps"] == epochs * 4 // mini_batch
 
@@ -378,8 +392,10 @@ def test_kl_to_a_frozen_reference(tokenizer, estimator):
     batch = pack_rows(prompts, responses, tokenizer.pad_token_id, advantages=[1.0, -1.0, 0.5, 2.0])
     assert _trainer(_model(tokenizer)).reference is None  # kl_coef 0: no copy, no passes
     plain = _trainer(_model(tokenizer))
-    trainer = _trainer(_model(tokenizer), algo=AlgorithmConfig(
-        entropy_coef=0.0, kl_coef=0.5, kl_estimator=estimator))
+    trainer = _trainer(
+        _model(tokenizer),
+        algo=AlgorithmConfig(entropy_coef=0.0, kl_coef=0.5, kl_estimator=estimator),
+    )
     assert trainer.reference is not None
     assert not any(p.requires_grad for p in trainer.reference.parameters())
     reference_before = [p.detach().clone() for p in trainer.reference.parameters()]
@@ -453,9 +469,14 @@ def test_bf16_compute_keeps_float32_masters_that_take_a_1e_6_step(tokenizer):
     """model.dtype=bfloat16 is the compute dtype: the weights stay float32 and a 1e-6 AdamW
     step moves them (on bf16 weights it rounds away: the weights themselves are checked)."""
     model = _model(tokenizer).to(torch.bfloat16)  # as a bf16 checkpoint loads
-    trainer = TorchTrainer(model, algo=AlgorithmConfig(entropy_coef=0.0),
-                           rl=RLConfig(lr=1e-6), sft=SFTConfig(lr=1e-6),
-                           max_response_len=MAX_LEN, dtype="bfloat16")
+    trainer = TorchTrainer(
+        model,
+        algo=AlgorithmConfig(entropy_coef=0.0),
+        rl=RLConfig(lr=1e-6),
+        sft=SFTConfig(lr=1e-6),
+        max_response_len=MAX_LEN,
+        dtype="bfloat16",
+    )
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     seen: list[torch.dtype] = []
     hook = trainer.model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
@@ -471,8 +492,14 @@ def test_bf16_compute_keeps_float32_masters_that_take_a_1e_6_step(tokenizer):
     moved = sum(int((after[k] != before[k]).sum()) for k in before)
     assert moved / sum(v.numel() for v in before.values()) > 0.5
     with pytest.raises(ValueError, match="float16 would need loss scaling"):
-        TorchTrainer(_model(tokenizer), algo=AlgorithmConfig(), rl=RLConfig(), sft=SFTConfig(),
-                     max_response_len=MAX_LEN, dtype="float16")
+        TorchTrainer(
+            _model(tokenizer),
+            algo=AlgorithmConfig(),
+            rl=RLConfig(),
+            sft=SFTConfig(),
+            max_response_len=MAX_LEN,
+            dtype="float16",
+        )
 
 
 # ---------------------------------------------------------------------------- SmolLM2 (slow)

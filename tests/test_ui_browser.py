@@ -47,8 +47,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1600,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1600,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -64,45 +69,81 @@ def _page_text_contains(driver, text: str) -> bool:
         return False
 
 
-def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(wait_until, browser,
-                                                                     tiny_overrides, tmp_path):
+def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(
+    wait_until, browser, tiny_overrides, tmp_path
+):
     prefect_port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
     log = open(tmp_path / "ui.log", "w")  # noqa: SIM115  (closed in finally)
-    ui = subprocess.Popen([str(BIN / "relift"), "ui", "--workdir", str(tmp_path),
-                           "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
-                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    ui = subprocess.Popen(
+        [
+            str(BIN / "relift"),
+            "ui",
+            "--workdir",
+            str(tmp_path),
+            "--prefect-port",
+            str(prefect_port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         prefect_api = f"http://127.0.0.1:{prefect_port}/api"
         wait_until(lambda: _answers(f"{prefect_api}/health"), 180, "the Prefect server")
         wait_until(lambda: _answers(f"http://127.0.0.1:{mlflow_port}/health"), 180, "the MLflow UI")
         # A tiny training, reported to this Prefect server, tracked in the store the UI serves.
         train = subprocess.run(
-            [str(BIN / "relift"), "train", "-p", "toy", *tiny_overrides, "run.name=browsed",
-             f"run.workdir={tmp_path}", "eval.benchmarks=[]"],
-            cwd=REPO, env={**env, "PREFECT_API_URL": prefect_api}, capture_output=True,
-            text=True, timeout=600, check=False)
+            [
+                str(BIN / "relift"),
+                "train",
+                "-p",
+                "toy",
+                *tiny_overrides,
+                "run.name=browsed",
+                f"run.workdir={tmp_path}",
+                "eval.benchmarks=[]",
+            ],
+            cwd=REPO,
+            env={**env, "PREFECT_API_URL": prefect_api},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         assert train.returncode == 0, train.stdout + train.stderr
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-        (run,) = client.search_runs([client.get_experiment_by_name("relift").experiment_id],
-                                    filter_string="attributes.run_name = 'browsed'")
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("relift").experiment_id],
+            filter_string="attributes.run_name = 'browsed'",
+        )
         flow_run_id = run.data.tags["prefect.flow_run_id"]
 
         # MLflow: the run's page (training view) names the run; its metrics tab draws a chart.
         mlflow_base = f"http://127.0.0.1:{mlflow_port}"
-        page = (f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-                "?workflowType=machine_learning")
+        page = (
+            f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            "?workflowType=machine_learning"
+        )
         browser.get(page)
         wait_until(lambda: _page_text_contains(browser, "browsed"), 90, "the run name in MLflow")
         # The run's description links back to the Prefect flow run.
         assert f"/runs/flow-run/{flow_run_id}" in browser.page_source
-        browser.get(f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/"
-                    f"{run.info.run_id}/model-metrics")
-        charts = wait_until(lambda: browser.find_elements("css selector", "svg.main-svg"), 90,
-                       "a drawn metric chart")
+        browser.get(
+            f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/"
+            f"{run.info.run_id}/model-metrics"
+        )
+        charts = wait_until(
+            lambda: browser.find_elements("css selector", "svg.main-svg"),
+            90,
+            "a drawn metric chart",
+        )
         # Each chart's legend names the run and the metric: "browsed (sft/sft_loss)".
         wait_until(lambda: _page_text_contains(browser, "browsed ("), 30, "a chart of the run")
         assert charts
@@ -111,11 +152,15 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(wait_until, 
         browser.get(f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run_id}")
         wait_until(lambda: _page_text_contains(browser, "train-browsed"), 90, "the flow run name")
         try:
-            tab = wait_until(lambda: browser.find_elements(
-                "xpath", "//*[normalize-space(.)='Artifacts']"), 30, "the Artifacts tab")
+            tab = wait_until(
+                lambda: browser.find_elements("xpath", "//*[normalize-space(.)='Artifacts']"),
+                30,
+                "the Artifacts tab",
+            )
             tab[-1].click()
-            wait_until(lambda: _page_text_contains(browser, "mlflow-run"), 60,
-                  "the MLflow link artifact")
+            wait_until(
+                lambda: _page_text_contains(browser, "mlflow-run"), 60, "the MLflow link artifact"
+            )
         except AssertionError as e:
             raise AssertionError(f"{e}: {browser.find_element('tag name', 'body').text}") from e
     finally:
@@ -135,7 +180,8 @@ def _click_through(driver, link) -> None:
 
 
 def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
-        wait_until, browser, tiny_overrides, tmp_path):
+    wait_until, browser, tiny_overrides, tmp_path
+):
     """`relift ui`, then `relift sweep` on its work directory (no PREFECT_API_URL: the running
     UI's server is used): the parent run's page in MLflow shows the per-method table and its
     Prefect link opens the sweep's flow run; a child flow run's MLflow link opens its run; the
@@ -145,18 +191,50 @@ def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
     env.pop("PREFECT_API_URL", None)
     workdir = tmp_path / "runs"
     log = open(tmp_path / "ui.log", "w")  # noqa: SIM115  (closed in finally)
-    ui = subprocess.Popen([str(BIN / "relift"), "ui", "--workdir", str(workdir),
-                           "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
-                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    ui = subprocess.Popen(
+        [
+            str(BIN / "relift"),
+            "ui",
+            "--workdir",
+            str(workdir),
+            "--prefect-port",
+            str(prefect_port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     prefect_ui, mlflow_ui = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
     try:
         wait_until(lambda: _answers(f"{prefect_ui}/api/health"), 180, "the Prefect server")
         wait_until(lambda: _answers(f"{mlflow_ui}/health"), 180, "the MLflow UI")
         wait_until(lambda: (workdir / "ui.json").exists(), 30, "relift ui's ui.json")
         sweep = subprocess.run(
-            [str(BIN / "relift"), "sweep", "-p", "toy", "--algorithms", "rl,relift", "--seeds", "0",
-             "--name", "web", *tiny_overrides, f"run.workdir={workdir}", "run.iterations=1"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+            [
+                str(BIN / "relift"),
+                "sweep",
+                "-p",
+                "toy",
+                "--algorithms",
+                "rl,relift",
+                "--seeds",
+                "0",
+                "--name",
+                "web",
+                *tiny_overrides,
+                f"run.workdir={workdir}",
+                "run.iterations=1",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         out = sweep.stdout + sweep.stderr
         assert sweep.returncode == 0, out
         assert "| method" in sweep.stdout and f"MLflow parent run (2 runs): {mlflow_ui}/" in out
@@ -171,37 +249,70 @@ def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
         child = next(r for r in runs if r.data.tags.get("relift.algorithm") == "relift")
 
         # MLflow -> Prefect: the parent's page shows the table; its link opens the flow run.
-        browser.get(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent.info.run_id}"
-                    "?workflowType=machine_learning")
-        wait_until(lambda: _page_text_contains(browser, "Which method is best"), 90,
-                   "the parent run's description")
+        browser.get(
+            f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent.info.run_id}"
+            "?workflowType=machine_learning"
+        )
+        wait_until(
+            lambda: _page_text_contains(browser, "Which method is best"),
+            90,
+            "the parent run's description",
+        )
         assert _page_text_contains(browser, "demos used")
-        link = wait_until(lambda: browser.find_elements(
-            "css selector", f"a[href^='{prefect_ui}/runs/flow-run/']"), 30, "the Prefect link")
+        link = wait_until(
+            lambda: browser.find_elements(
+                "css selector", f"a[href^='{prefect_ui}/runs/flow-run/']"
+            ),
+            30,
+            "the Prefect link",
+        )
         _click_through(browser, link[0])
-        wait_until(lambda: _page_text_contains(browser, parent.info.run_name), 90,
-                   f"the sweep's flow run {parent.info.run_name} in Prefect")
+        wait_until(
+            lambda: _page_text_contains(browser, parent.info.run_name),
+            90,
+            f"the sweep's flow run {parent.info.run_name} in Prefect",
+        )
 
         # Prefect -> MLflow: a training's flow run links to its MLflow run.
         browser.get(f"{prefect_ui}/runs/flow-run/{child.data.tags['prefect.flow_run_id']}")
-        wait_until(lambda: _page_text_contains(browser, f"train-{child.info.run_name}"), 90,
-                   "the child's flow run")
-        tab = wait_until(lambda: browser.find_elements(
-            "xpath", "//*[normalize-space(.)='Artifacts']"), 30, "the Artifacts tab")
+        wait_until(
+            lambda: _page_text_contains(browser, f"train-{child.info.run_name}"),
+            90,
+            "the child's flow run",
+        )
+        tab = wait_until(
+            lambda: browser.find_elements("xpath", "//*[normalize-space(.)='Artifacts']"),
+            30,
+            "the Artifacts tab",
+        )
         tab[-1].click()
         # Its link artifact `mlflow-run`: the card opens the artifact, which holds the link.
-        card = wait_until(lambda: browser.find_elements(
-            "xpath", "//*[normalize-space(.)='mlflow-run']"), 60, "the mlflow-run artifact")
+        card = wait_until(
+            lambda: browser.find_elements("xpath", "//*[normalize-space(.)='mlflow-run']"),
+            60,
+            "the mlflow-run artifact",
+        )
         card[-1].click()
-        link = wait_until(lambda: browser.find_elements(
-            "css selector", f"a[href^='{mlflow_ui}/#/experiments/']"), 60, "the MLflow link")
+        link = wait_until(
+            lambda: browser.find_elements("css selector", f"a[href^='{mlflow_ui}/#/experiments/']"),
+            60,
+            "the MLflow link",
+        )
         _click_through(browser, link[0])
-        wait_until(lambda: _page_text_contains(browser, child.info.run_name)
-                   and child.info.run_id in browser.current_url, 90, "the child's MLflow run")
+        wait_until(
+            lambda: (
+                _page_text_contains(browser, child.info.run_name)
+                and child.info.run_id in browser.current_url
+            ),
+            90,
+            "the child's MLflow run",
+        )
 
         # The saved runs view: grouped by method, with the held-out score as a column.
-        browser.get(f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey=relift-methods"
-                    "&workflowType=machine_learning")
+        browser.get(
+            f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey=relift-methods"
+            "&workflowType=machine_learning"
+        )
         wait_until(lambda: _page_text_contains(browser, "Group: relift"), 90, "method groups")
         # Method, seed and held-out score are columns without adding any by hand.
         for column in ("relift.algorithm", "run.seed", "heldout/world/avg_at_k"):

@@ -91,27 +91,43 @@ class FakeVLLMModel:
 class FakeLLM:
     allocator_in_use = False  # the process-wide CuMem allocator
 
-    def __init__(self, model: str, *, tensor_parallel_size: int = 1, seed: int = 0,
-                 max_model_len: int | None = None, enable_sleep_mode: bool = False,
-                 dtype: str = "auto", gpu_memory_utilization: float = 0.9) -> None:
-        self.kwargs = {"model": model, "dtype": dtype, "seed": seed,
-                       "gpu_memory_utilization": gpu_memory_utilization,
-                       "tensor_parallel_size": tensor_parallel_size,
-                       "enable_sleep_mode": enable_sleep_mode}
+    def __init__(
+        self,
+        model: str,
+        *,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        enable_sleep_mode: bool = False,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
+        self.kwargs = {
+            "model": model,
+            "dtype": dtype,
+            "seed": seed,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enable_sleep_mode": enable_sleep_mode,
+        }
         if max_model_len is not None:
             self.kwargs["max_model_len"] = max_model_len
         config = AutoConfig.from_pretrained(model)
         derived = config.max_position_embeddings
         if max_model_len is not None and max_model_len > derived:
-            raise ValueError(f"User-specified max_model_len ({max_model_len}) is greater than "
-                             f"the derived max_model_len (max_position_embeddings={derived})")
+            raise ValueError(
+                f"User-specified max_model_len ({max_model_len}) is greater than "
+                f"the derived max_model_len (max_position_embeddings={derived})"
+            )
         self.max_model_len = max_model_len or derived
         if enable_sleep_mode:
             assert not FakeLLM.allocator_in_use, (
-                "CuMem allocator can only be used for one instance per process.")
+                "CuMem allocator can only be used for one instance per process."
+            )
             FakeLLM.allocator_in_use = True
-        self.in_process = (os.environ.get(MULTIPROCESSING_ENV, "1") == "0"
-                           and tensor_parallel_size == 1)
+        self.in_process = (
+            os.environ.get(MULTIPROCESSING_ENV, "1") == "0" and tensor_parallel_size == 1
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         eos = GenerationConfig.from_pretrained(model).eos_token_id
         self.generation_eos = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -124,8 +140,9 @@ class FakeLLM:
         self.child_seeds: list[int | None] = []
         self.events: list[str] = []
         # What the sampler draws from: letters, ChatML's end of turn, the tokenizer's eos.
-        self.alphabet = self.tokenizer.convert_tokens_to_ids(["a", "b", "c", "<|im_end|>",
-                                                              self.tokenizer.eos_token])
+        self.alphabet = self.tokenizer.convert_tokens_to_ids(
+            ["a", "b", "c", "<|im_end|>", self.tokenizer.eos_token]
+        )
         self.weights = torch.tensor([0.3, 0.3, 0.25, 0.1, 0.05])
 
     def get_tokenizer(self):
@@ -140,8 +157,10 @@ class FakeLLM:
         for prompt, params in zip(prompts, sampling_params, strict=True):
             ids = prompt["prompt_token_ids"]
             if len(ids) >= self.max_model_len:
-                raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the "
-                                 f"maximum model length of {self.max_model_len}.")
+                raise ValueError(
+                    f"The decoder prompt (length {len(ids)}) is longer than the "
+                    f"maximum model length of {self.max_model_len}."
+                )
             key = tuple(ids)
             if self.prefix_cache.get(key, self.model.version) != self.model.version:
                 self.stale_prefix_hits += 1
@@ -177,11 +196,16 @@ class FakeLLM:
         return FakeCompletion(index, tokens, text, reason)
 
     def apply_model(self, func):
-        if not self.in_process and not isinstance(func, FunctionType) and \
-                os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
-            raise TypeError(f"Object of type {type(func)} is not serializable. Set "
-                            "VLLM_ALLOW_INSECURE_SERIALIZATION=1 to allow fallback to "
-                            "pickle-based serialization.")
+        if (
+            not self.in_process
+            and not isinstance(func, FunctionType)
+            and os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1"
+        ):
+            raise TypeError(
+                f"Object of type {type(func)} is not serializable. Set "
+                "VLLM_ALLOW_INSECURE_SERIALIZATION=1 to allow fallback to "
+                "pickle-based serialization."
+            )
         if not self.awake["weights"]:
             raise RuntimeError("illegal memory access: the weights are asleep")
         self.events.append("apply_model" + ("" if self.awake["kv_cache"] else "(kv asleep)"))
@@ -273,8 +297,11 @@ def test_from_config_builds_one_sleep_mode_engine_with_prompt_plus_response(tmp_
     model_dir = tmp_path / "run" / "vllm_model"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
     assert engine.llm.kwargs == {
-        "model": str(model_dir), "dtype": "bfloat16",  # float32 training, bf16 rollouts
-        "gpu_memory_utilization": 0.4, "tensor_parallel_size": 1, "seed": 0,
+        "model": str(model_dir),
+        "dtype": "bfloat16",  # float32 training, bf16 rollouts
+        "gpu_memory_utilization": 0.4,
+        "tensor_parallel_size": 1,
+        "seed": 0,
         "enable_sleep_mode": True,
         "max_model_len": 64 + 48,  # the longest prompt plus the longest response asked for
     }
@@ -292,8 +319,11 @@ def test_a_context_beyond_the_checkpoint_is_vllms_error(tmp_path, policy):
 
 def test_engine_context_is_max_prompt_plus_max_response():
     cfg = load_config("qwen2.5-math-7b")
-    assert vllm_engine.engine_context(cfg) == cfg.data.max_prompt_tokens + max(
-        cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens) >= 9216
+    assert (
+        vllm_engine.engine_context(cfg)
+        == cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+        >= 9216
+    )
 
 
 def test_tensor_parallelism_is_refused_in_one_line(tmp_path, policy):
@@ -374,8 +404,7 @@ def test_same_seed_same_samples_and_prompts_do_not_share_streams(tmp_path, polic
     engine = engine_for(policy, tmp_path)
 
     def draw():
-        groups = engine.generate([PROMPT, PROMPT], n=4, temperature=1.0, max_new_tokens=16,
-                                 seed=5)
+        groups = engine.generate([PROMPT, PROMPT], n=4, temperature=1.0, max_new_tokens=16, seed=5)
         return [[s.response_ids for s in g] for g in groups]
 
     first = draw()
@@ -405,8 +434,15 @@ def test_ray_shards_keep_every_samples_seed_distinct(tmp_path, policy, monkeypat
 def test_outputs_map_to_samples_in_index_order(tmp_path, policy):
     engine = engine_for(policy, tmp_path)
     progress: list[tuple[int, int]] = []
-    groups = engine.generate(PROMPTS, n=3, temperature=0.7, top_p=0.9, max_new_tokens=5,
-                             seed=11, progress=lambda done, total: progress.append((done, total)))
+    groups = engine.generate(
+        PROMPTS,
+        n=3,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=5,
+        seed=11,
+        progress=lambda done, total: progress.append((done, total)),
+    )
     tok = engine.tokenizer
     expected_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     assert list(engine.llm.prefix_cache) == [tuple(ids) for ids in expected_ids]  # ids sent
@@ -423,11 +459,22 @@ def test_greedy_and_unseeded_sampling_params(tmp_path, policy, monkeypatch):
     engine = engine_for(policy, tmp_path)
     sent = []
     real = engine.llm.generate
-    monkeypatch.setattr(engine.llm, "generate",
-                        lambda p, params, use_tqdm=True: sent.extend(params) or real(p, params))
+    monkeypatch.setattr(
+        engine.llm,
+        "generate",
+        lambda p, params, use_tqdm=True: sent.extend(params) or real(p, params),
+    )
     engine.generate([PROMPT], n=1, temperature=0.0, top_p=0.5, max_new_tokens=4)
-    assert sent == [FakeSamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=None,
-                                       stop_token_ids=engine.stop_token_ids)]
+    assert sent == [
+        FakeSamplingParams(
+            n=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_tokens=4,
+            seed=None,
+            stop_token_ids=engine.stop_token_ids,
+        )
+    ]
 
 
 def test_abort_and_missing_samples_are_errors(tmp_path, policy, monkeypatch):
@@ -461,8 +508,13 @@ def test_sleep_level_2_wakes_weights_before_the_sync_and_the_kv_cache_after(tmp_
     engine = engine_for((model, policy[1]), tmp_path)
     engine.generate([PROMPT], n=2, temperature=1.0, max_new_tokens=4, seed=0)
     train_step(engine, model)
-    assert engine.llm.events == ["sleep(2)", "wake_up(['weights'])", "apply_model(kv asleep)",
-                                 "reset_prefix_cache", "wake_up(['kv_cache'])"]
+    assert engine.llm.events == [
+        "sleep(2)",
+        "wake_up(['weights'])",
+        "apply_model(kv asleep)",
+        "reset_prefix_cache",
+        "wake_up(['kv_cache'])",
+    ]
     loaded = engine.llm.model.loaded[-1]
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     engine.generate([PROMPT], n=2, temperature=1.0, max_new_tokens=4, seed=0)

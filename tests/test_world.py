@@ -80,7 +80,12 @@ def test_records_round_trip_through_parquet_in_verl_layout(tmp_path):
     world = build_world(SMALL)
     df = pd.read_parquet(paths["train"])
     assert list(df.columns) == [
-        "data_source", "prompt", "ability", "reward_model", "extra_info", "target"
+        "data_source",
+        "prompt",
+        "ability",
+        "reward_model",
+        "extra_info",
+        "target",
     ]
     row = df.iloc[0].to_dict()
     row["prompt"] = [dict(m) for m in row["prompt"]]
@@ -105,8 +110,15 @@ def test_exhausted_pretraining_cell_is_dropped_quickly_with_a_warning():
     from relift_core.config import WorldConfig
     from relift_core.proofworld.problems import build_world
 
-    cfg = WorldConfig(families=["add"], sizes=[1], train_per_cell=60, eval_per_cell=40,
-                      pretrain_families=["add"], pretrain_sizes=[1], pretrain_examples=500)
+    cfg = WorldConfig(
+        families=["add"],
+        sizes=[1],
+        train_per_cell=60,
+        eval_per_cell=40,
+        pretrain_families=["add"],
+        pretrain_sizes=[1],
+        pretrain_examples=500,
+    )
     with pytest.warns(UserWarning, match="pretraining"):
         world = build_world(cfg)
     assert world["pretrain"] == [] and len(world["train"]) + len(world["eval"]) == 100
@@ -115,23 +127,40 @@ def test_exhausted_pretraining_cell_is_dropped_quickly_with_a_warning():
 def test_long_answer_holdout_keeps_every_longer_answer_out_of_pretraining():
     """The demo's gap: pretraining never shows an add or mul answer longer than its operands
     (7+8=15, 7*8=56, 47+58=105), while train questions with one stay in the world."""
-    cfg = WorldConfig(cells=["add/2"], train_per_cell=64, eval_per_cell=16,
-                      pretrain_cells={"add/1": 1.0, "mul/1": 1.0, "add/2": 1.0, "mul/2": 1.0,
-                                      "sub/2": 1.0},
-                      pretrain_holdout=["long_answer"], pretrain_examples=1500, seed=3)
+    cfg = WorldConfig(
+        cells=["add/2"],
+        train_per_cell=64,
+        eval_per_cell=16,
+        pretrain_cells={"add/1": 1.0, "mul/1": 1.0, "add/2": 1.0, "mul/2": 1.0, "sub/2": 1.0},
+        pretrain_holdout=["long_answer"],
+        pretrain_examples=1500,
+        seed=3,
+    )
     world = build_world(cfg)
     pretrain = world["pretrain"]
-    assert {(p.family, p.size) for p in pretrain} == {("add", 1), ("mul", 1), ("add", 2),
-                                                      ("mul", 2), ("sub", 2)}
+    assert {(p.family, p.size) for p in pretrain} == {
+        ("add", 1),
+        ("mul", 1),
+        ("add", 2),
+        ("mul", 2),
+        ("sub", 2),
+    }
     assert not [p for p in pretrain if p.family in ("add", "mul") and len(p.answer) > p.size]
     assert any(len(p.answer) > p.size for p in world["train"])  # what the demos must teach
 
 
 @pytest.mark.parametrize("style", ["last_digit_slip", "miscopy"])
 def test_pretraining_noise_changes_only_answers_in_its_style(style):
-    cfg = WorldConfig(cells=["sub/2"], train_per_cell=8, eval_per_cell=8,
-                      pretrain_cells={"add/2": 1.0, "sub/2": 1.0}, pretrain_noise=0.3,
-                      pretrain_noise_style=style, pretrain_examples=2000, seed=5)
+    cfg = WorldConfig(
+        cells=["sub/2"],
+        train_per_cell=8,
+        eval_per_cell=8,
+        pretrain_cells={"add/2": 1.0, "sub/2": 1.0},
+        pretrain_noise=0.3,
+        pretrain_noise_style=style,
+        pretrain_examples=2000,
+        seed=5,
+    )
     pretrain = build_world(cfg)["pretrain"]
     wrong = 0
     for p in pretrain:

@@ -32,8 +32,11 @@ class DemoEntry:
     def __post_init__(self) -> None:
         # Callers may pass a list of messages; one form keeps equality and round trips exact.
         object.__setattr__(self, "prompt", tuple(dict(m) for m in self.prompt))
-        object.__setattr__(self, "level_when_added", str(getattr(
-            self.level_when_added, "value", self.level_when_added)))
+        object.__setattr__(
+            self,
+            "level_when_added",
+            str(getattr(self.level_when_added, "value", self.level_when_added)),
+        )
 
 
 class DemoBuffer:

@@ -35,9 +35,17 @@ class DatasetDemonstrations:
 
 
 class TeacherDemonstrations:
-    def __init__(self, engine: RolloutEngine, tokenizer, grader: BatchGrader, *,
-                 attempts: int = 4, temperature: float = 0.6, max_new_tokens: int = 8192,
-                 require_think: bool = True):
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer,
+        grader: BatchGrader,
+        *,
+        attempts: int = 4,
+        temperature: float = 0.6,
+        max_new_tokens: int = 8192,
+        require_think: bool = True,
+    ):
         self.engine, self.tokenizer, self.grader = engine, tokenizer, grader
         self.attempts, self.temperature = attempts, temperature
         self.max_new_tokens, self.require_think = max_new_tokens, require_think
@@ -48,14 +56,19 @@ class TeacherDemonstrations:
         if not examples:
             return []
         prompts = [render_prompt(self.tokenizer, list(ex.prompt)) for ex in examples]
-        groups = self.engine.generate(prompts, n=self.attempts, temperature=self.temperature,
-                                      max_new_tokens=self.max_new_tokens)
+        groups = self.engine.generate(
+            prompts,
+            n=self.attempts,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+        )
         out: list[str | None] = []
         for ex, group in zip(examples, groups, strict=True):
             texts = [s.text for s in group]
             answer_type = answer_type_for(ex.data_source, ex.ground_truth)
-            grades = self.grader.grade(texts, [ex.ground_truth] * len(texts), answer_type,
-                                       self.require_think)
+            grades = self.grader.grade(
+                texts, [ex.ground_truth] * len(texts), answer_type, self.require_think
+            )
             # The first verified answer; a question the teacher cannot solve gets none.
             chosen = next((t for t, g in zip(texts, grades, strict=True) if g.correct), None)
             self.verified += chosen is not None

@@ -79,8 +79,12 @@ def aggregate_loss(
 
 
 def _ppo_token_losses(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-    clip_ratio: float | None, clip_ratio_high: float | None,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_ratio: float | None,
+    clip_ratio_high: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token -A r, or PPO's max(-A r, -A clip(r, 1 - low, 1 + high)); with the ratio, the
     log-ratio (0 at padding) and where the clipped term wins."""
@@ -134,7 +138,8 @@ def policy_loss(
         off_rows = off_policy.bool().unsqueeze(-1)
         on_mask = torch.where(off_rows, torch.zeros_like(mask), mask)
     per_token, ratio, log_ratio, clipped_wins = _ppo_token_losses(
-        logp, old_logp, advantages, on_mask, clip_ratio, clip_ratio_high)
+        logp, old_logp, advantages, on_mask, clip_ratio, clip_ratio_high
+    )
     stats: dict[str, float] = {}
     if off_policy is not None:
         off_mask = torch.where(off_rows, mask, torch.zeros_like(mask))
@@ -146,11 +151,13 @@ def policy_loss(
             stats["off_policy_prob"] = masked_mean(prob, off_mask).item()
     loss = aggregate_loss(per_token, mask, loss_agg, max_len)
     with torch.no_grad():
-        stats.update({
-            "clip_frac": masked_mean(clipped_wins.float(), on_mask).item(),
-            "ratio_mean": masked_mean(ratio, on_mask).item(),
-            "approx_kl": masked_mean(-log_ratio, on_mask).item(),
-        })
+        stats.update(
+            {
+                "clip_frac": masked_mean(clipped_wins.float(), on_mask).item(),
+                "ratio_mean": masked_mean(ratio, on_mask).item(),
+                "approx_kl": masked_mean(-log_ratio, on_mask).item(),
+            }
+        )
     return loss, stats
 
 
@@ -181,8 +188,14 @@ OverlongMode = Literal["off", "mask", "soft_penalty"]
 
 
 def overlong_shaping(
-    rewards: Tensor, lengths: Tensor, truncated: Tensor, mode: OverlongMode, *,
-    max_len: int, buffer_len: int, penalty_factor: float = 1.0,
+    rewards: Tensor,
+    lengths: Tensor,
+    truncated: Tensor,
+    mode: OverlongMode,
+    *,
+    max_len: int,
+    buffer_len: int,
+    penalty_factor: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """DAPO's two treatments of over-long samples: [B] rewards, lengths (response tokens) and
     truncated flags (cut at `max_len`) -> ([B] rewards, [B] 1/0 row weights for the loss).

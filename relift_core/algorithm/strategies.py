@@ -49,26 +49,39 @@ class Method:
     settings: Mapping[str, Any] = field(default_factory=lambda: _frozen({}))
 
 
-METHODS: Mapping[str, Method] = MappingProxyType({
-    "rl": Method(),
-    "sft": Method(sft_phase="all"),
-    "sft_then_rl": Method(sft_phase="first_iterations"),
-    # ReLIFT: only what RL cannot learn (0 of n solved) is buffered, fine-tuned on beside RL.
-    "relift": Method(buffers_levels=frozenset({Level.HARDEST})),
-    # LUFFY (Yan et al. 2025, exp_scripts/train.sh): GRPO without std normalisation over the
-    # group of n rollouts plus the demonstration; no ratio clipping on the on-policy tokens
-    # (loss_remove_clip), sequence sums over the max response length (loss_remove_token_mean).
-    # The off-policy tokens' shaping p / (p + gamma) is algorithm.off_policy_shaping_gamma's,
-    # 0.1 by default (off_policy_reshape p_div_p_0.1); a preset may tune it.
-    "luffy": Method(demonstrations_in_rl_group=True,
-                    settings=_frozen({"clip_ratio": None, "norm_adv_by_std": False,
-                                      "loss_agg": "seq_sum_div_max_len"})),
-    # DAPO (Yu et al. 2025; verl's recipe/dapo): clip-higher 0.2 / 0.28, dynamic sampling,
-    # token-level loss aggregation, the soft overlong penalty.
-    "dapo": Method(settings=_frozen({"clip_ratio": 0.2, "clip_ratio_high": 0.28,
-                                     "loss_agg": "token_mean", "dynamic_sampling": True,
-                                     "overlong": "soft_penalty"})),
-})
+METHODS: Mapping[str, Method] = MappingProxyType(
+    {
+        "rl": Method(),
+        "sft": Method(sft_phase="all"),
+        "sft_then_rl": Method(sft_phase="first_iterations"),
+        # ReLIFT: only what RL cannot learn (0 of n solved) is buffered, fine-tuned on beside RL.
+        "relift": Method(buffers_levels=frozenset({Level.HARDEST})),
+        # LUFFY (Yan et al. 2025, exp_scripts/train.sh): GRPO without std normalisation over the
+        # group of n rollouts plus the demonstration; no ratio clipping on the on-policy tokens
+        # (loss_remove_clip), sequence sums over the max response length (loss_remove_token_mean).
+        # The off-policy tokens' shaping p / (p + gamma) is algorithm.off_policy_shaping_gamma's,
+        # 0.1 by default (off_policy_reshape p_div_p_0.1); a preset may tune it.
+        "luffy": Method(
+            demonstrations_in_rl_group=True,
+            settings=_frozen(
+                {"clip_ratio": None, "norm_adv_by_std": False, "loss_agg": "seq_sum_div_max_len"}
+            ),
+        ),
+        # DAPO (Yu et al. 2025; verl's recipe/dapo): clip-higher 0.2 / 0.28, dynamic sampling,
+        # token-level loss aggregation, the soft overlong penalty.
+        "dapo": Method(
+            settings=_frozen(
+                {
+                    "clip_ratio": 0.2,
+                    "clip_ratio_high": 0.28,
+                    "loss_agg": "token_mean",
+                    "dynamic_sampling": True,
+                    "overlong": "soft_penalty",
+                }
+            )
+        ),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -123,8 +136,9 @@ def strategy_from_config(algo: AlgorithmConfig) -> Strategy:
     if algo.name not in METHODS:
         raise ValueError(f"unknown algorithm {algo.name!r}: expected one of {', '.join(METHODS)}")
     method = METHODS[algo.name]
-    sft_iterations = {"none": 0, "all": None,
-                      "first_iterations": algo.sft_then_rl_switch}[method.sft_phase]
+    sft_iterations = {"none": 0, "all": None, "first_iterations": algo.sft_then_rl_switch}[
+        method.sft_phase
+    ]
     return Strategy(
         sft_iterations=sft_iterations,
         buffers_levels=method.buffers_levels,

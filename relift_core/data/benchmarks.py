@@ -40,7 +40,7 @@ SYSTEM_PROMPT = (
     "thought process through multiple iterations. Structure your response into two sections: "
     "Thought and Solution. In the Thought section, present your reasoning using the format: "
     '"<think>\n {thoughts} </think>\n". Each thought should include detailed analysis, '
-    "brainstorming, verification, and refinement of ideas. After \"</think>\n,\" in the Solution "
+    'brainstorming, verification, and refinement of ideas. After "</think>\n," in the Solution '
     "section, provide the final, logical, and accurate answer, clearly derived from the "
     "exploration in the Thought section. If applicable, include the answer in \\boxed{} for "
     "closed-form results like multiple choices or mathematical solutions."
@@ -288,8 +288,10 @@ def _load_rows(spec: BenchmarkSpec, benchmarks_dir: str | Path | None) -> list[E
     if spec.options_column is not None:
         return _load_hf_choice_rows(spec)
     examples = load_examples(spec.source, split=spec.split, field_map=spec.field_map or None)
-    return [e if spec.data_source is None else replace(e, data_source=spec.data_source)
-            for e in examples]
+    return [
+        e if spec.data_source is None else replace(e, data_source=spec.data_source)
+        for e in examples
+    ]
 
 
 # Six math benchmarks share one file: read it once per process (keyed on its mtime and size, so

@@ -271,7 +271,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
             except UnicodeDecodeError as e:
                 raise DataError(
                     f"{path}: line {line_no + 1}: invalid UTF-8 at byte offset "
-                    f"{line_start + e.start} (byte {raw[e.start:e.start + 1]!r}: {e.reason})"
+                    f"{line_start + e.start} (byte {raw[e.start : e.start + 1]!r}: {e.reason})"
                 ) from None
             if not line.strip():
                 continue

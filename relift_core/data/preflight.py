@@ -34,8 +34,9 @@ def training_examples(cfg: ExperimentConfig) -> tuple[list[Example], str]:
     source = data.train_path or data.hf_dataset
     if source is None:
         raise ConfigError("data: set one of data.train_path, data.hf_dataset or data.world")
-    examples = load_examples(source, split=data.hf_split, field_map=data.field_map or None,
-                             limit=data.limit)
+    examples = load_examples(
+        source, split=data.hf_split, field_map=data.field_map or None, limit=data.limit
+    )
     return examples, source
 
 
@@ -47,7 +48,8 @@ def settings_against_data(cfg: ExperimentConfig, examples: list[Example], source
     if cfg.rl.prompts_per_step > questions:
         warnings.append(
             f"rl.prompts_per_step={cfg.rl.prompts_per_step} is more than the {questions} "
-            f"training questions of {source}: every step draws some questions twice")
+            f"training questions of {source}: every step draws some questions twice"
+        )
     if cfg.algorithm.name == "relift":
         # The buffer keeps one demonstration per waiting question (DemoBuffer.add_all), so it
         # can never hold more than the questions that have one.
@@ -61,7 +63,8 @@ def settings_against_data(cfg: ExperimentConfig, examples: list[Example], source
             raise ConfigError(
                 f"algorithm.sft_buffer_threshold={threshold} but {source} has only {holdable} "
                 f"{which}: the buffer holds one per question, so it would never fill and "
-                "ReLIFT would never fine-tune")
+                "ReLIFT would never fine-tune"
+            )
     return warnings
 
 

@@ -133,9 +133,12 @@ def reference_summary(records: Sequence[QuestionRecord]) -> dict[str, float]:
     """avg@k under the reference's reading of answers, when every record carries it."""
     if not records or not all(r.correct_reference for r in records):
         return {}
-    return {"reference_avg_at_k":
-            sum(sum(r.correct_reference) / len(r.correct_reference) for r in records)
-            / len(records)}
+    return {
+        "reference_avg_at_k": sum(
+            sum(r.correct_reference) / len(r.correct_reference) for r in records
+        )
+        / len(records)
+    }
 
 
 def _run_batch(
@@ -169,8 +172,9 @@ def _run_batch(
     types = [bench.answer_type_for(q) for q in questions for _ in range(n)]
     grades = grader.grade(texts, truths, types, require_think=require_think)
     # The reference's reading sends every maths response to math-verify: only when asked for.
-    reference = (grader.grade(texts, truths, types, reading="reference")
-                 if reference_reading else None)
+    reference = (
+        grader.grade(texts, truths, types, reading="reference") if reference_reading else None
+    )
 
     records = []
     for i, (question, out) in enumerate(zip(questions, outputs, strict=True)):
@@ -188,8 +192,11 @@ def _run_batch(
                 lengths=[int(s.length) for s in out],
                 finish_reasons=[str(s.finish_reason) for s in out],
                 timed_out=[bool(x.timed_out) for x in g],
-                correct_reference=([bool(x.correct) for x in reference[i * n : (i + 1) * n]]
-                                   if reference is not None else []),
+                correct_reference=(
+                    [bool(x.correct) for x in reference[i * n : (i + 1) * n]]
+                    if reference is not None
+                    else []
+                ),
             )
         )
     return records

@@ -43,6 +43,7 @@ def answer_type_for(data_source: str, ground_truth: str | None = None) -> Answer
         return "math"
     return "choice" if ground_truth is None or is_choice_label(ground_truth) else "math"
 
+
 # --------------------------------------------------------------------------------------------
 # Extraction (pure Python, runs in the caller; linear in the response length)
 # --------------------------------------------------------------------------------------------

@@ -120,7 +120,6 @@ def without_percent(text: str) -> str:
     return _PERCENT.sub("", text).strip()
 
 
-
 @dataclass(frozen=True)
 class Grade:
     correct: bool
@@ -159,7 +158,10 @@ Reading = Literal["hardened", "reference"]
 
 
 def _prepare(
-    response: str, ground_truth: str, answer_type: AnswerType, require_think: bool,
+    response: str,
+    ground_truth: str,
+    answer_type: AnswerType,
+    require_think: bool,
     reading: Reading = "hardened",
 ) -> Grade | _MathJob:
     """Everything that needs no sympy: a final Grade, or the job for a worker."""
@@ -167,8 +169,11 @@ def _prepare(
         text = reference_answer_text(response)
         if answer_type == "choice":
             letter = extract_choice(text)
-            return Grade(letter is not None and letter == normalize_choice(ground_truth),
-                         format_ok=letter is not None, extracted=letter)
+            return Grade(
+                letter is not None and letter == normalize_choice(ground_truth),
+                format_ok=letter is not None,
+                extracted=letter,
+            )
         return _MathJob(gold=ground_truth, predicted=text, record=_for_record(text), whole=True)
     answer = answer_part(response)
     if answer is None:
@@ -206,6 +211,8 @@ def _prepare(
 
 # A plain integer or decimal, as a boxed answer or a gold is usually written: `42`, `-3`, `0.50`.
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)")
+
+
 def exact_number_verdict(predicted: str, gold: str) -> bool | None:
     """The grade of a plain-number answer against a plain-number gold without math-verify, or
     None where only math-verify can tell.
@@ -293,7 +300,8 @@ def _verify_math(gold: str, predicted: str, whole: bool = False) -> bool:
     if whole:  # the reference's call: math-verify's default extraction over the whole text
         predicted_parsed = parse(predicted, parsing_timeout=None)  # type: ignore[arg-type]
         return bool(gold_parsed and predicted_parsed) and verify(
-            gold_parsed, predicted_parsed, timeout_seconds=None)
+            gold_parsed, predicted_parsed, timeout_seconds=None
+        )
     # LaTeX only: the default's plain-expression fall-back finds numbers in text that is not
     # valid LaTeX, which would grade a part of the answer (`2e,,(=42\lim` -> 42).
     predicted_parsed = parse(
@@ -590,7 +598,5 @@ def grade_answer(
     if isinstance(prepared, Grade):
         return prepared
     with _single_lock:
-        [(correct, timed_out)] = _single_worker_pool()._run(
-            [prepared.key], timeout_s
-        )
+        [(correct, timed_out)] = _single_worker_pool()._run([prepared.key], timeout_s)
     return Grade(correct, True, prepared.record, timed_out)

@@ -17,39 +17,73 @@ from relift_core.runtime.models import export_dtype, load_policy, resolve_device
 from relift_core.runtime.rollout import RolloutEngine
 
 
-def measure_levels(engine: RolloutEngine, tokenizer, grader: BatchGrader,
-                   questions: list[Example], cfg: ExperimentConfig, *, seed: int,
-                   ledger: DifficultyLedger | None = None, iteration: int = 0) -> dict[str, Level]:
+def measure_levels(
+    engine: RolloutEngine,
+    tokenizer,
+    grader: BatchGrader,
+    questions: list[Example],
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+    ledger: DifficultyLedger | None = None,
+    iteration: int = 0,
+) -> dict[str, Level]:
     """uid -> level of each question under the engine's current policy: cfg.rollout.n samples
     at the rollout temperature, exactly as a training iteration sees the question."""
     ledger = ledger if ledger is not None else DifficultyLedger()
-    rollouts = grade(rollout(engine, tokenizer, questions, cfg, seed=seed), grader,
-                     require_think=cfg.algorithm.require_think)
-    return {q.uid: lv for q, lv in zip(questions, record_levels(ledger, iteration, rollouts), strict=True)}
+    rollouts = grade(
+        rollout(engine, tokenizer, questions, cfg, seed=seed),
+        grader,
+        require_think=cfg.algorithm.require_think,
+    )
+    return {
+        q.uid: lv
+        for q, lv in zip(questions, record_levels(ledger, iteration, rollouts), strict=True)
+    }
 
 
-def policy_levels(cfg: ExperimentConfig, questions: list[Example],
-                  init_from: str | None = None) -> dict[str, Level]:
+def policy_levels(
+    cfg: ExperimentConfig, questions: list[Example], init_from: str | None = None
+) -> dict[str, Level]:
     """uid -> level of each question under a saved policy (`init_from`, default the config's
     model), loaded fresh on cfg.run.device: the demo's and the difficulty-dynamics' measure."""
     model_cfg = cfg.model.model_copy(update={"init_from": init_from} if init_from else {})
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
-    model, tokenizer = load_policy(model_cfg, device=str(device), seed=cfg.run.seed,
-                                   dtype=export_dtype(cfg.model))
+    model, tokenizer = load_policy(
+        model_cfg, device=str(device), seed=cfg.run.seed, dtype=export_dtype(cfg.model)
+    )
     engine = build_engine(cfg, model, tokenizer, device)
     with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
         return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
 
 
-def sampled_accuracy(engine: RolloutEngine, tokenizer, grader: BatchGrader,
-                     questions: list[Example], cfg: ExperimentConfig, *,
-                     seed: int) -> dict[str, float]:
+def sampled_accuracy(
+    engine: RolloutEngine,
+    tokenizer,
+    grader: BatchGrader,
+    questions: list[Example],
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+) -> dict[str, float]:
     """uid -> share of eval.samples answers (at the evaluation temperature) that are right:
     avg@k per question, as the evaluation flow measures it, without writing records."""
-    eval_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={
-        "n": cfg.eval.samples or 1, "temperature": cfg.eval.temperature,
-        "top_p": cfg.eval.top_p, "max_new_tokens": cfg.eval.max_new_tokens})})
-    rollouts = grade(rollout(engine, tokenizer, questions, eval_cfg, seed=seed), grader,
-                     require_think=cfg.algorithm.require_think)
+    eval_cfg = cfg.model_copy(
+        update={
+            "rollout": cfg.rollout.model_copy(
+                update={
+                    "n": cfg.eval.samples or 1,
+                    "temperature": cfg.eval.temperature,
+                    "top_p": cfg.eval.top_p,
+                    "max_new_tokens": cfg.eval.max_new_tokens,
+                }
+            )
+        }
+    )
+    rollouts = grade(
+        rollout(engine, tokenizer, questions, eval_cfg, seed=seed),
+        grader,
+        require_think=cfg.algorithm.require_think,
+    )
     return {q.uid: acc for q, acc in zip(questions, accuracies(rollouts), strict=True)}

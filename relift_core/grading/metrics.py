@@ -142,6 +142,7 @@ def paper_averages(per_benchmark: dict[str, dict[str, Any]]) -> dict[str, float]
     `paper_complete` (1.0 / 0.0) says whether all six were there. A key is left out when none
     of its benchmarks is present.
     """
+
     def mean_of(names: Sequence[str]) -> float | None:
         values = [
             float(per_benchmark[n]["avg_at_k"])

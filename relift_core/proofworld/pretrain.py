@@ -66,8 +66,9 @@ def encode_demonstrations(
     its few parameters on a distribution nobody samples from.
     """
     # One batched tokenizer call per side: ~50x faster than a call per problem.
-    prompts = tokenizer([render_prompt(tokenizer, p.question) for p in problems],
-                        add_special_tokens=False)["input_ids"]
+    prompts = tokenizer(
+        [render_prompt(tokenizer, p.question) for p in problems], add_special_tokens=False
+    )["input_ids"]
     answers = tokenizer([p.demonstration for p in problems], add_special_tokens=False)["input_ids"]
     rows: list[tuple[list[int], list[int]]] = []
     for prompt, answer in zip(prompts, answers, strict=True):
@@ -109,9 +110,7 @@ def train_on_problems(
     input_ids, attention, labels = encode_demonstrations(tokenizer, problems)
     lengths = attention.sum(dim=1)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98)
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, steps, min(warmup_steps, max(1, steps // 10)))
     )
@@ -155,8 +154,13 @@ def base_model_key(cfg) -> str:
     import hashlib
     import json
 
-    blob = json.dumps({"world": cfg.data.world.model_dump(mode="json"),
-                       "tiny": cfg.model.tiny.model_dump(mode="json")}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "world": cfg.data.world.model_dump(mode="json"),
+            "tiny": cfg.model.tiny.model_dump(mode="json"),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -185,7 +189,13 @@ def pretrain_base_model(
     model = build_tiny_model(tiny_cfg, tokenizer, seed)
     start = time.perf_counter()
     losses = train_on_problems(
-        model, tokenizer, problems, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+        model,
+        tokenizer,
+        problems,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
         progress=progress,
     )
     seconds = time.perf_counter() - start

@@ -175,8 +175,9 @@ def generate_problems(
 def parse_cell(cell: str) -> tuple[str, int]:
     family, _, size = cell.partition("/")
     if family not in FAMILIES or not size.isdigit():
-        raise ValueError(f"world cell {cell!r}: expected 'family/size' with family one of "
-                         f"{', '.join(FAMILIES)}")
+        raise ValueError(
+            f"world cell {cell!r}: expected 'family/size' with family one of {', '.join(FAMILIES)}"
+        )
     return family, int(size)
 
 
@@ -263,14 +264,18 @@ def build_world(cfg: WorldConfig) -> dict[str, list[Problem]]:
         elif not any(skill(drawn[0]) for skill in held_out):
             problem = drawn[0]
             if cfg.pretrain_noise and rng.random() < cfg.pretrain_noise:
-                problem = (slip_last_digit(problem)
-                           if cfg.pretrain_noise_style == "last_digit_slip"
-                           else miscopy_answer(problem, rng))
+                problem = (
+                    slip_last_digit(problem)
+                    if cfg.pretrain_noise_style == "last_digit_slip"
+                    else miscopy_answer(problem, rng)
+                )
             pretrain.append(problem)
     if len(pretrain) < cfg.pretrain_examples:
-        warnings.warn(f"world: only {len(pretrain)} of {cfg.pretrain_examples} pretraining "
-                      "examples could be drawn (pretraining cells exhausted by train/eval)",
-                      stacklevel=2)
+        warnings.warn(
+            f"world: only {len(pretrain)} of {cfg.pretrain_examples} pretraining "
+            "examples could be drawn (pretraining cells exhausted by train/eval)",
+            stacklevel=2,
+        )
     return {"train": train, "eval": evals, "pretrain": pretrain}
 
 
@@ -320,8 +325,10 @@ def write_world(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, problems in build_world(cfg).items():
-        rows = [problem_to_record(p, system_prompt, index=i, split=split)
-                for i, p in enumerate(problems)]
+        rows = [
+            problem_to_record(p, system_prompt, index=i, split=split)
+            for i, p in enumerate(problems)
+        ]
         path = out_dir / f"{split}.parquet"
         with atomic_file(path) as tmp:
             pd.DataFrame(rows).to_parquet(tmp, index=False)

@@ -32,8 +32,9 @@ CLAIMS = {
 }
 
 
-def accuracy_matrix(results: list[dict[str, Any]], method: str, seeds: list[int],
-                    uids: list[str]) -> np.ndarray:
+def accuracy_matrix(
+    results: list[dict[str, Any]], method: str, seeds: list[int], uids: list[str]
+) -> np.ndarray:
     """(seeds x questions) held-out accuracy of one method; results hold {algo, seed, accuracy}."""
     by_seed = {r["seed"]: r["accuracy"] for r in results if r["algo"] == method}
     missing = [s for s in seeds if s not in by_seed]
@@ -54,8 +55,14 @@ def _ci(values: np.ndarray) -> list[float]:
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
-def summarize(results: list[dict[str, Any]], levels: dict[str, str], families: dict[str, str],
-              *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    results: list[dict[str, Any]],
+    levels: dict[str, str],
+    families: dict[str, str],
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The demo's results: per method accuracy (+CI, by level, by family), demos used, the
     paired differences of CLAIMS (+CI). `levels`: uid -> level under the base model."""
     methods = list(dict.fromkeys(r["algo"] for r in results))
@@ -83,16 +90,23 @@ def summarize(results: list[dict[str, Any]], levels: dict[str, str], families: d
             cols = [j for j, u in enumerate(uids) if families.get(u) == fam]
             by_family[fam] = round(float(mat[:, cols].mean()), 4)
         demos = [r["demos_used"] for r in results if r["algo"] == m]
-        runs[m] = {"accuracy": round(float(mat.mean()), 4), "ci": _ci(boot),
-                   "per_seed": [round(float(x), 4) for x in mat.mean(axis=1)],
-                   "demos_used": round(float(np.mean(demos)), 1),
-                   "by_level": by_level, "by_family": by_family}
+        runs[m] = {
+            "accuracy": round(float(mat.mean()), 4),
+            "ci": _ci(boot),
+            "per_seed": [round(float(x), 4) for x in mat.mean(axis=1)],
+            "demos_used": round(float(np.mean(demos)), 1),
+            "by_level": by_level,
+            "by_family": by_family,
+        }
     differences: dict[str, Any] = {}
     for claim, (a, b, lv_subset) in CLAIMS.items():
         if a not in mats or b not in mats:
             continue
-        subset = all_q if lv_subset is None else np.array(
-            [j for j, u in enumerate(uids) if levels.get(u) in lv_subset], dtype=int)
+        subset = (
+            all_q
+            if lv_subset is None
+            else np.array([j for j, u in enumerate(uids) if levels.get(u) in lv_subset], dtype=int)
+        )
         if len(subset) == 0:
             differences[claim] = {"mean": None, "ci": [None, None], "questions": 0}
             continue
@@ -100,6 +114,10 @@ def summarize(results: list[dict[str, Any]], levels: dict[str, str], families: d
         diff = bootstrap_means(mats[a], q, s_draws) - bootstrap_means(mats[b], q, s_draws)
         mean = float(mats[a][:, subset].mean() - mats[b][:, subset].mean())
         differences[claim] = {"mean": round(mean, 4), "ci": _ci(diff), "questions": len(subset)}
-    return {"runs": runs, "differences": differences, "seeds": seeds,
-            "questions": len(uids),
-            "levels": {lv: sum(1 for u in uids if levels.get(u) == lv) for lv in LEVEL_NAMES}}
+    return {
+        "runs": runs,
+        "differences": differences,
+        "seeds": seeds,
+        "questions": len(uids),
+        "levels": {lv: sum(1 for u in uids if levels.get(u) == lv) for lv in LEVEL_NAMES},
+    }

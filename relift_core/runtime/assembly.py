@@ -21,8 +21,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: ExperimentConfig, model, tokenizer, device,
-                 vllm_model_dir: Path | None = None) -> RolloutEngine:
+def build_engine(
+    cfg: ExperimentConfig, model, tokenizer, device, vllm_model_dir: Path | None = None
+) -> RolloutEngine:
     """`vllm_model_dir`: where vLLM's starting weights are saved (one directory per process
     that builds an engine: each Ray rank has its own)."""
     if cfg.rollout.engine == "vllm":
@@ -30,16 +31,27 @@ def build_engine(cfg: ExperimentConfig, model, tokenizer, device,
 
         return VLLMRolloutEngine.from_config(cfg, model, tokenizer, model_dir=vllm_model_dir)
     # The HF engine samples from the trainer's own model object: no weight sync needed.
-    return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
-                           bf16_autocast=compute_autocast(cfg.model))
+    return HFRolloutEngine(
+        model,
+        tokenizer,
+        batch_size=cfg.rollout.batch_size,
+        device=device,
+        bf16_autocast=compute_autocast(cfg.model),
+    )
 
 
 def trainer_options(cfg: ExperimentConfig, device) -> dict:
     """The config's trainer settings, as TorchTrainer (and its subclasses) take them."""
-    return {"algo": cfg.algorithm, "rl": cfg.rl, "sft": cfg.sft,
-            "max_response_len": cfg.rollout.max_new_tokens, "device": str(device),
-            "dtype": cfg.model.dtype, "max_bad_steps": cfg.run.max_bad_steps,
-            "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "bf16_autocast": compute_autocast(cfg.model),
-            "remove_padding": cfg.model.remove_padding,
-            "logit_chunk_tokens": cfg.model.logit_chunk_tokens}
+    return {
+        "algo": cfg.algorithm,
+        "rl": cfg.rl,
+        "sft": cfg.sft,
+        "max_response_len": cfg.rollout.max_new_tokens,
+        "device": str(device),
+        "dtype": cfg.model.dtype,
+        "max_bad_steps": cfg.run.max_bad_steps,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "bf16_autocast": compute_autocast(cfg.model),
+        "remove_padding": cfg.model.remove_padding,
+        "logit_chunk_tokens": cfg.model.logit_chunk_tokens,
+    }

@@ -113,8 +113,9 @@ class TokenBatch:
         for row in order:
             for b, members in enumerate(bins):
                 # Longest first: a bin's first row is its longest.
-                cost = ((len(members) + 1) * lengths[members[0]] if padded
-                        else used[b] + lengths[row])
+                cost = (
+                    (len(members) + 1) * lengths[members[0]] if padded else used[b] + lengths[row]
+                )
                 if cost <= max_tokens:
                     members.append(row)
                     used[b] += lengths[row]
@@ -163,9 +164,11 @@ def pack_for_scoring(batch: TokenBatch, where: Tensor) -> PackedRows:
         raise ValueError("a scored column's predicting token is padding")
     positions = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     packed_index = (real.flatten().long().cumsum(0) - 1).view(real.shape)
-    return PackedRows(input_ids=batch.input_ids[real].unsqueeze(0),
-                      position_ids=positions[real].unsqueeze(0),
-                      targets=packed_index[:, :-1][where])
+    return PackedRows(
+        input_ids=batch.input_ids[real].unsqueeze(0),
+        position_ids=positions[real].unsqueeze(0),
+        targets=packed_index[:, :-1][where],
+    )
 
 
 def pack_rows(
@@ -228,8 +231,10 @@ def sft_batch(
     never learns to write the prefill twice, and the prefill is prompt, never target.
     """
     if prefill:
-        demonstrations = [d[len(prefill):] if p.endswith(prefill) and d.startswith(prefill)
-                          else d for p, d in zip(prompts, demonstrations, strict=True)]
+        demonstrations = [
+            d[len(prefill) :] if p.endswith(prefill) and d.startswith(prefill) else d
+            for p, d in zip(prompts, demonstrations, strict=True)
+        ]
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )

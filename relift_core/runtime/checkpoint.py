@@ -198,7 +198,8 @@ def save_checkpoint(
         # fixes. atomic_dir has removed the partial copy; the kept checkpoints are untouched.
         raise CheckpointWriteError(
             f"cannot write checkpoint {final}: {_io_cause(e, directory)}; the earlier "
-            "checkpoints are kept") from e
+            "checkpoints are kept"
+        ) from e
     _prune(directory, keep)
     return final
 
@@ -232,9 +233,15 @@ def _torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
-def _write_checkpoint(final: Path, model: torch.nn.Module, tokenizer: Any, trainer_state: dict,
-                      state_json: str, step: int,
-                      write_shards: Callable[[Path], None] | None) -> None:
+def _write_checkpoint(
+    final: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    trainer_state: dict,
+    state_json: str,
+    step: int,
+    write_shards: Callable[[Path], None] | None,
+) -> None:
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         if tokenizer is not None:
@@ -296,8 +303,9 @@ def _manifest_problem(path: Path, *, hashes: bool) -> str | None:
     # A copy of an older step under a newer step's name would otherwise pass as the newest
     # (and pruning would then delete the real newer step).
     if manifest.get("step") != _step_of(path):
-        return (f"{manifest_path} is the manifest of step {manifest.get('step')!r}, "
-                f"not of {path.name}")
+        return (
+            f"{manifest_path} is the manifest of step {manifest.get('step')!r}, not of {path.name}"
+        )
     for name, entry in files.items():
         file = path / name
         if not file.is_file():
@@ -319,8 +327,13 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> None:
         raise CheckpointError(problem)
 
 
-def latest_checkpoint(directory: Path, *, hashes: bool = False, before: int | None = None,
-                      skipped: list[tuple[Path, str]] | None = None) -> Path | None:
+def latest_checkpoint(
+    directory: Path,
+    *,
+    hashes: bool = False,
+    before: int | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> Path | None:
     """The newest checkpoint whose manifest names its step, whose files all exist at the listed
     sizes (and, with `hashes`, match their sha256: what resuming uses, so that every kind of
     corruption falls back the same way) and whose weights are finite. Each checkpoint passed
@@ -428,8 +441,10 @@ def load_checkpoint(
         trainer.load_state_dict(trainer_state)
         if hasattr(trainer, "load_sharded"):  # a multi-rank trainer: its ranks read their shards
             if not (path / TRAINER_SHARDS).is_dir():
-                raise CheckpointError(f"{path} holds no {TRAINER_SHARDS}/: it was written by a "
-                                      "one-process run; resume it without cluster.backend=ray")
+                raise CheckpointError(
+                    f"{path} holds no {TRAINER_SHARDS}/: it was written by a "
+                    "one-process run; resume it without cluster.backend=ray"
+                )
             trainer.load_sharded(path / TRAINER_SHARDS)
     if restore_rng:
         restore_rng_state(rng_state)

@@ -96,16 +96,27 @@ def build_deepspeed_config(
         },
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": weight_decay,
-                       "torch_adam": torch_adam},
+            "params": {
+                "lr": lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": weight_decay,
+                "torch_adam": torch_adam,
+            },
         },
         "steps_per_print": 10**9,  # our Tracker logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
 
 
-def deepspeed_config_for_rl(rl: RLConfig, *, rows_per_minibatch: int, world_size: int = 1,
-                            zero_stage: int = 3, bf16: bool = True) -> dict:
+def deepspeed_config_for_rl(
+    rl: RLConfig,
+    *,
+    rows_per_minibatch: int,
+    world_size: int = 1,
+    zero_stage: int = 3,
+    bf16: bool = True,
+) -> dict:
     """The config for RL updates of `rows_per_minibatch` rows split over `world_size` ranks."""
     rows_per_rank = max(1, math.ceil(rows_per_minibatch / world_size))
     return build_deepspeed_config(
@@ -126,7 +137,8 @@ def import_deepspeed():
     except ImportError as e:
         raise DeepSpeedUnavailableError(
             "cluster.trainer_strategy=deepspeed_zero3 needs deepspeed, which comes with the `gpu` "
-            f"extra ({GPU_EXTRA_HINT}); use cluster.trainer_strategy=fsdp2 otherwise") from e
+            f"extra ({GPU_EXTRA_HINT}); use cluster.trainer_strategy=fsdp2 otherwise"
+        ) from e
     return deepspeed
 
 
@@ -161,13 +173,17 @@ class DeepSpeedTrainer(TorchTrainer):
         # deepspeed.initialize asserts LOCAL_RANK even when torch.distributed is already up
         # (engine.py, _configure_distributed_model): a Ray actor has no launcher to set it.
         os.environ.setdefault("LOCAL_RANK", "0")
-        self._deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda"
-                                         else "gloo")
+        self._deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo"
+        )
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         config = deepspeed_config_for_rl(
-            self.rl, rows_per_minibatch=self._rows_per_minibatch, world_size=self.world_size,
-            zero_stage=self.zero_stage, bf16=self.compute_dtype == "bfloat16",
+            self.rl,
+            rows_per_minibatch=self._rows_per_minibatch,
+            world_size=self.world_size,
+            zero_stage=self.zero_stage,
+            bf16=self.compute_dtype == "bfloat16",
         )
         self.engine, optimizer, _, _ = self._deepspeed.initialize(
             model=self.model, model_parameters=self.trainable_parameters(), config=config
@@ -194,27 +210,40 @@ class DeepSpeedTrainer(TorchTrainer):
         if hasattr(self.engine.optimizer, "clip_grad"):
             self.engine.optimizer.clip_grad = grad_clip
 
-    def _target_scores(self, micro: TokenBatch, where: Tensor, labels: Tensor,
-                       with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def _target_scores(
+        self,
+        micro: TokenBatch,
+        where: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         if self.model is not self.engine.module:  # the KL reference: an ordinary module
             return super()._target_scores(micro, where, labels, with_entropy, entropy_grad)
         # ZeRO-3 gathers the head inside the engine's forward only.
-        return self._root_target_scores(self.engine, micro, where, labels, with_entropy,
-                                        entropy_grad)
+        return self._root_target_scores(
+            self.engine, micro, where, labels, with_entropy, entropy_grad
+        )
 
-    def _chunked_head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor,
-                             with_entropy: bool, entropy_grad: bool, span: int | None = None
-                             ) -> tuple[Tensor, Tensor | None]:
+    def _chunked_head_scores(
+        self,
+        head: nn.Module,
+        hidden: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+        span: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """ZeRO-3 gathers a module's parameters at each call of it (and again when backward
         recomputes a chunk): every rank calls the head as many times, the most chunks any rank
         needs for this micro-batch, short ranks on empty chunks."""
         if self.logit_chunk_tokens is None or self.model is not self.engine.module:
-            return super()._chunked_head_scores(head, hidden, labels, with_entropy,
-                                                entropy_grad)
+            return super()._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad)
         most = torch.tensor([len(labels)], dtype=torch.int64, device=collective_device())
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        return super()._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad,
-                                            span=int(most.item()))
+        return super()._chunked_head_scores(
+            head, hidden, labels, with_entropy, entropy_grad, span=int(most.item())
+        )
 
     # ------------------------------------------------------------------------ gradient hooks
 
@@ -224,8 +253,9 @@ class DeepSpeedTrainer(TorchTrainer):
     def _local_micro_batches(self, count: int) -> list[int | None]:
         return rank_micro_batches(count, self.rank, self.world_size)
 
-    def _across_ranks(self, loss_finite: bool,
-                      means: _WeightedMeans) -> tuple[bool, _WeightedMeans]:
+    def _across_ranks(
+        self, loss_finite: bool, means: _WeightedMeans
+    ) -> tuple[bool, _WeightedMeans]:
         return combine_across_ranks(loss_finite, means)
 
     def _backward(self, loss: Tensor, *, last_micro_batch: bool) -> None:
@@ -301,12 +331,16 @@ class DeepSpeedTrainer(TorchTrainer):
         compute = list(opt.fp16_partitioned_groups_flat)
         compute_ptrs = {t.data_ptr() for t in compute}
         masters = [t for t in opt.fp32_partitioned_groups_flat if t.data_ptr() not in compute_ptrs]
-        moments = [v for kind in self._moments.values() for state in kind.values()
-                   for v in state.values()]
+        moments = [
+            v for kind in self._moments.values() for state in kind.values() for v in state.values()
+        ]
         flat = opt.grad_partitions_flat_buffer
         gradients = [flat] if flat is not None else []
-        return {"weights": size(compute), "gradients": size(gradients),
-                "optimizer": size(masters) + size(moments)}
+        return {
+            "weights": size(compute),
+            "gradients": size(gradients),
+            "optimizer": size(masters) + size(moments),
+        }
 
     # ------------------------------------------------------------------------- checkpointing
 
@@ -324,9 +358,14 @@ class DeepSpeedTrainer(TorchTrainer):
         """This rank's partition into `directory`/zero_rank<r>.pt (every rank writes its own)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"rank": self.rank, "world_size": self.world_size,
-                    "partitions": self._partition_states()},
-                   directory / f"zero_rank{self.rank:03d}.pt")
+        torch.save(
+            {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "partitions": self._partition_states(),
+            },
+            directory / f"zero_rank{self.rank:03d}.pt",
+        )
         dist.barrier()
 
     def load_sharded(self, directory: Path) -> None:
@@ -335,7 +374,8 @@ class DeepSpeedTrainer(TorchTrainer):
         if (saved["rank"], saved["world_size"]) != (self.rank, self.world_size):
             raise ShardCountError(
                 f"{path} is the ZeRO partition of rank {saved['rank']} of {saved['world_size']}; "
-                f"this is rank {self.rank} of {self.world_size}: resume with as many ranks")
+                f"this is rank {self.rank} of {self.world_size}: resume with as many ranks"
+            )
         for kind in ("sft", "rl"):  # rl last: its float32 masters are the ones left loaded
             listed: list[dict | None] = [None] * self.world_size
             listed[self.rank] = saved["partitions"][kind]  # the engine indexes the list by rank
@@ -345,14 +385,16 @@ class DeepSpeedTrainer(TorchTrainer):
 
     def state_dict(self) -> dict:
         """Step counters (the partitions are in the sharded files: `save_sharded`)."""
-        return {"version": STATE_VERSION, "engine": "deepspeed_zero3",
-                "world_size": self.world_size,
-                "rl_optimizer_steps": self.rl_optimizer_steps,
-                "sft_optimizer_steps": self.sft_optimizer_steps}
+        return {
+            "version": STATE_VERSION,
+            "engine": "deepspeed_zero3",
+            "world_size": self.world_size,
+            "rl_optimizer_steps": self.rl_optimizer_steps,
+            "sft_optimizer_steps": self.sft_optimizer_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("engine") != "deepspeed_zero3":
             raise ValueError("not a DeepSpeedTrainer state (saved by another trainer or version)")
         self.rl_optimizer_steps = int(state["rl_optimizer_steps"])
         self.sft_optimizer_steps = int(state["sft_optimizer_steps"])
-

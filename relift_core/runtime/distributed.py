@@ -58,8 +58,11 @@ def combine_across_ranks(loss_finite: bool, means: _WeightedMeans) -> tuple[bool
     dist.all_gather_object(gathered, keys)
     if any(k != keys for k in gathered):
         raise RuntimeError(f"ranks computed different step stats: {gathered}")
-    packed = torch.tensor([0.0 if loss_finite else 1.0]
-                          + [v for k in keys for v in sums[k]], dtype=torch.float64, device=device)
+    packed = torch.tensor(
+        [0.0 if loss_finite else 1.0] + [v for k in keys for v in sums[k]],
+        dtype=torch.float64,
+        device=device,
+    )
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     values = packed.tolist()
     combined = _WeightedMeans()
@@ -88,4 +91,5 @@ def check_world_size(saved: int | None, world_size: int, what: str) -> None:
         raise ShardCountError(
             f"the checkpoint's {what} was written by {saved or 1} trainer rank(s) "
             f"(trainer_state.world_size={saved}); this run has {world_size}. Resume with as "
-            "many ranks (cluster.nodes, gpus_per_node, cpu_ranks_per_node)")
+            "many ranks (cluster.nodes, gpus_per_node, cpu_ranks_per_node)"
+        )

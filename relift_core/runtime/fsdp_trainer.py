@@ -48,8 +48,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise ValueError(f"fsdp2 shards decoder layers, and {type(model).__name__} has no "
-                         "model.layers (a transformers causal LM has)")
+        raise ValueError(
+            f"fsdp2 shards decoder layers, and {type(model).__name__} has no "
+            "model.layers (a transformers causal LM has)"
+        )
     return list(layers)
 
 
@@ -67,8 +69,9 @@ class FSDPTrainer(TorchTrainer):
         # Shard before the optimizers exist: they must hold the sharded (DTensor) parameters.
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=_DTYPES[self.compute_dtype],
-                                      reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(
+            param_dtype=_DTYPES[self.compute_dtype], reduce_dtype=torch.float32
+        )
         for layer in decoder_layers(self.model):
             fully_shard(layer, mp_policy=policy)
         fully_shard(self.model, mp_policy=policy)
@@ -82,19 +85,27 @@ class FSDPTrainer(TorchTrainer):
 
     # ------------------------------------------------------------------------- scoring
 
-    def _target_scores(self, micro: TokenBatch, where: Tensor, labels: Tensor,
-                       with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def _target_scores(
+        self,
+        micro: TokenBatch,
+        where: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         # The head is gathered inside the root forward only (the root FSDP unit).
-        return self._root_target_scores(self.model, micro, where, labels, with_entropy,
-                                        entropy_grad)
+        return self._root_target_scores(
+            self.model, micro, where, labels, with_entropy, entropy_grad
+        )
 
     # ------------------------------------------------------------------------- rank hooks
 
     def _local_micro_batches(self, count: int) -> list[int | None]:
         return rank_micro_batches(count, self.rank, self.world_size)
 
-    def _across_ranks(self, loss_finite: bool,
-                      means: _WeightedMeans) -> tuple[bool, _WeightedMeans]:
+    def _across_ranks(
+        self, loss_finite: bool, means: _WeightedMeans
+    ) -> tuple[bool, _WeightedMeans]:
         return combine_across_ranks(loss_finite, means)
 
     def _weight_stats(self, params: list[nn.Parameter]) -> tuple[float, float]:
@@ -104,8 +115,10 @@ class FSDPTrainer(TorchTrainer):
             if not shards:
                 return global_weight_stats(0.0, 0.0)
             peak = max(float(s.detach().abs().max()) for s in shards)
-            sq = sum(float(torch.linalg.vector_norm(s.detach(), 2, dtype=torch.float32)) ** 2
-                     for s in shards)
+            sq = sum(
+                float(torch.linalg.vector_norm(s.detach(), 2, dtype=torch.float32)) ** 2
+                for s in shards
+            )
         return global_weight_stats(peak, sq)
 
     def _clip_and_step(self, kind, grad_clip: float) -> float:
@@ -113,19 +126,26 @@ class FSDPTrainer(TorchTrainer):
         for p in self.trainable_parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.measured_gradient_bytes = sum(_local_bytes(p.grad)
-                                           for p in self.trainable_parameters())
+        self.measured_gradient_bytes = sum(
+            _local_bytes(p.grad) for p in self.trainable_parameters()
+        )
         return super()._clip_and_step(kind, grad_clip)
 
     def memory_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameters (float32 shards), gradients (float32 shards, as of
         the last step) and both optimizers' states: what memory_plan.py predicts."""
-        optimizer = sum(_local_bytes(v) for opt in self.optimizers.values()
-                        for state in opt.state.values() for v in state.values()
-                        if torch.is_tensor(v) and v.dim() > 0)
-        return {"weights": sum(_local_bytes(p) for p in self.model.parameters()),
-                "gradients": getattr(self, "measured_gradient_bytes", 0),
-                "optimizer": optimizer}
+        optimizer = sum(
+            _local_bytes(v)
+            for opt in self.optimizers.values()
+            for state in opt.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
+        return {
+            "weights": sum(_local_bytes(p) for p in self.model.parameters()),
+            "gradients": getattr(self, "measured_gradient_bytes", 0),
+            "optimizer": optimizer,
+        }
 
     # ------------------------------------------------------------------------- weights in and out
 
@@ -135,15 +155,17 @@ class FSDPTrainer(TorchTrainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         return state if self.rank == 0 else None
 
     def load_full_weights(self, weights: dict[str, Tensor]) -> None:
         """Every rank takes its shard of the full `weights` (given on every rank)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.model, weights,
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+        set_model_state_dict(
+            self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
 
     def refresh_generation_copy(self, copy_model: nn.Module) -> None:
         """`copy_model` (unsharded, in the compute dtype) takes the current weights, one
@@ -159,8 +181,10 @@ class FSDPTrainer(TorchTrainer):
     def _optimizer_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return {kind: get_optimizer_state_dict(self.model, optimizer)
-                for kind, optimizer in self.optimizers.items()}
+        return {
+            kind: get_optimizer_state_dict(self.model, optimizer)
+            for kind, optimizer in self.optimizers.items()
+        }
 
     def save_sharded(self, directory: Path) -> None:
         """Both optimizers' sharded states into `directory` (DCP; every rank writes its own
@@ -180,10 +204,13 @@ class FSDPTrainer(TorchTrainer):
 
     def state_dict(self) -> dict:
         """Step counters (the optimizer states are in the sharded files: `save_sharded`)."""
-        return {"version": self.STATE_VERSION_SHARDED, "engine": "fsdp2",
-                "world_size": self.world_size,
-                "rl_optimizer_steps": self.rl_optimizer_steps,
-                "sft_optimizer_steps": self.sft_optimizer_steps}
+        return {
+            "version": self.STATE_VERSION_SHARDED,
+            "engine": "fsdp2",
+            "world_size": self.world_size,
+            "rl_optimizer_steps": self.rl_optimizer_steps,
+            "sft_optimizer_steps": self.sft_optimizer_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("engine") != "fsdp2":

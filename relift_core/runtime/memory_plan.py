@@ -88,21 +88,54 @@ class Architecture:
 
 # The presets' models, from their config.json on the hub (no download when planning).
 KNOWN_ARCHITECTURES = {
-    "Qwen/Qwen2.5-Math-1.5B": Architecture(hidden=1536, layers=28, heads=12, kv_heads=2,
-                                           intermediate=8960, vocab=151936, tied_embeddings=True),
-    "Qwen/Qwen2.5-Math-7B": Architecture(hidden=3584, layers=28, heads=28, kv_heads=4,
-                                         intermediate=18944, vocab=152064, tied_embeddings=False),
+    "Qwen/Qwen2.5-Math-1.5B": Architecture(
+        hidden=1536,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        intermediate=8960,
+        vocab=151936,
+        tied_embeddings=True,
+    ),
+    "Qwen/Qwen2.5-Math-7B": Architecture(
+        hidden=3584,
+        layers=28,
+        heads=28,
+        kv_heads=4,
+        intermediate=18944,
+        vocab=152064,
+        tied_embeddings=False,
+    ),
     # The reference's starting points: the same networks with rope_theta 40k and a 16k context.
     "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": Architecture(
-        hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936,
-        tied_embeddings=True),
+        hidden=1536,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        intermediate=8960,
+        vocab=151936,
+        tied_embeddings=True,
+    ),
     "RoadQAQ/Qwen2.5-Math-7B-16k-think": Architecture(
-        hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
-        tied_embeddings=False),
+        hidden=3584,
+        layers=28,
+        heads=28,
+        kv_heads=4,
+        intermediate=18944,
+        vocab=152064,
+        tied_embeddings=False,
+    ),
     # SmolLM2-135M-Instruct (Llama): the GGUF the smollm2-135m preset converts.
     "HuggingFaceTB/SmolLM2-135M-Instruct": Architecture(
-        hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
-        tied_embeddings=True, qkv_bias=False),
+        hidden=576,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        intermediate=1536,
+        vocab=49152,
+        tied_embeddings=True,
+        qkv_bias=False,
+    ),
 }
 
 
@@ -116,10 +149,16 @@ def architecture_of(cfg: ExperimentConfig) -> Architecture:
         from relift_core.runtime.char_tokenizer import VOCAB_SIZE
 
         t = m.tiny
-        return Architecture(hidden=t.hidden_size, layers=t.num_layers, heads=t.num_heads,
-                            kv_heads=t.num_kv_heads, intermediate=t.intermediate_size,
-                            vocab=VOCAB_SIZE, tied_embeddings=True,
-                            qkv_bias=t.architecture == "qwen2")
+        return Architecture(
+            hidden=t.hidden_size,
+            layers=t.num_layers,
+            heads=t.num_heads,
+            kv_heads=t.num_kv_heads,
+            intermediate=t.intermediate_size,
+            vocab=VOCAB_SIZE,
+            tied_embeddings=True,
+            qkv_bias=t.architecture == "qwen2",
+        )
     if m.source == "gguf":
         return KNOWN_ARCHITECTURES["HuggingFaceTB/SmolLM2-135M-Instruct"]
     name = m.name_or_path or ""
@@ -128,14 +167,20 @@ def architecture_of(cfg: ExperimentConfig) -> Architecture:
     config_json = Path(name) / "config.json"
     if config_json.is_file():
         c = json.loads(config_json.read_text())
-        return Architecture(hidden=c["hidden_size"], layers=c["num_hidden_layers"],
-                            heads=c["num_attention_heads"],
-                            kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-                            intermediate=c["intermediate_size"], vocab=c["vocab_size"],
-                            tied_embeddings=bool(c.get("tie_word_embeddings", False)),
-                            qkv_bias=c.get("model_type") == "qwen2")
-    raise PlanError(f"model.name_or_path={name!r}: no architecture known for it (a local "
-                    f"directory with config.json, or one of {', '.join(KNOWN_ARCHITECTURES)})")
+        return Architecture(
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            heads=c["num_attention_heads"],
+            kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            intermediate=c["intermediate_size"],
+            vocab=c["vocab_size"],
+            tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=c.get("model_type") == "qwen2",
+        )
+    raise PlanError(
+        f"model.name_or_path={name!r}: no architecture known for it (a local "
+        f"directory with config.json, or one of {', '.join(KNOWN_ARCHITECTURES)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -156,8 +201,14 @@ class MemoryPlan:
 
     @property
     def training_phase(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.compute + self.activations
-                + self.resident_rollout)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.compute
+            + self.activations
+            + self.resident_rollout
+        )
 
     @property
     def rollout_phase(self) -> float:
@@ -183,8 +234,9 @@ def logit_bytes(dtype: str) -> int:
     return 24 + (_DTYPE_BYTES[dtype] if dtype != "float32" else 0)
 
 
-def activation_bytes(arch: Architecture, tokens: int, logit_tokens: int, dtype: str,
-                     gradient_checkpointing: bool) -> float:
+def activation_bytes(
+    arch: Architecture, tokens: int, logit_tokens: int, dtype: str, gradient_checkpointing: bool
+) -> float:
     """One micro-batch's activations (module docstring): `tokens` through the layers,
     `logit_tokens` target tokens' logits alive at once."""
     c = _DTYPE_BYTES[dtype]
@@ -209,8 +261,7 @@ def _micro_batch_tokens(cfg: ExperimentConfig) -> tuple[int, int]:
             # One row longer than the budget still runs alone.
             per_kind.append((max(budget, row), max(min(budget, row), new_tokens)))
         else:
-            per_kind.append((section.micro_batch_size * row,
-                             section.micro_batch_size * new_tokens))
+            per_kind.append((section.micro_batch_size * row, section.micro_batch_size * new_tokens))
     tokens = max(t for t, _ in per_kind)
     logit_tokens = max(n for _, n in per_kind)
     if cfg.model.logit_chunk_tokens is not None:
@@ -232,8 +283,9 @@ def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
     if zero3:
         weights = params * c / n
         optimizer += params * 4 / n
-        compute: float = (min(_ZERO3_MAX_LIVE_PARAMETERS, params) * c
-                   + min(_ZERO3_REDUCE_BUCKET, params) * 4)
+        compute: float = (
+            min(_ZERO3_MAX_LIVE_PARAMETERS, params) * c + min(_ZERO3_REDUCE_BUCKET, params) * 4
+        )
         initialization = params * c + params * 4 / n
     else:
         weights = params * 4 / n
@@ -245,18 +297,28 @@ def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
             compute = params * c if cfg.model.dtype != "float32" else 0.0
         initialization = 0.0
     tokens, logit_tokens = _micro_batch_tokens(cfg)
-    activations = activation_bytes(arch, tokens, logit_tokens, cfg.model.dtype,
-                                   cfg.model.gradient_checkpointing)
+    activations = activation_bytes(
+        arch, tokens, logit_tokens, cfg.model.dtype, cfg.model.gradient_checkpointing
+    )
     gpu_bytes = cfg.cluster.gpu_memory_gib * GIB
     vllm = cfg.rollout.engine == "vllm"
     rollout = cfg.rollout.gpu_memory_utilization * gpu_bytes if vllm else 0.0
     resident = 0.0 if vllm else params * c
     if cfg.algorithm.kl_coef > 0:
         resident += params * 4  # the frozen float32 reference policy (trainer.py), whole
-    return MemoryPlan(gpus=n, parameters=params, weights=weights, gradients=gradients,
-                      optimizer=optimizer, compute=compute, activations=activations,
-                      rollout=rollout, resident_rollout=resident,
-                      initialization=initialization, gpu_bytes=gpu_bytes)
+    return MemoryPlan(
+        gpus=n,
+        parameters=params,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        compute=compute,
+        activations=activations,
+        rollout=rollout,
+        resident_rollout=resident,
+        initialization=initialization,
+        gpu_bytes=gpu_bytes,
+    )
 
 
 def minimum_gpus(cfg: ExperimentConfig) -> int | None:
@@ -279,38 +341,62 @@ def render_plan(cfg: ExperimentConfig, preset: str) -> str:
     budgets = {cfg.rl.max_tokens_per_micro_batch, cfg.sft.max_tokens_per_micro_batch} - {None}
     micro = max(cfg.rl.micro_batch_size, cfg.sft.micro_batch_size)
     new_tokens = max(cfg.rollout.max_new_tokens, cfg.sft.max_target_tokens)
-    shape = (f"{tokens:,} tokens per micro-batch (token budget)" if budgets else
-             f"micro-batch {micro} x {cfg.data.max_prompt_tokens}+{new_tokens} tokens")
+    shape = (
+        f"{tokens:,} tokens per micro-batch (token budget)"
+        if budgets
+        else f"micro-batch {micro} x {cfg.data.max_prompt_tokens}+{new_tokens} tokens"
+    )
     chunked = cfg.model.logit_chunk_tokens is not None
     logits = f", logits of {logit_tokens:,} tokens at a time" if chunked else ""
     share = cfg.rollout.gpu_memory_utilization if cfg.rollout.engine == "vllm" else 0
     checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
     fewest = smallest if smallest is not None else "none up to 128 (shrink the micro-batch)"
     zero3 = c.trainer_strategy == "deepspeed_zero3" and c.backend == "ray"
-    weights_note = (f"{cfg.model.dtype} partitions" if zero3
-                    else "float32 masters" + (" sharded" if c.backend == "ray" else ""))
-    optimizer_note = ("float32 master partitions + RL and SFT AdamW moments" if zero3
-                      else "RL and SFT AdamW moments, float32")
-    compute_note = ("live parameters + reduce bucket" if zero3 else
-                    f"{cfg.model.dtype} layers gathered for compute" if c.backend == "ray"
-                    else f"autocast's {cfg.model.dtype} weight copies")
+    weights_note = (
+        f"{cfg.model.dtype} partitions"
+        if zero3
+        else "float32 masters" + (" sharded" if c.backend == "ray" else "")
+    )
+    optimizer_note = (
+        "float32 master partitions + RL and SFT AdamW moments"
+        if zero3
+        else "RL and SFT AdamW moments, float32"
+    )
+    compute_note = (
+        "live parameters + reduce bucket"
+        if zero3
+        else f"{cfg.model.dtype} layers gathered for compute"
+        if c.backend == "ray"
+        else f"autocast's {cfg.model.dtype} weight copies"
+    )
     lines = [
-        (f"plan for {preset}: {plan.parameters:,} parameters, {cfg.model.dtype}, "
-         f"{c.trainer_strategy} over {plan.gpus} trainer rank(s) "
-         f"({c.nodes} node(s) x {c.gpus_per_node} GPU(s) of {c.gpu_memory_gib:g} GiB)"),
+        (
+            f"plan for {preset}: {plan.parameters:,} parameters, {cfg.model.dtype}, "
+            f"{c.trainer_strategy} over {plan.gpus} trainer rank(s) "
+            f"({c.nodes} node(s) x {c.gpus_per_node} GPU(s) of {c.gpu_memory_gib:g} GiB)"
+        ),
         f"  weights      {gib(plan.weights)}  ({weights_note})",
         f"  gradients    {gib(plan.gradients)}  (float32 shards)",
         f"  optimizer    {gib(plan.optimizer)}  ({optimizer_note})",
         f"  compute      {gib(plan.compute)}  ({compute_note})",
-        (f"  activations  {gib(plan.activations)}  ({shape}{logits}, gradient "
-         f"checkpointing {checkpointing})"),
-        (f"  rollout      {gib(plan.rollout + plan.resident_rollout)}  "
-         + (f"(vLLM: rollout.gpu_memory_utilization {share})" if share
-            else f"(HF engine: an unsharded {cfg.model.dtype} copy)")),
-        (f"  training phase {gib(plan.training_phase)}; rollout phase "
-         f"{gib(plan.rollout_phase)}"
-         + (f"; initialization {gib(plan.initialization)}" if plan.initialization else "")
-         + f"; peak with {_CUDA_CONTEXT_GIB:g} GiB reserve {gib(plan.peak)}"),
+        (
+            f"  activations  {gib(plan.activations)}  ({shape}{logits}, gradient "
+            f"checkpointing {checkpointing})"
+        ),
+        (
+            f"  rollout      {gib(plan.rollout + plan.resident_rollout)}  "
+            + (
+                f"(vLLM: rollout.gpu_memory_utilization {share})"
+                if share
+                else f"(HF engine: an unsharded {cfg.model.dtype} copy)"
+            )
+        ),
+        (
+            f"  training phase {gib(plan.training_phase)}; rollout phase "
+            f"{gib(plan.rollout_phase)}"
+            + (f"; initialization {gib(plan.initialization)}" if plan.initialization else "")
+            + f"; peak with {_CUDA_CONTEXT_GIB:g} GiB reserve {gib(plan.peak)}"
+        ),
         f"  fits: {'yes' if plan.fits else 'NO'}; fewest GPUs it fits on: {fewest}",
     ]
     return "\n".join(lines)
@@ -329,7 +415,10 @@ def check_fits(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"this config needs {plan.peak / GIB:.1f} GiB per GPU with {plan.gpus} trainer "
             f"rank(s), more than cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g}; "
-            + (f"it fits on {smallest} GPUs (set cluster.nodes/cluster.gpus_per_node)"
-               if smallest else "lower rl/sft.micro_batch_size or turn on "
-               "model.gradient_checkpointing")
-            + "; `relift plan` shows the figures")
+            + (
+                f"it fits on {smallest} GPUs (set cluster.nodes/cluster.gpus_per_node)"
+                if smallest
+                else "lower rl/sft.micro_batch_size or turn on model.gradient_checkpointing"
+            )
+            + "; `relift plan` shows the figures"
+        )

@@ -181,7 +181,9 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
 
 
 def load_policy(
-    cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+    cfg: ModelConfig,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting policy and its tokenizer, ready for generation (left padding) and training.
@@ -230,8 +232,9 @@ def apply_prompt_format(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) ->
     evaluation, the prompt-length filter) and every saved checkpoint carries the same format,
     as the reference's checkpoints carry theirs. Applying it twice changes nothing."""
     if cfg.chat_template is not None:
-        tokenizer.chat_template = (CHATML_TEMPLATE if cfg.chat_template == "chatml"
-                                   else cfg.chat_template)
+        tokenizer.chat_template = (
+            CHATML_TEMPLATE if cfg.chat_template == "chatml" else cfg.chat_template
+        )
     template = tokenizer.chat_template
     if cfg.system_prompt is not None:
         if not template:
@@ -239,18 +242,22 @@ def apply_prompt_format(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) ->
         default_system = (
             "{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = "
             f"[{{'role': 'system', 'content': {_jinja_literal(cfg.system_prompt)}}}] + messages"
-            " %}{%- endif %}")
+            " %}{%- endif %}"
+        )
         if not template.startswith(default_system):
             template = default_system + template
     if cfg.prefill:
         if not template:
             raise ValueError("model.prefill needs a chat template (model.chat_template)")
         probe = [{"role": "user", "content": "1+1"}]
-        rendered = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            probe, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
         if not rendered.endswith(cfg.prefill):
-            template += ("{%- if add_generation_prompt %}{{ "
-                         f"{_jinja_literal(cfg.prefill)} }}}}{{%- endif %}}")
+            template += (
+                "{%- if add_generation_prompt %}{{ "
+                f"{_jinja_literal(cfg.prefill)} }}}}{{%- endif %}}"
+            )
     tokenizer.chat_template = template
 
 

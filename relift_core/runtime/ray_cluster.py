@@ -93,10 +93,17 @@ class TrainerRank:
         # Launchers (torchrun, deepspeed) set these; DeepSpeed asserts LOCAL_RANK. Ray gives a
         # GPU actor one visible device (cuda:0); CPU ranks of a node count from 0.
         per_node = cfg.cluster.gpus_per_node or cfg.cluster.cpu_ranks_per_node
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
-                          LOCAL_RANK="0" if on_gpu else str(self.rank % per_node))
-        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=init_method,
-                                rank=self.rank, world_size=self.world_size)
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0" if on_gpu else str(self.rank % per_node),
+        )
+        dist.init_process_group(
+            "nccl" if on_gpu else "gloo",
+            init_method=init_method,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         seed_everything(cfg.run.seed)
         self.device = torch.device("cuda:0" if on_gpu else "cpu")
         if on_gpu:
@@ -111,8 +118,13 @@ class TrainerRank:
         copy_device = "cpu" if cfg.rollout.engine == "vllm" else self.device
         self.generation_model = copy.deepcopy(model).to(copy_device, export_dtype(cfg.model))
         self.trainer = build_rank_trainer(cfg, model, trainer_options(cfg, self.device))
-        self.engine = build_engine(cfg, self.generation_model, self.tokenizer, self.device,
-                                   vllm_model_dir=cfg.run_dir() / f"vllm_model_rank{self.rank}")
+        self.engine = build_engine(
+            cfg,
+            self.generation_model,
+            self.tokenizer,
+            self.device,
+            vllm_model_dir=cfg.run_dir() / f"vllm_model_rank{self.rank}",
+        )
 
     def _weights_changed(self) -> None:
         self.trainer.refresh_generation_copy(self.generation_model)
@@ -164,8 +176,9 @@ class TrainerRank:
             dist.destroy_process_group()
 
 
-def build_rank_trainer(cfg: ExperimentConfig, model: torch.nn.Module,
-                       options: dict) -> FSDPTrainer | DeepSpeedTrainer:
+def build_rank_trainer(
+    cfg: ExperimentConfig, model: torch.nn.Module, options: dict
+) -> FSDPTrainer | DeepSpeedTrainer:
     """cluster.trainer_strategy's trainer for one rank of an initialised process group."""
     if cfg.cluster.trainer_strategy == "deepspeed_zero3":
         from relift_core.runtime.deepspeed_trainer import DeepSpeedTrainer
@@ -187,8 +200,12 @@ class RayRanks:
         cluster = cfg.cluster
         if not ray.is_initialized():
             # None starts a one-node Ray here; "auto" / "ray://..." joins a running cluster.
-            ray.init(address=cluster.ray_address, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=cluster.ray_address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         self.world_size = cluster.world_size
         bundle = {"CPU": 1, "GPU": 1} if cluster.gpus_per_node else {"CPU": 1}
         self._remove_pg = remove_placement_group
@@ -200,14 +217,17 @@ class RayRanks:
             raise RuntimeError(
                 f"the Ray cluster cannot place {self.world_size} ranks of {bundle} within 120 s "
                 f"(it has {ray.cluster_resources()}); lower cluster.nodes/gpus_per_node/"
-                "cpu_ranks_per_node or add nodes") from e
+                "cpu_ranks_per_node or add nodes"
+            ) from e
         actor = ray.remote(TrainerRank)
         cfg_json = cfg.model_dump(mode="json")
         self.actors = [
             actor.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank),
+                    placement_group=self.pg, placement_group_bundle_index=rank
+                ),
             ).remote(cfg_json, rank, self.world_size)
             for rank in range(self.world_size)
         ]
@@ -246,8 +266,9 @@ class RayTrainer:
         self.rl_optimizer_steps = 0
         self.sft_optimizer_steps = 0
 
-    def rl_step(self, batch: TokenBatch, *,
-                rows_per_minibatch: int | None = None) -> dict[str, float]:
+    def rl_step(
+        self, batch: TokenBatch, *, rows_per_minibatch: int | None = None
+    ) -> dict[str, float]:
         stats = self.ranks.call("rl_step", batch, rows_per_minibatch)[0]
         self.rl_optimizer_steps += int(stats.get("optimizer_steps", 0))
         return stats
@@ -265,11 +286,14 @@ class RayTrainer:
     def state_dict(self) -> dict:
         """Step counters and the layout; the optimizer states are the ranks' own files
         (`save_sharded`), written into the same checkpoint."""
-        return {"version": STATE_VERSION, "strategy": self.strategy,
-                "world_size": self.ranks.world_size,
-                "ranks": self.ranks.call("state_dict"),
-                "rl_optimizer_steps": self.rl_optimizer_steps,
-                "sft_optimizer_steps": self.sft_optimizer_steps}
+        return {
+            "version": STATE_VERSION,
+            "strategy": self.strategy,
+            "world_size": self.ranks.world_size,
+            "ranks": self.ranks.call("state_dict"),
+            "rl_optimizer_steps": self.rl_optimizer_steps,
+            "sft_optimizer_steps": self.sft_optimizer_steps,
+        }
 
     def save_sharded(self, directory: Path) -> None:
         """Every rank writes its optimizer shard into `directory` (inside the checkpoint's
@@ -286,7 +310,8 @@ class RayTrainer:
                 f"the checkpoint was written by {saved[1] or 1} trainer rank(s) with "
                 f"cluster.trainer_strategy={saved[0]}; this run has {here[1]} with {here[0]} "
                 "(trainer_state keys strategy, world_size). Resume with the same strategy and as "
-                "many ranks (cluster.nodes, gpus_per_node, cpu_ranks_per_node)")
+                "many ranks (cluster.nodes, gpus_per_node, cpu_ranks_per_node)"
+            )
         self._pending_state = state
 
     def load_sharded(self, directory: Path) -> None:
@@ -295,8 +320,12 @@ class RayTrainer:
         state = self._pending_state
         self.ranks.push_weights(self.model)
         ray = _ray()
-        ray.get([a.load_sharded.remote(str(directory), s)
-                 for a, s in zip(self.ranks.actors, state["ranks"], strict=True)])
+        ray.get(
+            [
+                a.load_sharded.remote(str(directory), s)
+                for a, s in zip(self.ranks.actors, state["ranks"], strict=True)
+            ]
+        )
         self.rl_optimizer_steps = int(state["rl_optimizer_steps"])
         self.sft_optimizer_steps = int(state["sft_optimizer_steps"])
 
@@ -323,8 +352,12 @@ class RayRolloutEngine(RolloutEngine):
                 continue
             # Offset by the shard's first prompt: prompt i is seeded as one engine seeds it
             # (seed + i * n, its samples + j), so no two ranks' samples share a stream.
-            shard = replace(request, prompt_ids=request.prompt_ids[lo:hi], progress=None,
-                            seed=None if request.seed is None else request.seed + lo * request.n)
+            shard = replace(
+                request,
+                prompt_ids=request.prompt_ids[lo:hi],
+                progress=None,
+                seed=None if request.seed is None else request.seed + lo * request.n,
+            )
             refs.append((lo, actor.sample.remote(shard)))
         out: list[list[Sample]] = []
         for lo, ref in refs:

@@ -71,8 +71,9 @@ class RolloutEngine(ABC):
         if n <= 0 or max_new_tokens <= 0:
             raise ValueError(f"n and max_new_tokens must be positive, got {n}, {max_new_tokens}")
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return self._sample_ids(SamplingRequest(prompt_ids, n, temperature, top_p,
-                                                max_new_tokens, seed, progress))
+        return self._sample_ids(
+            SamplingRequest(prompt_ids, n, temperature, top_p, max_new_tokens, seed, progress)
+        )
 
     @abstractmethod
     def _sample_ids(self, request: SamplingRequest) -> list[list[Sample]]:
@@ -174,8 +175,7 @@ class HFRolloutEngine(RolloutEngine):
     def _sample_ids(self, request: SamplingRequest) -> list[list[Sample]]:
         prompt_ids, n, progress = request.prompt_ids, request.n, request.progress
         rows = [i for i in range(len(prompt_ids)) for _ in range(n)]  # prompt of each row
-        config = self._generation_config(request.temperature, request.top_p,
-                                         request.max_new_tokens)
+        config = self._generation_config(request.temperature, request.top_p, request.max_new_tokens)
         samples: list[list[Sample]] = [[] for _ in prompt_ids]
         if progress is not None:
             progress(0, len(rows))
@@ -183,17 +183,25 @@ class HFRolloutEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling; gradient checkpointing off, cache on
         try:
-            with (_seeded(request.seed, self._device()), torch.no_grad(),
-                  bf16_autocast(self._device(), self.bf16_autocast)):
+            with (
+                _seeded(request.seed, self._device()),
+                torch.no_grad(),
+                bf16_autocast(self._device(), self.bf16_autocast),
+            ):
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
                     batch = [prompt_ids[i] for i in chunk]
                     if self.drop_finished:
                         generated = decode_dropping_finished(
-                            self.model, batch, pad_token_id=self.pad_token_id,
+                            self.model,
+                            batch,
+                            pad_token_id=self.pad_token_id,
                             stop_token_ids=self.stop_token_ids,
-                            temperature=request.temperature, top_p=request.top_p,
-                            max_new_tokens=request.max_new_tokens, device=self._device())
+                            temperature=request.temperature,
+                            top_p=request.top_p,
+                            max_new_tokens=request.max_new_tokens,
+                            device=self._device(),
+                        )
                     else:
                         generated = self._generate_rows(batch, config)
                     for prompt_index, row in zip(chunk, generated, strict=True):
@@ -332,8 +340,14 @@ def decode_dropping_finished(
     # Left padding: a row's positions count its own tokens only, as in `generate`.
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1, :]
     stops = torch.tensor(stop_token_ids, device=device)
     active = torch.arange(len(rows), device=device)  # the original row of each batch row
     next_position = positions[:, -1] + 1
@@ -352,11 +366,16 @@ def decode_dropping_finished(
             cache.batch_select_indices(keep)
             active, tokens = active[keep], tokens[keep]
             attention_mask, next_position = attention_mask[keep], next_position[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))],
-                                   dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
-                       position_ids=next_position[:, None], past_key_values=cache,
-                       use_cache=True).logits[:, -1, :]
+        attention_mask = torch.cat(
+            [attention_mask, attention_mask.new_ones((len(active), 1))], dim=1
+        )
+        logits = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1, :]
         next_position = next_position + 1
     return generated
 

@@ -9,7 +9,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -80,7 +80,7 @@ class RunState:
 class TrainSession:
     cfg: ExperimentConfig
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (untyped here: mypy skips transformers)
     engine: RolloutEngine
     trainer: TorchTrainer
     grader: BatchGrader
@@ -104,13 +104,21 @@ class TrainSession:
 
     def save(self) -> Path:
         self.trainer.gather_weights()  # ranks elsewhere (cluster.backend=ray) hold the weights
-        extra = {**self.state.extra_state(), "config": self.cfg.experiment_params(),
-                 "data_fingerprint": self.data_fingerprint}
-        return save_checkpoint(self.checkpoint_dir, model=self.model, tokenizer=self.tokenizer,
-                               trainer_state=self.trainer.state_dict(), step=self.state.iteration,
-                               extra_state=extra,
-                               # Sharded engines' ranks write their own optimizer shards.
-                               write_shards=getattr(self.trainer, "save_sharded", None))
+        extra = {
+            **self.state.extra_state(),
+            "config": self.cfg.experiment_params(),
+            "data_fingerprint": self.data_fingerprint,
+        }
+        return save_checkpoint(
+            self.checkpoint_dir,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            trainer_state=self.trainer.state_dict(),
+            step=self.state.iteration,
+            extra_state=extra,
+            # Sharded engines' ranks write their own optimizer shards.
+            write_shards=getattr(self.trainer, "save_sharded", None),
+        )
 
     def close(self) -> None:
         self.trainer.close()
@@ -119,17 +127,29 @@ class TrainSession:
             self.lock.release()
 
 
-def build_demonstration_source(cfg: ExperimentConfig, grader: BatchGrader, device) -> DemonstrationSource:
+def build_demonstration_source(
+    cfg: ExperimentConfig, grader: BatchGrader, device
+) -> DemonstrationSource:
     if cfg.algorithm.demonstrations == "dataset":
         return DatasetDemonstrations()
     teacher_cfg = cfg.model.model_copy(update={"init_from": cfg.algorithm.teacher_model})
     teacher, tokenizer = load_policy(teacher_cfg, device=str(device), seed=cfg.run.seed)
-    engine = HFRolloutEngine(teacher, tokenizer, batch_size=cfg.rollout.batch_size, device=device,
-                             bf16_autocast=compute_autocast(cfg.model))
-    return TeacherDemonstrations(engine, tokenizer, grader, attempts=cfg.algorithm.teacher_attempts,
-                                 temperature=cfg.eval.temperature,
-                                 max_new_tokens=cfg.rollout.max_new_tokens,
-                                 require_think=cfg.algorithm.require_think)
+    engine = HFRolloutEngine(
+        teacher,
+        tokenizer,
+        batch_size=cfg.rollout.batch_size,
+        device=device,
+        bf16_autocast=compute_autocast(cfg.model),
+    )
+    return TeacherDemonstrations(
+        engine,
+        tokenizer,
+        grader,
+        attempts=cfg.algorithm.teacher_attempts,
+        temperature=cfg.eval.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        require_think=cfg.algorithm.require_think,
+    )
 
 
 def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
@@ -138,8 +158,10 @@ def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
         from relift_core.runtime.ray_cluster import RayRanks, RayRolloutEngine, RayTrainer
 
         ranks = RayRanks(cfg, model)
-        return (RayTrainer(ranks, model, cfg.cluster.trainer_strategy),
-                RayRolloutEngine(ranks, tokenizer))
+        return (
+            RayTrainer(ranks, model, cfg.cluster.trainer_strategy),
+            RayRolloutEngine(ranks, tokenizer),
+        )
     trainer = TorchTrainer(model, **trainer_options(cfg, device))
     return trainer, build_engine(cfg, model, tokenizer, device)
 
@@ -152,8 +174,9 @@ class ResumeRefused(RuntimeError):
 DATA_KEY = "(training data)"  # the key under which a changed data fingerprint is reported
 
 
-def check_resumable(cfg: ExperimentConfig, checkpoint: Path,
-                    data_fingerprint: str | None = None) -> dict[str, tuple]:
+def check_resumable(
+    cfg: ExperimentConfig, checkpoint: Path, data_fingerprint: str | None = None
+) -> dict[str, tuple]:
     """The experiment keys that differ between `checkpoint` and `cfg` (and the training data's
     fingerprint, when both know it); raises ResumeRefused unless they are empty or
     run.resume=force. Read before any weight is loaded."""
@@ -174,12 +197,14 @@ def check_resumable(cfg: ExperimentConfig, checkpoint: Path,
         raise ResumeRefused(
             f"run '{cfg.run.name}' in {checkpoint.parent.parent} was made with another config "
             f"({shown}{more}); choose another run.name, or pass run.resume=force to resume it "
-            "anyway")
+            "anyway"
+        )
     return diffs
 
 
-def build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool = True,
-                  lock: bool = True) -> TrainSession:
+def build_session(
+    cfg: ExperimentConfig, dataset: list[Example], *, resume: bool = True, lock: bool = True
+) -> TrainSession:
     """The run's session; resumes its last checkpoint when `resume` and the config allows it.
 
     With `lock`, the run directory is locked for the session's life (released by close())."""
@@ -205,16 +230,20 @@ def set_aside(checkpoints: Path) -> Path:
     return moved
 
 
-def _refuse_without_a_checkpoint(cfg: ExperimentConfig, skipped: list[tuple[Path, str]]) -> None:
+def _refuse_without_a_checkpoint(
+    cfg: ExperimentConfig, skipped: list[tuple[Path, str]]
+) -> NoReturn:
     shown = "; ".join(f"{path.name}: {why}" for path, why in skipped[:3])
     raise ResumeRefused(
         f"run '{cfg.run.name}' has no usable checkpoint in {skipped[0][0].parent} ({shown}): "
         "refusing to start over silently; pass run.resume=never to start over (the checkpoints "
-        "are moved aside), or choose another run.name")
+        "are moved aside), or choose another run.name"
+    )
 
 
-def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: bool,
-                   run_lock: RunLock | None) -> TrainSession:
+def _build_session(
+    cfg: ExperimentConfig, dataset: list[Example], *, resume: bool, run_lock: RunLock | None
+) -> TrainSession:
     checkpoints = cfg.run_dir() / "checkpoints"
     started_over = None
     if resume and cfg.run.resume == "never" and checkpoint_dirs(checkpoints):
@@ -224,8 +253,9 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
     if resume and resumed_from is None and skipped:
         _refuse_without_a_checkpoint(cfg, skipped)
     data_fingerprint = fingerprint_examples(dataset)
-    changes = (check_resumable(cfg, resumed_from, data_fingerprint)
-               if resumed_from is not None else {})
+    changes = (
+        check_resumable(cfg, resumed_from, data_fingerprint) if resumed_from is not None else {}
+    )
     seed_everything(cfg.run.seed)
     # With Ray the ranks train; the driver's copy of the weights (checkpoints) stays on the CPU.
     device = resolve_device("cpu" if cfg.cluster.backend == "ray" else cfg.run.device)
@@ -251,8 +281,9 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
             except CheckpointError as e:
                 # A hash mismatch (bytes flipped, same size) falls back like a truncation:
                 # nothing was loaded, so the next older checkpoint is tried.
-                log.warning(f"skipping checkpoint {resumed_from}: {e}; falling back to the one "
-                            "before it")
+                log.warning(
+                    f"skipping checkpoint {resumed_from}: {e}; falling back to the one before it"
+                )
                 skipped.append((resumed_from, str(e)))
                 step = int(resumed_from.name.removeprefix("step_"))
                 resumed_from = latest_checkpoint(checkpoints, before=step, skipped=skipped)
@@ -270,11 +301,20 @@ def _build_session(cfg: ExperimentConfig, dataset: list[Example], *, resume: boo
         trainer.close()
         raise
     return TrainSession(
-        cfg=cfg, model=model, tokenizer=tokenizer, engine=engine, trainer=trainer,
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        engine=engine,
+        trainer=trainer,
         grader=grader,
         demonstration_source=source,
         strategy=strategy_from_config(cfg.algorithm),
-        state=state, dataset=dataset, resumed_from=resumed_from, resumed_with_changes=changes,
-        lock=run_lock, skipped_checkpoints=[(str(p), why) for p, why in skipped],
-        started_over=started_over, data_fingerprint=data_fingerprint,
+        state=state,
+        dataset=dataset,
+        resumed_from=resumed_from,
+        resumed_with_changes=changes,
+        lock=run_lock,
+        skipped_checkpoints=[(str(p), why) for p, why in skipped],
+        started_over=started_over,
+        data_fingerprint=data_fingerprint,
     )

@@ -107,10 +107,12 @@ def _weight_stats(params: list[nn.Parameter]) -> tuple[float, float]:
     if not params:
         return 0.0, 0.0
     with torch.no_grad():
-        maxes = torch.stack([torch.linalg.vector_norm(p.detach(), math.inf, dtype=torch.float32)
-                             for p in params])
-        norms = torch.stack([torch.linalg.vector_norm(p.detach(), 2, dtype=torch.float32)
-                             for p in params])
+        maxes = torch.stack(
+            [torch.linalg.vector_norm(p.detach(), math.inf, dtype=torch.float32) for p in params]
+        )
+        norms = torch.stack(
+            [torch.linalg.vector_norm(p.detach(), 2, dtype=torch.float32) for p in params]
+        )
         values = torch.stack([maxes.max(), torch.linalg.vector_norm(norms, 2)]).tolist()
     return float(values[0]), float(values[1])
 
@@ -132,8 +134,9 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _scores_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool,
-                        entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+def _scores_from_logits(
+    logits: Tensor, labels: Tensor, with_entropy: bool, entropy_grad: bool
+) -> tuple[Tensor, Tensor | None]:
     logp = algorithms.token_logprobs(logits, labels).float()
     if not with_entropy:
         return logp, None
@@ -157,13 +160,19 @@ class _ScoringHead(nn.Module):
         return torch.stack([logp, torch.zeros_like(logp) if entropy is None else entropy], -1)
 
     def selected_rows(self, hidden: Tensor) -> Tensor:
-        return hidden.reshape(-1, hidden.shape[-1]) if self.selected is None \
-            else hidden[self.selected]
+        return (
+            hidden.reshape(-1, hidden.shape[-1]) if self.selected is None else hidden[self.selected]
+        )
 
 
-def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
-                   autocast: contextlib.AbstractContextManager, packed: bool = False,
-                   scorer: _ScoringHead | None = None) -> Tensor:
+def root_logits_at(
+    root: nn.Module,
+    micro: TokenBatch,
+    where: Tensor,
+    autocast: contextlib.AbstractContextManager,
+    packed: bool = False,
+    scorer: _ScoringHead | None = None,
+) -> Tensor:
     """Logits [N, V] where `where` is set, through the root module's own forward: a sharding
     engine (FSDP2, ZeRO-3) gathers the embeddings, final norm and head in its hooks there, so
     the decoder and head cannot be called apart. Only the columns from the first target on
@@ -175,9 +184,13 @@ def root_logits_at(root: nn.Module, micro: TokenBatch, where: Tensor,
         if scorer is not None:
             scorer.selected = None  # every kept position is a target
         with autocast:
-            out = root(input_ids=rows.input_ids, position_ids=rows.position_ids,
-                       attention_mask=None, use_cache=False,
-                       logits_to_keep=rows.targets).logits
+            out = root(
+                input_ids=rows.input_ids,
+                position_ids=rows.position_ids,
+                attention_mask=None,
+                use_cache=False,
+                logits_to_keep=rows.targets,
+            ).logits
         return out if scorer is not None else out[0]
     first = int(where.any(0).nonzero()[0]) if bool(where.any()) else where.shape[1] - 1
     keep = where.shape[1] - first
@@ -233,8 +246,10 @@ class TorchTrainer:
         `max_bad_steps` consecutive skipped or rolled-back steps raise DivergenceError;
         `max_abs_weight` and `max_norm_growth` define an exploded step (module docstring)."""
         if dtype not in _COMPUTE_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_COMPUTE_DTYPES)}, got {dtype!r} "
-                             "(float16 would need loss scaling, which this trainer does not do)")
+            raise ValueError(
+                f"dtype must be one of {sorted(_COMPUTE_DTYPES)}, got {dtype!r} "
+                "(float16 would need loss scaling, which this trainer does not do)"
+            )
         if max_response_len <= 0:
             raise ValueError(f"max_response_len must be positive, got {max_response_len}")
         if max_bad_steps < 1:
@@ -266,8 +281,7 @@ class TorchTrainer:
         # sharding engine partitions the model (_build_optimizers): the reference is whole,
         # float32, on this process's device (memory_plan.py counts it). The session builds the
         # trainer before it loads a checkpoint's weights, so a resumed run keeps it.
-        self.reference = (_frozen_copy(self.model).to(self.device) if algo.kl_coef > 0
-                          else None)
+        self.reference = _frozen_copy(self.model).to(self.device) if algo.kl_coef > 0 else None
         self._build_optimizers()
 
     # ----------------------------------------------------------------------------- set-up hooks
@@ -324,8 +338,12 @@ class TorchTrainer:
         with self._autocast():
             if self.remove_padding:
                 packed = pack_for_scoring(micro, where)
-                hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                                 attention_mask=None, use_cache=False).last_hidden_state
+                hidden = decoder(
+                    input_ids=packed.input_ids,
+                    position_ids=packed.position_ids,
+                    attention_mask=None,
+                    use_cache=False,
+                ).last_hidden_state
                 return hidden[0, packed.targets], head
             hidden = decoder(
                 input_ids=micro.input_ids,
@@ -335,29 +353,48 @@ class TorchTrainer:
             ).last_hidden_state
         return hidden[:, :-1][where], head
 
-    def _head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor, with_entropy: bool,
-                     entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def _head_scores(
+        self,
+        head: nn.Module,
+        hidden: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         """log p(label) and (optionally) entropy of `head(hidden)`, one chunk of positions."""
         with self._autocast():
             logits = head(hidden)
         return _scores_from_logits(logits, labels, with_entropy, entropy_grad)
 
-    def _target_scores(self, micro: TokenBatch, where: Tensor, labels: Tensor,
-                       with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def _target_scores(
+        self,
+        micro: TokenBatch,
+        where: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         """Log-probs [N] (and entropies [N]) of the target tokens. With logit_chunk_tokens the
         head runs on that many positions at a time and, under autograd, each chunk is
         recomputed in backward (activation checkpointing), so at most one chunk's
         [chunk, vocab] logits and their gradient are alive at once."""
         found = self._target_hidden(micro, where)
         if found is None:
-            return _scores_from_logits(self._logits_at(micro, where), labels, with_entropy,
-                                       entropy_grad)
+            return _scores_from_logits(
+                self._logits_at(micro, where), labels, with_entropy, entropy_grad
+            )
         hidden, head = found
         return self._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad)
 
-    def _chunked_head_scores(self, head: nn.Module, hidden: Tensor, labels: Tensor,
-                             with_entropy: bool, entropy_grad: bool, span: int | None = None
-                             ) -> tuple[Tensor, Tensor | None]:
+    def _chunked_head_scores(
+        self,
+        head: nn.Module,
+        hidden: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+        span: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """`span`: chunk over that many positions (past the end: empty chunks), so that a
         sharding engine's ranks call the head equally often (deepspeed_trainer.py)."""
         chunk = self.logit_chunk_tokens
@@ -365,8 +402,13 @@ class TorchTrainer:
             return self._head_scores(head, hidden, labels, with_entropy, entropy_grad)
         logps, entropies = [], []
         for start in range(0, max(len(labels) if span is None else span, 1), chunk):
-            part = (head, hidden[start:start + chunk], labels[start:start + chunk],
-                    with_entropy, entropy_grad)
+            part = (
+                head,
+                hidden[start : start + chunk],
+                labels[start : start + chunk],
+                with_entropy,
+                entropy_grad,
+            )
             if torch.is_grad_enabled():
                 logp, entropy = checkpoint(self._head_scores, *part, use_reentrant=False)
             else:
@@ -375,9 +417,15 @@ class TorchTrainer:
             entropies.append(entropy)
         return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
-    def _root_target_scores(self, root: nn.Module, micro: TokenBatch, where: Tensor,
-                            labels: Tensor, with_entropy: bool, entropy_grad: bool
-                            ) -> tuple[Tensor, Tensor | None]:
+    def _root_target_scores(
+        self,
+        root: nn.Module,
+        micro: TokenBatch,
+        where: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         """`_target_scores` through the root module's own forward (a sharding engine gathers
         the embeddings, final norm and head in its hooks there): for the forward's duration
         the head is wrapped so that, called with the final hidden states, it returns the
@@ -385,15 +433,21 @@ class TorchTrainer:
         model = root.module if hasattr(root, "module") else root  # a DeepSpeed engine's
         head = model.get_output_embeddings()
         if _decoder_and_head(model) is None or head is None:
-            logits = root_logits_at(root, micro, where, self._autocast(),
-                                    packed=self.remove_padding)
+            logits = root_logits_at(
+                root, micro, where, self._autocast(), packed=self.remove_padding
+            )
             return _scores_from_logits(logits, labels, with_entropy, entropy_grad)
-        scorer = _ScoringHead(head, lambda hidden: self._chunked_head_scores(
-            head, hidden, labels, with_entropy, entropy_grad))
+        scorer = _ScoringHead(
+            head,
+            lambda hidden: self._chunked_head_scores(
+                head, hidden, labels, with_entropy, entropy_grad
+            ),
+        )
         model.set_output_embeddings(scorer)
         try:
-            scores = root_logits_at(root, micro, where, self._autocast(),
-                                    packed=self.remove_padding, scorer=scorer)
+            scores = root_logits_at(
+                root, micro, where, self._autocast(), packed=self.remove_padding, scorer=scorer
+            )
         finally:
             model.set_output_embeddings(head)
         return scores[:, 0], (scores[:, 1] if with_entropy else None)
@@ -407,7 +461,8 @@ class TorchTrainer:
         where = micro.loss_mask.bool()
         labels = shift_targets(micro.input_ids)[where]
         target_logp, target_entropy = self._target_scores(
-            micro, where, labels, with_entropy, entropy_grad and torch.is_grad_enabled())
+            micro, where, labels, with_entropy, entropy_grad and torch.is_grad_enabled()
+        )
         logp = torch.zeros(where.shape, dtype=torch.float32, device=target_logp.device)
         logp[where] = target_logp
         if not with_entropy:
@@ -482,7 +537,8 @@ class TorchTrainer:
         """
         if batch.advantages is None:
             raise ValueError(
-                "rl_step needs batch.advantages (see relift_core.runtime.batches.rl_batch)")
+                "rl_step needs batch.advantages (see relift_core.runtime.batches.rl_batch)"
+            )
         start = time.perf_counter()
         rows = rows_per_minibatch or self.default_rl_rows_per_minibatch(len(batch))
         first_on_policy = batch.old_logp is None
@@ -496,10 +552,15 @@ class TorchTrainer:
                         minibatch = replace(minibatch, old_logp=None)  # scored by its forward
                     yield minibatch
 
-        means = self._optimizer_steps("rl", minibatches(), self._rl_micro_loss,
-                                      micro_batch_size=self.rl.micro_batch_size,
-                                      max_tokens=self.rl.max_tokens_per_micro_batch,
-                                      grad_clip=self.rl.grad_clip, loss_agg=self.algo.loss_agg)
+        means = self._optimizer_steps(
+            "rl",
+            minibatches(),
+            self._rl_micro_loss,
+            micro_batch_size=self.rl.micro_batch_size,
+            max_tokens=self.rl.max_tokens_per_micro_batch,
+            grad_clip=self.rl.grad_clip,
+            loss_agg=self.algo.loss_agg,
+        )
         return self._finish_stats("rl", means, batch, start)
 
     def sft_step(self, batch: TokenBatch) -> dict[str, float]:
@@ -507,12 +568,20 @@ class TorchTrainer:
         optimizer step, sft.epochs passes. Stats: sft_loss, grad_norm, lr, tokens, seq_tokens,
         optimizer_steps, seconds."""
         start = time.perf_counter()
-        minibatches = (minibatch for _ in range(self.sft.epochs)
-                       for minibatch in batch.split(self.sft.mini_batch_size))
-        means = self._optimizer_steps("sft", minibatches, self._sft_micro_loss,
-                                      micro_batch_size=self.sft.micro_batch_size,
-                                      max_tokens=self.sft.max_tokens_per_micro_batch,
-                                      grad_clip=self.sft.grad_clip, loss_agg="token_mean")
+        minibatches = (
+            minibatch
+            for _ in range(self.sft.epochs)
+            for minibatch in batch.split(self.sft.mini_batch_size)
+        )
+        means = self._optimizer_steps(
+            "sft",
+            minibatches,
+            self._sft_micro_loss,
+            micro_batch_size=self.sft.micro_batch_size,
+            max_tokens=self.sft.max_tokens_per_micro_batch,
+            grad_clip=self.sft.grad_clip,
+            loss_agg="token_mean",
+        )
         return self._finish_stats("sft", means, batch, start)
 
     def _micro_rows(self, batch: TokenBatch, rows: int, max_tokens: int | None) -> list[Tensor]:
@@ -524,8 +593,13 @@ class TorchTrainer:
             return batch.split_by_tokens(max_tokens, padded=not self.remove_padding)
         return [torch.arange(i, min(i + rows, len(batch))) for i in range(0, len(batch), rows)]
 
-    def _optimizer_steps(self, kind: UpdateKind, minibatches: Iterable[TokenBatch],
-                         micro_loss: MicroLoss, **step_options: Any) -> _WeightedMeans:
+    def _optimizer_steps(
+        self,
+        kind: UpdateKind,
+        minibatches: Iterable[TokenBatch],
+        micro_loss: MicroLoss,
+        **step_options: Any,
+    ) -> _WeightedMeans:
         """One optimizer step per mini-batch; their stats, averaged."""
         means = _WeightedMeans()
         for minibatch in minibatches:
@@ -537,8 +611,7 @@ class TorchTrainer:
         `skip_rows` rows are left at 0: the first mini-batch scores itself (see rl_step)."""
         if self.rl.ppo_epochs > 1:
             return self.token_logprobs(batch)
-        old = torch.zeros(batch.loss_mask.shape, dtype=torch.float32,
-                          device=batch.input_ids.device)
+        old = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
         old[skip_rows:] = self.token_logprobs(batch.select(slice(skip_rows, len(batch))))
         return old
 
@@ -567,11 +640,13 @@ class TorchTrainer:
         if "off_policy_prob" in stats:
             extra["off_policy_prob"] = stats["off_policy_prob"]
         if self.reference is not None:
-            kl = algorithms.kl_penalty(logp, self._reference_logprobs(micro),
-                                       self.algo.kl_estimator)
+            kl = algorithms.kl_penalty(
+                logp, self._reference_logprobs(micro), self.algo.kl_estimator
+            )
             # Aggregated like the policy loss, as verl's kl_loss is.
-            kl_loss = algorithms.aggregate_loss(kl, micro.loss_mask, self.algo.loss_agg,
-                                                self.max_response_len)
+            kl_loss = algorithms.aggregate_loss(
+                kl, micro.loss_mask, self.algo.loss_agg, self.max_response_len
+            )
             loss = loss + self.algo.kl_coef * kl_loss
             extra["kl_to_reference"] = algorithms.masked_mean(kl.detach(), micro.loss_mask).item()
         if coef != 0.0:
@@ -608,8 +683,10 @@ class TorchTrainer:
             return nll, {"sft_loss": nll.item()}
         # The reference's SFT step subtracts an entropy bonus, token-mean like the NLL.
         mean_entropy = algorithms.masked_mean(entropy, micro.loss_mask)
-        return nll - coef * mean_entropy, {"sft_loss": nll.item(),
-                                           "sft_entropy": mean_entropy.item()}
+        return nll - coef * mean_entropy, {
+            "sft_loss": nll.item(),
+            "sft_entropy": mean_entropy.item(),
+        }
 
     def _optimizer_step(
         self,
@@ -628,8 +705,10 @@ class TorchTrainer:
         self._zero_grad(kind)
         total_targets = max(minibatch.num_target_tokens, 1)
         micro_means = _WeightedMeans()
-        micros = [minibatch.select(rows)
-                  for rows in self._micro_rows(minibatch, micro_batch_size, max_tokens)]
+        micros = [
+            minibatch.select(rows)
+            for rows in self._micro_rows(minibatch, micro_batch_size, max_tokens)
+        ]
         mine = self._local_micro_batches(len(micros))
         loss_finite = True
         for position, index in enumerate(mine):
@@ -666,8 +745,9 @@ class TorchTrainer:
         self._note_outcome(kind, outcome, loss_finite, grad_norm)
         return stats
 
-    def _note_outcome(self, kind: UpdateKind, outcome: str, loss_finite: bool,
-                      grad_norm: float) -> None:
+    def _note_outcome(
+        self, kind: UpdateKind, outcome: str, loss_finite: bool, grad_norm: float
+    ) -> None:
         """Count consecutive bad steps; raise DivergenceError at `max_bad_steps`."""
         if outcome == "ok":
             self.consecutive_bad_steps = 0
@@ -680,8 +760,10 @@ class TorchTrainer:
         elif not math.isfinite(grad_norm):
             why = f"the gradient norm was {grad_norm}"
         elif outcome == "explosive":
-            why = (f"the step made the weights explode (a weight past {self.max_abs_weight:g} or "
-                   f"the weight norm grown over {self.max_norm_growth:g}x)")
+            why = (
+                f"the step made the weights explode (a weight past {self.max_abs_weight:g} or "
+                f"the weight norm grown over {self.max_norm_growth:g}x)"
+            )
         else:
             why = "the step made a weight non-finite"
         raise DivergenceError(
@@ -698,8 +780,9 @@ class TorchTrainer:
         (None would be a zero-weight padding micro-batch; see distributed.rank_micro_batches)."""
         return list(range(count))
 
-    def _across_ranks(self, loss_finite: bool,
-                      means: _WeightedMeans) -> tuple[bool, _WeightedMeans]:
+    def _across_ranks(
+        self, loss_finite: bool, means: _WeightedMeans
+    ) -> tuple[bool, _WeightedMeans]:
         """Every rank's verdict and stats combined (one process: its own)."""
         return loss_finite, means
 
@@ -757,14 +840,20 @@ class TorchTrainer:
     def _take_snapshot(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> tuple:
         """Copies of the weights and of the optimizer's per-parameter state (moments, step)."""
         weights = [p.detach().clone() for p in params]
-        state = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
-                     for k, v in optimizer.state[p].items()}
-                 for p in params if p in optimizer.state}
+        state = {
+            p: {
+                k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                for k, v in optimizer.state[p].items()
+            }
+            for p in params
+            if p in optimizer.state
+        }
         return weights, state
 
     @staticmethod
-    def _restore_snapshot(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                          snapshot: tuple) -> None:
+    def _restore_snapshot(
+        optimizer: torch.optim.Optimizer, params: list[nn.Parameter], snapshot: tuple
+    ) -> None:
         """Back to `_take_snapshot`'s copies; param_groups (lr, ...) are left as they are."""
         weights, state = snapshot
         with torch.no_grad():
@@ -774,9 +863,10 @@ class TorchTrainer:
             optimizer.state.pop(p, None)
         optimizer.state.update(state)
 
-    def _weight_problem(self, before: tuple[float, float],
-                        after: tuple[float, float]) -> str | None:
-        """"nonfinite", "explosive" or None, from (max |w|, ||w||) before and after a step."""
+    def _weight_problem(
+        self, before: tuple[float, float], after: tuple[float, float]
+    ) -> str | None:
+        """ "nonfinite", "explosive" or None, from (max |w|, ||w||) before and after a step."""
         max_before, norm_before = before
         max_after, norm_after = after
         if not math.isfinite(max_after):
@@ -787,8 +877,12 @@ class TorchTrainer:
             return "explosive"
         return None
 
-    def _step_may_explode(self, optimizer: torch.optim.Optimizer, before: tuple[float, float],
-                          params: list[nn.Parameter]) -> bool:
+    def _step_may_explode(
+        self,
+        optimizer: torch.optim.Optimizer,
+        before: tuple[float, float],
+        params: list[nn.Parameter],
+    ) -> bool:
         """False only when one AdamW step provably cannot trip `_weight_problem`.
 
         With clipped (finite) gradients, step t of AdamW moves each weight by at most
@@ -805,14 +899,24 @@ class TorchTrainer:
         for group in optimizer.param_groups:
             lr, wd = float(group["lr"]), float(group["weight_decay"])
             b1, b2 = (float(b) for b in group["betas"])
-            if not (math.isfinite(lr) and math.isfinite(wd) and 0 <= b1 < 1 and 0 < b2 < 1
-                    and b1 * b1 < b2):
+            if not (
+                math.isfinite(lr)
+                and math.isfinite(wd)
+                and 0 <= b1 < 1
+                and 0 < b2 < 1
+                and b1 * b1 < b2
+            ):
                 return True
             state = optimizer.state.get(group["params"][0], {}) if group["params"] else {}
             t = int(state["step"]) + 1 if "step" in state else 1
             r = b1 * b1 / b2
-            bound = ((1 - b1) / math.sqrt(1 - b2) * math.sqrt((1 - r**t) / (1 - r))
-                     * math.sqrt(1 - b2**t) / (1 - b1**t))
+            bound = (
+                (1 - b1)
+                / math.sqrt(1 - b2)
+                * math.sqrt((1 - r**t) / (1 - r))
+                * math.sqrt(1 - b2**t)
+                / (1 - b1**t)
+            )
             move = 2.0 * lr * bound
             decay = abs(1 - lr * wd)
             if max_before * decay + move > self.max_abs_weight:

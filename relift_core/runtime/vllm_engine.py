@@ -68,7 +68,8 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError(
                 f"rollout.tensor_parallel_size={tensor_parallel_size}: the vLLM engine takes "
                 "the trainer's weights in this process, which needs one GPU per engine; set "
-                "rollout.tensor_parallel_size=1 (cluster.backend=ray gives every rank one)")
+                "rollout.tensor_parallel_size=1 (cluster.backend=ray gives every rank one)"
+            )
         if vllm_module is None:
             vllm_module = _import_vllm()
         # The engine core in this process, so `apply_model` hands the trainer's tensors to the
@@ -128,7 +129,8 @@ class VLLMRolloutEngine(RolloutEngine):
                     "one vLLM engine per process (sleep mode's CuMem allocator is process-wide): "
                     f"this process's engine runs with {live.settings} and stop tokens "
                     f"{live.stop_token_ids}, the config asks for {settings} and "
-                    f"{stop_token_ids} (or another model shape); run it in its own process")
+                    f"{stop_token_ids} (or another model shape); run it in its own process"
+                )
             live.sync_weights(model)
             return live
         model_dir = Path(model_dir) if model_dir is not None else cfg.run_dir() / "vllm_model"
@@ -140,8 +142,10 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def _sample_ids(self, request: SamplingRequest) -> list[list[Sample]]:
         if self.state != "awake" or not self.weights_current:
-            raise RuntimeError("the vLLM engine is asleep or its weights were discarded by "
-                               "sleep(level=2): call sync_weights(model) before sampling")
+            raise RuntimeError(
+                "the vLLM engine is asleep or its weights were discarded by "
+                "sleep(level=2): call sync_weights(model) before sampling"
+            )
         # Token ids, not text: vLLM's own tokenisation of text could prepend a BOS.
         token_prompts = [{"prompt_token_ids": ids} for ids in request.prompt_ids]
         n, progress, seed = request.n, request.progress, request.seed
