@@ -763,15 +763,40 @@ def _exit_after_grace(code: int) -> None:
     os._exit(code)
 
 
-def _interrupt(signum, frame) -> None:
-    """SIGINT and SIGTERM: KeyboardInterrupt (runs are marked FAILED on the way out), and a
-    deadline for the whole process (INTERRUPT_GRACE_S)."""
+def _start_exit_deadline(signum: int) -> None:
     if not _interrupted.is_set():
         _interrupted.set()
         threading.Thread(
             target=_exit_after_grace, args=(128 + signum,), daemon=True, name="relift-exit-deadline"
         ).start()
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM: KeyboardInterrupt (runs are marked FAILED on the way out), and a
+    deadline for the whole process (INTERRUPT_GRACE_S)."""
+    _start_exit_deadline(signum)
     raise KeyboardInterrupt
+
+
+def _deadline_under_prefects_sigterm_handler() -> None:
+    """While a flow runs, Prefect's engine (prefect.utilities.engine.capture_sigterm) replaces
+    the SIGTERM handler with its own, which raises TerminationSignal, and calls the previous
+    one only once that exception has left the flow engine. `demo`'s engine first shuts its
+    process pool down, waiting for trainings that run for minutes: SIGTERM to the command
+    alone left it running. Prefect's handler, looked up by name each time a flow starts, is
+    wrapped so that the deadline starts as the signal arrives."""
+    from prefect.utilities import engine
+
+    prefects = getattr(engine, "_prefect_sigterm_handler", None)
+    if prefects is None or getattr(prefects, "relift_deadline", False):
+        return
+
+    def handler(signum: int, *args: object):
+        _start_exit_deadline(signum)
+        return prefects(signum, *args)
+
+    handler.relift_deadline = True  # type: ignore[attr-defined]
+    engine._prefect_sigterm_handler = handler  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -792,6 +817,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the process's own entry point, not a test calling main()
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)
+        _deadline_under_prefects_sigterm_handler()
     code = 1
     try:
         app(args=args, prog_name="relift")
