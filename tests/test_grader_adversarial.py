@@ -196,9 +196,9 @@ def test_slow_answers_in_one_batch_take_no_worker_time(grader: BatchGrader) -> N
 @pytest.mark.parametrize("depth", range(1, 41))
 def test_every_brace_depth_is_graded_fast(depth: int) -> None:
     """Cost used to grow exponentially with depth below the old cut-off of 32."""
-    start = time.monotonic()
-    wrong = grade_answer(_boxed("{" * depth + "43" + "}" * depth), "42")
-    elapsed = time.monotonic() - start
+    answer = _boxed("{" * depth + "43" + "}" * depth)
+    # Exponential cost is slow on every try; a loaded machine's pause, on one (_best_of).
+    wrong, elapsed = _best_of(2, lambda: grade_answer(answer, "42"))
     assert not wrong.correct and not wrong.timed_out
     assert elapsed < TIMEOUT_S / 2
     refused = _prepare(_boxed("{" * depth + "43" + "}" * depth), "42", "math", False)
