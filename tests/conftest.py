@@ -47,6 +47,28 @@ def prefect_server():
         yield
 
 
+# A demo small enough for a test (a few minutes a seed): the demo tests, its console and its
+# signals. Every size the assertions (and the run time) depend on is pinned here:
+# configs/toy.yaml is tuned as the demo evolves. 8 cells x 24 training questions > 3 iterations
+# x 12 prompts, so no question is drawn twice and SFT uses exactly 36 demonstrations.
+REDUCED_DEMO = [
+    "run.iterations=3",
+    "data.world.families=[add,sub,mul,chain]",
+    "data.world.sizes=[2,3]",
+    "data.world.cells=null",
+    "data.world.train_per_cell=24",
+    "data.world.eval_per_cell=4",
+    "data.world.pretrain_examples=4000",
+    "data.world.pretrain_steps=150",
+    "rollout.n=8",
+    "eval.samples=2",
+    "rl.prompts_per_step=12",
+    "rl.mini_batch_size=12",
+    "run.grader_workers=1",
+    "algorithm.sft_buffer_threshold=4",
+]
+
+
 # A toy run small enough for a flow test: a 1-layer model, 12 training questions, 3 iterations.
 # Everything the tests below count on is pinned, not taken from configs/toy.yaml (tuned as the
 # demo evolves): the world's cells (the dynamics test counts its training questions), the

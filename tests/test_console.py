@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REDUCED_DEMO
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A process that writes the way libraries do: a logging handler on stderr, a Python warning, a
@@ -86,23 +88,6 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path):
     assert "after: None" in done.stdout and not (tmp_path / "logs").exists()
 
 
-# As tests/test_demo.py's reduced demo, one seed: a few minutes.
-REDUCED = [
-    "run.iterations=3",
-    "data.world.families=[add,sub,mul,chain]",
-    "data.world.sizes=[2,3]",
-    "data.world.cells=null",
-    "data.world.train_per_cell=24",
-    "data.world.eval_per_cell=4",
-    "data.world.pretrain_examples=4000",
-    "data.world.pretrain_steps=150",
-    "rollout.n=8",
-    "eval.samples=2",
-    "rl.prompts_per_step=12",
-    "rl.mini_batch_size=12",
-    "run.grader_workers=1",
-    "algorithm.sft_buffer_threshold=4",
-]
 TABLE_HEADER = "| run | held-out accuracy | 95% CI |"
 
 
@@ -120,7 +105,7 @@ def test_demo_prints_its_own_lines_only(tmp_path):
             "toy",
             "--seeds",
             "0",
-            *REDUCED,
+            *REDUCED_DEMO,
             f"run.workdir={tmp_path}",
         ],
         cwd=REPO,

@@ -11,28 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from relift_core.runtime.checkpoint import latest_checkpoint
+from tests.conftest import REDUCED_DEMO
 
 pytestmark = pytest.mark.slow
-
-# Every size the assertions (and the run time) depend on is pinned here: configs/toy.yaml is
-# tuned as the demo evolves. 8 cells x 24 training questions > 3 iterations x 12 prompts, so no
-# question is drawn twice and SFT uses exactly 36 demonstrations.
-REDUCED = [
-    "run.iterations=3",
-    "data.world.families=[add,sub,mul,chain]",
-    "data.world.sizes=[2,3]",
-    "data.world.cells=null",
-    "data.world.train_per_cell=24",
-    "data.world.eval_per_cell=4",
-    "data.world.pretrain_examples=4000",
-    "data.world.pretrain_steps=150",
-    "rollout.n=8",
-    "eval.samples=2",
-    "rl.prompts_per_step=12",
-    "rl.mini_batch_size=12",
-    "run.grader_workers=1",
-    "algorithm.sft_buffer_threshold=4",
-]
 
 
 def test_reduced_demo_two_seeds(prefect_server, tmp_path):
@@ -40,7 +21,10 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
 
     api_url_before = os.environ.get("PREFECT_API_URL")
     result = demo(
-        preset="toy", overrides=REDUCED + [f"run.workdir={tmp_path}"], name="demo", seeds=[0, 1]
+        preset="toy",
+        overrides=REDUCED_DEMO + [f"run.workdir={tmp_path}"],
+        name="demo",
+        seeds=[0, 1],
     )
     summary = result["summary"]
     # The workers were pointed at this flow's server for its life only.
@@ -101,7 +85,7 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     # A changed override never reuses these runs: it gets another config hash, fresh run names.
     again = demo(
         preset="toy",
-        overrides=REDUCED + [f"run.workdir={tmp_path}", "rl.lr=1e-5"],
+        overrides=REDUCED_DEMO + [f"run.workdir={tmp_path}", "rl.lr=1e-5"],
         name="demo",
         seeds=[0],
         algorithms=["rl"],
@@ -118,7 +102,7 @@ def test_demo_runs_relift_with_teacher_demonstrations(prefect_server, tmp_path):
 
     result = demo(
         preset="toy",
-        overrides=REDUCED + [f"run.workdir={tmp_path}"],
+        overrides=REDUCED_DEMO + [f"run.workdir={tmp_path}"],
         name="demo",
         seeds=[0],
         algorithms=["relift", TEACHER_METHOD],

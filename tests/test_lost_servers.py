@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.temporary_server import free_port, wait_healthy
+from tests.conftest import REDUCED_DEMO
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -216,20 +217,8 @@ def test_a_signal_ends_demo_within_seconds_with_no_process_left(tmp_path, how):
         "toy",
         "--seeds",
         "0,1",
-        "run.iterations=20",
-        "data.world.families=[add,sub,mul,chain]",
-        "data.world.sizes=[2,3]",
-        "data.world.cells=null",
-        "data.world.train_per_cell=24",
-        "data.world.eval_per_cell=4",
-        "data.world.pretrain_examples=4000",
-        "data.world.pretrain_steps=150",
-        "rollout.n=8",
-        "eval.samples=2",
-        "rl.prompts_per_step=12",
-        "rl.mini_batch_size=12",
-        "run.grader_workers=1",
-        "algorithm.sft_buffer_threshold=4",
+        *REDUCED_DEMO,
+        "run.iterations=20",  # the later value wins: still training at the signal
         f"run.workdir={tmp_path}",
     ]
     proc = subprocess.Popen(
