@@ -604,6 +604,7 @@ def ui(
 
     from flows.temporary_server import database_env, prefect_database, stop_process
     from tasks.running_ui import UI_FILE
+    from tasks.tracking import runs_views_in_store
 
     def _stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the servers exactly as Ctrl-C does
@@ -660,8 +661,12 @@ def ui(
             }
         )
     )
+    views = "".join(
+        f"\nRuns by method ({name}): {url}"
+        for name, url in runs_views_in_store(db, f"http://127.0.0.1:{mlflow_port}")
+    )
     console.print(
-        f"Prefect UI {prefect_ui}  MLflow UI http://127.0.0.1:{mlflow_port}\n"
+        f"Prefect UI {prefect_ui}  MLflow UI http://127.0.0.1:{mlflow_port}{views}\n"
         f"Commands on {workdir} report to this Prefect server while it runs; "
         f"elsewhere: PREFECT_API_URL={prefect_ui}/api\n"
         f"Deployments: {prefect_ui}/deployments (after `relift deploy`)",

@@ -130,10 +130,13 @@ def relocate_embedded_store(cfg: ExperimentConfig) -> None:
 # first) win over the tag, so every link this project prints carries
 # `workflowType=machine_learning` as well.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-# A saved runs-table view (MLflow's "share view": an experiment tag `mlflow.sharedViewState.<key>`
-# holding the table's state, opened by `?viewStateShareKey=<key>`): method, seed, held-out score
-# and demonstrations as columns, runs grouped by method.
+# A saved runs-table view: MLflow 3.17 keeps named views as experiment tags
+# `mlflow.sharedViewState.<key>` holding {name, createdAt, updatedAt, state: the table's state as
+# JSON} (its savedViewEnvelope); the UI lists them under "Views" and opens one by
+# `?viewStateShareKey=<key>`. Ours: method, seed, held-out score and demonstrations as columns,
+# runs grouped by method.
 RUNS_VIEW_KEY = "relift-methods"
+RUNS_VIEW_NAME = "Runs by method"
 
 
 def runs_view_state(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -144,15 +147,14 @@ def runs_view_state(cfg: ExperimentConfig) -> dict[str, Any]:
     held_out = [
         f"metrics.`{HELD_OUT}/{benchmark_logged_name(b)}/avg_at_k`" for b in cfg.eval.benchmarks
     ]
+    columns = ["tags.`relift.algorithm`", "params.`run.seed`", *held_out, "metrics.`demos_used`"]
     return {
-        "selectedColumns": [
-            "tags.`relift.algorithm`",
-            "params.`run.seed`",
-            *held_out,
-            "metrics.`demos_used`",
-            "metrics.`rollout_accuracy`",
-            "attributes.`Models`",
-        ],
+        "selectedColumns": columns,
+        # MLflow's table puts metrics before parameters and tags by default, and renders only the
+        # columns in view: the order names method and seed first so that they show beside the run
+        # name; the held-out columns are widened so that their names are not cut.
+        "columnOrder": columns,
+        "columnWidths": {column: 220 for column in held_out},
         "groupBy": {
             "aggregateFunction": "average",
             "groupByKeys": [{"mode": "tag", "groupByData": "relift.algorithm"}],
@@ -180,22 +182,55 @@ def experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
     else:
         exp_id = exp.experiment_id
     tags = exp.tags if exp is not None else dict([EXPERIMENT_KIND])
-    wanted = {
-        EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
-        f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(runs_view_state(cfg)),
-    }
-    for key, value in wanted.items():
-        if tags.get(key) != value:
-            client.set_experiment_tag(exp_id, key, value)
+    if tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+    view_tag, state = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}", json.dumps(runs_view_state(cfg))
+    if _saved_view_state(tags.get(view_tag)) != state:
+        now = int(time.time() * 1000)
+        envelope = {"name": RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now, "state": state}
+        client.set_experiment_tag(exp_id, view_tag, json.dumps(envelope))
     return exp_id
+
+
+def _saved_view_state(tag_value: str | None) -> str | None:
+    """The table state inside a saved view's tag; None for no tag or another format."""
+    try:
+        return json.loads(tag_value)["state"] if tag_value else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def runs_view_url(client: MlflowClient, exp_id: str) -> str:
     """The experiment's runs table with the saved view (method, seed, held-out score)."""
+    return _runs_view_address(ui_base(client), exp_id)
+
+
+def _runs_view_address(base: str, exp_id: str) -> str:
     return (
-        f"{ui_base(client)}/#/experiments/{exp_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+        f"{base}/#/experiments/{exp_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
         "&workflowType=machine_learning"
     )
+
+
+def runs_views_in_store(db: Path, base: str) -> list[tuple[str, str]]:
+    """(experiment name, runs-view address under `base`) for each active experiment of the
+    SQLite store `db` that has the saved view. Read with sqlite3, not MLflow's store, which
+    would create or upgrade the schema beside a starting `mlflow ui`."""
+    if not db.exists():
+        return []
+    import sqlite3
+
+    query = (
+        "select e.experiment_id, e.name from experiments e join experiment_tags t "
+        "on t.experiment_id = e.experiment_id "
+        "where t.key = ? and e.lifecycle_stage = 'active' order by e.experiment_id"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            rows = con.execute(query, (f"mlflow.sharedViewState.{RUNS_VIEW_KEY}",)).fetchall()
+    except sqlite3.Error:  # not (yet) an MLflow store
+        return []
+    return [(name, _runs_view_address(base, str(exp_id))) for exp_id, name in rows]
 
 
 def ui_base(client: MlflowClient) -> str:

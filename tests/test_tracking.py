@@ -7,7 +7,14 @@ from __future__ import annotations
 import json
 
 from relift_core.config import load_config
-from tasks.tracking import RUNS_VIEW_KEY, close_run, get_client, open_run, runs_view_url
+from tasks.tracking import (
+    RUNS_VIEW_KEY,
+    close_run,
+    get_client,
+    open_run,
+    runs_view_url,
+    runs_views_in_store,
+)
 
 
 def _cfg(tmp_path, *extra):
@@ -24,19 +31,37 @@ def test_the_experiment_is_a_training_experiment_with_the_methods_view(tmp_path)
     exp = client.get_experiment_by_name("relift")
     # What MLflow 3's UI reads to open the training view rather than its GenAI view.
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    view = json.loads(exp.tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
-    assert view["selectedColumns"][:4] == [
+    # A named view, as MLflow's "Views" menu lists them: the table's state inside an envelope.
+    envelope = json.loads(exp.tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
+    assert envelope["name"] == "Runs by method"
+    assert envelope["createdAt"] == envelope["updatedAt"] > 0
+    view = json.loads(envelope["state"])
+    assert view["selectedColumns"] == [
         "tags.`relift.algorithm`",
         "params.`run.seed`",
         "metrics.`heldout/world/avg_at_k`",
         "metrics.`heldout/aime/avg_at_k`",
+        "metrics.`demos_used`",
     ]
+    # Method and seed first: MLflow would put metrics first and render only the columns in view.
+    assert view["columnOrder"] == view["selectedColumns"]
     assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "relift.algorithm"}]
     assert runs_view_url(client, exp.experiment_id).endswith(
         f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
         "&workflowType=machine_learning"
     )
-    # An experiment made before (no kind) is marked when the next run opens.
+    # `relift ui` lists the view of each experiment of its store.
+    assert runs_views_in_store(tmp_path / "mlflow.db", "http://127.0.0.1:5001") == [
+        (
+            "relift",
+            f"http://127.0.0.1:5001/#/experiments/{exp.experiment_id}/runs"
+            f"?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning",
+        )
+    ]
+    assert runs_views_in_store(tmp_path / "none.db", "http://127.0.0.1:5001") == []
+    # The next run leaves the view as it is; an experiment made before (no kind) is marked.
+    close_run(open_run(cfg, run_key="k1", run_name="rl-s2"))
+    assert client.get_experiment(exp.experiment_id).tags == exp.tags
     client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
     close_run(open_run(cfg, run_key="k2", run_name="rl-s1"))
     assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == (

@@ -308,13 +308,35 @@ def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
             "the child's MLflow run",
         )
 
-        # The saved runs view: grouped by method, with the held-out score as a column.
-        browser.get(
-            f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey=relift-methods"
-            "&workflowType=machine_learning"
-        )
+        # The runs view the sweep prints: grouped by method, with method, seed and held-out score
+        # as columns that show without scrolling (MLflow renders only the columns in view).
+        (view_url,) = [
+            line.split("Runs by method: ", 1)[1].strip()
+            for line in sweep.stdout.splitlines()
+            if "Runs by method: " in line
+        ]
+        assert view_url.startswith(f"{mlflow_ui}/#/experiments/{exp_id}/runs?")
+        browser.get(view_url)
         wait_until(lambda: _page_text_contains(browser, "Group: relift"), 90, "method groups")
-        assert _page_text_contains(browser, "heldout/world/avg_at_k")
+        page = browser.find_element("tag name", "body").text
+        # The training view, and the view by its name in MLflow's "Views" menu.
+        assert "Model training" in page and "Runs by method" in page
+
+        def column(col_id: str) -> list[str]:
+            cells = browser.find_elements("css selector", f"[col-id='{col_id}']")
+            return [c.text.strip() for c in cells if c.is_displayed()]
+
+        held_out = "metrics.`heldout/world/avg_at_k`"
+        wait_until(lambda: "0" in column("params.`run.seed`"), 60, "the seed column's values")
+        assert column("tags.`relift.algorithm`")[0] == "relift.algorithm"
+        assert {"relift", "rl"} <= set(column("tags.`relift.algorithm`"))
+        assert column("params.`run.seed`")[0] == "run.seed"
+        scores = column(held_out)
+        assert scores[0] == "heldout/world/avg_at_k", scores
+        # A run's score, or a group's "0.51 (average)"; "-" where a row has none (the sweep's
+        # parent, in the group of runs without a method).
+        values = [float(v.split()[0]) for v in scores[1:] if v[:1].isdigit()]
+        assert len(values) >= 2 and all(0.0 <= v <= 1.0 for v in values), scores
     finally:
         stop_process(ui, grace_s=30)
         log.close()
