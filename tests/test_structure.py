@@ -8,6 +8,7 @@ functions alike (a deferred import is still a dependency); only imports under
 """
 
 import ast
+import re
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parent.parent / "relift_core"
@@ -115,3 +116,30 @@ def test_relift_core_has_no_import_circle():
     assert "relift_core.runtime.ray_cluster" in graph["relift_core.runtime.session"]
     cycle = find_cycle(graph)
     assert cycle is None, "import circle in relift_core: " + " -> ".join(cycle)
+
+
+def _documented_files() -> set[str]:
+    """Every `name.py` ARCHITECTURE.md names, as a bare file name."""
+    text = (CORE.parent / "ARCHITECTURE.md").read_text()
+    return {Path(m).name for m in re.findall(r"[\w/]+\.py\b", text)}
+
+
+def test_architecture_names_every_module_and_only_modules_that_exist():
+    """ARCHITECTURE.md's map is the tree: each module of relift_core, flows, tasks and analysis
+    is named there, and each file it names exists (a rename or a new module updates it)."""
+    repo = CORE.parent
+    packages = ("relift_core", "flows", "tasks", "analysis")
+    modules = {
+        p.name
+        for package in packages
+        for p in (repo / package).rglob("*.py")
+        if p.stem != "__init__"
+    }
+    tree = {p.name for p in repo.rglob("*.py") if ".venv" not in p.parts}
+    documented = _documented_files()
+    assert not modules - documented, (
+        f"modules ARCHITECTURE.md does not name: {modules - documented}"
+    )
+    assert not documented - tree, (
+        f"files ARCHITECTURE.md names that do not exist: {documented - tree}"
+    )
