@@ -22,6 +22,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from relift_core.errors import user_error_exit_code  # imports nothing: the CLI starts fast
 from tasks.progress import HideRoutineTaskStates  # imports only rich: the CLI starts fast
 
 app = typer.Typer(
@@ -32,31 +33,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-# Errors a user fixes (config, data, learning rate, checkpoints), by class name so that matching
-# one imports nothing: one line each, no traceback. Anything else is a bug: full traceback.
-USER_ERRORS = {
-    "ConfigError": 2,
-    "ValidationError": 2,
-    "DataError": 1,
-    "BenchmarkError": 1,
-    "DivergenceError": 1,
-    "CheckpointError": 1,
-    "ResumeRefused": 1,
-    "ResumeError": 1,
-    "RunLockedError": 1,
-    "ShardCountError": 1,
-    "RayUnavailableError": 1,
-}
 _debug = False
 _verbose = False
-
-
-def user_error_exit_code(exc: BaseException) -> int | None:
-    """The exit code for a user error (see USER_ERRORS), or None for anything else."""
-    for cls in type(exc).__mro__:
-        if cls.__name__ in USER_ERRORS:
-            return USER_ERRORS[cls.__name__]
-    return None
 
 
 def one_line(exc: BaseException) -> str:
@@ -805,8 +783,8 @@ def _deadline_under_prefects_sigterm_handler() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `relift` entry point: runs the command; a user error (USER_ERRORS) or a lost server
-    prints one line and exits non-zero unless --debug (or RELIFT_DEBUG=1) asks for the
+    """The `relift` entry point: runs the command; a user error (relift_core.errors) or a lost
+    server prints one line and exits non-zero unless --debug (or RELIFT_DEBUG=1) asks for the
     traceback. SIGTERM and SIGINT end it within seconds (see PREFECT_DRAIN_S)."""
     import signal
 

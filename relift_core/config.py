@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from relift_core.errors import UserError
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -500,8 +502,10 @@ def config_differences(
     return out
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A preset or override that does not validate; the message names the key and the file."""
+
+    exit_code = 2
 
 
 def list_presets() -> list[str]:

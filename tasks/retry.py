@@ -4,15 +4,14 @@ diverged update fails the same way every time, so retrying only delays the error
 
 from __future__ import annotations
 
-from relift_core.config import ConfigError
-from relift_core.data.examples import DataError
-from relift_core.runtime.checkpoint import CheckpointError
-from relift_core.runtime.trainer import DivergenceError
+from relift_core.errors import user_error_exit_code
 
 
 def is_permanent_error(exc: BaseException) -> bool:
-    """DataError and ConfigError are ValueErrors, and so is pydantic's ValidationError."""
-    return isinstance(exc, (DataError, ConfigError, ValueError, DivergenceError, CheckpointError))
+    """A user error (relift_core.errors.UserError: config, data, checkpoint, divergence, a
+    locked or refused run) fails the same way every time; the CLI reports the same family as
+    one line. Anything else may be a hiccup."""
+    return user_error_exit_code(exc) is not None
 
 
 def retry_unless_permanent(task, task_run, state) -> bool:

@@ -204,6 +204,43 @@ def test_data_and_config_errors_are_not_retried():
     assert retried(OSError("NFS hiccup")) and retried(TimeoutError("hub timeout"))
 
 
+def _user_error_classes() -> list[type]:
+    """Every error class relift_core defines, found by walking its modules (a new one is
+    covered without editing this test)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import relift_core
+
+    classes = set()
+    for info in pkgutil.walk_packages(relift_core.__path__, "relift_core."):
+        module = importlib.import_module(info.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Exception) and cls.__module__.startswith("relift_core."):
+                classes.add(cls)
+    return sorted(classes, key=lambda c: c.__qualname__)
+
+
+def test_one_family_decides_the_exit_code_and_no_retry():
+    """The CLI's one-line report (exit 1, or 2 for a config) and the tasks' "do not retry" are
+    the same decision: UserError. Every public error of relift_core is one, from the config to
+    a locked run; a private one (a grader's internal signal) is not."""
+    from relift_core.errors import UserError, user_error_exit_code
+    from tasks.retry import is_permanent_error
+
+    public = [c for c in _user_error_classes() if not c.__name__.startswith("_")]
+    names = {c.__name__ for c in public}
+    assert {"ConfigError", "PlanError", "DataError", "ResumeRefused", "RunLockedError"} <= names
+    for cls in public:
+        assert issubclass(cls, UserError), f"{cls.__qualname__} is not a UserError"
+        exc = cls("x")
+        assert is_permanent_error(exc) and user_error_exit_code(exc) in (1, 2), cls
+    assert {c.__name__ for c in public if c("x").exit_code == 2} == {"ConfigError", "PlanError"}
+    for bug in (ValueError("x"), RuntimeError("x"), OSError("disk"), KeyError("k")):
+        assert user_error_exit_code(bug) is None and not is_permanent_error(bug)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from relift_core.data.examples import Example, examples_from_records, load_examples
+from relift_core.errors import UserError
 from relift_core.grading.extraction import AnswerType, answer_type_for
 
 BenchmarkGroup = Literal["math", "ood", "custom"]
@@ -53,7 +54,7 @@ CHOICE_INSTRUCTION = (
 )
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """An unknown benchmark, or one whose data cannot be found; the message says what to do."""
 
 

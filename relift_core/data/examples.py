@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from relift_core.atomic import atomic_file
+from relift_core.errors import UserError
 from relift_core.grading.answer_checks import MAX_GOLD_CHARS
 
 # Our field -> the column it is read from by default (the verl layout).
@@ -55,7 +56,7 @@ class Example:
         object.__setattr__(self, "prompt", tuple(self.prompt))
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A row that does not fit the layout; the message names the file, row index and field."""
 
 

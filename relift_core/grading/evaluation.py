@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from relift_core.atomic import atomic_file
 from relift_core.data.benchmarks import Benchmark
 from relift_core.data.examples import Example, render_prompt
+from relift_core.errors import UserError
 from relift_core.grading.metrics import summarize
 
 if TYPE_CHECKING:  # imported for types only: the grader and engines pull in heavy modules
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # imported for types only: the grader and engines pull in hea
 ProgressCallback = Callable[[int, int], None]  # (questions done, questions in the benchmark)
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """A records file that does not belong to this evaluation (other benchmark or k)."""
 
 

@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from relift_core.atomic import TMP_PREFIX, atomic_dir
+from relift_core.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -57,7 +58,7 @@ WEIGHTS_FINITE = "weights_finite"  # manifest key: the writer checked every weig
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is incomplete, corrupt, or does not fit the model."""
 
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from relift_core.config import RLConfig
+from relift_core.errors import UserError
 from relift_core.runtime.batches import TokenBatch
 from relift_core.runtime.distributed import (
     ShardCountError,
@@ -47,7 +48,7 @@ GPU_EXTRA_HINT = "pip install 'relift[gpu]'"
 STATE_VERSION = 2
 
 
-class DeepSpeedUnavailableError(ImportError):
+class DeepSpeedUnavailableError(UserError, ImportError):
     """deepspeed is not installed (it comes with the `gpu` and `dev` extras)."""
 
 

@@ -18,10 +18,11 @@ import math
 import torch
 import torch.distributed as dist
 
+from relift_core.errors import UserError
 from relift_core.runtime.trainer import _WeightedMeans
 
 
-class ShardCountError(RuntimeError):
+class ShardCountError(UserError, RuntimeError):
     """A checkpoint's trainer state was written by another number of ranks than this run has."""
 
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relift_core.config import ConfigError, ExperimentConfig
+from relift_core.errors import UserError
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -139,8 +140,10 @@ KNOWN_ARCHITECTURES = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The model's architecture is unknown to the planner."""
+
+    exit_code = 2
 
 
 def architecture_of(cfg: ExperimentConfig) -> Architecture:

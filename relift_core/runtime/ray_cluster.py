@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from relift_core.config import ExperimentConfig
+from relift_core.errors import UserError
 from relift_core.runtime.assembly import build_engine, seed_everything, trainer_options
 from relift_core.runtime.batches import TokenBatch
 from relift_core.runtime.distributed import ShardCountError
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # both import their backends (torch.distributed, DeepSpeed) a
 RAY_HINT = "pip install 'relift[cluster]' (Ray 2.60)"
 
 
-class RayUnavailableError(ImportError):
+class RayUnavailableError(UserError, ImportError):
     """cluster.backend=ray without Ray installed."""
 
 

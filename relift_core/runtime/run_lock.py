@@ -15,8 +15,10 @@ import socket
 from pathlib import Path
 from typing import Self
 
+from relift_core.errors import UserError
 
-class RunLockedError(RuntimeError):
+
+class RunLockedError(UserError, RuntimeError):
     """Another live process holds this run directory."""
 
 

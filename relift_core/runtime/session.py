@@ -24,6 +24,7 @@ from relift_core.algorithm.strategies import Strategy, strategy_from_config
 from relift_core.config import ExperimentConfig, config_differences
 from relift_core.data.examples import Example, fingerprint_examples
 from relift_core.data.question_stream import QuestionStream
+from relift_core.errors import UserError
 from relift_core.grading.grader import BatchGrader
 from relift_core.runtime.assembly import build_engine, seed_everything, trainer_options
 from relift_core.runtime.checkpoint import (
@@ -166,7 +167,7 @@ def _trainer_and_engine(cfg: ExperimentConfig, model, tokenizer, device):
     return trainer, build_engine(cfg, model, tokenizer, device)
 
 
-class ResumeRefused(RuntimeError):
+class ResumeRefused(UserError, RuntimeError):
     """The run name's checkpoints (or MLflow run) belong to another experiment, or none of its
     checkpoints is usable."""
 

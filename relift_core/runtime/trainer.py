@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from relift_core.algorithm import objectives as algorithms
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
+from relift_core.errors import UserError
 from relift_core.runtime.batches import TokenBatch, pack_for_scoring, shift_targets
 from relift_core.runtime.models import MASTER_DTYPE, bf16_autocast
 
@@ -57,7 +58,7 @@ STATE_VERSION = 1
 _SKIP_KEYS = ("skipped_steps", "skipped_nonfinite", "skipped_explosive")
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(UserError, RuntimeError):
     """Too many optimizer steps in a row had to be skipped or rolled back: training diverged."""
 
 
