@@ -206,11 +206,11 @@ def _show_progress(progress_id, done: int, total: int, last_shown: float) -> flo
 
 def log_final_policy(tracker: MlflowTracker, session) -> None:
     """The trained policy as an MLflow model (transformers flavour; registrable), or, with
-    tracking.log_checkpoints off (multi-GB models), only the final checkpoint's path as a tag."""
+    tracking.log_final_model off (multi-GB models), only the final checkpoint's path as a tag."""
     final = latest_checkpoint(session.checkpoint_dir)
     if final is not None:
         tracker.set_tags({"relift.final_checkpoint": str(final.resolve())})
-    if session.cfg.tracking.log_checkpoints:
+    if session.cfg.tracking.log_final_model:
         # The exported model is in the compute dtype (the float32 masters stay in the
         # checkpoint); this is the session's last use of its weights.
         model = session.model.to(export_dtype(session.cfg.model))

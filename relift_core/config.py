@@ -99,12 +99,10 @@ class WorldConfig(_Section):
     # pretrain_families x pretrain_sizes (each weight 1) when given.
     pretrain_cells: dict[str, float] | None = None
     # Skills pretraining never shows, so that demonstrations of them teach a new composition of
-    # known steps: `add_carry_out` leaves out multi-digit additions whose sum is longer than
-    # their operands (47+58=105), `mul_carry_out` the same for products (64*3=192): every step
-    # is a known fact, only writing the final carry into the answer is new.
-    pretrain_holdout: list[
-        Literal["add_carry_out", "add1_carry_out", "mul_carry_out", "long_answer"]
-    ] = []
+    # known steps: `long_answer` leaves out the additions and products whose answer is longer
+    # than their operands (7+8=15, 47+58=105, 64*3=192): every step is a known fact, only
+    # writing the final carry into the answer is new.
+    pretrain_holdout: list[Literal["long_answer"]] = []
     # Share of pretraining demonstrations whose final answer has one digit miscopied (the steps
     # stay right), as a web corpus holds careless solutions: the base model is unsure where it
     # should not be, and sampling at temperature 1 shows it -- what RL sharpens away.
@@ -315,7 +313,7 @@ class TrackingConfig(_Section):
     # CPU, memory, disk and GPU use in MLflow's system-metrics tab, sampled every this many
     # seconds while a run trains (None: off).
     system_metrics_interval_s: float | None = Field(10.0, gt=0)
-    log_checkpoints: bool = True
+    log_final_model: bool = True
 
 
 # numpy's generator takes seeds in [0, 2**32): anything else crashed after the config passed.

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 TEMPERATURE, LR = 1.0, 1e-6
 SHAPE = {
@@ -196,7 +195,7 @@ def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: 
         # inside the timed steps (its save_strategy="no"; ours is written after the last one).
         "model.bf16_autocast=true",
         f"run.checkpoint_every={steps + 1}",
-        "tracking.log_checkpoints=false",
+        "tracking.log_final_model=false",
     ]
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)

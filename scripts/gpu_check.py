@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+# The GPU machine runs this from a copy of the tree, without installing the project.
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

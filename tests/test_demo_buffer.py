@@ -16,7 +16,7 @@ def uids(entries) -> list[str]:
 
 def test_newest_order_puts_each_iterations_entries_in_front():
     """The paper's reference code: new entries are prepended, a step slices the front."""
-    buffer = DemoBuffer(threshold=3)
+    buffer = DemoBuffer()
     assert buffer.order == "newest"
     assert buffer.add_all([entry("a", 0), entry("b", 0)]) == 2
     assert buffer.add_all([entry("c", 1), entry("d", 1)]) == 2
@@ -27,7 +27,7 @@ def test_newest_order_puts_each_iterations_entries_in_front():
 
 
 def test_oldest_order_is_first_in_first_out():
-    buffer = DemoBuffer(threshold=3, order="oldest")
+    buffer = DemoBuffer(order="oldest")
     buffer.add_all([entry("a", 0), entry("b", 0)])
     buffer.add_all([entry("c", 1), entry("d", 1)])
     assert uids(buffer.take(3)) == ["a", "b", "c"]
@@ -35,7 +35,7 @@ def test_oldest_order_is_first_in_first_out():
 
 
 def test_take_k_and_errors():
-    buffer = DemoBuffer(threshold=2, order="oldest")
+    buffer = DemoBuffer(order="oldest")
     with pytest.raises(ValueError):
         buffer.take(1)  # nothing to take
     for uid in "abc":
@@ -46,14 +46,12 @@ def test_take_k_and_errors():
     with pytest.raises(ValueError):
         buffer.take(0)
     assert uids(buffer.take(2)) == ["b", "c"]
-    with pytest.raises(ValueError):
-        DemoBuffer(threshold=0)
     with pytest.raises(ValueError, match="order"):
-        DemoBuffer(threshold=2, order="random")
+        DemoBuffer(order="random")
 
 
 def test_peek_leaves_entries_in_place():
-    buffer = DemoBuffer(threshold=2, order="oldest")
+    buffer = DemoBuffer(order="oldest")
     for uid in "abc":
         buffer.add(entry(uid))
     assert buffer.peek(2) == [entry("a"), entry("b")]
@@ -71,7 +69,7 @@ def test_prompt_and_level_are_normalised():
 
 @pytest.mark.parametrize("order", ["newest", "oldest"])
 def test_a_uid_already_waiting_is_skipped_but_may_return_after_take(order):
-    buffer = DemoBuffer(threshold=2, order=order)
+    buffer = DemoBuffer(order=order)
     assert buffer.add(entry("a", 0))
     assert not buffer.add(entry("a", 1))  # still hardest one step later, still waiting
     assert len(buffer) == 1 and buffer.total_added == 1 and buffer.total_skipped == 1
@@ -83,7 +81,7 @@ def test_a_uid_already_waiting_is_skipped_but_may_return_after_take(order):
 
 @pytest.mark.parametrize("order", ["newest", "oldest"])
 def test_state_dict_round_trips_exactly(order):
-    buffer = DemoBuffer(threshold=3, order=order)
+    buffer = DemoBuffer(order=order)
     for i, uid in enumerate("abcde"):
         buffer.add(entry(uid, i))
     buffer.add(entry("e", 9))
@@ -91,7 +89,9 @@ def test_state_dict_round_trips_exactly(order):
     state = json.loads(json.dumps(buffer.state_dict()))
     restored = DemoBuffer.from_state_dict(state)
     assert restored.state_dict() == buffer.state_dict()
-    assert restored.threshold == 3 and restored.order == order and len(restored) == 2
+    assert restored.order == order and len(restored) == 2
+    # a checkpoint written while the buffer still kept the threshold loads the same
+    assert DemoBuffer.from_state_dict({**state, "threshold": 3}).state_dict() == state
     assert (restored.total_added, restored.total_taken, restored.total_skipped) == (5, 3, 1)
     waiting = uids(restored.peek(2))
     assert not restored.add(entry(waiting[0]))  # the waiting set is restored too
@@ -100,7 +100,7 @@ def test_state_dict_round_trips_exactly(order):
     assert uids(restored.take(3)) == expected
     assert not set(uids(taken)) & set(expected)
 
-    other = DemoBuffer(threshold=128)
+    other = DemoBuffer()
     other.add(entry("zz"))
     other.load_state_dict(state)  # replaces, does not merge
     assert other.state_dict() == buffer.state_dict()

@@ -59,14 +59,9 @@ def make_ledger() -> DifficultyLedger:
     return ledger
 
 
-def test_history_level_at_and_first_level():
+def test_history_holds_each_record_in_order():
     ledger = make_ledger()
     assert ledger.history("q1") == [(0, 0.0, Level.HARDEST), (2, 0.125, Level.HARD)]
-    assert ledger.level_at("q1", 0) is Level.HARDEST
-    assert ledger.level_at("q1", 1) is Level.HARDEST  # latest at or before
-    assert ledger.level_at("q1", 5) is Level.HARD
-    assert ledger.level_at("q4", 2) is None and ledger.level_at("nope", 9) is None
-    assert ledger.first_level("q1") is Level.HARDEST and ledger.first_level("nope") is None
     assert ledger.history("nope") == []
     assert len(ledger) == 4 and "q4" in ledger and "nope" not in ledger
 
@@ -82,33 +77,16 @@ def test_rerecording_an_iteration_replaces_it_and_order_is_kept():
     ]
 
 
-def test_level_counts_are_records_made_at_that_iteration():
-    ledger = make_ledger()
-    assert ledger.level_counts(0) == {
-        Level.HARDEST: 1,
-        Level.HARD: 0,
-        Level.MEDIUM: 1,
-        Level.EASY: 1,
-    }
-    assert ledger.level_counts(2) == {
-        Level.HARDEST: 0,
-        Level.HARD: 1,
-        Level.MEDIUM: 0,
-        Level.EASY: 1,
-    }
-    nothing = ledger.level_counts(1)
-    assert list(nothing) == list(LEVELS) and sum(nothing.values()) == 0
-
-
 def test_transition_table():
-    ledger = make_ledger()
-    table = transition_table(ledger.levels_at(0), ledger.levels_at(3))
+    before = {"q1": Level.HARDEST, "q2": Level.MEDIUM, "q3": Level.EASY}
+    after = {"q1": Level.HARD, "q2": Level.EASY, "q3": Level.EASY, "q4": Level.HARDEST}
+    table = transition_table(before, after)
     assert list(table.index) == list(table.columns) == ["hardest", "hard", "medium", "easy"]
     assert table.index.name == "before" and table.columns.name == "after"
     assert table.loc["hardest", "hard"] == 1  # q1
     assert table.loc["medium", "easy"] == 1  # q2
     assert table.loc["easy", "easy"] == 1  # q3
-    assert table.to_numpy().sum() == 3  # q4 was not seen at iteration 0
+    assert table.to_numpy().sum() == 3  # q4 is not in `before`
     empty = transition_table({}, {})
     assert empty.shape == (4, 4) and empty.to_numpy().sum() == 0
     assert transition_table({"a": "hard"}, {"a": "easy"}).loc["hard", "easy"] == 1

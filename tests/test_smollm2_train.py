@@ -74,7 +74,7 @@ def _train(workdir: Path, iterations: int) -> str:
         "eval.benchmarks=[]",
         "run.grader_workers=1",
         "tracking.system_metrics_interval_s=null",
-        "tracking.log_checkpoints=false",
+        "tracking.log_final_model=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(

@@ -3,8 +3,9 @@
 Two orders, chosen by `algorithm.sft_buffer_order`:
 
 - `newest` (the paper's reference code, the default): each iteration's new entries go in front
-  of the buffer and a fine-tuning step takes the first `threshold`, i.e. the most recently failed
-  questions; older entries wait behind them.
+  of the buffer and a fine-tuning step takes the first k, i.e. the most recently failed
+  questions; older entries wait behind them. When to take and how many (the buffer threshold)
+  is the Strategy's decision, not the buffer's.
 - `oldest`: first in, first out.
 
 The buffer is part of a checkpoint, so its state round-trips through JSON exactly (entries,
@@ -40,12 +41,9 @@ class DemoEntry:
 
 
 class DemoBuffer:
-    def __init__(self, threshold: int, order: BufferOrder = "newest") -> None:
-        if threshold <= 0:
-            raise ValueError(f"threshold must be positive, got {threshold}")
+    def __init__(self, order: BufferOrder = "newest") -> None:
         if order not in ("newest", "oldest"):
             raise ValueError(f"order must be 'newest' or 'oldest', got {order!r}")
-        self.threshold = threshold
         self.order = order
         self._entries: deque[DemoEntry] = deque()
         self._waiting: set[str] = set()
@@ -103,7 +101,6 @@ class DemoBuffer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "threshold": self.threshold,
             "order": self.order,
             "entries": [
                 {
@@ -121,7 +118,9 @@ class DemoBuffer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore exactly, threshold included: a resumed run continues the same schedule."""
+        """Restore exactly: a resumed run continues with the same entries in the same order.
+        (States written before the buffer stopped keeping the threshold carry a "threshold"
+        key; it is ignored: the threshold is the config's.)"""
         if state.get("version") != 1:
             raise ValueError(f"unsupported DemoBuffer state version {state.get('version')!r}")
         entries = [
@@ -136,10 +135,6 @@ class DemoBuffer:
         ]
         if len({e.uid for e in entries}) != len(entries):
             raise ValueError("DemoBuffer state holds a uid twice")
-        threshold = int(state["threshold"])
-        if threshold <= 0:
-            raise ValueError(f"DemoBuffer state: threshold must be positive, got {threshold}")
-        self.threshold = threshold
         self.order = state.get("order", "oldest")  # version-1 states before `order` were FIFO
         self._entries = deque(entries)
         self._waiting = {e.uid for e in entries}
@@ -149,6 +144,6 @@ class DemoBuffer:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> DemoBuffer:
-        buffer = cls(int(state["threshold"]), state.get("order", "oldest"))
+        buffer = cls(state.get("order", "oldest"))
         buffer.load_state_dict(state)
         return buffer

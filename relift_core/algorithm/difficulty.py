@@ -62,32 +62,10 @@ class DifficultyLedger:
             history.insert(at, entry)
         return level
 
-    def level_at(self, uid: str, iteration: int) -> Level | None:
-        """The latest level recorded at or before `iteration`; None if not seen by then."""
-        history = self._history.get(uid, [])
-        at = bisect.bisect_right(history, iteration, key=lambda r: r[0])
-        return history[at - 1][2] if at else None
-
-    def levels_at(self, iteration: int) -> dict[str, Level]:
-        """`level_at` for every question seen by `iteration` (the input of `transition_table`)."""
-        levels = {uid: self.level_at(uid, iteration) for uid in self._history}
-        return {uid: level for uid, level in levels.items() if level is not None}
-
-    def first_level(self, uid: str) -> Level | None:
-        history = self._history.get(uid)
-        return history[0][2] if history else None
-
     def history(self, uid: str) -> list[Record]:
+        """Every (iteration, accuracy, level) recorded for `uid`, in iteration order: the
+        run's difficulty record, as its checkpoints keep it."""
         return list(self._history.get(uid, []))
-
-    def level_counts(self, iteration: int) -> dict[Level, int]:
-        """How many questions were classified into each level at exactly `iteration`."""
-        counts = dict.fromkeys(LEVELS, 0)
-        for history in self._history.values():
-            at = bisect.bisect_left(history, iteration, key=lambda r: r[0])
-            if at < len(history) and history[at][0] == iteration:
-                counts[history[at][2]] += 1
-        return counts
 
     def __len__(self) -> int:
         return len(self._history)

@@ -26,7 +26,7 @@ Decisions (each one deliberate, so records stay comparable across runs):
   `\\let\\x=42`, `20 22`, garbage ending in 42), so `answer_checks.rejection` refuses relations,
   alternatives, hedges, juxtaposed numbers, TeX programming and unknown commands that the gold
   does not share (`x = 42` still answers `42`). The same cheap checks cut pathological answers
-  before sympy sees them: length, nesting deeper than `MAX_BRACE_DEPTH` (braces, parentheses
+  before sympy sees them: length, nesting deeper than `MAX_NESTING_DEPTH` (braces, parentheses
   and brackets together), power towers, factorial chains, huge numbers and exponents, large
   symbolic expansions. A refused answer is incorrect with its format still ok; it never costs a
   worker's time, so no answer should ever reach the timeout, which stays as the last resort.
@@ -86,11 +86,10 @@ from relift_core.grading.extraction import (
     reference_answer_text,
 )
 
-# Gold answers nest braces at most 3 deep. The parser's cost grows with depth (0.7 s at 8, 3.2 s
-# at 12, past the 5 s timeout at 14), so the cut-off is far below where it explodes; it applies
-# to braces, parentheses and brackets together (answer_checks.MAX_NESTING_DEPTH).
+# MAX_NESTING_DEPTH (answer_checks): gold answers nest braces at most 3 deep, and the parser's
+# cost grows with depth (0.7 s at 8, 3.2 s at 12, past the 5 s timeout at 14), so the cut-off
+# is far below where it explodes; it counts braces, parentheses and brackets together.
 # MAX_ANSWER_CHARS (1000) comes from answer_checks too.
-MAX_BRACE_DEPTH = MAX_NESTING_DEPTH
 # How long past its deadline a worker may take to stop itself before the parent kills it.
 KILL_GRACE_S = 0.5
 # A worker that is not ready this long after starting means the pool itself is broken.
@@ -198,7 +197,7 @@ def _prepare(
     record = box.content.strip()
     # Cheapest first (the box's own depth is already known), then everything else that makes
     # an answer wrong as a whole or too costly for sympy.
-    if len(record) > MAX_ANSWER_CHARS or box.depth > MAX_BRACE_DEPTH:
+    if len(record) > MAX_ANSWER_CHARS or box.depth > MAX_NESTING_DEPTH:
         return Grade(correct=False, format_ok=True, extracted=_for_record(record))
     predicted, gold = without_percent(record), without_percent(ground_truth)
     if not predicted or rejection(predicted, gold) is not None:

@@ -264,7 +264,7 @@ def _build_session(
     trainer, engine = _trainer_and_engine(cfg, model, tokenizer, device)
     state = RunState(
         iteration=0,
-        buffer=DemoBuffer(cfg.algorithm.sft_buffer_threshold, cfg.algorithm.sft_buffer_order),
+        buffer=DemoBuffer(cfg.algorithm.sft_buffer_order),
         ledger=DifficultyLedger(),
         stream=QuestionStream(len(dataset), seed=cfg.run.seed, shuffle=cfg.data.shuffle),
     )
