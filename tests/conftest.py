@@ -152,3 +152,39 @@ def record_gradients(trainer) -> dict:
 
     trainer._clip_and_step = record
     return grads
+
+
+# A session small enough to run iterations in seconds: a 1-layer model, 3 training questions a
+# cell, no pretraining, one grader worker. Its tests add their method, run name and sizes.
+TINY_SESSION = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.intermediate_size=64",
+    "data.world.train_per_cell=3",
+    "data.world.eval_per_cell=1",
+    "data.world.pretrain_examples=0",
+    "run.grader_workers=1",
+]
+
+
+def world_session(cfg):
+    """A training session of `cfg` on its proof world's training questions."""
+    from relift_core.data.examples import examples_from_records
+    from relift_core.proofworld.problems import build_world, problem_to_record
+    from relift_core.runtime.session import build_session
+
+    problems = build_world(cfg.data.world)["train"]
+    dataset = examples_from_records(
+        [problem_to_record(p, index=i) for i, p in enumerate(problems)], origin="world"
+    )
+    return build_session(cfg, dataset)
+
+
+def add1_world(**counts):
+    """A proof world of one cell, add/1 (the 100 sums of two digits), pretrained on that cell
+    alone; `counts` are its train_per_cell, eval_per_cell and pretrain_examples."""
+    from relift_core.config import WorldConfig
+
+    return WorldConfig(
+        families=["add"], sizes=[1], pretrain_families=["add"], pretrain_sizes=[1], **counts
+    )

@@ -5,6 +5,12 @@ opens its run with; it is checked on its own first, for Ctrl-C and SIGTERM too."
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 from mlflow import MlflowClient
 from prefect import task
@@ -48,38 +54,86 @@ def _base(tiny_overrides, tmp_path) -> list[str]:
     return [*tiny_overrides, f"run.workdir={tmp_path}"]
 
 
-def test_a_failed_train_flow_leaves_its_run_failed(
-    tiny_overrides, prefect_server, tmp_path, monkeypatch
+# Each flow called as a user calls it, on the test's overrides and work directory.
+def _train(flow: ModuleType, overrides: list[str], workdir: Path) -> None:
+    flow.train(preset="toy", overrides=overrides + ["run.iterations=0", "run.name=t"])
+
+
+def _evaluate(flow: ModuleType, overrides: list[str], workdir: Path) -> None:
+    flow.evaluate(preset="toy", overrides=overrides, benchmarks=["world"], limit=2)
+
+
+def _build_base_model(flow: ModuleType, overrides: list[str], workdir: Path) -> None:
+    cfg = load_config("toy", overrides + ["data.world.pretrain_examples=50"])
+    flow.build_base_model(cfg.model_dump(mode="json"))
+
+
+def _difficulty_dynamics(flow: ModuleType, overrides: list[str], workdir: Path) -> None:
+    checkpoint = str(workdir / "step_000001" / "model")
+    flow.difficulty_dynamics(preset="toy", checkpoint=checkpoint, overrides=overrides)
+
+
+@dataclass(frozen=True)
+class StageFailure:
+    """A flow made to fail in one of its stages, after the flow opened its MLflow run."""
+
+    module: str  # the flow's module, where the flow looks the stage up
+    stage: str  # the stage's name there, replaced by one that raises RuntimeError(error)
+    error: str
+    run: Callable[[ModuleType, list[str], Path], None]  # (module, overrides, workdir)
+    kind: str | None  # the run's relift.kind tag; None: the work directory's only run
+    run_name: str | None = None  # the run's name, where the flow is given one
+
+
+STAGE_FAILURES = [
+    StageFailure(
+        "flows.train",
+        "evaluate_policy",
+        "benchmark records unreadable (simulated)",
+        _train,
+        None,
+        "t",
+    ),
+    StageFailure(
+        "flows.evaluate",
+        "evaluate_all",
+        "CUDA error: device lost (simulated)",
+        _evaluate,
+        "evaluate",
+    ),
+    StageFailure(
+        "flows.base_model",
+        "pretrain_base_model",
+        "pretraining loss is nan (simulated)",
+        _build_base_model,
+        "base_model",
+    ),
+    StageFailure(
+        "flows.difficulty_dynamics",
+        "policy_levels",
+        "checkpoint weights truncated (simulated)",
+        _difficulty_dynamics,
+        "difficulty_dynamics",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", STAGE_FAILURES, ids=lambda case: case.module.split(".")[-1])
+def test_a_flow_whose_stage_fails_leaves_its_run_failed(
+    case, tiny_overrides, prefect_server, tmp_path, monkeypatch
 ):
-    import flows.train
+    flow = importlib.import_module(case.module)
 
-    def evaluation_lost(*args, **kwargs):
-        raise RuntimeError("benchmark records unreadable (simulated)")
+    def stage_failed(*args, **kwargs):
+        raise RuntimeError(case.error)
 
-    monkeypatch.setattr(flows.train, "evaluate_policy", evaluation_lost)
+    monkeypatch.setattr(flow, case.stage, stage_failed)
     with pytest.raises(RuntimeError, match="simulated"):
-        flows.train.train(
-            preset="toy",
-            overrides=_base(tiny_overrides, tmp_path) + ["run.iterations=0", "run.name=t"],
-        )
-    run = _only_run(tmp_path)
-    assert run.info.run_name == "t" and run.info.status == "FAILED"
-
-
-def test_a_failed_evaluate_flow_leaves_its_run_failed(
-    tiny_overrides, prefect_server, tmp_path, monkeypatch
-):
-    import flows.evaluate
-
-    def engine_lost(*args, **kwargs):
-        raise RuntimeError("CUDA error: device lost (simulated)")
-
-    monkeypatch.setattr(flows.evaluate, "evaluate_all", engine_lost)
-    with pytest.raises(RuntimeError, match="simulated"):
-        flows.evaluate.evaluate(
-            preset="toy", overrides=_base(tiny_overrides, tmp_path), benchmarks=["world"], limit=2
-        )
-    assert _only_run(tmp_path, "evaluate").info.status == "FAILED"
+        case.run(flow, _base(tiny_overrides, tmp_path), tmp_path)
+    run = _only_run(tmp_path, case.kind)
+    assert run.info.status == "FAILED"
+    if case.run_name is not None:
+        assert run.info.run_name == case.run_name
 
 
 def test_a_failed_sweep_leaves_its_parent_run_failed(tiny_overrides, prefect_server, tmp_path):
@@ -96,39 +150,6 @@ def test_a_failed_sweep_leaves_its_parent_run_failed(tiny_overrides, prefect_ser
             name="bad",
         )
     assert _only_run(tmp_path, "sweep").info.status == "FAILED"
-
-
-def test_a_failed_base_model_flow_leaves_its_run_failed(
-    tiny_overrides, prefect_server, tmp_path, monkeypatch
-):
-    import flows.base_model
-
-    def pretraining_crashed(*args, **kwargs):
-        raise RuntimeError("pretraining loss is nan (simulated)")
-
-    monkeypatch.setattr(flows.base_model, "pretrain_base_model", pretraining_crashed)
-    cfg = load_config("toy", _base(tiny_overrides, tmp_path) + ["data.world.pretrain_examples=50"])
-    with pytest.raises(RuntimeError, match="simulated"):
-        flows.base_model.build_base_model(cfg.model_dump(mode="json"))
-    assert _only_run(tmp_path, "base_model").info.status == "FAILED"
-
-
-def test_a_failed_difficulty_dynamics_flow_leaves_its_run_failed(
-    tiny_overrides, prefect_server, tmp_path, monkeypatch
-):
-    import flows.difficulty_dynamics
-
-    def checkpoint_unreadable(*args, **kwargs):
-        raise RuntimeError("checkpoint weights truncated (simulated)")
-
-    monkeypatch.setattr(flows.difficulty_dynamics, "policy_levels", checkpoint_unreadable)
-    with pytest.raises(RuntimeError, match="simulated"):
-        flows.difficulty_dynamics.difficulty_dynamics(
-            preset="toy",
-            checkpoint=str(tmp_path / "step_000001" / "model"),
-            overrides=_base(tiny_overrides, tmp_path),
-        )
-    assert _only_run(tmp_path, "difficulty_dynamics").info.status == "FAILED"
 
 
 @task(name="train-method", cache_policy=NO_CACHE)

@@ -159,25 +159,14 @@ def test_the_preparation_cache_keys_on_content_not_mtime(tmp_path):
     assert data_key(data, seed=0) == before  # the same content is the same key
 
 
-def test_checkpoint_files_are_readable_like_the_rest_of_the_run_directory(tmp_path):
+def test_checkpoint_files_are_readable_like_the_rest_of_the_run_directory(tmp_path, tokenizer):
     import stat
 
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    from relift_core.config import TinyModelConfig
     from relift_core.runtime.checkpoint import save_checkpoint
+    from relift_core.runtime.models import build_tiny_model
 
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=32,
-        )
-    )
+    model = build_tiny_model(TinyModelConfig(), tokenizer)
     step = save_checkpoint(tmp_path, model=model, trainer_state={}, step=1)
     ordinary = tmp_path / "ordinary.txt"
     ordinary.write_text("x")

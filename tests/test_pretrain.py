@@ -1,7 +1,8 @@
 import torch
 
-from relift_core.config import TinyModelConfig, WorldConfig
+from relift_core.config import TinyModelConfig
 from relift_core.proofworld.pretrain import load_base_model, pretrain_base_model
+from tests.conftest import add1_world
 
 TINY = TinyModelConfig(
     hidden_size=32,
@@ -11,15 +12,7 @@ TINY = TinyModelConfig(
     intermediate_size=64,
     max_position_embeddings=128,
 )
-WORLD = WorldConfig(
-    families=["add"],
-    sizes=[1],
-    train_per_cell=2,
-    eval_per_cell=2,
-    pretrain_families=["add"],
-    pretrain_sizes=[1],
-    pretrain_examples=64,
-)
+WORLD = add1_world(train_per_cell=2, eval_per_cell=2, pretrain_examples=64)
 
 
 def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path):

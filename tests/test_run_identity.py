@@ -15,27 +15,13 @@ from relift_core.data.examples import examples_from_records
 from relift_core.proofworld.problems import build_world, problem_to_record
 from relift_core.runtime.run_lock import RunLock, RunLockedError
 from relift_core.runtime.session import ResumeRefused, build_session
+from tests.conftest import TINY_SESSION, world_session
 
-TINY = [
-    "model.tiny.hidden_size=32",
-    "model.tiny.num_layers=1",
-    "model.tiny.intermediate_size=64",
-    "data.world.train_per_cell=3",
-    "data.world.eval_per_cell=1",
-    "data.world.pretrain_examples=0",
-    "run.grader_workers=1",
-    "run.name=ref",
-    "algorithm.name=relift",
-]
+TINY = [*TINY_SESSION, "run.name=ref", "algorithm.name=relift"]
 
 
 def session_for(tmp_path, *extra: str):
-    cfg = load_config("toy", [*TINY, f"run.workdir={tmp_path}", *extra])
-    problems = build_world(cfg.data.world)["train"]
-    dataset = examples_from_records(
-        [problem_to_record(p, index=i) for i, p in enumerate(problems)], origin="world"
-    )
-    return build_session(cfg, dataset)
+    return world_session(load_config("toy", [*TINY, f"run.workdir={tmp_path}", *extra]))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from relift_core.algorithm import strategies
 from relift_core.algorithm.difficulty import Level
 from relift_core.algorithm.strategies import METHODS, Strategy, strategy_from_config
 from relift_core.config import AlgorithmConfig
+from tests.conftest import TINY_SESSION, world_session
 
 
 def strategy(name: str, **settings) -> Strategy:
@@ -93,12 +94,7 @@ def test_method_settings_apply_unless_given():
 
 
 TINY = [
-    "model.tiny.hidden_size=32",
-    "model.tiny.num_layers=1",
-    "model.tiny.intermediate_size=64",
-    "data.world.train_per_cell=3",
-    "data.world.eval_per_cell=1",
-    "data.world.pretrain_examples=0",
+    *TINY_SESSION,
     "rollout.n=4",
     "rollout.max_new_tokens=16",
     "rl.prompts_per_step=6",
@@ -106,7 +102,6 @@ TINY = [
     "sft.mini_batch_size=4",
     "sft.max_target_tokens=48",
     "algorithm.sft_buffer_threshold=2",
-    "run.grader_workers=1",
     "run.iterations=2",
 ]
 
@@ -114,9 +109,6 @@ TINY = [
 @pytest.fixture
 def tiny_session(tmp_path):
     from relift_core.config import load_config
-    from relift_core.data.examples import examples_from_records
-    from relift_core.proofworld.problems import build_world, problem_to_record
-    from relift_core.runtime.session import build_session
 
     def make(algo: str, *extra: str):
         cfg = load_config(
@@ -129,11 +121,7 @@ def tiny_session(tmp_path):
                 *extra,
             ],
         )
-        problems = build_world(cfg.data.world)["train"]
-        dataset = examples_from_records(
-            [problem_to_record(p, index=i) for i, p in enumerate(problems)], origin="world"
-        )
-        return build_session(cfg, dataset)
+        return world_session(cfg)
 
     return make
 

@@ -43,6 +43,17 @@ def _trainer(model, *, lr: float = 1e-3, micro: int = 8, rl_overrides=None, algo
     )
 
 
+def _default_settings(**changes) -> dict:
+    """A trainer's keyword arguments with every config at its defaults, `changes` on top."""
+    return {
+        "algo": AlgorithmConfig(),
+        "rl": RLConfig(),
+        "sft": SFTConfig(),
+        "max_response_len": MAX_LEN,
+        **changes,
+    }
+
+
 def _rows(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """Prompts and responses of different lengths, so rows carry different padding."""
 
@@ -146,12 +157,7 @@ def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16_and_scores_in_fp32(tokeni
         assert set(seen) == {torch.float32}
         seen.clear()
         bf16 = TorchTrainer(
-            model,
-            algo=AlgorithmConfig(entropy_coef=0.0),
-            rl=RLConfig(),
-            sft=SFTConfig(),
-            max_response_len=MAX_LEN,
-            bf16_autocast=True,
+            model, **_default_settings(algo=AlgorithmConfig(entropy_coef=0.0), bf16_autocast=True)
         )
         approx = bf16.token_logprobs(batch)
         assert set(seen) == {torch.bfloat16}
@@ -319,7 +325,7 @@ def test_on_policy_rows_are_not_scored_twice_and_the_update_is_unchanged(
         ppo_epochs=epochs,
     )
     algo = AlgorithmConfig(entropy_coef=0.01, clip_ratio=0.2)
-    common = {"algo": algo, "rl": rl, "sft": SFTConfig(), "max_response_len": MAX_LEN}
+    common = _default_settings(algo=algo, rl=rl)
     lazy = _CountingTrainer(_model(tokenizer), **common)
     stats = lazy.rl_step(batch)
     assert lazy.scored_rows == scored
@@ -456,13 +462,7 @@ def test_deepspeed_config_builder_makes_a_zero3_bf16_config_with_fp32_reduction(
 def test_deepspeed_trainer_without_deepspeed_names_the_extra(tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
     with pytest.raises(DeepSpeedUnavailableError, match=r"relift\[gpu\].*fsdp2"):
-        DeepSpeedTrainer(
-            _model(tokenizer),
-            algo=AlgorithmConfig(),
-            rl=RLConfig(),
-            sft=SFTConfig(),
-            max_response_len=MAX_LEN,
-        )
+        DeepSpeedTrainer(_model(tokenizer), **_default_settings())
 
 
 def test_bf16_compute_keeps_float32_masters_that_take_a_1e_6_step(tokenizer):
@@ -492,14 +492,7 @@ def test_bf16_compute_keeps_float32_masters_that_take_a_1e_6_step(tokenizer):
     moved = sum(int((after[k] != before[k]).sum()) for k in before)
     assert moved / sum(v.numel() for v in before.values()) > 0.5
     with pytest.raises(ValueError, match="float16 would need loss scaling"):
-        TorchTrainer(
-            _model(tokenizer),
-            algo=AlgorithmConfig(),
-            rl=RLConfig(),
-            sft=SFTConfig(),
-            max_response_len=MAX_LEN,
-            dtype="float16",
-        )
+        TorchTrainer(_model(tokenizer), **_default_settings(dtype="float16"))
 
 
 # ---------------------------------------------------------------------------- SmolLM2 (slow)

@@ -13,6 +13,7 @@ from relift_core.proofworld.problems import (
     record_to_problem,
     write_world,
 )
+from tests.conftest import add1_world
 
 DEMO = re.compile(r"^<think>(?P<steps>[0-9+\-*= ]+)</think> \\boxed\{(?P<answer>\d+)\}$")
 SMALL = WorldConfig(train_per_cell=4, eval_per_cell=3, pretrain_examples=200, seed=7)
@@ -105,20 +106,8 @@ def test_system_prompt_goes_first():
 
 
 def test_exhausted_pretraining_cell_is_dropped_quickly_with_a_warning():
-    import pytest
-
-    from relift_core.config import WorldConfig
-    from relift_core.proofworld.problems import build_world
-
-    cfg = WorldConfig(
-        families=["add"],
-        sizes=[1],
-        train_per_cell=60,
-        eval_per_cell=40,
-        pretrain_families=["add"],
-        pretrain_sizes=[1],
-        pretrain_examples=500,
-    )
+    # Training and evaluation take all 100 of the cell's questions: none is left to pretrain on.
+    cfg = add1_world(train_per_cell=60, eval_per_cell=40, pretrain_examples=500)
     with pytest.warns(UserWarning, match="pretraining"):
         world = build_world(cfg)
     assert world["pretrain"] == [] and len(world["train"]) + len(world["eval"]) == 100
