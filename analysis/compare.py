@@ -1,7 +1,7 @@
 """The comparison layer: MLflow runs into pandas tables, figures and one report. Never trains.
 
     table   = runs_table(uri, parent_run_id=...)         # one row per training run
-    summary = summarize_by_algorithm(table, "world")     # mean and 95% CI over seeds
+    summary = summarize_by_algorithm(table, "world")     # mean and 95% t-interval over seeds
     report  = write_report(uri, out_dir, parent_run_id=...)  # report.md + figures
 
 A run with 0 iterations is the starting model evaluated as is: its algorithm reads `base`.
@@ -122,8 +122,12 @@ def held_out_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in fixed and ":" not in c]
 
 
+# The interval a comparison over seeds gives, by its name: a t-interval over the seeds' scores.
+# (The demo's report gives a paired bootstrap over questions and seeds, named
+# relift_core.proofworld.report.CI_NAME.)
+CI_NAME = "95% t-interval"
 # Fewer seeds than this: the interval is shown, marked as resting on too few seeds (two seeds
-# that ended identical give a zero-width "95% CI").
+# that ended identical give a zero-width interval).
 MIN_SEEDS_FOR_CI = 3
 
 
@@ -142,7 +146,7 @@ def mean_ci(values: pd.Series) -> tuple[float, float | None, float | None]:
 
 def summarize_by_algorithm(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per variant (algorithm and swept settings): seeds (those with a value of `metric`), mean
-    and 95% CI of `metric` over seeds, demonstrations used (mean over seeds)."""
+    and 95% t-interval of `metric` over seeds, demonstrations used (mean over seeds)."""
     rows = []
     for algo, group in table.groupby("variant", sort=False):
         values = group[metric] if metric in group else pd.Series(dtype=float)
@@ -162,7 +166,7 @@ def summarize_by_algorithm(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def method_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Which method is best: one row per variant and held-out benchmark, with the seeds, the
-    mean and 95% CI over seeds, and the demonstrations used. Long format, the sweep's parent
+    mean and 95% t-interval over seeds, and the demonstrations used. Long format, the sweep's parent
     run logs it as metrics and shows it as its description."""
     frames = []
     for bench in held_out_columns(table):
@@ -209,7 +213,7 @@ def summary_rows(summary: pd.DataFrame) -> list[dict[str, object]]:
             "held-out": r.benchmark,
             "seeds": int(r.seeds),
             "mean": None if math.isnan(r.mean) else round(r.mean, 3),
-            "95% CI": fmt_ci(r.ci_low, r.ci_high, r.seeds),
+            CI_NAME: fmt_ci(r.ci_low, r.ci_high, r.seeds),
             "demos used": round(r.demos_used),
         }
         for r in summary.itertuples(index=False)
@@ -322,7 +326,7 @@ def fmt_ci(lo: float | None, hi: float | None, seeds: int) -> str:
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
-    """Per held-out benchmark: one row per algorithm, mean and 95% CI over seeds."""
+    """Per held-out benchmark: one row per algorithm, mean and 95% t-interval over seeds."""
     lines = []
     for bench in held_out_columns(table):
         summary = summarize_by_algorithm(table, bench)
@@ -331,7 +335,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
                 "algorithm": summary["algorithm"],
                 "seeds": summary["seeds"],
                 f"held-out {bench}": summary["mean"].map(lambda v: f"{v:.3f}"),
-                "95% CI": [
+                CI_NAME: [
                     fmt_ci(lo, hi, n)
                     for lo, hi, n in zip(
                         summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True
@@ -406,8 +410,8 @@ def write_report(
 
 
 def short_table(table: pd.DataFrame) -> pd.DataFrame:
-    """What `relift compare` prints: per algorithm, seeds, held-out mean [95% CI] of the first
-    benchmark, demonstrations used; fits 100 columns."""
+    """What `relift compare` prints: per algorithm, seeds, held-out mean and 95% t-interval of
+    the first benchmark, demonstrations used; fits 100 columns."""
     benches = held_out_columns(table)
     bench = benches[0] if benches else "rollout_accuracy"
     summary = summarize_by_algorithm(table, bench)
@@ -416,7 +420,7 @@ def short_table(table: pd.DataFrame) -> pd.DataFrame:
             "algorithm": summary["algorithm"],
             "seeds": summary["seeds"],
             f"held-out {bench}": summary["mean"].map(lambda v: "-" if np.isnan(v) else f"{v:.3f}"),
-            "95% CI": [
+            CI_NAME: [
                 fmt_ci(lo, hi, n)
                 for lo, hi, n in zip(
                     summary["ci_low"], summary["ci_high"], summary["seeds"], strict=True

@@ -452,8 +452,8 @@ def compare(
     ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """RL vs SFT vs ReLIFT from MLflow: held-out accuracy per algorithm (mean and 95% CI over
-    seeds), and a report with training curves and per-level shares."""
+    """RL vs SFT vs ReLIFT from MLflow: held-out accuracy per algorithm (mean and 95%
+    t-interval over seeds), and a report with training curves and per-level shares."""
     from pathlib import Path
 
     from rich.table import Table
@@ -468,7 +468,7 @@ def compare(
         console.print(f"no training runs in {uri}")
         raise typer.Exit(1)
     summary = short_table(df)
-    table = Table(title=f"{len(df)} runs (mean over seeds, 95% CI)")
+    table = Table(title=f"{len(df)} runs (mean over seeds, 95% t-interval)")
     for col in summary.columns:
         table.add_column(str(col), no_wrap=True)
     for row in summary.itertuples(index=False):

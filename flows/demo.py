@@ -7,8 +7,8 @@
     runs         <- for every seed: the base model evaluated as is, and rl, sft, relift (or the
                     `algorithms` asked for) trained from it with the same budget; `jobs`
                     trainings at a time, each a `train` flow run in its own process
-    comparison   <- held-out accuracy per method with bootstrap 95% CIs over questions and seeds,
-                    the paper's claims as paired differences
+    comparison   <- held-out accuracy per method with paired bootstrap 95% CIs over questions
+                    and seeds, the paper's claims as paired differences
                     (relift_core.proofworld.statistics), per level and family; results.json,
                     a markdown report and a figure, in MLflow and Prefect
 
@@ -39,17 +39,20 @@ from flows.prepare_data import prepare_data
 from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
 from relift_core.grading.levels import policy_levels
+from relift_core.proofworld.report import (
+    BASE_METHOD,
+    TEACHER_METHOD,
+    TEACHER_WORLD,
+    method_overrides,
+    plot,
+    render_markdown,
+)
 from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
 from tasks import progress as terminal
 from tasks.retry import retry_unless_permanent
 from tasks.tracking import mlflow_run, tracking_uri
 
 DEMO_ALGORITHMS = ("rl", "sft", "relift")
-# ReLIFT whose demonstrations come from a teacher model instead of the dataset: the world's model
-# pretrained without its two gaps (no held-out carry-out sums, no miscopied answers). A teacher
-# answer enters the buffer only if the grader verifies it (algorithm.demonstrations=teacher).
-TEACHER_METHOD = "relift-teacher"
-TEACHER_WORLD = ["data.world.pretrain_holdout=[]", "data.world.pretrain_noise=0.0"]
 
 
 @task(name="measure-difficulty", cache_policy=NO_CACHE)
@@ -133,7 +136,7 @@ def demo(
     start = time.perf_counter()
     overrides = list(overrides or [])
     # The base model is always evaluated (the claims need it); naming it changes nothing.
-    algorithms = [a for a in (algorithms or DEMO_ALGORITHMS) if a != "base"]
+    algorithms = [a for a in (algorithms or DEMO_ALGORITHMS) if a != BASE_METHOD]
     cfg = load_config(preset, overrides)
     seeds = list(seeds) if seeds else [cfg.run.seed]
     with _workers_report_here():
@@ -202,8 +205,10 @@ def _compare(
         )
         runs: list[tuple[str, int, str, list[str]]] = []
         for seed in seeds:
-            for algo in ["base", *algorithms]:
-                extra = _method_overrides(algo, teacher)
+            for algo in [BASE_METHOD, *algorithms]:
+                extra = method_overrides(
+                    algo, teacher.result() if algo == TEACHER_METHOD and teacher else None
+                )
                 run_name = f"{algo}-s{seed}-{name}-{tag}"  # method and seed lead
                 runs.append(
                     (
@@ -301,23 +306,6 @@ def _compare(
     }
 
 
-def _method_overrides(algo: str, teacher) -> list[str]:
-    # The base model is evaluated exactly as the trained runs are: a `train` run of 0
-    # iterations, same eval settings and seed.
-    if algo == "base":
-        return ["algorithm.name=rl", "run.iterations=0"]
-    # Each seed's base run is every trained run's step-0 evaluation already.
-    trained = ["eval.at_start=false"]
-    if algo == TEACHER_METHOD:
-        return [
-            *trained,
-            "algorithm.name=relift",
-            "algorithm.demonstrations=teacher",
-            f"algorithm.teacher_model={teacher.result()}",
-        ]
-    return [*trained, f"algorithm.name={algo}"]
-
-
 def _metric_name(claim: str) -> str:
     """A claim key as an MLflow metric name, which may not hold '@':
     `rl-base@non_hardest` -> `rl-base_at_non_hardest` (results.json keeps the claim keys)."""
@@ -326,94 +314,3 @@ def _metric_name(claim: str) -> str:
 
 def _sources(path: str) -> dict[str, str]:
     return {ex.uid: ex.data_source for ex in load_examples(path)}
-
-
-def render_markdown(summary: dict[str, Any]) -> str:
-    seeds = summary["seeds"]
-    runs = summary["runs"]
-    start = ", ".join(f"{lv} {n}" for lv, n in summary["train_levels"].items())
-    held = ", ".join(f"{lv} {n}" for lv, n in summary["levels"].items())
-    lines = [
-        (
-            f"Seeds {', '.join(map(str, seeds))}; {summary['questions']} held-out questions "
-            f"(avg@k). Training questions by level under the base model: {start}. "
-            f"Held-out: {held}."
-        ),
-        "",
-        "| run | held-out accuracy | 95% CI | demonstrations used | "
-        + " | ".join(LEVEL_NAMES)
-        + " |",
-        "|---|---|---|---|" + "---|" * len(LEVEL_NAMES),
-    ]
-    for m, r in runs.items():
-        levels = " | ".join(
-            "-" if r["by_level"][lv] is None else f"{r['by_level'][lv]:.3f}" for lv in LEVEL_NAMES
-        )
-        lines.append(
-            f"| {m} | {r['accuracy']:.3f} | {r['ci'][0]:.3f} to {r['ci'][1]:.3f} | "
-            f"{r['demos_used']:.0f} | {levels} |"
-        )
-    families = sorted(next(iter(runs.values()))["by_family"])
-    lines += ["", "| run | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
-    for m, r in runs.items():
-        lines.append(f"| {m} | " + " | ".join(f"{r['by_family'][f]:.3f}" for f in families) + " |")
-    if "teacher" in summary:
-        t = summary["teacher"]
-        lines += [
-            "",
-            (
-                f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model (the "
-                "world's model pretrained without its gaps), each verified by the grader: "
-                f"{t['teacher_verified']} verified and used, "
-                f"{t['teacher_rejected']} rejected."
-            ),
-        ]
-    lines += ["", "| paired difference | mean | 95% CI | questions |", "|---|---|---|---|"]
-    for k, d in summary["differences"].items():
-        if d["mean"] is None:
-            continue
-        lines.append(
-            f"| {k} | {d['mean']:+.3f} | {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f} | "
-            f"{d['questions']} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(summary: dict[str, Any], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = summary["runs"]
-    names = list(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    acc = [runs[m]["accuracy"] for m in names]
-    err = [
-        [runs[m]["accuracy"] - runs[m]["ci"][0] for m in names],
-        [runs[m]["ci"][1] - runs[m]["accuracy"] for m in names],
-    ]
-    axes[0].bar(names, acc, yerr=err, capsize=4, color="tab:blue")
-    axes[0].set_title(f"held-out accuracy (95% CI, seeds {summary['seeds']})")
-    by_level = pd.DataFrame({m: runs[m]["by_level"] for m in names}).reindex(list(LEVEL_NAMES))
-    by_level.plot.bar(ax=axes[1], rot=0, title="accuracy by level under the base model")
-    axes[1].set_ylim(0, 1)
-    diffs = {k: d for k, d in summary["differences"].items() if d["mean"] is not None}
-    keys = list(diffs)
-    axes[2].barh(
-        keys,
-        [diffs[k]["mean"] for k in keys],
-        xerr=[
-            [diffs[k]["mean"] - diffs[k]["ci"][0] for k in keys],
-            [diffs[k]["ci"][1] - diffs[k]["mean"] for k in keys],
-        ],
-        capsize=4,
-        color="tab:green",
-    )
-    axes[2].axvline(0, color="black", linewidth=0.8)
-    axes[2].set_title("paired differences (95% CI)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

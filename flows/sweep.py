@@ -8,9 +8,9 @@ other settings never resumes them. `dated=True` (the weekly deployment) adds the
 scheduled date: each week trains afresh instead of reusing last week's runs.
 
 When the points are done, the parent run answers "which method is best": per method (and swept
-setting) the held-out mean, 95% CI and seed count, and the demonstrations used, as its metrics
-and its description, the report and figures as its artifacts, and the same table as a Prefect
-artifact on the sweep's flow run."""
+setting) the held-out mean, 95% t-interval and seed count, and the demonstrations used, as its
+metrics and its description, the report and figures as its artifacts, and the same table as a
+Prefect artifact on the sweep's flow run."""
 
 from __future__ import annotations
 
@@ -319,7 +319,7 @@ def publish_comparison(parent: MlflowTracker, base: ExperimentConfig, prefix: st
     create_table_artifact(
         summary_rows(summary),
         key="sweep-comparison",
-        description="Held-out accuracy per method: mean, 95% CI over seeds, demonstrations used",
+        description="Held-out accuracy per method: mean, 95% t-interval over seeds, demos used",
     )
     create_markdown_artifact(
         markdown=f"{text}\n\n[MLflow parent run]({parent.url()})",

@@ -3,8 +3,10 @@
 It builds the toy preset's world and base model (cached under <workdir>/base_models, keyed as the
 demo keys them), measures the base model's levels, then trains each method with
 `relift_core.iteration.run_iteration` -- the loop the `train` flow runs -- one process per
-(method, seed), `--jobs` at a time, and prints held-out accuracy per method, family and starting
-level, with bootstrap confidence intervals when several seeds ran.
+(method, seed), `--jobs` at a time. What the demo flow shares with it is one core
+(relift_core.proofworld.report): each method's overrides (the base model as a run of 0
+iterations), the held-out measure (the train flow's final evaluation: eval settings, run seed)
+and the report it prints, with bootstrap confidence intervals.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/demo_experiment.py --workdir /tmp/tune/a \\
         --seeds 0,1 rl.lr=1e-4 sft.lr=3e-4
@@ -36,29 +38,29 @@ def train_one(
 
     torch.set_num_threads(1)
     from relift_core.config import load_config
+    from relift_core.data.benchmarks import load_benchmark
     from relift_core.data.examples import load_examples
-    from relift_core.grading.levels import sampled_accuracy
+    from relift_core.grading.evaluation import eval_settings, evaluate_benchmark
     from relift_core.iteration import run_iteration
+    from relift_core.proofworld.report import method_overrides
     from relift_core.runtime.session import build_session
 
     name = f"{algo}-s{seed}-{time.time_ns() % 10**9}"
-    iters_override = ["run.iterations=0"] if algo == "base" else []
     cfg = load_config(
         preset,
         [
             *overrides,
-            *iters_override,
+            *method_overrides(algo),
             f"run.workdir={workdir}",
             f"model.init_from={base_dir}",
             f"run.seed={seed}",
-            f"algorithm.name={'rl' if algo == 'base' else algo}",
             f"run.name={name}",
             "run.checkpoint_every=1000000",
             "run.grader_workers=1",
         ],
     )
     train = load_examples(Path(world_dir) / "train.parquet")
-    held = load_examples(Path(world_dir) / "eval.parquet")
+    held = load_benchmark(Path(world_dir) / "eval.parquet")
     start = time.perf_counter()
     session = build_session(cfg, train, resume=False)
     trace = []
@@ -66,11 +68,19 @@ def train_one(
         for i in range(cfg.run.iterations):
             m = run_iteration(session, i)
             trace.append(round(m["rollout_accuracy"], 3))
-        acc = sampled_accuracy(
-            session.engine, session.tokenizer, session.grader, held, cfg, seed=10_000 + seed
+        # As the train flow's final evaluation measures it (tasks/eval_tasks.py).
+        records, _ = evaluate_benchmark(
+            session.engine,
+            session.tokenizer,
+            held,
+            session.grader,
+            **eval_settings(cfg.eval),
+            seed=cfg.run.seed,
+            require_think=cfg.algorithm.require_think,
         )
     finally:
         session.close()
+    acc = {r.uid: r.accuracy for r in records}
     return {
         "algo": algo,
         "seed": seed,
@@ -79,21 +89,6 @@ def train_one(
         "train_trace": trace,
         "seconds": time.perf_counter() - start,
     }
-
-
-def render_summary(summary: dict) -> str:
-    lines = [f"seeds {summary['seeds']}  held-out levels {summary['levels']}"]
-    for m, r in summary["runs"].items():
-        lv = " ".join(f"{k[:4]} {v:.3f}" for k, v in r["by_level"].items() if v is not None)
-        fam = " ".join(f"{k} {v:.3f}" for k, v in r["by_family"].items())
-        lines.append(
-            f"{m:7s} {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
-            f"demos {r['demos_used']:6.0f} | {lv} | {fam}"
-        )
-    for k, d in summary["differences"].items():
-        if d["mean"] is not None:
-            lines.append(f"{k:22s} {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -115,7 +110,8 @@ def main() -> None:
     from relift_core.grading.levels import measure_levels
     from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
     from relift_core.proofworld.problems import write_world
-    from relift_core.proofworld.statistics import summarize
+    from relift_core.proofworld.report import render_markdown
+    from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
     from relift_core.runtime.assembly import build_engine
     from relift_core.runtime.models import load_policy
 
@@ -181,7 +177,9 @@ def main() -> None:
                 flush=True,
             )
     summary = summarize(results, held_lv, {u: c.split("/")[0] for u, c in cell.items()})
-    print(render_summary(summary))
+    counts = Counter(train_lv.values())
+    summary["train_levels"] = {lv: counts.get(lv, 0) for lv in LEVEL_NAMES}
+    print(render_markdown(summary))
     (wd / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"total {time.perf_counter() - t0:.0f}s")
 

@@ -11,7 +11,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from relift_core.data.benchmarks import Benchmark, file_benchmark_spec, load_benchmark
-from relift_core.grading.evaluation import evaluate_benchmark, markdown_table, records_to_parquet
+from relift_core.grading.evaluation import (
+    eval_settings,
+    evaluate_benchmark,
+    markdown_table,
+    records_to_parquet,
+)
 from relift_core.grading.metrics import paper_averages, summarize_by
 from relift_core.tracker import Tracker
 from tasks import progress as terminal
@@ -64,13 +69,9 @@ def evaluate_one(
         tokenizer,
         bench,
         grader,
-        samples=eval_cfg.samples,
-        temperature=eval_cfg.temperature,
-        top_p=eval_cfg.top_p,
-        max_new_tokens=eval_cfg.max_new_tokens,
+        **eval_settings(eval_cfg),
         seed=seed,
         require_think=require_think,
-        reference_reading=eval_cfg.reference_reading,
         records_path=out_dir / f"{bench.name}.records.jsonl",
         progress=terminal.callback(f"evaluate {bench.name} (questions)"),
     )

@@ -1,4 +1,4 @@
-"""The comparison a sweep's parent run shows: per method the held-out mean, 95% CI over seeds,
+"""The comparison a sweep's parent run shows: per method the held-out mean, 95% t-interval over seeds,
 seed count and demonstrations used (analysis.compare, on a table as runs_table builds it)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis.compare import (
+    CI_NAME,
     fmt_ci,
     method_summary,
     short_table,
@@ -59,11 +60,11 @@ def test_each_method_gets_mean_ci_seeds_and_demonstrations():
 
 
 def test_an_interval_over_fewer_than_three_seeds_says_so():
-    # Two seeds that ended identical: a zero-width "95% CI", which must not pass for certainty.
+    # Two seeds that ended identical: a zero-width interval, which must not pass for certainty.
     assert fmt_ci(0.0078125, 0.0078125, 2) == "0.008 to 0.008 (only 2 seeds)"
     assert fmt_ci(None, None, 1) == "- (1 seed)"
     assert fmt_ci(0.1, 0.3, 3) == "0.100 to 0.300"
-    printed = short_table(_table()).set_index("algorithm")["95% CI"]
+    printed = short_table(_table()).set_index("algorithm")[CI_NAME]
     assert printed["relift"].endswith("(only 2 seeds)") and "only" not in printed["rl"]
     assert printed["sft"] == "- (1 seed)"
     text = summary_table_markdown(method_summary(_table()))

@@ -88,7 +88,7 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path):
     assert "after: None" in done.stdout and not (tmp_path / "logs").exists()
 
 
-TABLE_HEADER = "| run | held-out accuracy | 95% CI |"
+TABLE_HEADER = "| run | held-out accuracy | 95% bootstrap CI |"
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_reduced_demo_two_seeds(prefect_server, tmp_path):
     logged = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "report")}
     assert {"report/report.md", "report/training_curves.png", "report/level_shares.png"} <= logged
     report = (tmp_path / "demo" / "report" / "report.md").read_text()
-    assert "95% CI" in report and "| sft " in report
+    assert "95% t-interval" in report and "| sft " in report
 
     # A changed override never reuses these runs: it gets another config hash, fresh run names.
     again = demo(

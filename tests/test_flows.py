@@ -256,7 +256,7 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     files = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/training_curves.png", "report/level_shares.png"} <= files
     report_md = client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))
-    assert "95% CI" in Path(report_md).read_text()
+    assert "95% t-interval" in Path(report_md).read_text()
     assert result["comparison"].startswith("| method")
     # The same table on the sweep's Prefect flow run, values rounded for display.
     rows = _table_artifact(parent.data.tags["prefect.flow_run_id"], "sweep-comparison")
@@ -286,7 +286,7 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert "…" not in out.stdout and max(map(len, out.stdout.splitlines())) <= 100, out.stdout
     assert "relift" in out.stdout and "held-out world" in out.stdout
     report = (tmp_path / "compare" / "report.md").read_text()
-    assert "95% CI" in report and "![training curves](training_curves.png)" in report
+    assert "95% t-interval" in report and "![training curves](training_curves.png)" in report
     assert (tmp_path / "compare" / "training_curves.png").stat().st_size > 0
     assert (tmp_path / "compare" / "level_shares.png").stat().st_size > 0
 

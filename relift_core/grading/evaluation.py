@@ -23,6 +23,7 @@ from relift_core.errors import UserError
 from relift_core.grading.metrics import summarize
 
 if TYPE_CHECKING:  # imported for types only: the grader and engines pull in heavy modules
+    from relift_core.config import EvalConfig
     from relift_core.grading.grader import BatchGrader
     from relift_core.runtime.rollout import RolloutEngine
 
@@ -63,6 +64,18 @@ class QuestionRecord:
     def from_dict(cls, data: dict[str, Any]) -> QuestionRecord:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def eval_settings(eval_cfg: EvalConfig) -> dict[str, Any]:
+    """evaluate_benchmark's sampling settings from the config's `eval` section: the train
+    flow's evaluations, the evaluate flow and the demo's tuning loop all measure this way."""
+    return {
+        "samples": eval_cfg.samples,
+        "temperature": eval_cfg.temperature,
+        "top_p": eval_cfg.top_p,
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "reference_reading": eval_cfg.reference_reading,
+    }
 
 
 def evaluate_benchmark(
