@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
+from relift_core.algorithm.difficulty import LEVELS
+
 TRAINING_CURVES = (
     "reward_mean",
     "rollout_accuracy",
@@ -26,7 +28,6 @@ TRAINING_CURVES = (
     "rl/entropy",
     "demos_used",
 )
-LEVELS = ("hardest", "hard", "medium", "easy")
 LEVEL_SHARES = tuple(f"frac_{lv}" for lv in LEVELS)
 
 

@@ -36,6 +36,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from analysis.compare import write_report
 from flows.base_model import build_base_model
 from flows.prepare_data import prepare_data
+from relift_core.algorithm.difficulty import LEVELS
 from relift_core.config import ExperimentConfig, experiment_hash, load_config
 from relift_core.data.examples import load_examples
 from relift_core.grading.levels import policy_levels
@@ -47,7 +48,7 @@ from relift_core.proofworld.report import (
     plot,
     render_markdown,
 )
-from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
+from relift_core.proofworld.statistics import summarize
 from tasks import progress as terminal
 from tasks.retry import retry_unless_permanent
 from tasks.tracking import mlflow_run, tracking_uri
@@ -198,10 +199,10 @@ def _compare(
         counts = pd.Series(train_levels).value_counts().to_dict()
         terminal.say(
             "training questions by level under the base model: "
-            + ", ".join(f"{lv} {counts.get(lv, 0)}" for lv in LEVEL_NAMES)
+            + ", ".join(f"{lv} {counts.get(lv, 0)}" for lv in LEVELS)
         )
         parent.log_metrics(
-            {f"base/train_frac_{lv}": counts.get(lv, 0) / len(train_levels) for lv in LEVEL_NAMES}
+            {f"base/train_frac_{lv}": counts.get(lv, 0) / len(train_levels) for lv in LEVELS}
         )
         runs: list[tuple[str, int, str, list[str]]] = []
         for seed in seeds:
@@ -248,7 +249,7 @@ def _compare(
         }
         summary = summarize(results, held_levels, families)
         summary["seconds"] = round(time.perf_counter() - start, 1)
-        summary["train_levels"] = {lv: int(counts.get(lv, 0)) for lv in LEVEL_NAMES}
+        summary["train_levels"] = {lv: int(counts.get(lv, 0)) for lv in LEVELS}
         summary["config_hash"] = tag
         summary["mlflow_runs"] = {f"{r['algo']}-s{r['seed']}": r["mlflow_run_id"] for r in results}
         teacher_runs = [r["demonstration_counts"] for r in results if r["algo"] == TEACHER_METHOD]

@@ -104,6 +104,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    from relift_core.algorithm.difficulty import LEVELS
     from relift_core.config import load_config
     from relift_core.data.examples import load_examples
     from relift_core.grading.grader import BatchGrader
@@ -111,7 +112,7 @@ def main() -> None:
     from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
     from relift_core.proofworld.problems import write_world
     from relift_core.proofworld.report import render_markdown
-    from relift_core.proofworld.statistics import LEVEL_NAMES, summarize
+    from relift_core.proofworld.statistics import summarize
     from relift_core.runtime.assembly import build_engine
     from relift_core.runtime.models import load_policy
 
@@ -178,7 +179,7 @@ def main() -> None:
             )
     summary = summarize(results, held_lv, {u: c.split("/")[0] for u, c in cell.items()})
     counts = Counter(train_lv.values())
-    summary["train_levels"] = {lv: counts.get(lv, 0) for lv in LEVEL_NAMES}
+    summary["train_levels"] = {lv: counts.get(lv, 0) for lv in LEVELS}
     print(render_markdown(summary))
     (wd / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"total {time.perf_counter() - t0:.0f}s")

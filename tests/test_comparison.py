@@ -1,5 +1,5 @@
-"""The comparison a sweep's parent run shows: per method the held-out mean, 95% t-interval over seeds,
-seed count and demonstrations used (analysis.compare, on a table as runs_table builds it)."""
+"""The comparison a sweep's parent run shows: per method the held-out mean, 95% t-interval over
+seeds, seed count and demonstrations used (analysis.compare, on a table as runs_table builds it)."""
 
 from __future__ import annotations
 

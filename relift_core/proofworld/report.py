@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from relift_core.proofworld.statistics import LEVEL_NAMES
+from relift_core.algorithm.difficulty import LEVELS
 
 # The interval the report gives: a paired bootstrap over questions and seeds
 # (statistics.summarize). `relift compare`'s interval over seeds alone is a t-interval, and is
@@ -60,13 +60,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
         ),
         "",
         f"| run | held-out accuracy | {CI_NAME} | demonstrations used | "
-        + " | ".join(LEVEL_NAMES)
+        + " | ".join(LEVELS)
         + " |",
-        "|---|---|---|---|" + "---|" * len(LEVEL_NAMES),
+        "|---|---|---|---|" + "---|" * len(LEVELS),
     ]
     for m, r in runs.items():
         levels = " | ".join(
-            "-" if r["by_level"][lv] is None else f"{r['by_level'][lv]:.3f}" for lv in LEVEL_NAMES
+            "-" if r["by_level"][lv] is None else f"{r['by_level'][lv]:.3f}" for lv in LEVELS
         )
         lines.append(
             f"| {m} | {r['accuracy']:.3f} | {r['ci'][0]:.3f} to {r['ci'][1]:.3f} | "
@@ -115,7 +115,7 @@ def plot(summary: dict[str, Any], out: Path) -> Path:
     ]
     axes[0].bar(names, acc, yerr=err, capsize=4, color="tab:blue")
     axes[0].set_title(f"held-out accuracy ({CI_NAME}, seeds {summary['seeds']})")
-    by_level = pd.DataFrame({m: runs[m]["by_level"] for m in names}).reindex(list(LEVEL_NAMES))
+    by_level = pd.DataFrame({m: runs[m]["by_level"] for m in names}).reindex(list(LEVELS))
     by_level.plot.bar(ax=axes[1], rot=0, title="accuracy by level under the base model")
     axes[1].set_ylim(0, 1)
     diffs = {k: d for k, d in summary["differences"].items() if d["mean"] is not None}

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-LEVEL_NAMES = ("hardest", "hard", "medium", "easy")
+from relift_core.algorithm.difficulty import LEVELS, Level
+
 CLAIMS = {
-    "rl-base@non_hardest": ("rl", "base", ("hard", "medium", "easy")),
-    "sft-rl@hardest": ("sft", "rl", ("hardest",)),
+    "rl-base@non_hardest": ("rl", "base", (Level.HARD, Level.MEDIUM, Level.EASY)),
+    "sft-rl@hardest": ("sft", "rl", (Level.HARDEST,)),
     "relift-rl": ("relift", "rl", None),
     "relift-sft": ("relift", "sft", None),
     "relift-luffy": ("relift", "luffy", None),
@@ -82,7 +83,7 @@ def summarize(
         mat = mats[m]
         boot = bootstrap_means(mat, q_all, s_draws)
         by_level = {}
-        for lv in LEVEL_NAMES:
+        for lv in LEVELS:
             cols = [j for j, u in enumerate(uids) if levels.get(u) == lv]
             by_level[lv] = round(float(mat[:, cols].mean()), 4) if cols else None
         by_family = {}
@@ -119,5 +120,5 @@ def summarize(
         "differences": differences,
         "seeds": seeds,
         "questions": len(uids),
-        "levels": {lv: sum(1 for u in uids if levels.get(u) == lv) for lv in LEVEL_NAMES},
+        "levels": {lv: sum(1 for u in uids if levels.get(u) == lv) for lv in LEVELS},
     }
