@@ -38,12 +38,19 @@ def test_classify_rejects_accuracy_outside_unit_interval(accuracy):
         level_for_accuracy(accuracy)
 
 
-def test_level_is_a_string():
-    assert Level.HARDEST == "hardest" and Level("easy") is Level.EASY
-    assert [lv.value for lv in LEVELS] == ["hardest", "hard", "medium", "easy"]
-    # Formatting gives the value (a metric name built from a Level reads "frac_hard"), and a
-    # pickled Level (Prefect results, process pools) comes back as the same member.
-    assert f"frac_{Level.HARD}" == "frac_hard" and str(Level.EASY) == "easy"
+def test_a_level_serves_as_its_name_in_reports():
+    """The reports, tables and results.json use Level members where strings stood (dict keys
+    looked up by name, table headers, JSON keys): a Level must behave as its name there."""
+    assert [f"{lv}" for lv in LEVELS] == ["hardest", "hard", "medium", "easy"]  # hardest first
+    by_level = {lv: i for i, lv in enumerate(LEVELS)}
+    assert by_level["hard"] == 1 and json.loads(json.dumps(by_level)) == {
+        "hardest": 0,
+        "hard": 1,
+        "medium": 2,
+        "easy": 3,
+    }
+    assert f"frac_{Level.HARD}" == "frac_hard" and Level("easy") is Level.EASY
+    # a pickled Level (Prefect results, process pools) comes back as the same member
     assert pickle.loads(pickle.dumps(Level.MEDIUM)) is Level.MEDIUM
     assert json.dumps({"level": Level.HARD}) == '{"level": "hard"}'
 

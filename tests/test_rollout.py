@@ -21,9 +21,9 @@ from relift_core.config import ModelConfig, TinyModelConfig
 from relift_core.runtime.models import build_tiny_model, load_policy, smollm2_dir
 from relift_core.runtime.rollout import (
     HFRolloutEngine,
-    RolloutEngine,
     Sample,
     default_stop_token_ids,
+    engine_asleep,
     split_response,
 )
 
@@ -122,10 +122,6 @@ class _ForceEos:
 
 
 # ----------------------------------------------------------------------------- tiny (fast)
-
-
-def test_engine_satisfies_the_protocol(tiny):
-    assert isinstance(HFRolloutEngine(*tiny), RolloutEngine)
 
 
 def test_shapes_prompt_ids_and_finish_reasons(tiny, prompts, drop_finished):
@@ -268,8 +264,23 @@ def test_sync_weights_with_the_shared_model_is_a_no_op(tiny, monkeypatch):
     engine = HFRolloutEngine(model, tok)
     monkeypatch.setattr(model, "load_state_dict", lambda *a, **k: pytest.fail("copied"))
     engine.sync_weights(model)
-    engine.sleep()
-    engine.wake()
+
+
+def test_engine_asleep_wakes_the_engine_even_when_the_step_fails(tiny, prompts, monkeypatch):
+    """The trainer steps inside engine_asleep; a step that raises must still give the engine
+    its memory back, and an engine woken again generates as before."""
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": 8}
+    before = _ids(engine.generate(prompts, **greedy))
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "sleep", lambda: calls.append("sleep"))
+    monkeypatch.setattr(engine, "wake", lambda: calls.append("wake"))
+    with pytest.raises(RuntimeError, match="step failed"), engine_asleep(engine):
+        assert calls == ["sleep"]
+        raise RuntimeError("step failed")
+    assert calls == ["sleep", "wake"]
+    assert _ids(engine.generate(prompts, **greedy)) == before
 
 
 def test_split_response_when_pad_is_eos():
