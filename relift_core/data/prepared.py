@@ -125,8 +125,10 @@ def data_key(data: DataConfig, seed: int, model: ModelConfig | None = None) -> s
 
 
 def load_training_source(data: DataConfig) -> tuple[list[Example], str]:
-    """The training rows of a file or Hugging Face dataset config, and the source they name in
-    errors and warnings (the proof-world's rows are written by the flow, see the docstring)."""
+    """The training rows of a file or Hugging Face source (before the prompt-length filter), and
+    the source errors and warnings name. Raises DataError naming the file and row of a bad one.
+    The generated world's rows are the proof-world's to build (only it imports itself): the
+    flow writes them, and `preflight` takes them from its caller."""
     source = data.train_path or data.hf_dataset
     if source is None:
         raise ConfigError("data: set one of data.train_path, data.hf_dataset or data.world")
