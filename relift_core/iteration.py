@@ -336,8 +336,9 @@ def rollout_seed(run_seed: int, iteration: int, draw: int = 0) -> int:
 
 
 class Phases:
-    """The phases of an iteration over a TrainSession. Each method is one Prefect task in
-    `tasks/train_tasks.py`; a method that changes run state changes it here, never in a task."""
+    """The phases of an iteration over a TrainSession. Each method but draw_questions is one
+    Prefect task, a row of `PHASE_TABLE` in `tasks/train_tasks.py`; a method that changes run
+    state changes it here, never in a task."""
 
     def draw_questions(self, session: TrainSession) -> list[Example]:
         return draw_questions(

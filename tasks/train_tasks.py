@@ -2,6 +2,10 @@
 method, nothing else. The loop itself (order of phases, run-state bookkeeping) is
 `relift_core.iteration.run_iteration`; the `train` flow hands it `PREFECT_PHASES`.
 
+`PHASE_TABLE` is the one list of them: each row names a `Phases` method, the task name shown in
+the Prefect UI and the task's retry options; the tasks (`PHASE_TASKS`) and `PrefectPhases` are
+built from it.
+
 Tasks take the in-memory TrainSession (model, engine, trainer), so they never hash or persist
 their inputs (NO_CACHE). quote() keeps Prefect from walking every object reachable from a task's
 arguments (the dataset, token lists, the buffer) looking for upstream futures: measured at ~90%
@@ -12,10 +16,13 @@ with backoff; a task that still fails fails the flow, and its error shows in the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
@@ -24,62 +31,73 @@ from tasks.progress import HideRoutineTaskStates
 from tasks.retry import retry_unless_permanent
 
 # An engine hiccup may pass on a retry; bad data or a diverged update never does.
-ENGINE_RETRIES = {
+ENGINE_RETRIES: Mapping[str, Any] = {
     "retries": 2,
     "retry_delay_seconds": [2, 10],
     "retry_condition_fn": retry_unless_permanent,
 }
-_CORE = Phases()
+# Writing a checkpoint is local disk I/O: retried sooner than an engine.
+CHECKPOINT_RETRIES: Mapping[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [1, 5],
+    "retry_condition_fn": retry_unless_permanent,
+}
 
-rollout_task = task(name="rollout", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.rollout)
-grade_task = task(name="grade", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.grade)
-classify_task = task(name="classify-difficulty", cache_policy=NO_CACHE)(_CORE.classify)
-collect_task = task(name="collect-demonstrations", cache_policy=NO_CACHE, **ENGINE_RETRIES)(
-    _CORE.collect_demonstrations
+
+@dataclass(frozen=True)
+class PhaseTask:
+    """One phase as a Prefect task: the `Phases` method it runs, the task's name in the
+    Prefect UI, and its retry options (none: a failure fails the flow at once)."""
+
+    method: str
+    name: str
+    retries: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Every Phases method but draw_questions: an in-memory read of the question stream that cannot
+# fail or be retried usefully, so a task run's bookkeeping would only cost time.
+PHASE_TABLE: tuple[PhaseTask, ...] = (
+    PhaseTask("rollout", "rollout", ENGINE_RETRIES),
+    PhaseTask("grade", "grade", ENGINE_RETRIES),
+    PhaseTask("classify", "classify-difficulty"),  # bookkeeping in memory: nothing to retry
+    PhaseTask("collect_demonstrations", "collect-demonstrations", ENGINE_RETRIES),
+    PhaseTask("mix_demonstrations", "mix-demonstrations", ENGINE_RETRIES),
+    PhaseTask("rl_update", "rl-update", ENGINE_RETRIES),
+    PhaseTask("sft_update", "sft-update", ENGINE_RETRIES),
+    PhaseTask("checkpoint", "checkpoint", CHECKPOINT_RETRIES),
 )
-mix_task = task(name="mix-demonstrations", cache_policy=NO_CACHE, **ENGINE_RETRIES)(
-    _CORE.mix_demonstrations
-)
-rl_update_task = task(name="rl-update", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.rl_update)
-sft_update_task = task(name="sft-update", cache_policy=NO_CACHE, **ENGINE_RETRIES)(_CORE.sft_update)
-checkpoint_task = task(
-    name="checkpoint",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_unless_permanent,
-)(_CORE.checkpoint)
+
+_CORE = Phases()
+# Phases method name -> its Prefect task (running the plain Phases method).
+PHASE_TASKS: dict[str, Task] = {
+    row.method: task(name=row.name, cache_policy=NO_CACHE, **row.retries)(
+        getattr(_CORE, row.method)
+    )
+    for row in PHASE_TABLE
+}
+
+
+def _as_task_run(method: str) -> Callable[..., Any]:
+    """The override of `Phases.<method>` that runs it as its task, every argument quoted (the
+    module docstring says why); same signature and docstring as the method it replaces."""
+    phase_task = PHASE_TASKS[method]
+
+    @functools.wraps(getattr(Phases, method))
+    def run_as_task(self: Phases, *args: Any, **kwargs: Any) -> Any:
+        return phase_task(
+            *(quote(a) for a in args), **{name: quote(v) for name, v in kwargs.items()}
+        )
+
+    return run_as_task
 
 
 class PrefectPhases(Phases):
-    """Each phase as its Prefect task run (arguments quoted, see the module docstring), except
-    drawing the next questions: an in-memory read of the question stream that cannot fail or
-    be retried usefully, so a task run's bookkeeping would only cost time."""
+    """Each phase of `PHASE_TABLE` as its Prefect task run; the others (drawing the next
+    questions) run directly, as in `Phases`. Its methods are set from the table below."""
 
-    def rollout(self, session, questions, iteration, draw=0):
-        return rollout_task(quote(session), quote(questions), iteration, draw)
 
-    def grade(self, session, rollouts):
-        return grade_task(quote(session), quote(rollouts))
-
-    def classify(self, session, iteration, rollouts):
-        return classify_task(quote(session), iteration, quote(rollouts))
-
-    def collect_demonstrations(self, session, iteration, rollouts, levels):
-        return collect_task(quote(session), iteration, quote(rollouts), quote(levels))
-
-    def mix_demonstrations(self, session, rollouts):
-        return mix_task(quote(session), quote(rollouts))
-
-    def rl_update(self, session, rollouts):
-        return rl_update_task(quote(session), quote(rollouts))
-
-    def sft_update(self, session, k, iteration):
-        return sft_update_task(quote(session), k, iteration)
-
-    def checkpoint(self, session):
-        return checkpoint_task(quote(session))
-
+for _row in PHASE_TABLE:
+    setattr(PrefectPhases, _row.method, _as_task_run(_row.method))
 
 PREFECT_PHASES = PrefectPhases()
 

@@ -409,7 +409,8 @@ def test_settings_under_which_rl_never_updates_are_refused_with_the_reason(overr
 
 
 def test_settings_the_data_refutes_are_refused_or_warned(tmp_path):
-    from relift_core.data.preflight import settings_against_data, training_examples
+    from relift_core.data.preflight import settings_against_data
+    from relift_core.data.prepared import load_training_source
 
     rows = [row(i, question=f"{i}+1?", answer=str(i + 1)) for i in range(5)]
     for r in rows[:3]:
@@ -424,7 +425,7 @@ def test_settings_the_data_refutes_are_refused_or_warned(tmp_path):
             "algorithm.sft_buffer_threshold": 4,
         },
     )
-    examples, source = training_examples(cfg)
+    examples, source = load_training_source(cfg.data)
     with pytest.raises(ConfigError) as e:
         settings_against_data(cfg, examples, source)
     assert str(e.value).startswith(f"algorithm.sft_buffer_threshold=4 but {path} has only 3 ")

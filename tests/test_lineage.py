@@ -144,8 +144,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_path_and_cause(tmp_p
 def test_the_preparation_cache_keys_on_content_not_mtime(tmp_path):
     import os
 
-    from flows.prepare_data import data_key
     from relift_core.config import DataConfig
+    from relift_core.data.prepared import data_key
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "1+1?", "reward_model": {"ground_truth": "2"}}\n')

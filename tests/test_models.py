@@ -19,13 +19,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-from relift_core.config import ModelConfig, TinyModelConfig
+from relift_core.config import ConfigError, ModelConfig, TinyModelConfig
 from relift_core.runtime import models
 from relift_core.runtime.char_tokenizer import build_char_tokenizer
 from relift_core.runtime.models import (
     build_tiny_model,
     convert_gguf,
     load_policy,
+    load_tokenizer,
     resolve_device,
     save_policy,
     smollm2_dir,
@@ -128,8 +129,31 @@ def test_save_policy_replaces_a_directory_and_leaves_no_temporaries(tmp_path, to
 
 
 def test_hf_source_needs_a_name():
-    with pytest.raises(ValueError, match="name_or_path"):
+    with pytest.raises(ConfigError, match="name_or_path"):
         load_policy(ModelConfig(source="hf"))
+    with pytest.raises(ConfigError, match="name_or_path"):  # the same choice, the same error
+        load_tokenizer(ModelConfig(source="hf"))
+
+
+@pytest.mark.parametrize("source", ["tiny", "hf"])
+def test_load_tokenizer_is_the_policys_tokenizer_without_its_weights(tmp_path, source):
+    """Data preparation counts prompt tokens with load_tokenizer: the tokens and prompt format
+    the policy trains on."""
+    saved = tmp_path / "policy"
+    save_policy(*load_policy(ModelConfig(source="tiny")), saved)
+    cfg = ModelConfig(
+        source=source, init_from=str(saved), system_prompt="Be brief.", prefill="<think>\n"
+    )
+    _, with_weights = load_policy(cfg)
+    alone = load_tokenizer(cfg)
+    assert type(alone) is type(with_weights)
+    assert alone.get_vocab() == with_weights.get_vocab()
+    assert alone.chat_template == with_weights.chat_template
+    rendered = alone.apply_chat_template(
+        [{"role": "user", "content": "1+1"}], tokenize=False, add_generation_prompt=True
+    )
+    assert "Be brief." in rendered and rendered.endswith("<think>\n")
+    assert alone.padding_side == "left" and alone.pad_token == with_weights.pad_token
 
 
 def test_resolve_device(monkeypatch):

