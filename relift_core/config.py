@@ -43,6 +43,20 @@ class TinyModelConfig(_Section):
     intermediate_size: int = Field(128, gt=0)
     max_position_embeddings: int = Field(512, gt=0)
 
+    def hf_config(self, vocab_size: int) -> dict[str, Any]:
+        """This model as transformers config keywords (config.json's keys) over a `vocab_size`
+        vocabulary: what runtime.models builds and what the memory planner counts."""
+        return {
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": True,
+        }
+
 
 class ModelConfig(_Section):
     # tiny: built from `tiny` with the local character tokenizer; hf: a hub id or local dir;

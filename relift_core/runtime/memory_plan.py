@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from relift_core.config import ConfigError, ExperimentConfig
 from relift_core.errors import UserError
@@ -88,55 +89,18 @@ class Architecture:
 
 
 # The presets' models, from their config.json on the hub (no download when planning).
+# Columns: hidden, layers, heads, kv_heads, intermediate, vocab (Architecture's field order).
+QWEN25_MATH_1_5B = Architecture(1536, 28, 12, 2, 8960, 151936, tied_embeddings=True)
+QWEN25_MATH_7B = Architecture(3584, 28, 28, 4, 18944, 152064, tied_embeddings=False)
+SMOLLM2_135M = Architecture(576, 30, 9, 3, 1536, 49152, tied_embeddings=True, qkv_bias=False)
 KNOWN_ARCHITECTURES = {
-    "Qwen/Qwen2.5-Math-1.5B": Architecture(
-        hidden=1536,
-        layers=28,
-        heads=12,
-        kv_heads=2,
-        intermediate=8960,
-        vocab=151936,
-        tied_embeddings=True,
-    ),
-    "Qwen/Qwen2.5-Math-7B": Architecture(
-        hidden=3584,
-        layers=28,
-        heads=28,
-        kv_heads=4,
-        intermediate=18944,
-        vocab=152064,
-        tied_embeddings=False,
-    ),
+    "Qwen/Qwen2.5-Math-1.5B": QWEN25_MATH_1_5B,
+    "Qwen/Qwen2.5-Math-7B": QWEN25_MATH_7B,
     # The reference's starting points: the same networks with rope_theta 40k and a 16k context.
-    "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": Architecture(
-        hidden=1536,
-        layers=28,
-        heads=12,
-        kv_heads=2,
-        intermediate=8960,
-        vocab=151936,
-        tied_embeddings=True,
-    ),
-    "RoadQAQ/Qwen2.5-Math-7B-16k-think": Architecture(
-        hidden=3584,
-        layers=28,
-        heads=28,
-        kv_heads=4,
-        intermediate=18944,
-        vocab=152064,
-        tied_embeddings=False,
-    ),
+    "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": QWEN25_MATH_1_5B,
+    "RoadQAQ/Qwen2.5-Math-7B-16k-think": QWEN25_MATH_7B,
     # SmolLM2-135M-Instruct (Llama): the GGUF the smollm2-135m preset converts.
-    "HuggingFaceTB/SmolLM2-135M-Instruct": Architecture(
-        hidden=576,
-        layers=30,
-        heads=9,
-        kv_heads=3,
-        intermediate=1536,
-        vocab=49152,
-        tied_embeddings=True,
-        qkv_bias=False,
-    ),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2_135M,
 }
 
 
@@ -146,40 +110,36 @@ class PlanError(UserError, ValueError):
     exit_code = 2
 
 
+def _from_hf_config(c: dict[str, Any], qkv_bias: bool) -> Architecture:
+    """The architecture a transformers config (config.json's keys) describes."""
+    return Architecture(
+        hidden=c["hidden_size"],
+        layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"],
+        kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+        intermediate=c["intermediate_size"],
+        vocab=c["vocab_size"],
+        tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+    )
+
+
 def architecture_of(cfg: ExperimentConfig) -> Architecture:
     m = cfg.model
     if m.source == "tiny":
         from relift_core.runtime.char_tokenizer import VOCAB_SIZE
 
         t = m.tiny
-        return Architecture(
-            hidden=t.hidden_size,
-            layers=t.num_layers,
-            heads=t.num_heads,
-            kv_heads=t.num_kv_heads,
-            intermediate=t.intermediate_size,
-            vocab=VOCAB_SIZE,
-            tied_embeddings=True,
-            qkv_bias=t.architecture == "qwen2",
-        )
+        return _from_hf_config(t.hf_config(VOCAB_SIZE), qkv_bias=t.architecture == "qwen2")
     if m.source == "gguf":
-        return KNOWN_ARCHITECTURES["HuggingFaceTB/SmolLM2-135M-Instruct"]
+        return SMOLLM2_135M
     name = m.name_or_path or ""
     if name in KNOWN_ARCHITECTURES:
         return KNOWN_ARCHITECTURES[name]
     config_json = Path(name) / "config.json"
     if config_json.is_file():
         c = json.loads(config_json.read_text())
-        return Architecture(
-            hidden=c["hidden_size"],
-            layers=c["num_hidden_layers"],
-            heads=c["num_attention_heads"],
-            kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-            intermediate=c["intermediate_size"],
-            vocab=c["vocab_size"],
-            tied_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=c.get("model_type") == "qwen2",
-        )
+        return _from_hf_config(c, qkv_bias=c.get("model_type") == "qwen2")
     raise PlanError(
         f"model.name_or_path={name!r}: no architecture known for it (a local "
         f"directory with config.json, or one of {', '.join(KNOWN_ARCHITECTURES)})"

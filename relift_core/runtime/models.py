@@ -82,14 +82,7 @@ def build_tiny_model(
     """A randomly initialised small causal LM whose vocabulary matches `tokenizer`."""
     config_cls, model_cls = _TINY_ARCHITECTURES[cfg.architecture]
     config = config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
+        **cfg.hf_config(len(tokenizer)),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
