@@ -16,7 +16,9 @@ from transformers import PreTrainedTokenizerFast
 PAD, BOS, EOS, UNK = "<pad>", "<|im_start|>", "<|im_end|>", "<unk>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Multi-character markers that are single tokens: the chat frame and the reasoning tags.
-SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+# The special ones by their role in a transformers tokenizer, in vocabulary order.
+SPECIAL_TOKEN_ROLES = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+SPECIAL_TOKENS = list(SPECIAL_TOKEN_ROLES.values())
 ADDED_TOKENS = [THINK_OPEN, THINK_CLOSE, "\\boxed"]
 CHARS = sorted(set(string.printable) - set("\x0b\x0c\r"))
 VOCAB_SIZE = len(SPECIAL_TOKENS) + len(ADDED_TOKENS) + len(CHARS)
@@ -38,13 +40,6 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     core.decoder = decoders.Fuse()
     core.add_special_tokens(SPECIAL_TOKENS)
     core.add_tokens(ADDED_TOKENS)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        padding_side="left",
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, padding_side="left", **SPECIAL_TOKEN_ROLES)
     tok.chat_template = CHATML_TEMPLATE
     return tok
