@@ -43,10 +43,7 @@ def build_base_model(config: dict[str, Any]) -> str:
         terminal.say(f"base model: {out_dir} (built earlier)")
         return str(out_dir)
     with mlflow_run(
-        cfg,
-        run_key=f"base-model:{out_dir}",
-        run_name=f"base-model-{key}",
-        tags={"relift.kind": "base_model"},
+        cfg, kind="base_model", run_key=f"base-model:{out_dir}", run_name=f"base-model-{key}"
     ) as tracker:
         tracker.log_params(
             {

@@ -182,12 +182,8 @@ def _compare(
     train_levels = base_levels(base_cfg, base_dir, data.train_path)
     tag = demo_config_hash(preset, base_overrides)
 
-    with mlflow_run(
-        cfg,
-        run_key=f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}",
-        run_name=f"{name}-{tag}",
-        tags={"relift.kind": "demo"},
-    ) as parent:
+    run_key = f"demo:{Path(cfg.run.workdir).resolve()}:{name}:{tag}:{seeds}"
+    with mlflow_run(cfg, kind="demo", run_key=run_key, run_name=f"{name}-{tag}") as parent:
         parent.log_params(
             {
                 **cfg.flat_params(),

@@ -41,11 +41,9 @@ def difficulty_dynamics(
     data = prepare_data(cfg.model_dump(mode="json"))
     questions = data.train_examples()
     # The MLflow run spans the classification: a failed analysis shows FAILED there.
+    run_name = f"dynamics-{Path(checkpoint).name}"
     with mlflow_run(
-        cfg,
-        run_key=f"dynamics:{checkpoint}",
-        run_name=f"dynamics-{Path(checkpoint).name}",
-        tags={"relift.kind": "difficulty_dynamics"},
+        cfg, kind="difficulty_dynamics", run_key=f"dynamics:{checkpoint}", run_name=run_name
     ) as tracker:
         before = classify_all(cfg, quote(questions), base)
         after = classify_all(cfg, quote(questions), str(Path(checkpoint).resolve()))

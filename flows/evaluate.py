@@ -60,10 +60,7 @@ def evaluate(
     label = f"eval-{Path(checkpoint).name if checkpoint else preset}"
     out_dir = Path(cfg.run.workdir) / "evaluations" / label
     with mlflow_run(
-        cfg,
-        run_key=f"evaluate:{label}:{cfg.fingerprint()}",
-        run_name=label,
-        tags={"relift.kind": "evaluate"},
+        cfg, kind="evaluate", run_key=f"evaluate:{label}:{cfg.fingerprint()}", run_name=label
     ) as tracker:
         tracker.log_params(
             {

@@ -132,8 +132,8 @@ def sweep(
         base,
         run_key=f"sweep:{base.run.workdir}:{prefix}",
         run_name=prefix,
+        kind="sweep",
         tags={
-            "relift.kind": "sweep",
             "relift.sweep": prefix,
             "relift.config_hash": prefix.rsplit("-", 1)[-1],
         },

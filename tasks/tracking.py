@@ -386,6 +386,7 @@ class MlflowTracker:
 
 IDENTITY_TAG = "relift.experiment"  # experiment_hash of the config that made the run
 DATA_TAG = "relift.data_fingerprint"  # the prepared training data's fingerprint
+KIND_TAG = "relift.kind"  # which flow's own run it is: base_model, demo, evaluate, sweep, ...
 
 
 def _refuse_other_experiment(cfg: ExperimentConfig, run, data_fingerprint: str | None) -> dict:
@@ -420,6 +421,7 @@ def open_run(
     run_name: str,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    kind: str | None = None,
     known_run_id: str | None = None,
     data_fingerprint: str | None = None,
     start_over: bool = False,
@@ -432,7 +434,7 @@ def open_run(
     another config or other training data (its `relift.experiment` and
     `relift.data_fingerprint` tags) is refused, whether or not checkpoints are on disk, unless
     run.resume=force (the differences are then tagged). `start_over` (run.resume=never) always
-    opens a new run.
+    opens a new run. `kind` tags a flow's own run (KIND_TAG); a training run has none.
     """
     client = get_client(cfg)
     exp_id = experiment_id(client, cfg)
@@ -467,6 +469,8 @@ def open_run(
         tracker.set_tags(identity)
         return tracker
     all_tags = {"relift.run_key": run_key, **identity, **(tags or {})}
+    if kind:
+        all_tags[KIND_TAG] = kind
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
