@@ -88,30 +88,29 @@ class FakeVLLMModel:
         return set(weights)
 
 
+# vLLM's defaults for the LLM arguments the engine passes (entrypoints/llm.py, EngineArgs).
+LLM_DEFAULTS = {
+    "dtype": "auto",
+    "seed": 0,
+    "gpu_memory_utilization": 0.9,
+    "tensor_parallel_size": 1,
+    "enable_sleep_mode": False,
+    "max_model_len": None,
+}
+
+
 class FakeLLM:
     allocator_in_use = False  # the process-wide CuMem allocator
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        tensor_parallel_size: int = 1,
-        seed: int = 0,
-        max_model_len: int | None = None,
-        enable_sleep_mode: bool = False,
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.9,
-    ) -> None:
-        self.kwargs = {
-            "model": model,
-            "dtype": dtype,
-            "seed": seed,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "tensor_parallel_size": tensor_parallel_size,
-            "enable_sleep_mode": enable_sleep_mode,
-        }
-        if max_model_len is not None:
-            self.kwargs["max_model_len"] = max_model_len
+    def __init__(self, model: str, **engine_args) -> None:
+        unknown = sorted(set(engine_args) - set(LLM_DEFAULTS))
+        if unknown:  # vLLM's EngineArgs takes no other keyword
+            raise TypeError(
+                f"EngineArgs.__init__() got an unexpected keyword argument {unknown[0]!r}"
+            )
+        self.kwargs = {"model": model, **engine_args}  # as given
+        self.args = {**LLM_DEFAULTS, **engine_args}
+        max_model_len = self.args["max_model_len"]
         config = AutoConfig.from_pretrained(model)
         derived = config.max_position_embeddings
         if max_model_len is not None and max_model_len > derived:
@@ -120,13 +119,14 @@ class FakeLLM:
                 f"the derived max_model_len (max_position_embeddings={derived})"
             )
         self.max_model_len = max_model_len or derived
-        if enable_sleep_mode:
+        if self.args["enable_sleep_mode"]:
             assert not FakeLLM.allocator_in_use, (
                 "CuMem allocator can only be used for one instance per process."
             )
             FakeLLM.allocator_in_use = True
         self.in_process = (
-            os.environ.get(MULTIPROCESSING_ENV, "1") == "0" and tensor_parallel_size == 1
+            os.environ.get(MULTIPROCESSING_ENV, "1") == "0"
+            and self.args["tensor_parallel_size"] == 1
         )
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         eos = GenerationConfig.from_pretrained(model).eos_token_id
@@ -221,7 +221,7 @@ class FakeLLM:
         return True
 
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
-        assert self.kwargs["enable_sleep_mode"], "sleep mode is not enabled"
+        assert self.args["enable_sleep_mode"], "sleep mode is not enabled"
         self.events.append(f"sleep({level})")
         self.prefix_cache.clear()
         self.awake = {"weights": False, "kv_cache": False}
