@@ -314,6 +314,18 @@ def time_trl(setup: Setup, model_dir: Path, records: list[dict], steps: int, wor
     }
 
 
+def _result_line(system: str, result: dict, score: str, phases: str = "") -> str:
+    """One system's timings, its mean response length and `score`, as `main` prints them."""
+    steps = ", ".join(f"{s:.2f}" for s in result["steps"])
+    parts = [
+        f"{system}: {result['seconds_per_step']:.2f} s/step (steps {steps})",
+        phases,
+        f"mean response length {result['response_length']:.1f} tokens",
+        score,
+    ]
+    return "; ".join(part for part in parts if part)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
@@ -353,23 +365,16 @@ def main() -> None:
         if not args.skip_relift:
             results["relift"] = time_relift(setup, model_dir, data, args.steps, tmp / "relift")
             r = results["relift"]
-            print(
-                f"relift: {r['seconds_per_step']:.2f} s/step (steps "
-                f"{', '.join(f'{s:.2f}' for s in r['steps'])}); rollout "
-                f"{r['phases']['rollout']:.2f} s, grade {r['phases']['grade']:.2f} s, "
-                f"rl_update {r['phases']['rl_update']:.2f} s; mean response length "
-                f"{r['response_length']:.1f} tokens; accuracy {r['accuracy']:.3f}",
-                flush=True,
+            phases = (
+                f"rollout {r['phases']['rollout']:.2f} s, grade {r['phases']['grade']:.2f} s, "
+                f"rl_update {r['phases']['rl_update']:.2f} s"
             )
+            score = f"accuracy {r['accuracy']:.3f}"
+            print(_result_line("relift", r, score, phases=phases), flush=True)
         if not args.skip_trl:
             results["trl"] = time_trl(setup, model_dir, records, args.steps, tmp / "trl")
-            t = results["trl"]
-            print(
-                f"TRL 1.16 GRPOTrainer: {t['seconds_per_step']:.2f} s/step (steps "
-                f"{', '.join(f'{s:.2f}' for s in t['steps'])}); mean response length "
-                f"{t['response_length']:.1f} tokens; reward {t['reward']:.3f}",
-                flush=True,
-            )
+            score = f"reward {results['trl']['reward']:.3f}"
+            print(_result_line("TRL 1.16 GRPOTrainer", results["trl"], score), flush=True)
     if len(results) == 2:
         ratio = results["trl"]["seconds_per_step"] / results["relift"]["seconds_per_step"]
         print(f"ratio TRL / relift: {ratio:.2f}x", flush=True)
