@@ -108,7 +108,7 @@ def main() -> None:
     from relift_core.config import load_config
     from relift_core.data.examples import load_examples
     from relift_core.grading.grader import BatchGrader
-    from relift_core.grading.levels import measure_levels
+    from relift_core.grading.levels import AnswerSampler, measure_levels
     from relift_core.proofworld.pretrain import base_model_key, pretrain_base_model
     from relift_core.proofworld.problems import write_world
     from relift_core.proofworld.report import render_markdown
@@ -137,12 +137,9 @@ def main() -> None:
     )
     engine = build_engine(cfg, model, tok, "cpu")
     with BatchGrader(workers=2) as grader:
-        train_lv = {
-            u: lv.value for u, lv in measure_levels(engine, tok, grader, train, cfg, seed=0).items()
-        }
-        held_lv = {
-            u: lv.value for u, lv in measure_levels(engine, tok, grader, held, cfg, seed=0).items()
-        }
+        sampler = AnswerSampler(engine, tok, grader)
+        train_lv = {u: lv.value for u, lv in measure_levels(sampler, train, cfg, seed=0).items()}
+        held_lv = {u: lv.value for u, lv in measure_levels(sampler, held, cfg, seed=0).items()}
     print(
         f"train levels: {dict(Counter(train_lv.values()))}  held: {dict(Counter(held_lv.values()))}"
     )

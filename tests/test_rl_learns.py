@@ -11,7 +11,7 @@ import pytest
 from relift_core.algorithm.difficulty import Level
 from relift_core.config import load_config
 from relift_core.data.examples import load_examples
-from relift_core.grading.levels import measure_levels, sampled_accuracy
+from relift_core.grading.levels import AnswerSampler, measure_levels, sampled_accuracy
 from relift_core.iteration import run_iteration
 from relift_core.proofworld.pretrain import pretrain_base_model
 from relift_core.proofworld.problems import write_world
@@ -48,14 +48,11 @@ def test_rl_raises_heldout_accuracy_on_non_hardest(tmp_path):
         )
         session = build_session(run_cfg, train)
         try:
-            levels = measure_levels(
-                session.engine, session.tokenizer, session.grader, held, run_cfg, seed=0
-            )
+            sampler = AnswerSampler(session.engine, session.tokenizer, session.grader)
+            levels = measure_levels(sampler, held, run_cfg, seed=0)
             for i in range(iterations):
                 run_iteration(session, i)
-            acc = sampled_accuracy(
-                session.engine, session.tokenizer, session.grader, held, run_cfg, seed=1
-            )
+            acc = sampled_accuracy(sampler, held, run_cfg, seed=1)
         finally:
             session.close()
         return levels, acc

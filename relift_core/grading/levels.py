@@ -7,20 +7,36 @@ difficulty-dynamics flow, the demo's tuning script and the learning tests read l
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from relift_core.algorithm.difficulty import DifficultyLedger, Level
 from relift_core.config import ExperimentConfig
 from relift_core.data.examples import Example
 from relift_core.grading.grader import BatchGrader
-from relift_core.iteration import accuracies, grade, record_levels, rollout
+from relift_core.iteration import Rollouts, accuracies, grade, record_levels, rollout
 from relift_core.runtime.assembly import build_engine, seed_everything
 from relift_core.runtime.models import export_dtype, load_policy, resolve_device
 from relift_core.runtime.rollout import RolloutEngine
 
 
+class AnswerSampler(NamedTuple):
+    """What draws a policy's answers (its rollout engine and tokenizer) and grades them."""
+
+    engine: RolloutEngine
+    tokenizer: Any
+    grader: BatchGrader
+
+
+def _graded(
+    sampler: AnswerSampler, questions: list[Example], cfg: ExperimentConfig, seed: int
+) -> Rollouts:
+    """The questions' rollouts at cfg.rollout's settings, graded as training grades them."""
+    rollouts = rollout(sampler.engine, sampler.tokenizer, questions, cfg, seed=seed)
+    return grade(rollouts, sampler.grader, require_think=cfg.algorithm.require_think)
+
+
 def measure_levels(
-    engine: RolloutEngine,
-    tokenizer,
-    grader: BatchGrader,
+    sampler: AnswerSampler,
     questions: list[Example],
     cfg: ExperimentConfig,
     *,
@@ -31,11 +47,7 @@ def measure_levels(
     """uid -> level of each question under the engine's current policy: cfg.rollout.n samples
     at the rollout temperature, exactly as a training iteration sees the question."""
     ledger = ledger if ledger is not None else DifficultyLedger()
-    rollouts = grade(
-        rollout(engine, tokenizer, questions, cfg, seed=seed),
-        grader,
-        require_think=cfg.algorithm.require_think,
-    )
+    rollouts = _graded(sampler, questions, cfg, seed)
     return {
         q.uid: lv
         for q, lv in zip(questions, record_levels(ledger, iteration, rollouts), strict=True)
@@ -55,17 +67,12 @@ def policy_levels(
     )
     engine = build_engine(cfg, model, tokenizer, device)
     with BatchGrader(workers=cfg.run.grader_workers, timeout_s=cfg.run.grader_timeout_s) as grader:
-        return measure_levels(engine, tokenizer, grader, questions, cfg, seed=cfg.run.seed)
+        sampler = AnswerSampler(engine, tokenizer, grader)
+        return measure_levels(sampler, questions, cfg, seed=cfg.run.seed)
 
 
 def sampled_accuracy(
-    engine: RolloutEngine,
-    tokenizer,
-    grader: BatchGrader,
-    questions: list[Example],
-    cfg: ExperimentConfig,
-    *,
-    seed: int,
+    sampler: AnswerSampler, questions: list[Example], cfg: ExperimentConfig, *, seed: int
 ) -> dict[str, float]:
     """uid -> share of eval.samples answers (at the evaluation temperature) that are right:
     avg@k per question, as the evaluation flow measures it, without writing records."""
@@ -81,9 +88,5 @@ def sampled_accuracy(
             )
         }
     )
-    rollouts = grade(
-        rollout(engine, tokenizer, questions, eval_cfg, seed=seed),
-        grader,
-        require_think=cfg.algorithm.require_think,
-    )
+    rollouts = _graded(sampler, questions, eval_cfg, seed)
     return {q.uid: acc for q, acc in zip(questions, accuracies(rollouts), strict=True)}
