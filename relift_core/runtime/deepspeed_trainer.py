@@ -35,14 +35,8 @@ from torch import Tensor, nn
 
 from relift_core.config import RLConfig
 from relift_core.errors import UserError
-from relift_core.runtime.batches import TokenBatch
-from relift_core.runtime.distributed import (
-    ShardCountError,
-    collective_device,
-    combine_across_ranks,
-    rank_micro_batches,
-)
-from relift_core.runtime.trainer import TorchTrainer, UpdateKind, _WeightedMeans
+from relift_core.runtime.distributed import RankTrainer, ShardCountError, collective_device
+from relift_core.runtime.trainer import UpdateKind
 
 GPU_EXTRA_HINT = "pip install 'relift[gpu]'"
 STATE_VERSION = 2
@@ -143,7 +137,7 @@ def import_deepspeed():
     return deepspeed
 
 
-class DeepSpeedTrainer(TorchTrainer):
+class DeepSpeedTrainer(RankTrainer):
     """TorchTrainer's interface on a ZeRO-3 engine; construct it on every rank of an initialised
     process group (or let DeepSpeed initialise one from the launcher's environment)."""
 
@@ -211,53 +205,26 @@ class DeepSpeedTrainer(TorchTrainer):
         if hasattr(self.engine.optimizer, "clip_grad"):
             self.engine.optimizer.clip_grad = grad_clip
 
-    def _target_scores(
-        self,
-        micro: TokenBatch,
-        where: Tensor,
-        labels: Tensor,
-        with_entropy: bool,
-        entropy_grad: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _scoring_root(self) -> nn.Module | None:
         if self.model is not self.engine.module:  # the KL reference: an ordinary module
-            return super()._target_scores(micro, where, labels, with_entropy, entropy_grad)
+            return None
         # ZeRO-3 gathers the head inside the engine's forward only.
-        return self._root_target_scores(
-            self.engine, micro, where, labels, with_entropy, entropy_grad
-        )
+        return self.engine
 
-    def _chunked_head_scores(
-        self,
-        head: nn.Module,
-        hidden: Tensor,
-        labels: Tensor,
-        with_entropy: bool,
-        entropy_grad: bool,
-        span: int | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _shared_chunk_span(self, positions: int) -> int | None:
         """ZeRO-3 gathers a module's parameters at each call of it (and again when backward
         recomputes a chunk): every rank calls the head as many times, the most chunks any rank
         needs for this micro-batch, short ranks on empty chunks."""
-        if self.logit_chunk_tokens is None or self.model is not self.engine.module:
-            return super()._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad)
-        most = torch.tensor([len(labels)], dtype=torch.int64, device=collective_device())
+        if self.model is not self.engine.module:
+            return None
+        most = torch.tensor([positions], dtype=torch.int64, device=collective_device())
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        return super()._chunked_head_scores(
-            head, hidden, labels, with_entropy, entropy_grad, span=int(most.item())
-        )
+        return int(most.item())
 
     # ------------------------------------------------------------------------ gradient hooks
 
     def _zero_grad(self, kind: UpdateKind) -> None:
         self.engine.zero_grad()
-
-    def _local_micro_batches(self, count: int) -> list[int | None]:
-        return rank_micro_batches(count, self.rank, self.world_size)
-
-    def _across_ranks(
-        self, loss_finite: bool, means: _WeightedMeans
-    ) -> tuple[bool, _WeightedMeans]:
-        return combine_across_ranks(loss_finite, means)
 
     def _backward(self, loss: Tensor, *, last_micro_batch: bool) -> None:
         # Our micro-batch weights already make the sum the mini-batch loss: no 1/gas scaling;

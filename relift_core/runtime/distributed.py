@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from relift_core.errors import UserError
-from relift_core.runtime.trainer import _WeightedMeans
+from relift_core.runtime.trainer import TorchTrainer, _WeightedMeans
 
 
 class ShardCountError(UserError, RuntimeError):
@@ -94,3 +94,20 @@ def check_world_size(saved: int | None, world_size: int, what: str) -> None:
             f"(trainer_state.world_size={saved}); this run has {world_size}. Resume with as "
             "many ranks (cluster.nodes, gpus_per_node, cpu_ranks_per_node)"
         )
+
+
+class RankTrainer(TorchTrainer):
+    """TorchTrainer as one rank of `world_size` (FSDP2's and ZeRO-3's trainers): it computes
+    its share of each mini-batch's micro-batches and combines its verdict and stats with the
+    other ranks'. The engine sets `rank` and `world_size` once the process group is up."""
+
+    rank: int
+    world_size: int
+
+    def _local_micro_batches(self, count: int) -> list[int | None]:
+        return rank_micro_batches(count, self.rank, self.world_size)
+
+    def _across_ranks(
+        self, loss_finite: bool, means: _WeightedMeans
+    ) -> tuple[bool, _WeightedMeans]:
+        return combine_across_ranks(loss_finite, means)

@@ -32,14 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from relift_core.runtime.batches import TokenBatch
-from relift_core.runtime.distributed import (
-    combine_across_ranks,
-    global_weight_stats,
-    rank_micro_batches,
-)
+from relift_core.runtime.distributed import RankTrainer, global_weight_stats
 from relift_core.runtime.models import _DTYPES
-from relift_core.runtime.trainer import TorchTrainer, _WeightedMeans
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -55,7 +49,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-class FSDPTrainer(TorchTrainer):
+class FSDPTrainer(RankTrainer):
     """The trainer of one rank; construct it on every rank of an initialised process group."""
 
     def __init__(self, model: nn.Module, **trainer_options) -> None:
@@ -85,28 +79,11 @@ class FSDPTrainer(TorchTrainer):
 
     # ------------------------------------------------------------------------- scoring
 
-    def _target_scores(
-        self,
-        micro: TokenBatch,
-        where: Tensor,
-        labels: Tensor,
-        with_entropy: bool,
-        entropy_grad: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _scoring_root(self) -> nn.Module:
         # The head is gathered inside the root forward only (the root FSDP unit).
-        return self._root_target_scores(
-            self.model, micro, where, labels, with_entropy, entropy_grad
-        )
+        return self.model
 
     # ------------------------------------------------------------------------- rank hooks
-
-    def _local_micro_batches(self, count: int) -> list[int | None]:
-        return rank_micro_batches(count, self.rank, self.world_size)
-
-    def _across_ranks(
-        self, loss_finite: bool, means: _WeightedMeans
-    ) -> tuple[bool, _WeightedMeans]:
-        return combine_across_ranks(loss_finite, means)
 
     def _weight_stats(self, params: list[nn.Parameter]) -> tuple[float, float]:
         with torch.no_grad():

@@ -35,7 +35,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -135,13 +135,28 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _scores_from_logits(
-    logits: Tensor, labels: Tensor, with_entropy: bool, entropy_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    logp = algorithms.token_logprobs(logits, labels).float()
-    if not with_entropy:
+Scores = tuple[Tensor, Tensor | None]  # log p(target) [N] and, when asked for, entropy [N]
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """What scoring computes for target tokens `labels` [N]: log p(label), and with
+    `with_entropy` the entropy of each predicted distribution, kept in the autograd graph
+    when `entropy_grad`."""
+
+    labels: Tensor
+    with_entropy: bool
+    entropy_grad: bool
+
+    def part(self, start: int, stop: int) -> _Targets:
+        return replace(self, labels=self.labels[start:stop])
+
+
+def _scores_from_logits(logits: Tensor, targets: _Targets) -> Scores:
+    logp = algorithms.token_logprobs(logits, targets.labels).float()
+    if not targets.with_entropy:
         return logp, None
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(targets.entropy_grad and torch.is_grad_enabled()):
         return logp, algorithms.entropy_from_logits(logits).float()
 
 
@@ -150,7 +165,7 @@ class _ScoringHead(nn.Module):
     states of the kept positions it returns [..., 2] (log p(target), entropy) from `score`,
     which applies the real head (a child here, so engines' hooks on it still fire)."""
 
-    def __init__(self, head: nn.Module, score: Callable[[Tensor], tuple[Tensor, Tensor | None]]):
+    def __init__(self, head: nn.Module, score: Callable[[Tensor], Scores]):
         super().__init__()
         self.head = head
         self._score = score
@@ -354,79 +369,58 @@ class TorchTrainer:
             ).last_hidden_state
         return hidden[:, :-1][where], head
 
-    def _head_scores(
-        self,
-        head: nn.Module,
-        hidden: Tensor,
-        labels: Tensor,
-        with_entropy: bool,
-        entropy_grad: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """log p(label) and (optionally) entropy of `head(hidden)`, one chunk of positions."""
+    def _head_scores(self, head: nn.Module, hidden: Tensor, targets: _Targets) -> Scores:
+        """The scores of `head(hidden)`, one chunk of positions."""
         with self._autocast():
             logits = head(hidden)
-        return _scores_from_logits(logits, labels, with_entropy, entropy_grad)
+        return _scores_from_logits(logits, targets)
 
-    def _target_scores(
-        self,
-        micro: TokenBatch,
-        where: Tensor,
-        labels: Tensor,
-        with_entropy: bool,
-        entropy_grad: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _scoring_root(self) -> nn.Module | None:
+        """The module whose own forward must run the head, for a sharding engine that gathers
+        the root's parameters (embeddings, final norm, head) in its hooks there; None: the
+        decoder and the head are called apart (`_target_hidden`)."""
+        return None
+
+    def _target_scores(self, micro: TokenBatch, where: Tensor, targets: _Targets) -> Scores:
         """Log-probs [N] (and entropies [N]) of the target tokens. With logit_chunk_tokens the
         head runs on that many positions at a time and, under autograd, each chunk is
         recomputed in backward (activation checkpointing), so at most one chunk's
         [chunk, vocab] logits and their gradient are alive at once."""
+        root = self._scoring_root()
+        if root is not None:
+            return self._root_target_scores(root, micro, where, targets)
         found = self._target_hidden(micro, where)
         if found is None:
-            return _scores_from_logits(
-                self._logits_at(micro, where), labels, with_entropy, entropy_grad
-            )
+            return _scores_from_logits(self._logits_at(micro, where), targets)
         hidden, head = found
-        return self._chunked_head_scores(head, hidden, labels, with_entropy, entropy_grad)
+        return self._chunked_head_scores(head, hidden, targets)
 
-    def _chunked_head_scores(
-        self,
-        head: nn.Module,
-        hidden: Tensor,
-        labels: Tensor,
-        with_entropy: bool,
-        entropy_grad: bool,
-        span: int | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """`span`: chunk over that many positions (past the end: empty chunks), so that a
-        sharding engine's ranks call the head equally often (deepspeed_trainer.py)."""
+    def _shared_chunk_span(self, positions: int) -> int | None:
+        """The positions to chunk over when the ranks of a sharding engine must call the head
+        equally often (deepspeed_trainer.py): past this micro-batch's `positions`, empty
+        chunks. None: this micro-batch's own chunks."""
+        return None
+
+    def _chunked_head_scores(self, head: nn.Module, hidden: Tensor, targets: _Targets) -> Scores:
         chunk = self.logit_chunk_tokens
-        if chunk is None or (span is None and len(labels) <= chunk):
-            return self._head_scores(head, hidden, labels, with_entropy, entropy_grad)
+        positions = len(targets.labels)
+        span = None if chunk is None else self._shared_chunk_span(positions)
+        if chunk is None or (span is None and positions <= chunk):
+            return self._head_scores(head, hidden, targets)
         logps, entropies = [], []
-        for start in range(0, max(len(labels) if span is None else span, 1), chunk):
-            part = (
-                head,
-                hidden[start : start + chunk],
-                labels[start : start + chunk],
-                with_entropy,
-                entropy_grad,
-            )
+        for start in range(0, max(positions if span is None else span, 1), chunk):
+            part = (head, hidden[start : start + chunk], targets.part(start, start + chunk))
             if torch.is_grad_enabled():
                 logp, entropy = checkpoint(self._head_scores, *part, use_reentrant=False)
             else:
                 logp, entropy = self._head_scores(*part)
             logps.append(logp)
             entropies.append(entropy)
-        return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+        return torch.cat(logps), (torch.cat(entropies) if targets.with_entropy else None)
 
     def _root_target_scores(
-        self,
-        root: nn.Module,
-        micro: TokenBatch,
-        where: Tensor,
-        labels: Tensor,
-        with_entropy: bool,
-        entropy_grad: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+        self, root: nn.Module, micro: TokenBatch, where: Tensor, targets: _Targets
+    ) -> Scores:
         """`_target_scores` through the root module's own forward (a sharding engine gathers
         the embeddings, final norm and head in its hooks there): for the forward's duration
         the head is wrapped so that, called with the final hidden states, it returns the
@@ -437,13 +431,8 @@ class TorchTrainer:
             logits = root_logits_at(
                 root, micro, where, self._autocast(), packed=self.remove_padding
             )
-            return _scores_from_logits(logits, labels, with_entropy, entropy_grad)
-        scorer = _ScoringHead(
-            head,
-            lambda hidden: self._chunked_head_scores(
-                head, hidden, labels, with_entropy, entropy_grad
-            ),
-        )
+            return _scores_from_logits(logits, targets)
+        scorer = _ScoringHead(head, lambda hidden: self._chunked_head_scores(head, hidden, targets))
         model.set_output_embeddings(scorer)
         try:
             scores = root_logits_at(
@@ -451,7 +440,7 @@ class TorchTrainer:
             )
         finally:
             model.set_output_embeddings(head)
-        return scores[:, 0], (scores[:, 1] if with_entropy else None)
+        return scores[:, 0], (scores[:, 1] if targets.with_entropy else None)
 
     def _score(
         self, micro: TokenBatch, with_entropy: bool, entropy_grad: bool = True
@@ -461,9 +450,8 @@ class TorchTrainer:
         entropy out of the autograd graph (stats only)."""
         where = micro.loss_mask.bool()
         labels = shift_targets(micro.input_ids)[where]
-        target_logp, target_entropy = self._target_scores(
-            micro, where, labels, with_entropy, entropy_grad and torch.is_grad_enabled()
-        )
+        targets = _Targets(labels, with_entropy, entropy_grad and torch.is_grad_enabled())
+        target_logp, target_entropy = self._target_scores(micro, where, targets)
         logp = torch.zeros(where.shape, dtype=torch.float32, device=target_logp.device)
         logp[where] = target_logp
         if not with_entropy:
