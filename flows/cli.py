@@ -566,6 +566,13 @@ def deploy(
     )
 
 
+def prefect_server_command(port: int) -> list[str]:
+    """`prefect server start` on 127.0.0.1:`port`, with this environment's Prefect: the server
+    `relift ui` runs (the end-to-end tests start theirs with it too)."""
+    prefect = str(Path(sys.executable).parent / "prefect")
+    return [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
 @app.command()
 def ui(
     workdir: Annotated[
@@ -603,18 +610,7 @@ def ui(
         "PREFECT_UI_API_URL": f"{prefect_ui}/api",
     }
     procs = [
-        subprocess.Popen(
-            [
-                str(bindir / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(prefect_port),
-            ],
-            env=prefect_env,
-        ),
+        subprocess.Popen(prefect_server_command(prefect_port), env=prefect_env),
         subprocess.Popen(
             [
                 str(bindir / "mlflow"),

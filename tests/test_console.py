@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.commands import REPO, own_prefect_env, python_cli, run_command
 from tests.conftest import REDUCED_DEMO
-
-REPO = Path(__file__).resolve().parent.parent
 
 # A process that writes the way libraries do: a logging handler on stderr, a Python warning, a
 # tqdm-like bar, and a spawned child writing to its inherited stdout; and one line of its own.
@@ -48,14 +47,10 @@ if __name__ == "__main__":
 def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
     script = tmp_path / "writes.py"  # a file: the spawned child imports its `child`
     script.write_text(_SCRIPT)
-    return subprocess.run(
+    return run_command(
         [sys.executable, str(script), str(tmp_path), mode],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
+        timeout=120,
     )
 
 
@@ -93,27 +88,10 @@ TABLE_HEADER = "| run | held-out accuracy | 95% bootstrap CI |"
 
 @pytest.mark.slow
 def test_demo_prints_its_own_lines_only(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)  # its temporary server, as `make demo` runs it
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "demo",
-            "-p",
-            "toy",
-            "--seeds",
-            "0",
-            *REDUCED_DEMO,
-            f"run.workdir={tmp_path}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    done = run_command(
+        python_cli("demo", "-p", "toy", "--seeds", "0", *REDUCED_DEMO, f"run.workdir={tmp_path}"),
+        env=own_prefect_env(),  # its temporary server, as `make demo` runs it
         timeout=3000,
-        check=False,
     )
     shown = done.stdout + done.stderr
     assert done.returncode == 0, shown[-3000:]

@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from flows.cli import prefect_server_command
 from flows.temporary_server import free_port, stop_process, wait_healthy
+from tests.commands import PREFECT, RELIFT, REPO, own_prefect_env, run_command
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -44,34 +42,15 @@ def deployed(tmp_path_factory):
     log_path = home / "server.log"
     log = open(log_path, "w")  # noqa: SIM115  (closed at teardown)
     server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        prefect_server_command(port), env=env, stdout=log, stderr=subprocess.STDOUT
     )
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "prefect"), *args],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return run_command([PREFECT, *args], env=env, timeout=timeout)
 
     try:
         wait_healthy(api, server, timeout_s=120)
-        deploy = subprocess.run(
-            [str(BIN / "relift"), "deploy"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        deploy = run_command([RELIFT, "deploy"], env=env, timeout=300)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         yield env, run, log_path, deploy.stdout
     finally:
@@ -131,7 +110,7 @@ def test_relift_deploy_then_the_worker_it_names_runs_a_deployment(
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115  (closed in finally)
     worker_env = {**env, **dict(part.split("=", 1) for part in command.split()[:2])}
     worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "relift-local"],
+        [PREFECT, "worker", "start", "--pool", "relift-local"],
         env=worker_env,
         cwd=REPO,
         stdout=log,
@@ -163,32 +142,15 @@ def test_relift_deploy_then_the_worker_it_names_runs_a_deployment(
 
 def test_relift_deploy_again_keeps_the_pool(deployed):
     env, _, _, _ = deployed
-    again = subprocess.run(
-        [str(BIN / "relift"), "deploy"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    again = run_command([RELIFT, "deploy"], env=env, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "work pool relift-local: exists" in again.stdout
     assert "weekly-rl-sft-relift" in again.stdout
 
 
 def test_relift_deploy_without_a_prefect_api_says_what_to_do(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # no profile's API
-    env.pop("PREFECT_API_URL", None)
-    done = subprocess.run(
-        [str(BIN / "relift"), "deploy", "--workdir", str(tmp_path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = own_prefect_env(PREFECT_HOME=str(tmp_path / "prefect-home"))  # no profile's API
+    done = run_command([RELIFT, "deploy", "--workdir", str(tmp_path)], env=env, timeout=120)
     assert done.returncode == 2
     assert "set PREFECT_API_URL" in done.stderr and "relift ui" in done.stderr
 

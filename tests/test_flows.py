@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+
+from tests.commands import RELIFT, own_prefect_env, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -264,11 +264,9 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
     assert all(r["mean"] == round(r["mean"], 3) for r in rows)
 
     # `relift compare` as a user runs it, in a 100-column terminal: readable, and a report.
-    env = {**os.environ, "COLUMNS": "100"}
-    env.pop("PREFECT_API_URL", None)
-    out = subprocess.run(
+    out = run_command(
         [
-            str(Path(sys.executable).parent / "relift"),
+            RELIFT,
             "compare",
             "-p",
             "toy",
@@ -276,11 +274,8 @@ def test_sweep_nests_child_runs_and_compare_reads_them(tiny_overrides, prefect_s
             result["mlflow_run_id"],
             f"run.workdir={tmp_path}",
         ],
-        capture_output=True,
-        text=True,
-        env=env,
+        env=own_prefect_env(COLUMNS="100"),
         timeout=300,
-        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "…" not in out.stdout and max(map(len, out.stdout.splitlines())) <= 100, out.stdout

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.commands import run_command
 
 
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path):
     dtype = "bfloat16"  # the GPU presets' compute dtype
     out = tmp_path / "check.json"
-    done = subprocess.run(
+    done = run_command(
         [
             sys.executable,
             "scripts/gpu_check.py",
@@ -29,11 +27,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
             "--json",
             str(out),
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
-        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())

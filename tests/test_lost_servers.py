@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.temporary_server import free_port, wait_healthy
+from tests.commands import MLFLOW, REPO, own_prefect_env, python_cli, run_command
 from tests.conftest import REDUCED_DEMO
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 ITERATIONS = 8
 
 
@@ -38,16 +36,10 @@ def _overrides(tiny_overrides: list[str], workdir: Path, name: str) -> list[str]
     ]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env.pop("PREFECT_API_URL", None)  # each command runs its temporary server
-    return env
-
-
 def _train(overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
     # Its own session, so that a Ctrl-C can go to its whole process group, as a terminal's does.
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", "-p", "toy", *overrides],
+        python_cli("train", "-p", "toy", *overrides),
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -90,7 +82,7 @@ def _runs(uri: str) -> list:
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group"])
 def test_a_signal_ends_train_within_seconds_with_its_run_failed(tiny_overrides, tmp_path, how):
-    proc = _train(_overrides(tiny_overrides, tmp_path, "signalled"), _env())
+    proc = _train(_overrides(tiny_overrides, tmp_path, "signalled"), own_prefect_env())
     _wait_for(tmp_path / "signalled" / "checkpoints" / "step_000001", proc)
     children = _descendants(proc.pid)  # the temporary server, the grader's workers, ...
     assert children
@@ -113,7 +105,7 @@ def mlflow_server(tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     args = [
-        str(BIN / "mlflow"),
+        MLFLOW,
         "server",
         "--host",
         "127.0.0.1",
@@ -152,7 +144,7 @@ def mlflow_server(tmp_path):
 def test_a_lost_mlflow_server_ends_the_run_and_a_rerun_logs_every_step_once(
     tiny_overrides, tmp_path, mlflow_server
 ):
-    env = _env(MLFLOW_TRACKING_URI=mlflow_server["uri"])
+    env = own_prefect_env(MLFLOW_TRACKING_URI=mlflow_server["uri"])
     overrides = _overrides(tiny_overrides, tmp_path, "tracked")
     server = mlflow_server["start"]()
     proc = _train(overrides, env)
@@ -167,15 +159,7 @@ def test_a_lost_mlflow_server_ends_the_run_and_a_rerun_logs_every_step_once(
     ), lines
 
     mlflow_server["start"]()  # back again: the same command resumes and finishes
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", "-p", "toy", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    done = run_command(python_cli("train", "-p", "toy", *overrides), env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = _runs(mlflow_server["uri"])
     assert run.info.status == "FINISHED"
@@ -193,7 +177,7 @@ def test_a_lost_mlflow_server_ends_the_run_and_a_rerun_logs_every_step_once(
 
 
 def test_a_lost_prefect_server_ends_the_run_within_a_minute(tiny_overrides, tmp_path):
-    proc = _train(_overrides(tiny_overrides, tmp_path, "orphaned"), _env())
+    proc = _train(_overrides(tiny_overrides, tmp_path, "orphaned"), own_prefect_env())
     _wait_for(tmp_path / "orphaned" / "checkpoints" / "step_000001", proc)
     [server] = [p for p in _descendants(proc.pid) if "flows.temporary_server" in p.cmdline()]
     server.kill()
@@ -208,10 +192,7 @@ def test_a_lost_prefect_server_ends_the_run_within_a_minute(tiny_overrides, tmp_
 def test_a_signal_ends_demo_within_seconds_with_no_process_left(tmp_path, how):
     """`demo` trains in a process pool: after Ctrl-C it joined workers that were retrying the
     server the same Ctrl-C had stopped (no exit after 4 minutes, 10 processes left)."""
-    demo = [
-        sys.executable,
-        "-m",
-        "flows.cli",
+    demo = python_cli(
         "demo",
         "-p",
         "toy",
@@ -220,11 +201,11 @@ def test_a_signal_ends_demo_within_seconds_with_no_process_left(tmp_path, how):
         *REDUCED_DEMO,
         "run.iterations=20",  # the later value wins: still training at the signal
         f"run.workdir={tmp_path}",
-    ]
+    )
     proc = subprocess.Popen(
         demo,
         cwd=REPO,
-        env=_env(),
+        env=own_prefect_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,22 +10,13 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
-from flows.temporary_server import free_port
+from tests.commands import RELIFT, REPO, own_prefect_env, run_command, start_relift_ui
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-RELIFT = str(Path(sys.executable).parent / "relift")
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-    return env
 
 
 def _temporary_servers(parent: int) -> list[psutil.Process]:
@@ -49,7 +40,7 @@ def test_a_killed_train_takes_its_temporary_prefect_server_with_it(
     cli = subprocess.Popen(
         [RELIFT, "train", "-p", "toy", *overrides],
         cwd=REPO,
-        env=_env(),
+        env=own_prefect_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -82,24 +73,8 @@ def _answers(request) -> bool:
 
 
 def test_relift_ui_stops_both_servers_on_sigterm(wait_until, tmp_path):
-    prefect_port, mlflow_port = free_port(), free_port()
-    env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    ui = subprocess.Popen(
-        [
-            RELIFT,
-            "ui",
-            "--workdir",
-            str(tmp_path),
-            "--prefect-port",
-            str(prefect_port),
-            "--mlflow-port",
-            str(mlflow_port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    env = own_prefect_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    ui, prefect_port, mlflow_port = start_relift_ui(tmp_path, env)
     try:
         wait_until(
             lambda: _listening(prefect_port) and _listening(mlflow_port), 180, "both UIs to listen"
@@ -137,7 +112,7 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(
     `relift ui` serves (:4200), never the temporary port; the flow run is kept in
     <workdir>/prefect.db, so `relift ui --workdir` shows it later; while that UI runs, commands
     on the work directory report to it."""
-    train = subprocess.run(
+    train = run_command(
         [
             RELIFT,
             "train",
@@ -149,12 +124,8 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(
             "eval.benchmarks=[]",
             "run.iterations=1",
         ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
+        env=own_prefect_env(),
         timeout=600,
-        check=False,
     )
     out = train.stdout + train.stderr
     assert train.returncode == 0, out
@@ -174,23 +145,7 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(
     assert views and all("http://127.0.0.1:4200/" in line for line in views), views
     assert (tmp_path / "prefect.db").exists()
 
-    prefect_port, mlflow_port = free_port(), free_port()
-    ui = subprocess.Popen(
-        [
-            RELIFT,
-            "ui",
-            "--workdir",
-            str(tmp_path),
-            "--prefect-port",
-            str(prefect_port),
-            "--mlflow-port",
-            str(mlflow_port),
-        ],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    ui, prefect_port, mlflow_port = start_relift_ui(tmp_path, own_prefect_env())
     try:
         api = f"http://127.0.0.1:{prefect_port}/api"
         wait_until(lambda: _answers(f"{api}/health"), 180, "the Prefect API of relift ui")
@@ -255,14 +210,10 @@ def test_process_pool_workers_report_to_the_commands_server(tmp_path):
     script = tmp_path / "pooled.py"
     script.write_text(_PROCESS_POOL_FLOW)
     home = tmp_path / "prefect-home"
-    done = subprocess.run(
+    done = run_command(
         [sys.executable, str(script), str(tmp_path / "work")],
-        cwd=REPO,
-        env={**_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home)},
-        capture_output=True,
-        text=True,
+        env=own_prefect_env(PYTHONPATH=str(REPO), PREFECT_HOME=str(home)),
         timeout=300,
-        check=False,
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out

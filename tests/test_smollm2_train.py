@@ -10,13 +10,12 @@ and checkpoints as a GPU run would.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.commands import python_cli, run_command
+
 PREFILL = "<think>"
 
 pytestmark = pytest.mark.slow
@@ -77,15 +76,7 @@ def _train(workdir: Path, iterations: int) -> str:
         "tracking.log_final_model=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", "-p", "smollm2-135m", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    done = run_command(python_cli("train", "-p", "smollm2-135m", *overrides), env=env, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from flows.cli import prefect_server_command
 from flows.temporary_server import free_port, stop_process, wait_healthy
+from tests.commands import MLFLOW, PREFECT, REPO, run_command
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 PG = "postgresql://postgres@127.0.0.1:5432"
 
 
@@ -100,34 +99,15 @@ def team_stack(tmp_path_factory, databases):
         return proc
 
     def prefect(*args: str) -> None:
-        r = subprocess.run(
-            [str(BIN / "prefect"), *args],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        r = run_command([PREFECT, *args], env=env, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
 
     try:
-        server = start(
-            "prefect-server",
-            [
-                str(BIN / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(prefect_port),
-            ],
-        )
+        server = start("prefect-server", prefect_server_command(prefect_port))
         tracking = start(
             "mlflow-server",
             [
-                str(BIN / "mlflow"),
+                MLFLOW,
                 "server",
                 "--app-name",
                 "basic-auth",
@@ -152,7 +132,7 @@ def team_stack(tmp_path_factory, databases):
             start(
                 f"worker-{i}",
                 [
-                    str(BIN / "prefect"),
+                    PREFECT,
                     "worker",
                     "start",
                     "--pool",

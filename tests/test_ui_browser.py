@@ -5,20 +5,19 @@ its link to MLflow."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flows.temporary_server import free_port, stop_process
+from flows.temporary_server import stop_process
+from tests.commands import RELIFT, own_prefect_env, run_command, start_relift_ui
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
@@ -69,37 +68,34 @@ def _page_text_contains(driver, text: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _relift_ui(workdir: Path, tmp_path: Path, wait_until) -> Iterator[tuple[dict, str, str]]:
+    """`relift ui` for `workdir` (its Prefect home in `tmp_path`, its output in ui.log there)
+    once both UIs answer: yields (the environment it runs in, the Prefect UI's address, the
+    MLflow UI's address), and stops it after the block."""
+    env = own_prefect_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    with open(tmp_path / "ui.log", "w") as log:
+        ui, prefect_port, mlflow_port = start_relift_ui(workdir, env, log)
+        prefect_ui = f"http://127.0.0.1:{prefect_port}"
+        mlflow_ui = f"http://127.0.0.1:{mlflow_port}"
+        try:
+            wait_until(lambda: _answers(f"{prefect_ui}/api/health"), 180, "the Prefect server")
+            wait_until(lambda: _answers(f"{mlflow_ui}/health"), 180, "the MLflow UI")
+            yield env, prefect_ui, mlflow_ui
+        finally:
+            stop_process(ui, grace_s=30)
+            shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
+
+
 def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(
     wait_until, browser, tiny_overrides, tmp_path
 ):
-    prefect_port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115  (closed in finally)
-    ui = subprocess.Popen(
-        [
-            str(BIN / "relift"),
-            "ui",
-            "--workdir",
-            str(tmp_path),
-            "--prefect-port",
-            str(prefect_port),
-            "--mlflow-port",
-            str(mlflow_port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
-        wait_until(lambda: _answers(f"{prefect_api}/health"), 180, "the Prefect server")
-        wait_until(lambda: _answers(f"http://127.0.0.1:{mlflow_port}/health"), 180, "the MLflow UI")
+    with _relift_ui(tmp_path, tmp_path, wait_until) as (env, prefect_ui, mlflow_ui):
+        prefect_api = f"{prefect_ui}/api"
         # A tiny training, reported to this Prefect server, tracked in the store the UI serves.
-        train = subprocess.run(
+        train = run_command(
             [
-                str(BIN / "relift"),
+                RELIFT,
                 "train",
                 "-p",
                 "toy",
@@ -108,12 +104,8 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(
                 f"run.workdir={tmp_path}",
                 "eval.benchmarks=[]",
             ],
-            cwd=REPO,
             env={**env, "PREFECT_API_URL": prefect_api},
-            capture_output=True,
-            text=True,
             timeout=600,
-            check=False,
         )
         assert train.returncode == 0, train.stdout + train.stderr
         from mlflow import MlflowClient
@@ -126,9 +118,8 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(
         flow_run_id = run.data.tags["prefect.flow_run_id"]
 
         # MLflow: the run's page (training view) names the run; its metrics tab draws a chart.
-        mlflow_base = f"http://127.0.0.1:{mlflow_port}"
         page = (
-            f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
             "?workflowType=machine_learning"
         )
         browser.get(page)
@@ -136,7 +127,7 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(
         # The run's description links back to the Prefect flow run.
         assert f"/runs/flow-run/{flow_run_id}" in browser.page_source
         browser.get(
-            f"{mlflow_base}/#/experiments/{run.info.experiment_id}/runs/"
+            f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/"
             f"{run.info.run_id}/model-metrics"
         )
         charts = wait_until(
@@ -149,7 +140,7 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(
         assert charts
 
         # Prefect: the flow run, named after the run, with its link artifact to MLflow.
-        browser.get(f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run_id}")
+        browser.get(f"{prefect_ui}/runs/flow-run/{flow_run_id}")
         wait_until(lambda: _page_text_contains(browser, "train-browsed"), 90, "the flow run name")
         try:
             tab = wait_until(
@@ -163,10 +154,6 @@ def test_mlflow_and_prefect_uis_show_the_run_and_link_to_each_other(
             )
         except AssertionError as e:
             raise AssertionError(f"{e}: {browser.find_element('tag name', 'body').text}") from e
-    finally:
-        stop_process(ui, grace_s=30)
-        log.close()
-        shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
 
 
 def _click_through(driver, link) -> None:
@@ -186,35 +173,12 @@ def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
     UI's server is used): the parent run's page in MLflow shows the per-method table and its
     Prefect link opens the sweep's flow run; a child flow run's MLflow link opens its run; the
     saved runs view shows method groups and the held-out column."""
-    prefect_port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
     workdir = tmp_path / "runs"
-    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115  (closed in finally)
-    ui = subprocess.Popen(
-        [
-            str(BIN / "relift"),
-            "ui",
-            "--workdir",
-            str(workdir),
-            "--prefect-port",
-            str(prefect_port),
-            "--mlflow-port",
-            str(mlflow_port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    prefect_ui, mlflow_ui = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
-    try:
-        wait_until(lambda: _answers(f"{prefect_ui}/api/health"), 180, "the Prefect server")
-        wait_until(lambda: _answers(f"{mlflow_ui}/health"), 180, "the MLflow UI")
+    with _relift_ui(workdir, tmp_path, wait_until) as (env, prefect_ui, mlflow_ui):
         wait_until(lambda: (workdir / "ui.json").exists(), 30, "relift ui's ui.json")
-        sweep = subprocess.run(
+        sweep = run_command(
             [
-                str(BIN / "relift"),
+                RELIFT,
                 "sweep",
                 "-p",
                 "toy",
@@ -228,12 +192,8 @@ def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
                 f"run.workdir={workdir}",
                 "run.iterations=1",
             ],
-            cwd=REPO,
             env=env,
-            capture_output=True,
-            text=True,
             timeout=900,
-            check=False,
         )
         out = sweep.stdout + sweep.stderr
         assert sweep.returncode == 0, out
@@ -337,7 +297,3 @@ def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
         # parent, in the group of runs without a method).
         values = [float(v.split()[0]) for v in scores[1:] if v[:1].isdigit()]
         assert len(values) >= 2 and all(0.0 <= v <= 1.0 for v in values), scores
-    finally:
-        stop_process(ui, grace_s=30)
-        log.close()
-        shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
