@@ -9,6 +9,9 @@ programming, deep nesting at every depth 1..40, power towers, factorial chains, 
 long garbage ending in the gold, very long strings, strings that made the choice extractor
 backtrack, and mixtures of them.
 
+The families' forms are data, in scripts/adversarial_forms.yaml beside this script: each a
+template that the family fills with the values it draws.
+
 It grades them all in one batch with BatchGrader(workers=2) (throughput), then times every
 answer that reached a worker on its own (the slowest single answer), and prints:
 
@@ -29,11 +32,15 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from relift_core.grading.extraction import AnswerType
 from relift_core.grading.grader import BatchGrader, Grade, _MathJob, _prepare
 
 DEFAULT_BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks"
 BENCHMARK_FILES = ("math_valid.parquet",)
+# The catalogue of attack forms, family by family: data beside this script.
+FORMS_FILE = Path(__file__).with_name("adversarial_forms.yaml")
 BUILT_IN_GOLDS = [
     "42",
     "0",
@@ -99,38 +106,29 @@ def _boxed(answer: str, rng: random.Random) -> str:
 # --- families: each returns an answer (boxed content) that must be graded wrong --------------
 
 
+def load_forms(path: Path) -> dict[str, list[str]]:
+    """Each family's forms: str.format templates over the values the family draws."""
+    with path.open(encoding="utf-8") as stream:
+        forms: dict[str, list[str]] = yaml.safe_load(stream)
+    return forms
+
+
+FORMS = load_forms(FORMS_FILE)
+
+
+def _render(family: str, rng: random.Random, **values: object) -> str:
+    """One of the family's forms, drawn by rng, filled with the values."""
+    form: str = rng.choice(FORMS[family])
+    return form.format(**values)
+
+
+def _runs(length: int, **units: str) -> dict[str, str]:
+    """Each unit repeated `length` times, under its name: the long runs the forms hold."""
+    return {name: unit * length for name, unit in units.items()}
+
+
 def relations(gold: str, rng: random.Random) -> str:
-    g, w = _plain(gold), _other(gold)
-    forms = [
-        f"{w} = {g}",
-        f"{g} = {w}",
-        f"{g} \\approx {w}",
-        f"{w} < {g}",
-        f"{g} > {w}",
-        f"\\geq {g}",
-        f"\\le {g}",
-        f"\\leq {g}",
-        f"{g} \\neq {w}",
-        f"{g} \\ne {w}",
-        f"{g} \\sim {w}",
-        f"{g} \\equiv {w}",
-        f"{w} \\to {g}",
-        f"{w} \\Rightarrow {g}",
-        f"x = {w} = {g}",
-        f"{w} := {g}",
-        f"{g} ≈ {w}",
-        f"{w} ≤ {g}",
-        f"{g} \\simeq {w}",
-        f"\\pi = {g}",
-        f"{w} \\leqslant {g}",
-        f"{g} \\gtrsim {w}",
-        f"{g} \\propto {w}",
-        f"{w} \\cong {g}",
-        f"{w}={g}",
-        f"{w} \\iff {g}",
-        f"{g} \\lt {w}",
-    ]
-    return rng.choice(forms)
+    return _render("relations", rng, g=_plain(gold), w=_other(gold))
 
 
 HEDGE_TEXT = [
@@ -146,85 +144,23 @@ HEDGE_TEXT = [
 
 
 def hedges(gold: str, rng: random.Random) -> str:
-    g, w = _plain(gold), WRONG
     word = rng.choice(HEDGE_TEXT)
-    forms = [
-        f"{g} \\text{{ ({word} {w})}}",
-        f"{g}, {w}",
-        f"{w}, {g}",
-        f"{g} or {w}",
-        f"{w} or {g}",
-        f"{g} \\pm 1",
-        f"{g} \\mp 1",
-        f"{g} \\text{{ {word} }} {w}",
-        f"{g}; {w}",
-        f"\\{{{g}, {w}\\}}",
-        f"{g} \\lor {w}",
-        f"{g} \\vee {w}",
-        f"{g} \\\\ {w}",
-        f"{g} & {w}",
-        f"{g}?",
-        f"\\text{{about }} {g}",
-        f"{g} \\text{{ (approx.)}}",
-        f"{g} \\quad ({w})",
-        f"{g} \\text{{ ({w})}}",
-        f"{g} \\text{{ or }} {w}",
-        f"\\mathrm{{or}}\\ {g}",
-        f"{g} \\ldots {w}",
-        f"{g}, \\dots",
-        f"{w} \\cup {g}",
-        f"{g} \\text{{ and }} {w}",
-        f"{g} \\; ({w})",
-        f"{g} \\text{{ {word} }}",
-        f"{g} ± 1",
-        f"{g} : {w}",
-    ]
-    return rng.choice(forms)
+    return _render("hedges", rng, g=_plain(gold), w=WRONG, word=word)
 
 
 def tex_programming(gold: str, rng: random.Random) -> str:
-    g = _plain(gold)
-    forms = [
-        f"\\let\\x={g}",
-        f"\\def\\x{{{g}}}\\x",
-        f"\\csname relax\\endcsname {g}",
-        f"\\catcode`\\{{=12 {g}",
-        f"\\edef\\x{{{g}}}\\x",
-        f"\\newcommand{{\\x}}{{{g}}}\\x",
-        f"\\expandafter {g}",
-        f"\\input{{{g}}}",
-        f"\\relax {g}",
-        f"\\gdef\\y{{{WRONG}}}{g}",
-        f"\\renewcommand{{\\y}}{{{g}}}\\y",
-        f"\\providecommand{{\\z}}{{{g}}}",
-        f"\\makeatletter {g}",
-        f"\\the\\numexpr {g}",
-        f"\\string {g}",
-        f"\\noexpand {g}",
-        f"\\begingroup {g} \\endgroup",
-        f"\\global\\let\\x={g}",
-        f"\\uppercase{{{g}}}",
-        f"\\romannumeral {g}",
-        f"\\phantom{{{WRONG}}}{g}",
-        f"\\color{{white}}{{{WRONG}}}{g}",
-        f"\\iffalse {WRONG} \\fi {g}",
-        f"\\cancel{{{WRONG}}} {g}",
-        f"\\hspace{{1cm}}{g}",
-        f"\\def\\a#1{{#1}}\\a{{{g}}}",
-        f"\\lim {g}",
-        f"\\boxed{{{g}}}",
-        f"{WRONG} \\boxed{{{g}}}",
-        f"\\tag{{{WRONG}}} {g}",
-        f"\\verb|{g}|",
-        f'\\mathchar"34 {g}',
-        f"^^34{g}",
-        f"\\afterassignment\\x {g}",
-        f"\\count0={g}",
-        f"\\detokenize{{{g}}}",
-        f"{WRONG} % {g}",
-        f"\\not {WRONG} {g}",
-    ]
-    return rng.choice(forms)
+    return _render("tex_programming", rng, g=_plain(gold), w=WRONG)
+
+
+# The shapes of deep nesting, each an opening and its closing, repeated to the depth.
+NESTS = {
+    "brace": ("{", "}"),
+    "paren": ("(", ")"),
+    "bracket": ("[", "]"),
+    "left": ("\\left(", "\\right)"),
+    "frac": ("\\frac{", "}{1}"),
+    "sqrt": ("\\sqrt{", "}"),
+}
 
 
 def nesting(gold: str, rng: random.Random, depth: int | None = None) -> str:
@@ -232,95 +168,42 @@ def nesting(gold: str, rng: random.Random, depth: int | None = None) -> str:
     wrong value (or around a relation with the gold)."""
     depth = depth if depth is not None else rng.randint(1, 40)
     inner = rng.choice([WRONG, f"{WRONG} = {_plain(gold)}", f"{_plain(gold)}, {WRONG}"])
-    kind = rng.choice(["brace", "paren", "bracket", "left", "frac", "sqrt", "mixed"])
-    if kind == "brace":
-        return "{" * depth + inner + "}" * depth
-    if kind == "paren":
-        return "(" * depth + inner + ")" * depth
-    if kind == "bracket":
-        return "[" * depth + inner + "]" * depth
-    if kind == "left":
-        return "\\left(" * depth + inner + "\\right)" * depth
-    if kind == "frac":
-        return "\\frac{" * depth + inner + "}{1}" * depth
-    if kind == "sqrt":
-        return "\\sqrt{" * depth + inner + "}" * depth
+    kind = rng.choice([*NESTS, "mixed"])
+    if kind in NESTS:
+        opening, closing = NESTS[kind]
+        return opening * depth + inner + closing * depth
     opens = [rng.choice("{([") for _ in range(depth)]
     closes = {"{": "}", "(": ")", "[": "]"}
     return "".join(opens) + inner + "".join(closes[o] for o in reversed(opens))
 
 
 def power_towers(gold: str, rng: random.Random) -> str:
-    forms = [
-        r"9^{9^{9^9}}",
-        r"10^{10^{10}}",
-        r"9^{9^9}",
-        "9^9^9",
-        "9^9^9^9",
-        r"2^{2^{2^{2^2}}}",
-        r"e^{e^{e^{e}}}",
-        r"9^{\sqrt{9^{99}}}",
-        r"10^{1e9}",
-        r"(10^{40})^{10^{40}}",
-        r"x^{x^{x^x}}",
-        r"{9^9}^{9^9}",
-        r"10^{10^{10}} - 10^{10^{10}} + " + WRONG,
-        r"\left(9^{9}\right)^{9^{9}}",
-        r"2^{3^{4^{5}}}",
-        r"99^{99^{99}}",
-        r"7^{7^{7^{7^{7}}}}",
-        r"9**9**9",
-        r"10^{9999999}",
-        r"{10}^{10}^{10}",
-        r"9^{9!}",
-        r"2^{10^{5}}",
-        r"(a+b+c+d)^{24}",
-        r"(x+1)^{1000}",
-        r"(a+b)^{8}(c+d)^{8}(e+f)^{8}",
-        r"(a+b+c)^{6}(d+f+g)^{6}(h+j+k)^{6}",
-        r"\frac{1}{10^{-99999}}",
-        r"0.5^{-10^{8}}",
-    ]
-    return rng.choice(forms)
+    return _render("power_towers", rng, w=WRONG)
 
 
 def factorial_chains(gold: str, rng: random.Random) -> str:
     count = rng.randint(2, 30)
     w = rng.choice([WRONG, "42", "9", "100", "3"])
-    forms = [
-        w + "!" * count,
-        f"({w}!)!",
-        f"(({w}!)!)!",
-        "100000!",
-        r"(10^{5})!",
-        r"\binom{100000}{50000}",
-        r"\Gamma(10^{6})",
-        r"\binom{10^{9}}{5}",
-        "3!" + "!" * count,
-        f"{w}! !",
-        r"(3!)!!",
-        r"\left(10^{4}\right)!",
-        r"10000!",
-    ]
-    return rng.choice(forms)
+    return _render("factorial_chains", rng, w=w, bangs="!" * count)
 
 
 def huge_numbers(gold: str, rng: random.Random) -> str:
-    g = _plain(gold)
     digits = rng.randint(41, 400)
-    forms = [
-        "1" * digits,
-        WRONG + "0" * digits,
-        "0." + "0" * digits + "1",
-        "1e" + "9" * rng.randint(3, 12),
-        f"{WRONG} \\times 10^{{{10 ** rng.randint(5, 12)}}}",
-        "1,000" * rng.randint(14, 60),
-        f"{g} + 10^{{-{10 ** rng.randint(5, 9)}}}",
-        "9" * digits + ".5",
-        f"{WRONG}e{digits * 10}",
-        f"10^{{{'9' * rng.randint(6, 30)}}}",
-    ]
-    return rng.choice(forms)
+    # Drawn in this order (keyword arguments are evaluated left to right), so that a seed
+    # builds the same answers as when the forms were written in the code.
+    return _render(
+        "huge_numbers",
+        rng,
+        g=_plain(gold),
+        w=WRONG,
+        **_runs(digits, ones="1", zeros="0", nines="9"),
+        short_nines="9" * rng.randint(3, 12),
+        power=10 ** rng.randint(5, 12),
+        thousands="1,000" * rng.randint(14, 60),
+        tiny_exponent=10 ** rng.randint(5, 9),
+        exponent=digits * 10,
+        long_nines="9" * rng.randint(6, 30),
+    )
 
 
 GARBAGE = list("0123456789+-*/^_(){}[],.;:=<>!|'~ ") + [
@@ -355,41 +238,22 @@ def garbage(gold: str, rng: random.Random) -> str:
 
 def very_long(gold: str, rng: random.Random) -> str:
     size = rng.randint(2_000, 100_000)
-    g = _plain(gold)
-    forms = [
-        "1+" * (size // 2) + WRONG,
-        "{" * (size // 2) + WRONG + "}" * (size // 2),
-        " " * size + f"{WRONG} = {g}",
-        "x" * size + g,
-        f"{g} " + "\\quad " * (size // 6) + WRONG,
-        "(" * size + g,
-        "-" * size + g,
-        "\\," * (size // 2) + f"{g} \\approx {WRONG}",
-        g + "0" * size,
-        "a+" * (size // 2) + g,
-        "!" * size,
-        "^{" * (size // 2) + g,
-    ]
-    return rng.choice(forms)
+    runs = _runs(size, spaces=" ", xs="x", parens="(", dashes="-", zeros="0", bangs="!")
+    runs |= _runs(size // 2, one_plus="1+", open_braces="{", close_braces="}", a_plus="a+")
+    runs |= _runs(size // 2, thin_spaces="\\,", superscripts="^{")
+    runs |= _runs(size // 6, quads="\\quad ")
+    return _render("very_long", rng, g=_plain(gold), w=WRONG, **runs)
 
 
 def choice_backtracking(rng: random.Random) -> tuple[str, str]:
     """A multiple-choice response that made the old answer-line regex backtrack, and its gold
     (never the letter it might yield)."""
     size = rng.randint(5_000, 40_000)
-    forms = [
-        "answer" + " " * size + "!",
-        "Answer is" + " " * size + "!",
-        "answer:" + " (" * (size // 2),
-        ("answer " + " " * 100) * (size // 107),
-        "\\boxed{" + "\\text{" * (size // 6) + "A" + "}" * (size // 6 + 1),
-        "answer" * (size // 6),
-        "ANSWER " + "IS " * (size // 3),
-        "answer: " + "\\text{" * (size // 6),
-        "the answer is option" + " " * size + "!",
-        "answer" + " \t\n" * (size // 3) + "?",
-    ]
-    return rng.choice(forms), "C"
+    runs = _runs(size, spaces=" ") | _runs(size // 2, open_parens=" (")
+    runs |= _runs(size // 3, iss="IS ", whitespace=" \t\n")
+    runs |= _runs(size // 6, texts="\\text{", answers="answer") | _runs(size // 6 + 1, closes="}")
+    runs |= _runs(size // 107, padded_answers="answer " + " " * 100)
+    return _render("choice_backtracking", rng, **runs), "C"
 
 
 FAMILIES: dict[str, Callable[[str, random.Random], str]] = {

@@ -8,8 +8,10 @@ scripts/adversarial_grader.py runs the same families at scale (10,000+ answers).
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from relift_core.grading.answer_checks import (
 )
 from relift_core.grading.extraction import extract_choice
 from relift_core.grading.grader import BatchGrader, _prepare, grade_answer
+from scripts import adversarial_grader
 
 # Generous against a loaded 2-core machine; the slow cases must not come near it anyway.
 TIMEOUT_S = 5.0
@@ -326,3 +329,32 @@ def test_the_scientific_notation_pattern_reads_a_digit_run_once() -> None:
 def test_a_gold_past_the_bound_is_refused_not_graded() -> None:
     with pytest.raises(ValueError, match="ground truth of 50,000,000 characters"):
         _prepare(_boxed("42"), "4" * 50_000_000, "math", False)
+
+
+# --- scripts/adversarial_forms.yaml: the script's catalogue of forms --------------------------
+
+
+class _EveryChoice(random.Random):
+    """Takes the index-th item of every choice: each form in turn, not one drawn at random."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(0)
+        self.index = index
+
+    def choice(self, seq: Any) -> Any:
+        return seq[self.index % len(seq)]
+
+
+@pytest.mark.parametrize("family", sorted(adversarial_grader.FORMS))
+def test_every_form_of_a_family_renders_with_the_values_it_draws(family: str) -> None:
+    """A placeholder the family does not draw, or a brace left single, fails here rather than
+    in the one seed that happens to draw that form."""
+    forms = adversarial_grader.FORMS[family]
+
+    def render(index: int) -> str:
+        if family == "choice_backtracking":
+            return adversarial_grader.choice_backtracking(_EveryChoice(index))[0]
+        attack: Callable[[str, random.Random], str] = getattr(adversarial_grader, family)
+        return attack("42", _EveryChoice(index))
+
+    assert len({render(index) for index in range(len(forms))}) == len(forms)
