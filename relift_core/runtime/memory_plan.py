@@ -232,55 +232,64 @@ def _micro_batch_tokens(cfg: ExperimentConfig) -> tuple[int, int]:
     return tokens, logit_tokens
 
 
+def _training_state_bytes(
+    cfg: ExperimentConfig, arch: Architecture, n: int, sharded: bool
+) -> dict[str, float]:
+    """Per-rank bytes of the training state over `n` ranks, by trainer strategy (module
+    docstring): float32 weights, gradients and AdamW moments, the layers gathered for compute,
+    and what engine initialisation holds at once."""
+    params = arch.parameters()
+    c = _DTYPE_BYTES[cfg.model.dtype]
+    state = {"gradients": params * 4 / n, "optimizer": params * 2 * 2 * 4 / n}
+    if sharded and cfg.cluster.trainer_strategy == "deepspeed_zero3":
+        return state | {
+            "weights": params * c / n,
+            "optimizer": state["optimizer"] + params * 4 / n,
+            "compute": min(_ZERO3_MAX_LIVE_PARAMETERS, params) * c
+            + min(_ZERO3_REDUCE_BUCKET, params) * 4,
+            "initialization": params * c + params * 4 / n,
+        }
+    compute: float
+    if sharded:
+        layer = arch.layer_parameters()
+        compute = (2 * layer + params - arch.layers * layer) * c
+    else:
+        compute = params * c if cfg.model.dtype != "float32" else 0.0
+    return state | {"weights": params * 4 / n, "compute": compute, "initialization": 0.0}
+
+
+def _rollout_bytes(cfg: ExperimentConfig, params: int, gpu_bytes: float) -> dict[str, float]:
+    """What the rollout engine holds: vLLM its share of the GPU (in the rollout phase only,
+    asleep while the trainer steps); the HF engine a copy of the weights in the compute dtype,
+    resident in every phase, as is KL's frozen float32 reference policy (trainer.py)."""
+    vllm = cfg.rollout.engine == "vllm"
+    resident = 0.0 if vllm else params * _DTYPE_BYTES[cfg.model.dtype]
+    if cfg.algorithm.kl_coef > 0:
+        resident += params * 4
+    return {
+        "rollout": cfg.rollout.gpu_memory_utilization * gpu_bytes if vllm else 0.0,
+        "resident_rollout": resident,
+    }
+
+
 def plan_memory(cfg: ExperimentConfig, gpus: int | None = None) -> MemoryPlan:
     """The plan with `gpus` trainer ranks (default: the config's cluster)."""
     arch = architecture_of(cfg)
     ray = cfg.cluster.backend == "ray"
     n = gpus if gpus is not None else (cfg.cluster.world_size if ray else 1)
     params = arch.parameters()
-    c = _DTYPE_BYTES[cfg.model.dtype]
-    sharded = ray or gpus is not None
-    zero3 = sharded and cfg.cluster.trainer_strategy == "deepspeed_zero3"
-    gradients = params * 4 / n
-    optimizer = params * 2 * 2 * 4 / n
-    if zero3:
-        weights = params * c / n
-        optimizer += params * 4 / n
-        compute: float = (
-            min(_ZERO3_MAX_LIVE_PARAMETERS, params) * c + min(_ZERO3_REDUCE_BUCKET, params) * 4
-        )
-        initialization = params * c + params * 4 / n
-    else:
-        weights = params * 4 / n
-        if sharded:
-            layer = arch.layer_parameters()
-            root = params - arch.layers * layer
-            compute = (2 * layer + root) * c
-        else:
-            compute = params * c if cfg.model.dtype != "float32" else 0.0
-        initialization = 0.0
     tokens, logit_tokens = _micro_batch_tokens(cfg)
     activations = activation_bytes(
         arch, tokens, logit_tokens, cfg.model.dtype, cfg.model.gradient_checkpointing
     )
     gpu_bytes = cfg.cluster.gpu_memory_gib * GIB
-    vllm = cfg.rollout.engine == "vllm"
-    rollout = cfg.rollout.gpu_memory_utilization * gpu_bytes if vllm else 0.0
-    resident = 0.0 if vllm else params * c
-    if cfg.algorithm.kl_coef > 0:
-        resident += params * 4  # the frozen float32 reference policy (trainer.py), whole
     return MemoryPlan(
         gpus=n,
         parameters=params,
-        weights=weights,
-        gradients=gradients,
-        optimizer=optimizer,
-        compute=compute,
         activations=activations,
-        rollout=rollout,
-        resident_rollout=resident,
-        initialization=initialization,
         gpu_bytes=gpu_bytes,
+        **_training_state_bytes(cfg, arch, n, sharded=ray or gpus is not None),
+        **_rollout_bytes(cfg, params, gpu_bytes),
     )
 
 
