@@ -319,13 +319,10 @@ def demo(
             algorithms=_csv(algorithms),
             seeds=[int(s) for s in _csv(seeds)] if seeds else None,
         )
-    print_result(result["markdown"])
-    console.print(
-        f"\nresults: {result['results_path']}  figure: {result['figure']}  "
-        f"MLflow parent run: {result['mlflow_run_id']}  "
-        f"total {time.perf_counter() - start:.0f}s",
-        soft_wrap=True,
-        highlight=False,
+    print_result(
+        f"{result['markdown'].rstrip()}\n\n"
+        f"results: {result['results_path']}\nfigure: {result['figure']}\n"
+        f"MLflow parent run {result['mlflow_run_id']}, total {time.perf_counter() - start:.0f}s"
     )
 
 
