@@ -226,10 +226,11 @@ def summary_table_markdown(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "No held-out evaluation among the runs."
     text = pd.DataFrame(summary_rows(summary)).to_markdown(index=False)
+    # Line breaks that markdown ignores: the console (`relift sweep`) is 100 columns wide.
     return (
-        text + "\n\nHeld-out accuracy (avg@k) on questions never trained on; mean and 95% "
-        f"t-interval over seeds (fewer than {MIN_SEEDS_FOR_CI} seeds: marked, too few for "
-        "the interval to say much); demonstrations used: mean over seeds."
+        text + "\n\nHeld-out accuracy (avg@k) on questions never trained on; mean and 95%\n"
+        f"t-interval over seeds (fewer than {MIN_SEEDS_FOR_CI} seeds: marked, too few for the\n"
+        "interval to say much); demonstrations used: mean over seeds."
     )
 
 

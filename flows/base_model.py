@@ -17,7 +17,13 @@ from tasks.tracking import mlflow_run
 
 @task(name="pretrain-base-model", cache_policy=NO_CACHE, retries=1)
 def pretrain(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
-    return pretrain_base_model(cfg.data.world, cfg.model.tiny, out_dir)
+    bar = terminal.callback("pretrain base model (steps)")
+    return pretrain_base_model(
+        cfg.data.world,
+        cfg.model.tiny,
+        out_dir,
+        progress=None if bar is None else lambda done, total, _loss: bar(done, total),
+    )
 
 
 def _base_model_run_name() -> str:

@@ -120,7 +120,8 @@ def _options(
         typer.Option(
             "--verbose",
             help="show the libraries' output too (Prefect, MLflow, transformers: logs, "
-            "warnings, progress bars); `demo` otherwise sends it to a log file",
+            "warnings, progress bars); otherwise train, sweep, evaluate, dynamics and demo "
+            "send it to <workdir>/logs/<command>-<time>.log",
         ),
     ] = False,
 ) -> None:
@@ -173,6 +174,40 @@ def library_output_to_log(workdir: str, command: str) -> Iterator[Path | None]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def command_console(workdir: str, command: str, headline: str) -> Iterator[str | None]:
+    """The console of every command that runs a flow (train, sweep, evaluate, dynamics, demo):
+    a first line, `headline` and where the libraries' output goes (library_output_to_log), then
+    our own lines only (tasks.progress: a line per iteration or finished step, transient bars
+    for long phases) while the block runs on a Prefect API (flows.temporary_server.prefect_api;
+    yields the temporary server's API URL, or None). The command prints its result after the
+    block, once, when the terminal is the command's alone again."""
+    import prefect  # noqa: F401 - its logging setup made, before its handlers are filtered
+
+    from flows.temporary_server import prefect_api
+    from tasks.progress import terminal_progress
+
+    quiet_prefect_tracebacks()
+    with library_output_to_log(workdir, command) as log:
+        console.print(
+            headline + (f"; library logs: {log}" if log else ""),
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
+        with (
+            prefect_api(workdir) as temporary_server,
+            terminal_progress(console if log else None),
+        ):
+            yield temporary_server
+
+
+def print_result(text: str) -> None:
+    """A command's result, verbatim: unwrapped (a table row broken at the terminal's width is
+    no longer a table row), no markup, no highlighting."""
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
 PresetOpt = Annotated[
     str, typer.Option("--preset", "-p", help="a preset name in configs/ or a YAML file")
 ]
@@ -219,18 +254,15 @@ def train(preset: PresetOpt = "toy", overrides: Overrides = None) -> None:
     cfg = validated_config(preset, overrides)
     check_fits(cfg)
     checked_before_servers(cfg)
-    from flows.temporary_server import prefect_api
     from flows.train import train as train_flow
-    from tasks.progress import terminal_progress
 
-    quiet_prefect_tracebacks()
-    with prefect_api(cfg.run.workdir) as temporary_server, terminal_progress():
-        result = train_flow(preset=preset, overrides=overrides or [])
-    console.print(
-        train_summary(result, ui_hint=_ui_hint(cfg.run.workdir, temporary_server)),
-        soft_wrap=True,
-        highlight=False,
+    headline = (
+        f"train: {cfg.run.name} ({cfg.algorithm.name}, {cfg.run.iterations} iterations, "
+        f"preset {preset})"
     )
+    with command_console(cfg.run.workdir, "train", headline) as temporary_server:
+        result = train_flow(preset=preset, overrides=overrides or [])
+    print_result(train_summary(result, ui_hint=_ui_hint(cfg.run.workdir, temporary_server)))
 
 
 def _ui_hint(workdir: str, temporary_server: str | None) -> str:
@@ -239,7 +271,7 @@ def _ui_hint(workdir: str, temporary_server: str | None) -> str:
     if temporary_server is None:
         return ""
     flag = "" if Path(workdir) == Path("runs") else f" --workdir {workdir}"
-    return f"  (open with `relift ui{flag}`)"
+    return f"(open them with `relift ui{flag}`)"
 
 
 def train_summary(result: dict, ui_hint: str = "") -> str:
@@ -253,10 +285,10 @@ def train_summary(result: dict, ui_hint: str = "") -> str:
     held_out = ", ".join(scores) if scores else "(no evaluation)"
     lines = [
         f"{result['run_name']}: held-out {held_out}; demonstrations used {result['demos_used']}",
-        f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}{ui_hint}",
-        f"Prefect {result.get('prefect_url')}{ui_hint}",
+        f"MLflow  {result.get('mlflow_url') or result['mlflow_run_id']}",
+        f"Prefect {result.get('prefect_url')}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + ([ui_hint] if ui_hint else []))
 
 
 @app.command()
@@ -276,35 +308,21 @@ def demo(
     cfg = validated_config(preset, overrides)
     checked_before_servers(cfg)
     from flows.demo import demo as demo_flow
-    from flows.temporary_server import prefect_api
-    from tasks.progress import terminal_progress
 
-    quiet_prefect_tracebacks()
     start = time.perf_counter()
     methods = ", ".join(["base", *[a for a in _csv(algorithms) or [] if a != "base"]])
-    with library_output_to_log(cfg.run.workdir, "demo") as log:
-        console.print(
-            f"demo: {methods} on the {preset} world, seeds {seeds or cfg.run.seed}"
-            + (f"; libraries' output: {log}" if log else ""),
-            soft_wrap=True,
-            highlight=False,
-            markup=False,
+    headline = f"demo: {methods} on the {preset} world, seeds {seeds or cfg.run.seed}"
+    with command_console(cfg.run.workdir, "demo", headline):
+        result = demo_flow(
+            preset=preset,
+            overrides=overrides or [],
+            algorithms=_csv(algorithms),
+            seeds=[int(s) for s in _csv(seeds)] if seeds else None,
         )
-        with prefect_api(cfg.run.workdir), terminal_progress(console if log else None):
-            result = demo_flow(
-                preset=preset,
-                overrides=overrides or [],
-                algorithms=_csv(algorithms),
-                seeds=[int(s) for s in _csv(seeds)] if seeds else None,
-            )
-    # Unwrapped: a table row broken at the terminal's width is no longer a table row.
-    console.print(result["markdown"], soft_wrap=True, markup=False, highlight=False)
-    console.print(
-        f"\nresults: {result['results_path']}  figure: {result['figure']}  "
-        f"MLflow parent run: {result['mlflow_run_id']}  "
-        f"total {time.perf_counter() - start:.0f}s",
-        soft_wrap=True,
-        highlight=False,
+    print_result(
+        f"{result['markdown'].rstrip()}\n\n"
+        f"results: {result['results_path']}\nfigure: {result['figure']}\n"
+        f"MLflow parent run {result['mlflow_run_id']}, total {time.perf_counter() - start:.0f}s"
     )
 
 
@@ -320,16 +338,21 @@ def dynamics(
     """Difficulty transitions of every training question: base model vs a checkpoint."""
     cfg = validated_config(preset, overrides)
     from flows.difficulty_dynamics import difficulty_dynamics
-    from flows.temporary_server import prefect_api
 
-    quiet_prefect_tracebacks()
-    with prefect_api(cfg.run.workdir):
+    headline = (
+        f"dynamics: levels of preset {preset}'s training questions, "
+        f"{base or 'its base policy'} vs {checkpoint}"
+    )
+    with command_console(cfg.run.workdir, "dynamics", headline):
         result = difficulty_dynamics(
             preset=preset, checkpoint=checkpoint, base=base, overrides=overrides or []
         )
     import pandas as pd
 
-    console.print(pd.DataFrame(result["table"]).to_string())
+    print_result(
+        "difficulty levels (rows: base, columns: trained)\n"
+        + pd.DataFrame(result["table"]).to_string()
+    )
 
 
 @app.command()
@@ -357,12 +380,13 @@ def evaluate(
         )
     )
     from flows.evaluate import evaluate as evaluate_flow
-    from flows.temporary_server import prefect_api
     from relift_core.grading.evaluation import markdown_table
-    from tasks.progress import terminal_progress
 
-    quiet_prefect_tracebacks()
-    with prefect_api(cfg.run.workdir), terminal_progress():
+    headline = (
+        f"evaluate: {checkpoint or model} on {', '.join(_csv(benchmarks) or cfg.eval.benchmarks)}"
+        + (f", {limit} questions each" if limit else "")
+    )
+    with command_console(cfg.run.workdir, "evaluate", headline):
         result = evaluate_flow(
             preset=model,
             overrides=overrides or [],
@@ -370,8 +394,7 @@ def evaluate(
             benchmarks=_csv(benchmarks),
             limit=limit,
         )
-    console.print(markdown_table(result["summaries"]))
-    console.print(f"MLflow run {result['mlflow_run_id']}")
+    print_result(markdown_table(result["summaries"]) + f"\nMLflow run {result['mlflow_run_id']}")
 
 
 @app.command()
@@ -396,8 +419,6 @@ def sweep(
     base_cfg = validated_config(preset, overrides)
     from flows.sweep import point_name, sweep_points, sweep_prefix
     from flows.sweep import sweep as sweep_flow
-    from flows.temporary_server import prefect_api
-    from tasks.progress import terminal_progress
 
     if deployment and not os.environ.get("PREFECT_API_URL"):
         console.print(
@@ -422,8 +443,10 @@ def sweep(
         for point in sweep_points(_csv(algorithms) or ["rl", "sft", "relift"], seed_list, grid_dict)
     ]
     checked_before_servers(validated_config(preset, overrides), points)
-    quiet_prefect_tracebacks()
-    with prefect_api(base_cfg.run.workdir) as temporary_server, terminal_progress():
+    headline = f"sweep {prefix}: {len(points)} runs of preset {preset}" + (
+        f", as flow runs of {deployment}" if deployment else ""
+    )
+    with command_console(base_cfg.run.workdir, "sweep", headline) as temporary_server:
         result = sweep_flow(
             preset=preset,
             algorithms=_csv(algorithms),
@@ -433,13 +456,11 @@ def sweep(
             name=name,
             train_deployment=deployment,
         )
-    console.print(result["comparison"], soft_wrap=True, markup=False, highlight=False)
     hint = _ui_hint(base_cfg.run.workdir, temporary_server)
-    console.print(
-        f"\nMLflow parent run ({len(result['runs'])} runs): {result['mlflow_url']}{hint}"
-        f"\nRuns by method: {result['runs_view_url']}",
-        soft_wrap=True,
-        highlight=False,
+    print_result(
+        f"{result['comparison']}\n"
+        f"MLflow parent run ({len(result['runs'])} runs): {result['mlflow_url']}\n"
+        f"Runs by method: {result['runs_view_url']}" + (f"\n{hint}" if hint else "")
     )
 
 

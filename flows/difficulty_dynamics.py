@@ -17,6 +17,7 @@ from flows.prepare_data import prepare_data
 from relift_core.algorithm.difficulty import Level, transition_table
 from relift_core.config import ExperimentConfig, load_config
 from relift_core.grading.levels import policy_levels
+from tasks import progress as terminal
 from tasks.tracking import mlflow_run
 
 
@@ -46,7 +47,9 @@ def difficulty_dynamics(
         cfg, kind="difficulty_dynamics", run_key=f"dynamics:{checkpoint}", run_name=run_name
     ) as tracker:
         before = classify_all(cfg, quote(questions), base)
+        terminal.say(f"levels of {len(before)} training questions under the base policy")
         after = classify_all(cfg, quote(questions), str(Path(checkpoint).resolve()))
+        terminal.say(f"levels under {checkpoint}")
         table = transition_table(before, after)
         tracker.log_text(table.to_csv(), "difficulty_transitions.csv")
         tracker.log_text(table.to_string(), "difficulty_transitions.txt")

@@ -31,6 +31,7 @@ from analysis.compare import (
 )
 from flows.train import link_prefect_and_mlflow, train
 from relift_core.config import ConfigError, ExperimentConfig, experiment_hash, load_config
+from tasks import progress as terminal
 from tasks.tracking import MlflowTracker, mlflow_run, runs_view_url, tracking_uri
 
 FAN_OUT_POLL_S = 2.0
@@ -171,6 +172,10 @@ def sweep(
                     if state.is_completed()
                     else outcome
                 )
+                terminal.say(
+                    f"sweep point {run_name}: {state.type.value} "
+                    f"({len(results)} of {len(children)})"
+                )
         failed = {k: r for k, r in results.items() if r["state"] != "COMPLETED"}
         _report(results)
         comparison = publish_comparison(parent, base, prefix)
@@ -232,7 +237,7 @@ def _fan_out(deployment: str, preset: str, children: dict[str, list[str]], paren
                         "message": state.message,
                         "flow_run_id": str(flow_run_id),
                     }
-                    logger.info(f"sweep point {run_name}: {state.type.value}")
+                    terminal.log_and_say(logger, f"sweep point {run_name}: {state.type.value}")
                     del submitted[run_name]
             if submitted:
                 time.sleep(FAN_OUT_POLL_S)

@@ -120,29 +120,36 @@ def run_training(
             link_prefect_and_mlflow(tracker, cfg.run.name)
             log_config_and_data(tracker, cfg, data)
             if session.resumed_from:
-                logger.info(
-                    f"resumed from {session.resumed_from} at iteration {session.state.iteration}"
+                terminal.log_and_say(
+                    logger,
+                    f"resumed from {session.resumed_from} at iteration {session.state.iteration}",
                 )
                 # A resumed run redoes the iterations after its checkpoint; what the lost attempt
                 # logged for them is not logged a second time (see skip_logged_steps_from).
                 tracker.skip_logged_steps_from(session.state.iteration)
             for path, why in session.skipped_checkpoints:
-                logger.warning(f"skipped checkpoint {path}: {why}")
+                terminal.log_and_say(logger, f"skipped checkpoint {path}: {why}", warn=True)
             if session.skipped_checkpoints:
                 tracker.set_tags(
                     {"relift.skipped_checkpoints": json.dumps(session.skipped_checkpoints)[:5000]}
                 )
             if session.started_over is not None:
-                logger.warning(
+                terminal.log_and_say(
+                    logger,
                     f"run.resume=never: started over; the earlier checkpoints are in "
-                    f"{session.started_over}"
+                    f"{session.started_over}",
+                    warn=True,
                 )
                 tracker.set_tags({"relift.started_over": str(session.started_over)})
             if session.resumed_with_changes:
                 changes = {
                     k: f"{a!r} -> {b!r}" for k, (a, b) in session.resumed_with_changes.items()
                 }
-                logger.warning(f"resumed with a changed config (run.resume=force): {changes}")
+                terminal.log_and_say(
+                    logger,
+                    f"resumed with a changed config (run.resume=force): {changes}",
+                    warn=True,
+                )
                 tracker.set_tags({"relift.resumed_with_changes": json.dumps(changes)[:5000]})
             progress_id = create_progress_artifact(
                 progress=100.0 * session.state.iteration / max(cfg.run.iterations, 1),
@@ -165,7 +172,7 @@ def run_training(
                         tracker=tracker,
                         evaluate=lambda step: evaluate_policy(session, tracker, step, data),
                     )
-                    logger.info(_summary_line(i, metrics))
+                    terminal.log_and_say(logger, f"{cfg.run.name} {_summary_line(i, metrics)}")
                     terminal.advance(
                         bar,
                         f"acc {metrics['rollout_accuracy']:.2f} demos {metrics['demos_used']:.0f}",
@@ -267,5 +274,5 @@ def _summary_line(i: int, m: dict[str, float]) -> str:
     return (
         f"iter {i}: acc {m['rollout_accuracy']:.3f} reward {m['reward_mean']:.3f} "
         f"hardest {m['frac_hardest']:.2f} buffer {m['buffer_size']:.0f} "
-        f"demos_used {m['demos_used']:.0f} ({m['time/iteration']:.1f}s)"
+        f"demos {m['demos_used']:.0f} ({m['time/iteration']:.1f}s)"
     )

@@ -67,3 +67,10 @@ def start_relift_ui(
         stderr=subprocess.STDOUT,
     )
     return ui, prefect_port, mlflow_port
+
+
+def command_log(workdir: str | Path, command: str) -> str:
+    """What the libraries printed during the one `relift <command>` run on `workdir`: the log
+    file flows.cli.command_console names on the command's first line (without --verbose)."""
+    [log] = (Path(workdir) / "logs").glob(f"{command}-*.log")
+    return log.read_text()

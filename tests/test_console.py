@@ -83,27 +83,91 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path):
     assert "after: None" in done.stdout and not (tmp_path / "logs").exists()
 
 
+# What no command's console shows: a library's progress bar (tqdm's, rich's), a Python warning,
+# Prefect's "View at" and INFO lines.
+NOISE = ("%|", "━", "Warning", "View at", "INFO")
+
+
+def _console_of(command: list[str], workdir: Path) -> tuple[list[str], str]:
+    """`relift <command>` as a user runs it (its own temporary Prefect server, a 100-column
+    terminal): the lines it showed and its log file, once the checks every command passes
+    hold: no noise on the terminal, the first line names the log file, which holds the
+    libraries' output, and each line is under 100 columns but for links and paths."""
+    done = run_command(
+        python_cli(*command, f"run.workdir={workdir}"),
+        env=own_prefect_env(COLUMNS="100"),  # its temporary server, as `make demo` runs it
+        timeout=3000,
+    )
+    shown = done.stdout + done.stderr
+    assert done.returncode == 0, shown[-3000:]
+    print(shown)
+    for noise in NOISE:
+        assert noise not in shown, noise
+    lines = shown.splitlines()
+    [log] = (workdir / "logs").glob(f"{command[0]}-*.log")
+    assert str(log) in lines[0]
+    kept = log.read_text()
+    assert "Finished in state Completed" in kept and "View at" in kept
+    wide = [
+        line
+        for line in lines
+        if len(line) >= 100 and "http" not in line and str(workdir) not in line
+    ]
+    assert not wide, wide
+    return lines, kept
+
+
 TABLE_HEADER = "| run | held-out accuracy | 95% bootstrap CI |"
 
 
 @pytest.mark.slow
 def test_demo_prints_its_own_lines_only(tmp_path):
-    done = run_command(
-        python_cli("demo", "-p", "toy", "--seeds", "0", *REDUCED_DEMO, f"run.workdir={tmp_path}"),
-        env=own_prefect_env(),  # its temporary server, as `make demo` runs it
-        timeout=3000,
-    )
-    shown = done.stdout + done.stderr
-    assert done.returncode == 0, shown[-3000:]
-    lines = shown.splitlines()
-    print(shown)
+    lines, _ = _console_of(["demo", "-p", "toy", "--seeds", "0", *REDUCED_DEMO], tmp_path)
     assert len(lines) <= 150, len(lines)
-    for noise in ("%|", "━", "Warning", "View at", "INFO"):
-        assert noise not in shown, noise
-    assert shown.count(TABLE_HEADER) == 1
+    assert "\n".join(lines).count(TABLE_HEADER) == 1
     assert sum("trained (" in line for line in lines) == 4  # base, rl, sft, relift
-    # The libraries' output is kept, in the log file the first line names.
-    [log] = (tmp_path / "logs").glob("demo-*.log")
-    assert str(log) in lines[0]
-    kept = log.read_text()
-    assert "Finished in state Completed" in kept and "View at" in kept
+
+
+@pytest.mark.slow
+def test_train_prints_a_line_per_iteration_and_its_result(tiny_overrides, tmp_path):
+    lines, kept = _console_of(["train", "-p", "toy", *tiny_overrides, "run.name=quiet"], tmp_path)
+    # The first line, one per iteration, the result: held-out score, the two links, `relift ui`.
+    assert len(lines) <= 1 + 3 + 4, lines
+    assert [line.split(":")[0] for line in lines if " iter " in line] == [
+        f"quiet iter {i}" for i in range(3)
+    ]
+    assert sum(line.startswith("quiet: held-out world avg@") for line in lines) == 1
+    assert "Writing model shards" in kept  # the checkpoints' bars: in the log, not on the terminal
+
+
+@pytest.mark.slow
+def test_evaluate_prints_its_table_once_in_100_columns(tiny_overrides, tmp_path):
+    lines, _ = _console_of(
+        ["evaluate", "--model", "toy", "--benchmarks", "world", "--limit", "4", *tiny_overrides],
+        tmp_path,
+    )
+    assert sum(line.startswith("| benchmark | questions |") for line in lines) == 1
+    assert [line for line in lines if line.startswith("| world | 4 |")], lines
+    assert len(lines) <= 15, lines
+
+
+@pytest.mark.slow
+def test_sweep_prints_a_line_per_point_and_its_comparison_once(tiny_overrides, tmp_path):
+    lines, _ = _console_of(
+        [
+            "sweep",
+            "-p",
+            "toy",
+            "--algorithms",
+            "rl,relift",
+            "--name",
+            "quiet",
+            *tiny_overrides,
+            "run.iterations=1",
+        ],
+        tmp_path,
+    )
+    assert sum(line.startswith("sweep point ") for line in lines) == 2
+    assert sum(" iter 0: " in line for line in lines) == 2
+    assert sum(line.startswith("| method") for line in lines) == 1
+    assert len(lines) <= 40, lines

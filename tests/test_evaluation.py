@@ -12,6 +12,7 @@ import pytest
 
 from relift_core.data.benchmarks import Benchmark, load_benchmark
 from relift_core.grading.evaluation import (
+    TABLE_LEGEND,
     QuestionRecord,
     ResumeError,
     evaluate_benchmark,
@@ -203,11 +204,16 @@ def test_markdown_table():
     }  # fmt: skip
     table = markdown_table(summaries, paper_averages(summaries))
     lines = table.splitlines()
-    assert lines[0].startswith("| benchmark | questions | k | avg@k |")
+    assert lines[0].startswith("| benchmark | questions | k | avg@k | ref avg@k |")
     # "–": no avg@k under the reference's reading of answers in these summaries.
     assert lines[2] == "| math500 | 500 | 1 | 50.0 | – | 50.0 | 50.0 | 100 | 300 | 2.0 | 0.0 |"
     assert "| **avg_paper** |  |  | 50.0 |" in table
     assert "paper_complete" not in table
+    # A 100-column terminal shows it unwrapped (`relift evaluate`), and says what each column is.
+    assert max(map(len, lines)) < 100
+    assert TABLE_LEGEND in table and all(
+        title in TABLE_LEGEND for title in lines[0].strip("| ").split(" | ")[3:]
+    )
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import urllib.request
 import psutil
 import pytest
 
-from tests.commands import RELIFT, REPO, own_prefect_env, run_command, start_relift_ui
+from tests.commands import RELIFT, REPO, command_log, own_prefect_env, run_command, start_relift_ui
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_links_outlive_the_command_and_runs_stay_in_the_work_directory(
     assert run.data.tags["prefect.flow_run_url"] == link
     assert link in run.data.tags["mlflow.note.content"]
     assert f"Prefect {link}" in out
-    views = [line for line in out.splitlines() if "View at" in line]
+    views = [line for line in command_log(tmp_path, "train").splitlines() if "View at" in line]
     assert views and all("http://127.0.0.1:4200/" in line for line in views), views
     assert (tmp_path / "prefect.db").exists()
 

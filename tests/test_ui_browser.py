@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.temporary_server import stop_process
-from tests.commands import RELIFT, own_prefect_env, run_command, start_relift_ui
+from tests.commands import RELIFT, command_log, own_prefect_env, run_command, start_relift_ui
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -198,8 +198,9 @@ def test_after_a_sweep_the_links_open_both_ways_and_the_parent_shows_the_table(
         out = sweep.stdout + sweep.stderr
         assert sweep.returncode == 0, out
         assert "| method" in sweep.stdout and f"MLflow parent run (2 runs): {mlflow_ui}/" in out
-        # No link to a temporary server: every "View at" names the running UI.
-        assert all(prefect_ui in line for line in out.splitlines() if "View at" in line)
+        # No link to a temporary server: every "View at" (in the command's log) names the UI.
+        views = [line for line in command_log(workdir, "sweep").splitlines() if "View at" in line]
+        assert views and all(prefect_ui in line for line in views), views
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")

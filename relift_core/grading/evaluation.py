@@ -307,17 +307,25 @@ def records_to_parquet(records: Sequence[QuestionRecord], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # reporting
 
+# Headers short enough for the table to fit 100 columns; TABLE_LEGEND below the table says
+# what each means.
 _COLUMNS = (
     ("questions", "questions", "{:d}"),
     ("k", "k", "{:d}"),
     ("avg_at_k", "avg@k", "pct"),
-    ("reference_avg_at_k", "avg@k (ref. reading)", "pct"),
+    ("reference_avg_at_k", "ref avg@k", "pct"),
     ("pass_at_k", "pass@k", "pct"),
     ("maj_at_k", "maj@k", "pct"),
-    ("response_length_mean", "len mean", "{:.0f}"),
-    ("response_length_max", "len max", "{:d}"),
-    ("format_failure_rate", "format fail", "pct"),
-    ("truncation_rate", "truncated", "pct"),
+    ("response_length_mean", "len", "{:.0f}"),
+    ("response_length_max", "max len", "{:d}"),
+    ("format_failure_rate", "fmt fail", "pct"),
+    ("truncation_rate", "cut", "pct"),
+)
+TABLE_LEGEND = (
+    "Percent, over k samples a question: avg@k mean correct, pass@k any correct, maj@k the\n"
+    "majority answer correct; ref avg@k: avg@k as the ReLIFT reference reads answers\n"
+    "(eval.reference_reading); fmt fail: answer not in the required format; cut: stopped at the\n"
+    "token limit. len, max len: response tokens, mean and longest.\n"
 )
 
 
@@ -325,7 +333,8 @@ def markdown_table(
     summaries: dict[str, dict[str, Any]], averages: dict[str, float] | None = None
 ) -> str:
     """A markdown table, one row per benchmark (accuracies in percent), optionally followed by
-    the rows of `metrics.paper_averages` (only the avg@k column is filled for those)."""
+    the rows of `metrics.paper_averages` (only the avg@k column is filled for those), then
+    TABLE_LEGEND; every line fits 100 columns."""
     header = "| benchmark | " + " | ".join(title for _, title, _ in _COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(_COLUMNS)
     lines = [header, rule]
@@ -337,7 +346,7 @@ def markdown_table(
             continue  # flags such as paper_complete are not averages
         cells = [_cell(value, "pct") if key == "avg_at_k" else "" for key, _, _ in _COLUMNS]
         lines.append(f"| **{name}** | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + TABLE_LEGEND
 
 
 def _cell(value: Any, fmt: str) -> str:

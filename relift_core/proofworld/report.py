@@ -52,16 +52,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
     runs = summary["runs"]
     start = ", ".join(f"{lv} {n}" for lv, n in summary["train_levels"].items())
     held = ", ".join(f"{lv} {n}" for lv, n in summary["levels"].items())
+    # One sentence a line, a table under 100 columns: `relift demo` prints it to a terminal.
     lines = [
-        (
-            f"Seeds {', '.join(map(str, seeds))}; {summary['questions']} held-out questions "
-            f"(avg@k). Training questions by level under the base model: {start}. "
-            f"Held-out: {held}."
-        ),
+        f"Seeds {', '.join(map(str, seeds))}; {summary['questions']} held-out questions (avg@k).",
+        f"Training questions by level under the base model: {start}.",
+        f"Held-out: {held}.",
         "",
-        f"| run | held-out accuracy | {CI_NAME} | demonstrations used | "
-        + " | ".join(LEVELS)
-        + " |",
+        f"| run | held-out accuracy | {CI_NAME} | demos used | " + " | ".join(LEVELS) + " |",
         "|---|---|---|---|" + "---|" * len(LEVELS),
     ]
     for m, r in runs.items():
@@ -80,12 +77,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         t = summary["teacher"]
         lines += [
             "",
-            (
-                f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model (the "
-                "world's model pretrained without its gaps), each verified by the grader: "
-                f"{t['teacher_verified']} verified and used, "
-                f"{t['teacher_rejected']} rejected."
-            ),
+            f"{TEACHER_METHOD}: ReLIFT with demonstrations from a teacher model (the world's model",
+            "pretrained without its gaps), each verified by the grader: "
+            f"{t['teacher_verified']} verified and used, {t['teacher_rejected']} rejected.",
         ]
     lines += ["", f"| paired difference | mean | {CI_NAME} | questions |", "|---|---|---|---|"]
     for k, d in summary["differences"].items():
