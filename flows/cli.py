@@ -308,9 +308,11 @@ def demo(
     cfg = validated_config(preset, overrides)
     checked_before_servers(cfg)
     from flows.demo import demo as demo_flow
+    from relift_core.proofworld.report import BASE_METHOD
 
     start = time.perf_counter()
-    methods = ", ".join(["base", *[a for a in _csv(algorithms) or [] if a != "base"]])
+    trained = [a for a in _csv(algorithms) or [] if a != BASE_METHOD]
+    methods = ", ".join([BASE_METHOD, *trained])
     headline = f"demo: {methods} on the {preset} world, seeds {seeds or cfg.run.seed}"
     with command_console(cfg.run.workdir, "demo", headline):
         result = demo_flow(
