@@ -194,6 +194,9 @@ def time_relift(setup: Setup, model_dir: Path, data: Path, steps: int, workdir: 
         # As TRL runs: forwards under bf16 autocast (its bf16=True default), no checkpoint
         # inside the timed steps (its save_strategy="no"; ours is written after the last one).
         "model.bf16_autocast=true",
+        # Each question's prompt through the decoder once for its n samples (model.share_prompts:
+        # the same maths, tests/test_token_budget.py; TRL runs every row whole).
+        "model.share_prompts=true",
         f"run.checkpoint_every={steps + 1}",
         "tracking.log_final_model=false",
     ]

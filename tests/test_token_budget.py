@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig, TinyModelConfig
-from relift_core.runtime.batches import pack_for_scoring, pack_rows, rl_batch
+from relift_core.runtime.batches import pack_for_scoring, pack_rows, rl_batch, share_prompts
 from relift_core.runtime.models import build_tiny_model
 from relift_core.runtime.rollout import Sample
 from relift_core.runtime.trainer import TorchTrainer
@@ -58,6 +58,7 @@ def _trainer(
     chunk=None,
     micro=4,
     entropy_coef=0.01,
+    shared=False,
 ):
     return TorchTrainer(
         model,
@@ -75,6 +76,7 @@ def _trainer(
         max_response_len=MAX_LEN,
         remove_padding=packed,
         logit_chunk_tokens=chunk,
+        share_prompts=shared,
     )
 
 
@@ -163,4 +165,60 @@ def test_chunked_logprobs_and_entropy_equal_unchunked_values_and_gradients(token
     packed = _trainer(copy.deepcopy(model), chunk=37, packed=True, budget=300)
     torch.testing.assert_close(
         packed.token_logprobs(batch), whole.token_logprobs(batch), rtol=1e-5, atol=1e-5
+    )
+
+
+def _grouped_rl_batch(tokenizer, groups: int = 3, n: int = 4):
+    """GRPO's shape: `groups` questions of different prompt lengths, n responses each, of
+    lengths 2 to 150 tokens."""
+    gen = torch.Generator().manual_seed(2)
+    samples, advantages = [], []
+    for g in range(groups):
+        prompt = torch.randint(10, 90, (3 + 5 * g,), generator=gen).tolist()
+        for i in range(n):
+            length = [4, 150, 9, 60, 2, 120, 30, 7][(g * n + i) % 8]
+            response = torch.randint(10, 90, (length,), generator=gen).tolist()
+            samples.append(Sample(g, prompt, response, "x", len(response), "length"))
+            advantages.append(float(i % 3 - 1) + 0.25)
+    return rl_batch(samples, torch.tensor(advantages), tokenizer.pad_token_id)
+
+
+def test_share_prompts_maps_every_target_to_its_predicting_position(tokenizer):
+    batch = pack_rows([[5, 6], [5, 6], [7, 8, 9]], [[10, 11], [12], [13]], tokenizer.pad_token_id)
+    where = batch.loss_mask.bool()  # column c predicts token c + 1
+    shared = share_prompts(batch, where)
+    assert shared is not None
+    assert shared.prompt_of_row.tolist() == [0, 0, 1]
+    assert shared.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]  # left-padded
+    assert shared.response_ids[:, :2].tolist() == [[10, 11], [12, 0], [13, 0]]
+    # Index 0 is the prompt's last position (predicting the first response token); index j
+    # the response's (j - 1)-th token.
+    assert shared.targets.tolist() == [[0, 0], [0, 1], [1, 0], [2, 0]]
+    distinct = pack_rows([[5], [6]], [[1], [2]], tokenizer.pad_token_id)
+    assert share_prompts(distinct, distinct.loss_mask.bool()) is None
+
+
+@pytest.mark.parametrize("kind, loss_agg", [("rl", "token_mean"), ("rl", "seq_sum_div_max_len")])
+def test_shared_prompt_update_equals_the_unshared_one(tokenizer, kind, loss_agg):
+    """model.share_prompts: each group's prompt through the decoder once gives the same loss,
+    gradients and weights as every row's whole sequence (float32; the same tolerances)."""
+    model = _model(tokenizer)
+    batch = _grouped_rl_batch(tokenizer)
+    plain = _trainer(copy.deepcopy(model), loss_agg=loss_agg, micro=12)
+    shared = _trainer(copy.deepcopy(model), loss_agg=loss_agg, micro=12, shared=True, chunk=64)
+    calls = []
+    run_shared = shared._shared_prompt_hidden
+    shared._shared_prompt_hidden = lambda *a: calls.append(len(a[1].prompt_ids)) or run_shared(*a)
+    a_stats, a_grads, a_weights = _step_with_grads(plain, kind, batch)
+    b_stats, b_grads, b_weights = _step_with_grads(shared, kind, batch)
+    assert calls == [3]  # one micro-batch of 12 rows: 3 prompts, each run once
+    for key in ("policy_loss", "entropy"):
+        assert b_stats[key] == pytest.approx(a_stats[key], rel=1e-4, abs=1e-6), key
+    assert b_stats["grad_norm"] == pytest.approx(a_stats["grad_norm"], rel=1e-4)
+    for name, grad in a_grads.items():
+        torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
+    for name, weight in a_weights.items():
+        torch.testing.assert_close(b_weights[name], weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        shared.token_logprobs(batch), plain.token_logprobs(batch), rtol=1e-5, atol=1e-5
     )

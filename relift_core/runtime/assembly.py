@@ -53,5 +53,6 @@ def trainer_options(cfg: ExperimentConfig, device) -> dict:
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "bf16_autocast": compute_autocast(cfg.model),
         "remove_padding": cfg.model.remove_padding,
+        "share_prompts": cfg.model.share_prompts,
         "logit_chunk_tokens": cfg.model.logit_chunk_tokens,
     }

@@ -171,6 +171,68 @@ def pack_for_scoring(batch: TokenBatch, where: Tensor) -> PackedRows:
     )
 
 
+@dataclass(frozen=True)
+class SharedPrompts:
+    """A batch as its distinct prompts and each row's response (GRPO's n samples of a question
+    share its prompt): the prompts go through the decoder once, left-padded, their keys and
+    values serve every row that starts with them, and the responses follow, right-padded. The
+    same attention as one forward over each whole row, with the prompts' work done once."""
+
+    prompt_ids: Tensor  # [K, P] long, left-padded
+    prompt_mask: Tensor  # [K, P] long
+    prompt_of_row: Tensor  # [B] long: which prompt row b starts with
+    response_ids: Tensor  # [B, R] long, right-padded
+    response_mask: Tensor  # [B, R] long
+    response_positions: Tensor  # [B, R] long: position ids, continuing the row's prompt
+    # [N, 2] long: for the k-th set column of `where` (row-major), (row, index) into the
+    # row's [last prompt position, response positions...] hidden states.
+    targets: Tensor
+
+
+def share_prompts(batch: TokenBatch, where: Tensor) -> SharedPrompts | None:
+    """`batch` as SharedPrompts when at least two rows share a prompt (a row's prompt: its
+    tokens before its first scored target), else None (nothing to gain). Rows must be
+    right-padded and every row must score at least one target; None otherwise."""
+    real = batch.attention_mask.bool()
+    lengths = real.sum(dim=1)
+    b, t = batch.input_ids.shape
+    if not bool(where.any(dim=1).all()):
+        return None
+    if not bool((real == (torch.arange(t) < lengths[:, None])).all()):
+        return None  # not right-padded
+    # Column c predicts token c + 1: the first scored column closes the prompt.
+    prompt_lengths = where.float().argmax(dim=1) + 1
+    keys = [tuple(batch.input_ids[row, : int(prompt_lengths[row])].tolist()) for row in range(b)]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) == b:
+        return None
+    index = {key: k for k, key in enumerate(distinct)}
+    prompt_of_row = torch.tensor([index[key] for key in keys], dtype=torch.long)
+    width = max(len(key) for key in distinct)
+    prompt_ids = torch.zeros((len(distinct), width), dtype=torch.long)
+    prompt_mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for k, key in enumerate(distinct):
+        prompt_ids[k, width - len(key) :] = torch.tensor(key, dtype=torch.long)
+        prompt_mask[k, width - len(key) :] = 1
+    response_lengths = lengths - prompt_lengths
+    r = max(int(response_lengths.max()), 1)
+    columns = torch.arange(r)
+    response_mask = (columns < response_lengths[:, None]).long()
+    gather = (prompt_lengths[:, None] + columns).clamp(max=t - 1)
+    response_ids = batch.input_ids.gather(1, gather) * response_mask
+    rows, cols = where.nonzero(as_tuple=True)
+    return SharedPrompts(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompt_of_row=prompt_of_row,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        response_positions=prompt_lengths[:, None] + columns,
+        # Column prompt_length - 1 is the prompt's last token: index 0; column c >= it, c - P + 1.
+        targets=torch.stack([rows, cols - prompt_lengths[rows] + 1], dim=1),
+    )
+
+
 def pack_rows(
     prompts: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],

@@ -45,7 +45,13 @@ from torch.utils.checkpoint import checkpoint
 from relift_core.algorithm import objectives as algorithms
 from relift_core.config import AlgorithmConfig, RLConfig, SFTConfig
 from relift_core.errors import UserError
-from relift_core.runtime.batches import TokenBatch, pack_for_scoring, shift_targets
+from relift_core.runtime.batches import (
+    SharedPrompts,
+    TokenBatch,
+    pack_for_scoring,
+    share_prompts,
+    shift_targets,
+)
 from relift_core.runtime.models import MASTER_DTYPE, bf16_autocast
 
 UpdateKind = Literal["rl", "sft"]
@@ -253,6 +259,7 @@ class TorchTrainer:
         max_norm_growth: float = 100.0,
         remove_padding: bool = False,
         logit_chunk_tokens: int | None = None,
+        share_prompts: bool = False,
     ) -> None:
         """`dtype` is the compute dtype (model.dtype): the weights and both optimizers' states
         are float32 masters whatever it is, and forwards and backwards run under bf16 autocast
@@ -282,6 +289,8 @@ class TorchTrainer:
         self.device = torch.device(device)
         self.compute_dtype = dtype
         self.remove_padding = remove_padding  # model.remove_padding
+        # model.share_prompts; a recomputed (checkpointed) layer cannot replay a cache
+        self.share_prompts = share_prompts and not gradient_checkpointing
         self.logit_chunk_tokens = logit_chunk_tokens  # model.logit_chunk_tokens
         self.model = self._place(model)
         self._bf16_autocast = True if dtype == "bfloat16" else bf16_autocast
@@ -346,11 +355,17 @@ class TorchTrainer:
         The output layer is most of a small model's cost (49k-token vocabularies) and prompt
         and padding columns are most of a batch's, so only the selected hidden states reach
         the head, and `_target_scores` can take them a chunk at a time. With remove_padding
-        the decoder sees the real tokens only, packed into one sequence."""
+        the decoder sees the real tokens only, packed into one sequence; with share_prompts
+        each distinct prompt once (`_shared_prompt_hidden`)."""
         parts = _decoder_and_head(self.model)
         if parts is None:
             return None
         decoder, head = parts
+        shared = (
+            share_prompts(micro, where) if self.share_prompts and not self.remove_padding else None
+        )
+        if shared is not None:
+            return self._shared_prompt_hidden(decoder, shared), head
         with self._autocast():
             if self.remove_padding:
                 packed = pack_for_scoring(micro, where)
@@ -368,6 +383,37 @@ class TorchTrainer:
                 use_cache=False,
             ).last_hidden_state
         return hidden[:, :-1][where], head
+
+    def _shared_prompt_hidden(self, decoder: nn.Module, shared: SharedPrompts) -> Tensor:
+        """The final hidden states [N, H] of the target positions, each distinct prompt run
+        once: its keys and values (a DynamicCache, still in the autograd graph) are copied to
+        the rows that start with it, and the responses attend to them as to their own prompt.
+        A row's first target is predicted by its prompt's last position."""
+        from transformers import DynamicCache
+
+        device = self.device
+        prompt_mask = shared.prompt_mask.to(device)
+        of_row = shared.prompt_of_row.to(device)
+        cache = DynamicCache()
+        with self._autocast():
+            prompt_last = decoder(
+                input_ids=shared.prompt_ids.to(device),
+                attention_mask=prompt_mask,
+                position_ids=position_ids_from_mask(prompt_mask),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]  # left-padded: the last column is the prompt's end
+            cache.batch_select_indices(of_row)
+            response = decoder(
+                input_ids=shared.response_ids.to(device),
+                attention_mask=torch.cat([prompt_mask[of_row], shared.response_mask.to(device)], 1),
+                position_ids=shared.response_positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+        hidden = torch.cat([prompt_last[of_row].unsqueeze(1), response], dim=1)
+        targets = shared.targets.to(device)
+        return hidden[targets[:, 0], targets[:, 1]]
 
     def _head_scores(self, head: nn.Module, hidden: Tensor, targets: _Targets) -> Scores:
         """The scores of `head(hidden)`, one chunk of positions."""
