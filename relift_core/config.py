@@ -76,10 +76,11 @@ class ModelConfig(_Section):
     # Forwards over the real tokens only, rows packed into one sequence with position ids
     # restarting per row (verl's use_remove_padding; Qwen2/Qwen3/Llama/Mistral models).
     remove_padding: bool = False
-    # Without remove_padding: rows that start with the same prompt (GRPO's n samples of one
-    # question) run their prompt through the decoder once, its keys and values shared by every
-    # such row, then each row's response. The same attention, the prompt's work done once a
-    # group; off by default, as it changes the float rounding of a run (not its maths).
+    # Rows that start with the same prompt (GRPO's n samples of one question) run it through
+    # the model once, its keys and values copied to each such row: in the HF engine's prefill
+    # and, without remove_padding, in the trainer's forwards. The same attention, the prompt's
+    # work done once a group; off by default, as it changes a run's float rounding (not its
+    # maths).
     share_prompts: bool = False
     # Score target tokens this many at a time: the head and log-softmax (and entropy) of one
     # chunk at a time, recomputed in backward, never the whole [tokens, vocab] matrix (as

@@ -329,3 +329,19 @@ def test_smollm2_greedy_answers_and_stops_on_im_end(smollm2):
     # Left padding (the prompts differ in length) leaves each greedy answer unchanged.
     alone = engine.generate(prompts[1:], n=1, temperature=0.0, max_new_tokens=24)
     assert alone[0][0].response_ids == together[1][0].response_ids
+
+
+def test_shared_prefill_samples_as_one_prefill_per_row(tiny, prompts):
+    """model.share_prompts: a prompt's n rows share one prefill and then sample apart; the
+    samples are those of a prefill per row, greedy and sampled alike (same seed)."""
+    model, tok = tiny
+    for settings in (
+        {"n": 3, "temperature": 0.0, "max_new_tokens": 8},
+        {"n": 4, "temperature": 1.0, "max_new_tokens": 8, "seed": 7},
+    ):
+        per_row = HFRolloutEngine(model, tok).generate(prompts, **settings)
+        shared = HFRolloutEngine(model, tok, share_prompts=True).generate(prompts, **settings)
+        assert _ids(shared) == _ids(per_row)
+    # The rows of one prompt do sample apart (the copied cache is not shared state).
+    sampled = _ids(HFRolloutEngine(model, tok, share_prompts=True).generate(prompts, **settings))
+    assert any(len({tuple(ids) for ids in group}) > 1 for group in sampled)

@@ -37,6 +37,7 @@ def build_engine(
         batch_size=cfg.rollout.batch_size,
         device=device,
         bf16_autocast=compute_autocast(cfg.model),
+        share_prompts=cfg.model.share_prompts,
     )
 
 

@@ -152,6 +152,7 @@ class HFRolloutEngine(RolloutEngine):
         stop_token_ids: list[int] | None = None,
         drop_finished: bool = True,
         bf16_autocast: bool | None = None,
+        share_prompts: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -161,6 +162,8 @@ class HFRolloutEngine(RolloutEngine):
         self.drop_finished = drop_finished
         # As the trainer's forward (model.bf16_autocast): None means on CUDA only.
         self.bf16_autocast = bf16_autocast
+        # model.share_prompts: the n rows of a prompt share one prefill (decode_dropping_finished)
+        self.share_prompts = share_prompts
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -201,6 +204,7 @@ class HFRolloutEngine(RolloutEngine):
                             top_p=request.top_p,
                             max_new_tokens=request.max_new_tokens,
                             device=self._device(),
+                            share_prompts=self.share_prompts,
                         )
                     else:
                         generated = self._generate_rows(batch, config)
@@ -325,17 +329,21 @@ def decode_dropping_finished(
     top_p: float,
     max_new_tokens: int,
     device: torch.device,
+    share_prompts: bool = False,
 ) -> list[list[int]]:
     """Each row's generated tokens (through its first stop token, or `max_new_tokens` of them).
 
     A KV-cached decoding loop like `generate`'s, with one difference that matters for RL: a row
     that has stopped leaves the batch (and the cache) at once, so a batch of short answers and
     a few long ones costs the short ones' tokens, not the longest row's times the batch. The
-    first forward computes logits only at the last position (`logits_to_keep=1`).
+    first forward computes logits only at the last position (`logits_to_keep=1`). With
+    `share_prompts` each distinct prompt is prefilled once and its cache copied to its rows
+    (GRPO's n samples of a question), which then sample apart.
     """
     from transformers import DynamicCache
 
-    input_ids, attention_mask = left_pad(rows, pad_token_id)
+    distinct = list(dict.fromkeys(map(tuple, rows))) if share_prompts else rows
+    input_ids, attention_mask = left_pad([list(r) for r in distinct], pad_token_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # Left padding: a row's positions count its own tokens only, as in `generate`.
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -348,6 +356,15 @@ def decode_dropping_finished(
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1, :]
+    if share_prompts:
+        index = {prompt: i for i, prompt in enumerate(distinct)}
+        of_row = torch.tensor([index[tuple(r)] for r in rows], device=device)
+        cache.batch_select_indices(of_row)
+        logits, attention_mask, positions = (
+            logits[of_row],
+            attention_mask[of_row],
+            positions[of_row],
+        )
     stops = torch.tensor(stop_token_ids, device=device)
     active = torch.arange(len(rows), device=device)  # the original row of each batch row
     next_position = positions[:, -1] + 1
