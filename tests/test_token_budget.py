@@ -91,6 +91,19 @@ def _step_with_grads(trainer, kind, batch):
     return stats, grads, {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
+def _assert_same_update(got, expected, kind):
+    """Two `_step_with_grads` results agree: losses, grad norm, gradients, weights (the module
+    docstring's tolerances)."""
+    (b_stats, b_grads, b_weights), (a_stats, a_grads, a_weights) = got, expected
+    for key in ("policy_loss", "entropy") if kind == "rl" else ("sft_loss",):
+        assert b_stats[key] == pytest.approx(a_stats[key], rel=1e-4, abs=1e-6), key
+    assert b_stats["grad_norm"] == pytest.approx(a_stats["grad_norm"], rel=1e-4)
+    for name, grad in a_grads.items():
+        torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
+    for name, weight in a_weights.items():
+        torch.testing.assert_close(b_weights[name], weight, rtol=0, atol=1e-6)
+
+
 def test_split_by_tokens_fills_micro_batches_within_the_budget(tokenizer):
     batch = _mixed_rl_batch(tokenizer)
     lengths = batch.attention_mask.sum(1)
@@ -131,16 +144,9 @@ def test_packed_token_budget_update_equals_the_padded_one(tokenizer, kind, loss_
     packed = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=200, packed=True, chunk=64)
     # And a token budget over padded rows, sorted by length (the CPU's fast path).
     sorted_rows = _trainer(copy.deepcopy(model), loss_agg=loss_agg, budget=300)
-    a_stats, a_grads, a_weights = _step_with_grads(padded, kind, batch)
+    expected = _step_with_grads(padded, kind, batch)
     for other in (packed, sorted_rows):
-        b_stats, b_grads, b_weights = _step_with_grads(other, kind, batch)
-        for key in ("policy_loss", "entropy") if kind == "rl" else ("sft_loss",):
-            assert b_stats[key] == pytest.approx(a_stats[key], rel=1e-4, abs=1e-6), key
-        assert b_stats["grad_norm"] == pytest.approx(a_stats["grad_norm"], rel=1e-4)
-        for name, grad in a_grads.items():
-            torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
-        for name, weight in a_weights.items():
-            torch.testing.assert_close(b_weights[name], weight, rtol=0, atol=1e-6)
+        _assert_same_update(_step_with_grads(other, kind, batch), expected, kind)
 
 
 def test_chunked_logprobs_and_entropy_equal_unchunked_values_and_gradients(tokenizer):
@@ -209,16 +215,9 @@ def test_shared_prompt_update_equals_the_unshared_one(tokenizer, kind, loss_agg)
     calls = []
     run_shared = shared._shared_prompt_hidden
     shared._shared_prompt_hidden = lambda *a: calls.append(len(a[1].prompt_ids)) or run_shared(*a)
-    a_stats, a_grads, a_weights = _step_with_grads(plain, kind, batch)
-    b_stats, b_grads, b_weights = _step_with_grads(shared, kind, batch)
+    expected = _step_with_grads(plain, kind, batch)
+    _assert_same_update(_step_with_grads(shared, kind, batch), expected, kind)
     assert calls == [3]  # one micro-batch of 12 rows: 3 prompts, each run once
-    for key in ("policy_loss", "entropy"):
-        assert b_stats[key] == pytest.approx(a_stats[key], rel=1e-4, abs=1e-6), key
-    assert b_stats["grad_norm"] == pytest.approx(a_stats["grad_norm"], rel=1e-4)
-    for name, grad in a_grads.items():
-        torch.testing.assert_close(b_grads[name], grad, rtol=1e-4, atol=1e-6)
-    for name, weight in a_weights.items():
-        torch.testing.assert_close(b_weights[name], weight, rtol=0, atol=1e-6)
     torch.testing.assert_close(
         shared.token_logprobs(batch), plain.token_logprobs(batch), rtol=1e-5, atol=1e-5
     )
