@@ -14,6 +14,7 @@ from relift_core.algorithm.objectives import (
     policy_loss,
     sft_nll,
     token_logprobs,
+    token_logprobs_and_entropy,
 )
 
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
@@ -186,6 +187,35 @@ def test_token_logprobs_matches_log_softmax():
     assert_close(token_logprobs(logits, labels), expected)
     half = token_logprobs(logits.bfloat16(), labels)
     assert_close(half, expected, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_together_equal_each_alone_with_their_gradients(dtype):
+    # Half precision takes one log_softmax for both, in chunks (2,600 positions: three).
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 1300, 11, generator=gen) * 4).to(dtype)
+    labels = torch.randint(0, 11, (2, 1300), generator=gen)
+    labels[0, 0] = -100  # padding's label
+    weights = torch.randn(2, 1300, generator=gen)
+
+    def value_and_grad(score):
+        leaf = logits.detach().clone().requires_grad_(True)
+        logp, entropy = score(leaf)
+        ((logp.float() + 0.3 * entropy.float()) * weights).sum().backward()
+        return logp.detach(), entropy.detach(), leaf.grad
+
+    together = value_and_grad(lambda z: token_logprobs_and_entropy(z, labels))
+    alone = value_and_grad(lambda z: (token_logprobs(z, labels), entropy_from_logits(z)))
+    for got, expected in zip(together[:2], alone[:2], strict=True):
+        assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # A bf16 leaf's gradient: one sum of the two terms rounded to bf16, or two (half an ulp).
+    ulp = 1e-6 if dtype == torch.float32 else 2.0**-7
+    assert_close(together[2].float(), alone[2].float(), rtol=ulp, atol=ulp / 8)
+    # entropy_grad=False: the entropy is a stat, and only log p carries a gradient.
+    leaf = logits.detach().clone().requires_grad_(True)
+    logp, entropy = token_logprobs_and_entropy(leaf, labels, entropy_grad=False)
+    assert logp.requires_grad and not entropy.requires_grad
+    assert_close(entropy, alone[1], rtol=1e-6, atol=1e-6)
 
 
 def test_token_logprobs_accepts_ignore_index_at_padding():

@@ -177,6 +177,33 @@ def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16_and_scores_in_fp32(tokeni
         hook.remove()
 
 
+def test_bf16_on_cpu_attends_with_sdpa_math_kernel_at_short_rows_only(tokenizer):
+    """Under bf16 autocast on the CPU a forward over at most 256 keys runs SDPA's math kernel
+    (the flash kernel's backward is the slower there, trainer._autocast); longer rows, and
+    float32 forwards, keep torch's choice."""
+    model = _model(tokenizer)
+    flash_allowed: list[bool] = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda *_: flash_allowed.append(torch.backends.cuda.flash_sdp_enabled())
+    )
+
+    def scored_with_flash(trainer, response_tokens: int) -> bool:
+        flash_allowed.clear()
+        batch = pack_rows([[5, 6, 7]], [[8] * response_tokens], tokenizer.pad_token_id)
+        trainer.sft_step(batch)
+        assert set(flash_allowed) in ({True}, {False})
+        return flash_allowed[0]
+
+    try:
+        bf16 = TorchTrainer(model, **_default_settings(bf16_autocast=True))
+        assert not scored_with_flash(bf16, 40)
+        assert scored_with_flash(bf16, 300)
+        assert scored_with_flash(_trainer(model), 40)
+        assert torch.backends.cuda.flash_sdp_enabled()  # restored after each forward
+    finally:
+        hook.remove()
+
+
 def test_token_logprobs_equal_the_scores_of_hf_generate(tokenizer):
     """What generate (left padding, KV cache) scored is what the trainer scores (full forward,
     right padding) for the same tokens: the on-policy ratio starts at 1."""

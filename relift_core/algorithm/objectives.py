@@ -222,7 +222,10 @@ def overlong_shaping(
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """[B, T, V] -> [B, T] entropy of softmax(logits), in nats."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # subtracts logsumexp: stable
+    return _entropy_from_logprobs(torch.log_softmax(logits.float(), dim=-1))  # stable
+
+
+def _entropy_from_logprobs(logp: Tensor) -> Tensor:
     # A token masked out with -inf has p = 0 and contributes 0 (not 0 * -inf = nan).
     return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)
 
@@ -250,6 +253,32 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
         )
     ]
     return torch.cat(chunks).reshape(labels.shape[:-1])
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor, labels: Tensor, *, entropy_grad: bool = True
+) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` and `entropy_from_logits` of the same [..., V] logits, the entropy in
+    the autograd graph only with `entropy_grad`. Half-precision logits are upcast and
+    log-softmaxed once per chunk of positions for both (at a 49k-152k vocabulary that pass is
+    most of scoring's cost); float32 logits go through the two functions as they are."""
+    keep_entropy_graph = entropy_grad and torch.is_grad_enabled()
+    if logits.dtype in (torch.float32, torch.float64):
+        logp = token_logprobs(logits, labels)
+        with torch.set_grad_enabled(keep_entropy_graph):
+            return logp, entropy_from_logits(logits)
+    shape, vocab = labels.shape, logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_labels = labels.clamp(0, vocab - 1).reshape(-1, 1)
+    logps, entropies = [], []
+    for chunk, chunk_labels in zip(
+        flat_logits.split(_UPCAST_CHUNK), flat_labels.split(_UPCAST_CHUNK), strict=True
+    ):
+        logp = torch.log_softmax(chunk.float(), dim=-1)
+        logps.append(logp.gather(-1, chunk_labels).squeeze(-1))
+        with torch.set_grad_enabled(keep_entropy_graph):
+            entropies.append(_entropy_from_logprobs(logp))
+    return torch.cat(logps).reshape(shape), torch.cat(entropies).reshape(shape)
 
 
 def sft_nll(
