@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -831,6 +832,10 @@ def main(argv: list[str] | None = None) -> None:
         user_code = user_error_exit_code(exc)
         line = one_line(exc) if user_code is not None else lost_server(exc)
         if line is None or _debug:
+            if argv is None:
+                # A bug: its traceback, printed here because os._exit below ends the process
+                # before Python would print it (a failed demo exited with no word at all).
+                traceback.print_exc()
             raise
         code = user_code or 1
         err_console.print(

@@ -80,7 +80,11 @@ class TrainingFailed(RuntimeError):
 
 
 @task(
-    name="train-method", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_permanent
+    name="train-method",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=15,  # a server that answered 503 under load gets time to recover
+    retry_condition_fn=retry_unless_permanent,
 )
 def train_method(
     preset: str, overrides: list[str], run_name: str, parent_mlflow_run_id: str

@@ -211,6 +211,8 @@ def main() -> None:
             "PREFECT__SERVER_FINAL": "1",
             # Prefect answers any origin by default; only its own may call it.
             "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{args.port}",
+            # A 503 names its cause in the command's log (the database error behind it).
+            "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "1",
             **database_env(args.database),
         }
     )

@@ -74,6 +74,24 @@ def test_an_error_leaving_the_block_still_reaches_the_terminal(tmp_path):
     assert "UserWarning" in log.read_text()
 
 
+def test_a_bug_ends_the_command_with_its_traceback_not_silently(tmp_path):
+    # main() ends a failed command with os._exit (its worker pools must not be joined), which
+    # comes before Python would print an uncaught exception's traceback.
+    script = (
+        "import flows.cli as cli\n"
+        "def app(**_):\n"
+        "    raise RuntimeError('training rl-s0: a bug, not a user error')\n"
+        "cli.app = app\n"
+        "cli.main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "RuntimeError: training rl-s0: a bug, not a user error" in done.stderr
+
+
 def test_verbose_keeps_everything_on_the_terminal(tmp_path):
     done = _run(tmp_path, "verbose")
     assert done.returncode == 0, done.stderr
