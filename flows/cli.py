@@ -191,7 +191,7 @@ def command_console(workdir: str, command: str, headline: str) -> Iterator[str |
     quiet_prefect_tracebacks()
     with library_output_to_log(workdir, command) as log:
         console.print(
-            headline + (f"; library logs: {log}" if log else ""),
+            headline + (f"; logs: {log}" if log else ""),
             soft_wrap=True,
             highlight=False,
             markup=False,
