@@ -6,6 +6,7 @@ on padding; padding never changes a result, whatever values sit there (even inf 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -240,19 +241,27 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     Labels at padding may be anything, -100 included: they are clamped to a valid id, and the
     value there is meaningless (mask it).
     """
-    labels = labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
     if logits.dtype in (torch.float32, torch.float64):
-        return logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    # Half precision loses too much in logsumexp: upcast a chunk of positions at a time to
-    # bound the fp32 copy's memory.
-    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        index = labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
+        return logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     chunks = [
-        torch.log_softmax(chunk.float(), dim=-1).gather(-1, chunk_labels).squeeze(-1)
-        for chunk, chunk_labels in zip(
-            flat_logits.split(_UPCAST_CHUNK), flat_labels.split(_UPCAST_CHUNK), strict=True
-        )
+        logp.gather(-1, index).squeeze(-1) for logp, index in _log_softmax_chunks(logits, labels)
     ]
-    return torch.cat(chunks).reshape(labels.shape[:-1])
+    return torch.cat(chunks).reshape(labels.shape)
+
+
+def _log_softmax_chunks(logits: Tensor, labels: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """Half-precision logits' fp32 log_softmax, a chunk of positions at a time (half precision
+    loses too much in logsumexp; chunks bound the fp32 copy's memory), with each chunk's
+    labels clamped to valid ids, [n, 1]."""
+    vocab = logits.shape[-1]
+    flat_labels = labels.clamp(0, vocab - 1).reshape(-1, 1)
+    for chunk, chunk_labels in zip(
+        logits.reshape(-1, vocab).split(_UPCAST_CHUNK),
+        flat_labels.split(_UPCAST_CHUNK),
+        strict=True,
+    ):
+        yield torch.log_softmax(chunk.float(), dim=-1), chunk_labels
 
 
 def token_logprobs_and_entropy(
@@ -267,18 +276,12 @@ def token_logprobs_and_entropy(
         logp = token_logprobs(logits, labels)
         with torch.set_grad_enabled(keep_entropy_graph):
             return logp, entropy_from_logits(logits)
-    shape, vocab = labels.shape, logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)
-    flat_labels = labels.clamp(0, vocab - 1).reshape(-1, 1)
     logps, entropies = [], []
-    for chunk, chunk_labels in zip(
-        flat_logits.split(_UPCAST_CHUNK), flat_labels.split(_UPCAST_CHUNK), strict=True
-    ):
-        logp = torch.log_softmax(chunk.float(), dim=-1)
-        logps.append(logp.gather(-1, chunk_labels).squeeze(-1))
+    for logp, index in _log_softmax_chunks(logits, labels):
+        logps.append(logp.gather(-1, index).squeeze(-1))
         with torch.set_grad_enabled(keep_entropy_graph):
             entropies.append(_entropy_from_logprobs(logp))
-    return torch.cat(logps).reshape(shape), torch.cat(entropies).reshape(shape)
+    return torch.cat(logps).reshape(labels.shape), torch.cat(entropies).reshape(labels.shape)
 
 
 def sft_nll(
