@@ -23,7 +23,9 @@ from relift_core.runtime.rollout import (
     HFRolloutEngine,
     Sample,
     default_stop_token_ids,
+    draw_index,
     engine_asleep,
+    sample_next,
     split_response,
 )
 
@@ -281,6 +283,57 @@ def test_engine_asleep_wakes_the_engine_even_when_the_step_fails(tiny, prompts, 
         raise RuntimeError("step failed")
     assert calls == ["sleep", "wake"]
     assert _ids(engine.generate(prompts, **greedy)) == before
+
+
+def _draws(weights: torch.Tensor, times: int) -> torch.Tensor:
+    """How often each entry of the one-row `weights` was drawn, in `times` draws."""
+    drawn = draw_index(weights.expand(times, -1).contiguous())
+    return torch.bincount(drawn, minlength=weights.shape[1])
+
+
+def test_draw_index_draws_each_entry_with_its_probability():
+    """The sampler's two levels (a block, then an entry in it) give each entry its share: a
+    chi-square test on entries spread over three blocks, the last one partial; entries of
+    weight 0 are never drawn, and a row's scale does not matter."""
+    torch.manual_seed(0)
+    weights = torch.zeros(1, 2500)  # blocks of 1024: 0-1023, 1024-2047 and a partial 2048-2499
+    chosen = [0, 7, 1023, 1024, 2047, 2048, 2499]
+    weights[0, chosen] = torch.tensor([0.05, 0.2, 0.1, 0.15, 0.05, 0.25, 0.2]) * 3.0
+    times = 20_000
+    counts = _draws(weights, times)
+    assert int(counts.sum()) == times
+    assert set(counts.nonzero().flatten().tolist()) <= set(chosen)
+    expected = weights[0, chosen] / weights.sum() * times
+    chi2 = float(((counts[chosen] - expected) ** 2 / expected).sum())
+    assert chi2 < 22.5  # 6 degrees of freedom: P(chi2 > 22.5) = 0.001
+
+
+def test_draw_index_never_runs_past_the_last_weighted_entry(monkeypatch):
+    """A uniform draw that rounds up to the row's total lands on the last entry with a weight
+    (in each level), not on the zeros after it or one past the end."""
+    weights = torch.zeros(2, 3000)
+    weights[0, [3, 10]] = 1.0  # the rest of block 0 and blocks 1-2 weigh nothing
+    weights[1, [5, 1030]] = 1.0
+    monkeypatch.setattr(torch, "rand", torch.ones)  # u == total, at both levels
+    assert draw_index(weights).tolist() == [10, 1030]
+
+
+def test_sample_next_matches_softmax_and_stays_in_the_nucleus():
+    """Plain sampling follows softmax(logits / T); top_p keeps to the smallest prefix of the
+    sorted distribution whose mass reaches p."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    times = 20_000
+    drawn = sample_next(logits.expand(times, -1), temperature=0.5, top_p=1.0)
+    counts = torch.bincount(drawn, minlength=5).float()
+    expected = torch.softmax(logits[0] / 0.5, dim=-1) * times
+    seen = expected > 5
+    chi2 = float(((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum())
+    assert chi2 < 16.3  # <= 3 degrees of freedom: P(chi2 > 16.3) = 0.001
+    # softmax(logits): 0.644, 0.237, 0.087, ...: a 0.85 nucleus holds the first two tokens
+    nucleus = sample_next(logits.expand(times, -1), temperature=1.0, top_p=0.85)
+    assert set(nucleus.tolist()) == {0, 1}
+    assert sample_next(logits, temperature=0.0, top_p=1.0).tolist() == [0]
 
 
 def test_split_response_when_pad_is_eos():

@@ -459,6 +459,35 @@ def test_trainer_state_dict_round_trip(tokenizer):
     assert all(torch.equal(state[k]["exp_avg"], original[k]["exp_avg"]) for k in original)
 
 
+@pytest.mark.parametrize("kind", ["rl", "sft"])
+def test_both_optimizers_are_fused_adamw_and_step_as_the_default_loop_does(tokenizer, kind):
+    """Both optimizers are torch's fused AdamW (transformers' default, adamw_torch_fused), and
+    a step equals one of torch's default per-tensor AdamW, weight decay included, to a
+    thousandth of the step's size lr (the kernels round differently). One step each: after it
+    the weights differ by that rounding, which the next gradient and Adam's division by
+    sqrt(v) amplify."""
+    batch = pack_rows(
+        [[5, 6], [9]], [[7, 8, 4], [3, 2]], tokenizer.pad_token_id, advantages=[1.0, -0.5]
+    )
+    sft = SFTConfig(lr=1e-2, weight_decay=0.1, micro_batch_size=8, mini_batch_size=8)
+    rl = {"weight_decay": 0.1}
+    fused = _trainer(_model(tokenizer), lr=1e-2, sft=sft, rl_overrides=rl)
+    assert all(opt.defaults["fused"] for opt in fused.optimizers.values())
+    loop = _trainer(_model(tokenizer), lr=1e-2, sft=sft, rl_overrides=rl)
+    settings = loop.rl if kind == "rl" else loop.sft
+    loop.optimizers[kind] = torch.optim.AdamW(
+        loop.trainable_parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    assert not loop.optimizers[kind].defaults["fused"]
+    for trainer in (fused, loop):
+        trainer.rl_step(batch) if kind == "rl" else trainer.sft_step(batch)
+    start = list(_model(tokenizer).parameters())
+    after = list(fused.model.parameters())
+    assert max(float((a - b).abs().max()) for a, b in zip(after, start, strict=True)) > 5e-3
+    for a, b in zip(after, loop.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3 * settings.lr, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ DeepSpeed
 
 

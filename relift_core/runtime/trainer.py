@@ -320,9 +320,22 @@ class TorchTrainer:
 
     def _build_optimizers(self) -> None:
         params = self.trainable_parameters()
+        # torch's fused AdamW (transformers' default, adamw_torch_fused): one kernel over all
+        # the parameters, where torch's default on the CPU is a Python loop of ops per tensor
+        # (SmolLM2-135M on this project's CPU: 0.08 s a step against 0.91 s). Plain tensors
+        # only: FSDP's sharded DTensor parameters keep torch's default.
+        fused = self.device.type in ("cpu", "cuda") and not any(
+            hasattr(p, "to_local") for p in params
+        )
+
+        def adamw(settings: RLConfig | SFTConfig) -> torch.optim.AdamW:
+            return torch.optim.AdamW(
+                params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused or None
+            )
+
         self.optimizers: dict[UpdateKind, torch.optim.Optimizer] = {
-            "rl": torch.optim.AdamW(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay),
-            "sft": torch.optim.AdamW(params, lr=self.sft.lr, weight_decay=self.sft.weight_decay),
+            "rl": adamw(self.rl),
+            "sft": adamw(self.sft),
         }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
