@@ -2,12 +2,16 @@
 
     .venv/bin/python scripts/bench_runtime.py                 # tiny model, + SmolLM2 if present
     .venv/bin/python scripts/bench_runtime.py --threads 1 --no-smollm2 --repeats 5
+    .venv/bin/python scripts/bench_runtime.py --parts --threads 2   # two parts, on SmolLM2
 
 Reports, per model: rl_step and sft_step (one optimizer step on a synthetic batch of
 `--rows` rows of `--prompt-len` prompt + `--response-len` target tokens; an rl_step includes
-its old-log-prob scoring pass) and HF rollout generation. tokens/s counts every real token a
-step processes (prompt + target); target tok/s counts only the trained tokens. The median of
-`--repeats` timed runs after one warm-up.
+its old-log-prob scoring pass) and HF rollout generation. With `--parts`, two parts the trainer and
+the rollout chose between, on SmolLM2-135M's weights (the tiny model's without it): one AdamW
+step, torch's default per-tensor loop against the fused kernel the trainer uses, and one token
+draw for `--rows` x n rows over the vocabulary, `torch.multinomial` against `draw_index`.
+tokens/s counts every real token a step processes (prompt + target); target tok/s counts only
+the trained tokens. The median of `--repeats` timed runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -113,6 +117,32 @@ def bench_rollout(name: str, model, tokenizer, args: argparse.Namespace) -> Row:
     return Row(name, "rollout", n_rows, n_rows * prompt_tokens + new_tokens, new_tokens, seconds)
 
 
+def bench_parts(name: str, model, args: argparse.Namespace) -> None:
+    """Seconds of one AdamW step (per-tensor loop, fused) and of one token draw (multinomial,
+    draw_index), each the median of `--repeats` after a warm-up."""
+    from relift_core.runtime.rollout import draw_index
+
+    params = [p for p in model.float().parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    numel = sum(p.numel() for p in params)
+    for label, fused in (("per-tensor loop", None), ("fused", True)):
+        optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=fused)
+        seconds = median_seconds(optimizer.step, args.repeats)
+        print(f"{name:<14}AdamW step, {label:<16}{seconds:>9.3f} s  ({numel:,} weights)")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = args.rows * args.n
+    probs = torch.softmax(torch.randn(rows, vocab) * 3, dim=-1)
+    for label, draw in (
+        ("torch.multinomial", lambda: torch.multinomial(probs, 1)),
+        ("draw_index", lambda: draw_index(probs)),
+    ):
+        seconds = median_seconds(draw, max(args.repeats, 20))
+        print(
+            f"{name:<14}token draw, {label:<17}{seconds * 1e3:>8.3f} ms ({rows} rows x {vocab:,})"
+        )
+
+
 def load_smollm2():
     """SmolLM2-135M-Instruct through models.load_policy, or None (with the reason) if absent."""
     try:
@@ -151,6 +181,7 @@ def main() -> None:
     )
     parser.add_argument("--no-smollm2", dest="smollm2", action="store_false")
     parser.add_argument("--no-rollout", dest="rollout", action="store_false")
+    parser.add_argument("--parts", action="store_true", help="AdamW step and token draw only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +192,13 @@ def main() -> None:
         f"prompt={args.prompt_len} response={args.response_len} micro={args.micro_batch_size}"
     )
     tokenizer = build_char_tokenizer()
+    if args.parts:
+        loaded = load_smollm2() if args.smollm2 else None
+        if loaded is not None:
+            bench_parts("smollm2-135m", loaded[0], args)
+        else:
+            bench_parts("tiny", build_tiny_model(TinyModelConfig(), tokenizer), args)
+        return
     results = bench_model("tiny", build_tiny_model(TinyModelConfig(), tokenizer), tokenizer, args)
     if args.smollm2:
         loaded = load_smollm2()
